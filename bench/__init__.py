@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of methods on one coordinator."""

@@ -1,0 +1,1 @@
+"""The client process: join, catch up, train locally, submit."""

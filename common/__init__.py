@@ -1,0 +1,1 @@
+"""Shared core: subspaces, methods, wire codec, byte accounting, config."""

@@ -1,0 +1,119 @@
+"""round.yaml: the one configuration file of a run, validated by pydantic.
+
+Errors name the bad field with its dotted path (``method.rank: Input should be ...``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .methods import METHODS
+from .models import Task
+
+MethodSection = Annotated[
+    Union[tuple(cls.Config for cls in METHODS.values())],  # noqa: UP007 - built from the registry
+    Field(discriminator="name"),
+]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunSection(Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$", description="run name (in paths)")
+    seed: int = Field(0, ge=0, description="run seed: round seeds, client RNGs, head init")
+    output_dir: Path = Field(Path("runs/run"), description="metrics, checkpoints, final model")
+
+
+class ModelSection(Section):
+    name: str = Field(..., description="alias (minilm, smollm2), local folder or hub id")
+    task: Task = "sequence-classification"
+    num_labels: int = Field(2, ge=1)
+    labels: list[str] | None = Field(None, description="label names, index = class id")
+    max_length: int = Field(128, ge=8, le=8192)
+
+    @model_validator(mode="after")
+    def _labels_match(self) -> ModelSection:
+        if self.labels is not None and len(self.labels) != self.num_labels:
+            raise ValueError(f"labels has {len(self.labels)} names but num_labels={self.num_labels}")
+        return self
+
+
+class RoundsSection(Section):
+    total: int = Field(5, ge=1, description="rounds in the run")
+    clients_per_round: int = Field(2, ge=1, description="clients sampled each round")
+    min_clients: int = Field(1, ge=1, description="quorum: fewest updates that close a round")
+    deadline_s: float = Field(600.0, gt=0, description="seconds a round waits for updates")
+    start_timeout_s: float = Field(600.0, gt=0, description="seconds to wait for enough clients")
+
+    @model_validator(mode="after")
+    def _quorum(self) -> RoundsSection:
+        if self.min_clients > self.clients_per_round:
+            raise ValueError(
+                f"min_clients={self.min_clients} exceeds clients_per_round={self.clients_per_round}"
+            )
+        return self
+
+
+class TrainingSection(Section):
+    batch_size: int = Field(16, ge=1)
+    weighting: Literal["samples", "uniform"] = Field("samples", description="w_n in aggregation")
+
+
+class EvalSection(Section):
+    data: Path | None = Field(None, description="evaluation split saved by fedkrso-partition")
+    batch_size: int = Field(64, ge=1)
+    max_examples: int | None = Field(None, ge=1, description="cap on evaluated examples")
+
+
+class ServerSection(Section):
+    listen: str = Field("127.0.0.1:50051", description="host:port to bind")
+    max_chunk_bytes: int = Field(1 << 20, ge=1024, le=3 << 20, description="stream chunk size")
+    snapshot_after_rounds: int = Field(
+        8, ge=1, description="a client this many rounds behind may get a snapshot instead"
+    )
+
+
+class RunConfig(Section):
+    run: RunSection = RunSection()
+    model: ModelSection
+    method: MethodSection
+    rounds: RoundsSection = RoundsSection()
+    training: TrainingSection = TrainingSection()
+    eval: EvalSection = EvalSection()
+    server: ServerSection = ServerSection()
+
+
+class ConfigError(ValueError):
+    """A round.yaml that does not validate; the message names every bad field."""
+
+
+def format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: {err.error_count()} invalid field(s)"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_errors(source, err)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return parse_config(data, str(path))

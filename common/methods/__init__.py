@@ -1,0 +1,31 @@
+"""Registry of federated methods: one module per method, all of the same shape (see base)."""
+
+from __future__ import annotations
+
+from .base import LocalUpdate, Method, MethodConfig
+from .fedkrso import FedKRSO
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+for _cls in (FedKRSO,):
+    register(_cls)
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; one of {sorted(METHODS)}") from None
+
+
+def build_method(cfg: MethodConfig, run_seed: int) -> Method:
+    return get_method(cfg.name)(cfg, run_seed)
+
+
+__all__ = ["METHODS", "LocalUpdate", "Method", "MethodConfig", "build_method", "get_method", "register"]

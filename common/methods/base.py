@@ -1,0 +1,201 @@
+"""What every federated method provides, and the machinery they share.
+
+A method is one module under ``fedkrso.common.methods`` with the same shape:
+
+* ``Config``: a pydantic model of its knobs (``name`` is the discriminator in round.yaml);
+* ``prepare(model)``: freeze, inject adapters, mark dense-trainables (identical on every party);
+* ``round_seeds(round)``: the seeds the server hands out for a round (may be empty);
+* ``train_round(...)``: a client's local training, returning named upload tensors;
+* ``update_spec(model, seeds)``: the names and shapes an upload may carry (validation, bytes);
+* ``apply(model, seeds, delta)``: fold the aggregated round delta into a model. Server and
+  clients call the same function on the same bytes, so they reach the same weights.
+
+Uploads are *changes* (accumulators, weight deltas, per-seed scalars), so the server's job is
+the same for every method: a weighted mean of named tensors (``StreamingAggregator``), where a
+tensor a client did not send counts as zero (a FedKRSO seed it never drew).
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ..subspace import fingerprint
+
+WireDtype = Literal["float32", "bfloat16", "float16"]
+
+# Linear-like modules inside the repeated transformer blocks (BERT `layer.N`, LLaMA `layers.N`,
+# GPT-2 `h.N`, T5/others `block.N`).
+DEFAULT_TARGETS = [r"(^|\.)(layer|layers|h|block|blocks)\.\d+\."]
+# Task heads of AutoModelForSequenceClassification families (BERT/RoBERTa `classifier`,
+# `pooler`; GPT-2/LLaMA `score`).
+DEFAULT_DENSE = [r"(^|\.)classifier(\.|$)", r"(^|\.)pooler(\.|$)", r"(^|\.)score(\.|$)"]
+
+
+class MethodConfig(BaseModel):
+    """Knobs common to every method. Each method's ``Config`` subclasses this."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    lr: float = Field(3e-4, gt=0, description="learning rate of the method's trainable part")
+    dense_lr: float | None = Field(None, gt=0, description="lr of dense-trainables; None = lr")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        description="regexes over module names selecting the Linear layers the method adapts",
+    )
+    dense_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_DENSE),
+        description="regexes over module names whose parameters are trained densely and sent whole",
+    )
+    train_norms: bool = Field(True, description="LayerNorm/RMSNorm weights and biases are dense")
+    wire_dtype: WireDtype = Field("float32", description="dtype of tensors on the wire")
+
+    def local_steps(self) -> int:
+        """Optimizer steps a client takes per round."""
+        return getattr(self, "steps", 1)
+
+
+@dataclass
+class LocalUpdate:
+    """A client's upload for one round, before encoding."""
+
+    tensors: dict[str, torch.Tensor]
+    loss: float
+    steps: int
+    num_samples: int = 0
+    seeds_used: list[int] = field(default_factory=list)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear or GPT-2's Conv1D (weight stored transposed: in x out)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return isinstance(module, nn.LayerNorm) or "LayerNorm" in name or "RMSNorm" in name
+
+
+def out_in(module: nn.Module) -> tuple[int, int]:
+    """(d_m, d_n) of a linear-like module in nn.Linear convention (out x in)."""
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if type(module).__name__ == "Conv1D" else tuple(w.shape)
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(re.search(p, name) for p in patterns)
+
+
+def target_linears(model: nn.Module, patterns: list[str]) -> dict[str, nn.Module]:
+    """Linear-like modules whose names match ``patterns``, in model order."""
+    return {n: m for n, m in model.named_modules() if is_linear(m) and _matches(n, patterns)}
+
+
+def dense_parameters(model: nn.Module, cfg: MethodConfig) -> dict[str, nn.Parameter]:
+    """Parameters trained densely: the task head(s) and, if enabled, every norm."""
+    out: dict[str, nn.Parameter] = {}
+    for mname, module in model.named_modules():
+        if _matches(mname, cfg.dense_modules) or (cfg.train_norms and is_norm(module)):
+            for pname, p in module.named_parameters(recurse=False):
+                out[f"{mname}.{pname}" if mname else pname] = p
+    return out
+
+
+def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own loss on a batch that carries ``labels``."""
+    return model(**batch).loss
+
+
+class Method(ABC):
+    """Base of every federated method; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]]
+
+    def __init__(self, cfg: MethodConfig, run_seed: int):
+        self.cfg = cfg
+        self.run_seed = run_seed
+
+    # -- both sides --------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> None:
+        """Freeze everything but the dense-trainables. Subclasses add their own parts."""
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in dense_parameters(model, self.cfg).values():
+            p.requires_grad_(True)
+
+    def round_seeds(self, round_id: int) -> list[int]:
+        return []
+
+    def plan_fingerprint(self, model: nn.Module, seeds: list[int]) -> str:
+        """Proof that a party rebuilt the round's random objects (subspaces, directions)."""
+        return fingerprint([("seeds", torch.tensor(seeds, dtype=torch.int64))])
+
+    @abstractmethod
+    def state_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Every tensor a round delta changes: what a client snapshots and fingerprints."""
+
+    def state_fingerprint(self, model: nn.Module) -> str:
+        return fingerprint(sorted(self.state_parameters(model).items()))
+
+    @abstractmethod
+    def update_spec(self, model: nn.Module, seeds: list[int]) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every tensor an upload may carry for a round with ``seeds``."""
+
+    def required_names(self, model: nn.Module, seeds: list[int]) -> set[str]:
+        """Names an upload must carry (the rest of ``update_spec`` is optional)."""
+        return set(self.update_spec(model, seeds))
+
+    @abstractmethod
+    def apply(self, model: nn.Module, seeds: list[int], delta: dict[str, torch.Tensor]) -> None:
+        """Fold the aggregated (weighted-mean) round delta into ``model``."""
+
+    def export(self, model: nn.Module) -> nn.Module:
+        """A plain transformers model for ``save_pretrained`` (adapters merged or removed)."""
+        return model
+
+    # -- client ------------------------------------------------------------------------
+    @abstractmethod
+    def train_round(
+        self,
+        model: nn.Module,
+        batches: Iterator[dict[str, torch.Tensor]],
+        round_id: int,
+        seeds: list[int],
+        client_key: str,
+    ) -> LocalUpdate:
+        """Local training for one round; ``model`` is left in its trained state."""
+
+    # -- shared helpers ----------------------------------------------------------------
+    def dense(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return dense_parameters(model, self.cfg)
+
+    def dense_optimizer(self, params: dict[str, nn.Parameter]) -> torch.optim.Optimizer | None:
+        if not params:
+            return None
+        return torch.optim.Adam(list(params.values()), lr=self.cfg.dense_lr or self.cfg.lr)
+
+    @staticmethod
+    def dense_spec(dense: dict[str, nn.Parameter]) -> dict[str, tuple[int, ...]]:
+        return {f"dense.{n}": tuple(p.shape) for n, p in dense.items()}
+
+    @staticmethod
+    def dense_deltas(dense: dict[str, nn.Parameter], start: dict[str, torch.Tensor]):
+        return {f"dense.{n}": (p.detach() - start[n]).float() for n, p in dense.items()}
+
+    @staticmethod
+    @torch.no_grad()
+    def apply_dense(model: nn.Module, delta: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        for key, d in delta.items():
+            if key.startswith("dense."):
+                p = params[key[len("dense."):]]
+                p.add_(d.to(device=p.device, dtype=p.dtype))

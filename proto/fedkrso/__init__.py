@@ -1,0 +1,1 @@
+"""fedkrso: federated fine-tuning of LLMs in random subspaces, over gRPC."""

@@ -1,0 +1,1 @@
+"""The coordinator: gRPC service, round state, aggregation, evaluation."""
