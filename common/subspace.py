@@ -58,7 +58,7 @@ def fingerprint(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     for name, t in tensors:
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

@@ -47,7 +47,7 @@ def encode(t: torch.Tensor, dtype: str | None = None) -> Encoded:
     if t.dtype not in DTYPE_NAMES:
         raise CodecError(f"unsupported dtype {t.dtype}")
     t = t.detach().to("cpu").contiguous()
-    raw = t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
     data = raw.numpy().tobytes()
     if sys.byteorder != "little":  # pragma: no cover - no big-endian hosts in CI
         data = bytes(torch.frombuffer(bytearray(data), dtype=t.dtype).byteswap().view(torch.uint8))

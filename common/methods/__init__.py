@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from .base import LocalUpdate, Method, MethodConfig
+from .fedavg import FedAvg
+from .fedit import FedIT
 from .fedkrso import FedKRSO
+from .fedkseed import FedKSeed
+from .fedtt import FedTT, FedTTPlus
+from .ffa_lora import FFALoRA
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -13,7 +18,7 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-for _cls in (FedKRSO,):
+for _cls in (FedKRSO, FedAvg, FedIT, FFALoRA, FedKSeed, FedTT, FedTTPlus):
     register(_cls)
 
 

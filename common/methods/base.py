@@ -8,7 +8,11 @@ A method is one module under ``fedkrso.common.methods`` with the same shape:
 * ``train_round(...)``: a client's local training, returning named upload tensors;
 * ``update_spec(model, seeds)``: the names and shapes an upload may carry (validation, bytes);
 * ``apply(model, seeds, delta)``: fold the aggregated round delta into a model. Server and
-  clients call the same function on the same bytes, so they reach the same weights.
+  clients call the same function on the same bytes, so they reach the same weights;
+* ``upload_bytes_formula(model, n_seeds_used)``: the closed-form payload of one upload, which
+  tests compare with the bytes actually encoded;
+* ``export(model)`` / ``export_extra(model)``: a plain transformers model for
+  ``save_pretrained`` plus any tensors it cannot hold (FedTT's adapters), saved beside it.
 
 Uploads are *changes* (accumulators, weight deltas, per-seed scalars), so the server's job is
 the same for every method: a weighted mean of named tensors (``StreamingAggregator``), where a
@@ -28,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..subspace import fingerprint
+from ..tensors import element_size
 
 WireDtype = Literal["float32", "bfloat16", "float16"]
 
@@ -162,6 +167,22 @@ class Method(ABC):
         """A plain transformers model for ``save_pretrained`` (adapters merged or removed)."""
         return model
 
+    def export_extra(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Trained tensors the plain model cannot hold (adapters that do not merge into the
+        base weights), saved with safetensors next to ``export(model)``; empty by default."""
+        return {}
+
+    def upload_bytes_formula(self, model: nn.Module, n_seeds_used: int = 0) -> int:
+        """Payload bytes of one client's upload in closed form (tensor data, no framing).
+
+        ``n_seeds_used`` matters only to methods whose upload grows with the seeds a client
+        drew (FedKRSO). Each method states its formula in its own docstring."""
+        raise NotImplementedError(f"{type(self).__name__} has no upload formula")
+
+    def wire_bytes(self, numel: int) -> int:
+        """Bytes of ``numel`` elements in the configured wire dtype."""
+        return numel * element_size(self.cfg.wire_dtype)
+
     # -- client ------------------------------------------------------------------------
     @abstractmethod
     def train_round(
@@ -199,3 +220,73 @@ class Method(ABC):
             if key.startswith("dense."):
                 p = params[key[len("dense."):]]
                 p.add_(d.to(device=p.device, dtype=p.dtype))
+
+
+class DeltaMethod(Method):
+    """A method whose upload is the change of the parameters it trains with Adam: FedAvg (the
+    weights themselves), FedIT and FFA-LoRA (LoRA factors), FedTT (tensor-train cores).
+
+    A client uploads ``delta.<param>`` = trained - start for every parameter of
+    ``trainable(model)``, plus the dense deltas; ``apply`` adds the weighted-mean delta, so the
+    server's aggregation is plain FedAvg on exactly those tensors. One Adam state covers the
+    round, with ``lr`` for the method's own parameters and ``dense_lr`` for the dense ones."""
+
+    @abstractmethod
+    def trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The method's own trained parameters by name (dense-trainables are added apart)."""
+
+    def own(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """``trainable`` minus any parameter a dense pattern also claims (sent once, as dense)."""
+        dense = self.dense(model)
+        return {n: p for n, p in self.trainable(model).items() if n not in dense}
+
+    def prepare(self, model: nn.Module) -> None:
+        super().prepare(model)
+        for p in self.own(model).values():
+            p.requires_grad_(True)
+
+    def state_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = dict(self.own(model))
+        state.update(self.dense(model))
+        return state
+
+    def update_spec(self, model: nn.Module, seeds: list[int]) -> dict[str, tuple[int, ...]]:
+        spec = {f"delta.{n}": tuple(p.shape) for n, p in self.own(model).items()}
+        spec.update(self.dense_spec(self.dense(model)))
+        return spec
+
+    def train_round(
+        self,
+        model: nn.Module,
+        batches: Iterator[dict[str, torch.Tensor]],
+        round_id: int,
+        seeds: list[int],
+        client_key: str,
+    ) -> LocalUpdate:
+        model.train()
+        own, dense = self.own(model), self.dense(model)
+        start = {n: p.detach().clone() for n, p in (own | dense).items()}
+        groups = [{"params": list(own.values()), "lr": self.cfg.lr}]
+        if dense:
+            groups.append({"params": list(dense.values()), "lr": self.cfg.dense_lr or self.cfg.lr})
+        opt = torch.optim.Adam(groups)
+        losses: list[float] = []
+        for _ in range(self.cfg.local_steps()):
+            loss = forward_loss(model, next(batches))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        tensors = {f"delta.{n}": (p.detach() - start[n]).float() for n, p in own.items()}
+        tensors.update(self.dense_deltas(dense, start))
+        return LocalUpdate(tensors=tensors, loss=sum(losses) / len(losses), steps=len(losses))
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, seeds: list[int], delta: dict[str, torch.Tensor]) -> None:
+        """p += mean delta for every sent parameter (a plain add: same bytes, same result)."""
+        params = dict(model.named_parameters())
+        for key, d in delta.items():
+            if key.startswith("delta."):
+                p = params[key[len("delta."):]]
+                p.add_(d.to(device=p.device, dtype=p.dtype))
+        self.apply_dense(model, delta)

@@ -127,6 +127,12 @@ class FedKRSO(Method):
         """Dense deltas always; accumulators only for the seeds a client drew."""
         return set(self.dense_spec(self.dense(model)))
 
+    def upload_bytes_formula(self, model: nn.Module, n_seeds_used: int = 0) -> int:
+        """uplink = K_used * r * sum_m d_m * b + dense * b (ALGORITHM.md section 6)."""
+        sum_dm = sum(out_in(m)[0] for m in self.targets(model).values())
+        dense = sum(p.numel() for p in self.dense(model).values())
+        return self.wire_bytes(n_seeds_used * self.cfg.rank * sum_dm + dense)
+
     def seed_choices(self, round_id: int, client_key: str) -> list[int]:
         """Seed index per interval: uniform, from a client RNG of (run seed, round, client)."""
         rng = random.Random(stable_seed("intervals", self.run_seed, round_id, client_key))

@@ -1,0 +1,38 @@
+# One command per job. `make demo` and `make test` install what they need first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard proto/fedkrso/v1/*.proto)
+DEMO_DIR ?= runs/demo
+
+.PHONY: install proto demo test bench bench-quick clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements-offline.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Regenerate the protobuf/gRPC stubs (committed) from proto/fedkrso/v1/*.proto.
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \
+		--grpc_python_out=proto $(PROTOS)
+
+demo: $(STAMP)
+	$(BIN)/python -m fedkrso.bench.demo --out $(DEMO_DIR)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+bench: $(STAMP)
+	$(BIN)/fedkrso-bench --config bench/sst2.yaml
+
+bench-quick: $(STAMP)
+	$(BIN)/fedkrso-bench --config bench/sst2.yaml --quick
+
+clean:
+	rm -rf runs results .pytest_cache

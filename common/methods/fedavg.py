@@ -1,0 +1,65 @@
+"""FedAvg-FFT: full fine-tuning with Adam, the quality and byte ceiling (ALGORITHM.md section 7).
+
+Trainable set (our choice, each part a config field): the weights *and biases* of every
+Linear the target patterns select (the same matrices FedKRSO projects, plus their biases),
+and the dense-trainables (task head, norms). Embeddings and the LM head stay frozen by
+default, as for FedKRSO; add an ``embeddings`` pattern to ``dense_modules`` to train them.
+
+A client takes ``steps`` Adam steps and uploads the change of every trained tensor
+(``delta.<param>`` and ``dense.<param>``); the server averages them and every party adds the
+mean, which is FedAvg on weights expressed as deltas. Default lr 3e-5 (ALGORITHM.md section 9).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import nn
+
+from .base import DeltaMethod, MethodConfig, out_in, target_linears
+
+
+class Config(MethodConfig):
+    name: Literal["fedavg"] = "fedavg"
+    lr: float = Field(3e-5, gt=0, description="Adam learning rate of every trained weight")
+    steps: int = Field(16, ge=1, description="local Adam steps per round")
+    train_biases: bool = Field(True, description="train the target Linears' biases too")
+
+
+def linear_parameters(
+    model: nn.Module, patterns: list[str], biases: bool
+) -> dict[str, nn.Parameter]:
+    """Weights (and biases if asked) of the Linear-like modules selected by ``patterns``."""
+    targets = target_linears(model, patterns)
+    if not targets:
+        raise ValueError(f"no Linear module matches target_modules={patterns}")
+    out: dict[str, nn.Parameter] = {}
+    for name, module in targets.items():
+        out[f"{name}.weight"] = module.weight
+        if biases and module.bias is not None:
+            out[f"{name}.bias"] = module.bias
+    return out
+
+
+class FedAvg(DeltaMethod):
+    name = "fedavg"
+    Config = Config
+    cfg: Config
+
+    def trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return linear_parameters(model, self.cfg.target_modules, self.cfg.train_biases)
+
+    def upload_bytes_formula(self, model: nn.Module, n_seeds_used: int = 0) -> int:
+        """uplink = (sum_m (d_m d_n + d_m [bias]) + dense) * b: the trained weights' size."""
+        numel = 0
+        dense = self.dense(model)
+        for name, module in target_linears(model, self.cfg.target_modules).items():
+            d_m, d_n = out_in(module)
+            if f"{name}.weight" not in dense:
+                numel += d_m * d_n
+            has_bias = self.cfg.train_biases and module.bias is not None
+            if has_bias and f"{name}.bias" not in dense:
+                numel += d_m
+        numel += sum(p.numel() for p in dense.values())
+        return self.wire_bytes(numel)

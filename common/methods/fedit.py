@@ -1,0 +1,118 @@
+"""FedIT: LoRA plus FedAvg (ALGORITHM.md section 7).
+
+Every target matrix W (the Linears FedKRSO projects) gets a PEFT LoRA adapter
+``W x + (alpha / r) B A x`` of rank ``r`` with dropout 0. Clients train A, B and the
+dense-trainables with Adam and upload their changes; the server averages A and B *separately*
+(the known aggregation discordance: mean(B) mean(A) != mean(B A)).
+
+Determinism: PEFT draws A from the global RNG, so injection runs inside ``fork_rng`` and A is
+then redrawn, per module, from a CPU generator seeded by (run seed, module name), with PEFT's
+own distribution (kaiming-uniform, a=sqrt(5): U(-1/sqrt(d_n), 1/sqrt(d_n))); B starts at zero.
+GPT-2's Conv1D (weight stored in x out) is handled by PEFT with ``fan_in_fan_out``.
+
+``export`` merges W += (alpha / r) B A into a copy and swaps each LoRA layer back for its
+base layer, so ``save_pretrained`` writes the base model's own keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..subspace import cpu_generator
+from .base import DeltaMethod, MethodConfig, out_in, target_linears
+
+ADAPTER = "default"
+
+
+class Config(MethodConfig):
+    name: Literal["fedit"] = "fedit"
+    lr: float = Field(3e-4, gt=0, description="Adam learning rate of the LoRA factors")
+    steps: int = Field(16, ge=1, description="local Adam steps per round")
+    rank: int = Field(8, ge=1, description="r_L: LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r")
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    from peft.tuners.lora import LoraLayer  # peft costs ~2 s to import: only when used
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+class FedIT(DeltaMethod):
+    name = "fedit"
+    Config = Config
+    cfg: Config
+    train_a = True  # FFA-LoRA freezes A
+
+    def prepare(self, model: nn.Module) -> None:
+        if not lora_layers(model):
+            self.inject(model)
+        super().prepare(model)
+
+    @torch.no_grad()
+    def inject(self, model: nn.Module) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        targets = target_linears(model, self.cfg.target_modules)
+        if not targets:
+            raise ValueError(f"no Linear module matches target_modules={self.cfg.target_modules}")
+        conv1d = {type(m).__name__ == "Conv1D" for m in targets.values()}
+        if len(conv1d) > 1:
+            raise ValueError("target_modules mixes nn.Linear and Conv1D; select one kind")
+        config = LoraConfig(
+            r=self.cfg.rank,
+            lora_alpha=self.cfg.alpha,
+            lora_dropout=0.0,
+            target_modules=list(targets),
+            fan_in_fan_out=conv1d == {True},
+        )
+        with torch.random.fork_rng(devices=[]):
+            inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+        for name, layer in lora_layers(model).items():
+            a = layer.lora_A[ADAPTER].weight  # (r, d_n)
+            bound = 1.0 / math.sqrt(a.shape[1])
+            init = torch.rand(a.shape, generator=cpu_generator("lora-a", self.run_seed, name))
+            a.copy_((init * 2 - 1) * bound)
+            layer.lora_B[ADAPTER].weight.zero_()
+
+    def trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        kinds = ("lora_A", "lora_B") if self.train_a else ("lora_B",)
+        out: dict[str, nn.Parameter] = {}
+        for name, layer in lora_layers(model).items():
+            for kind in kinds:
+                out[f"{name}.{kind}.{ADAPTER}.weight"] = getattr(layer, kind)[ADAPTER].weight
+        return out
+
+    def state_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Trained tensors plus, for FFA-LoRA, the frozen A (proves every party drew it alike)."""
+        state = super().state_parameters(model)
+        for name, layer in lora_layers(model).items():
+            state[f"{name}.lora_A.{ADAPTER}.weight"] = layer.lora_A[ADAPTER].weight
+        return state
+
+    def upload_bytes_formula(self, model: nn.Module, n_seeds_used: int = 0) -> int:
+        """FedIT: (sum_m r (d_m + d_n) + dense) * b. FFA-LoRA: (sum_m r d_m + dense) * b."""
+        numel = 0
+        for layer in lora_layers(model).values():
+            d_m, d_n = out_in(layer.get_base_layer())
+            numel += self.cfg.rank * (d_m + d_n if self.train_a else d_m)
+        numel += sum(p.numel() for p in self.dense(model).values())
+        return self.wire_bytes(numel)
+
+    @torch.no_grad()
+    def export(self, model: nn.Module) -> nn.Module:
+        """A copy with every LoRA layer merged into its base weight and swapped back for it."""
+        plain = copy.deepcopy(model)
+        for name, layer in lora_layers(plain).items():
+            layer.merge(adapter_names=[ADAPTER])
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent), child, layer.get_base_layer())
+        if "peft_config" in vars(plain):
+            del plain.peft_config
+        return plain

@@ -1,0 +1,254 @@
+"""FedTT and FedTT+: tensor-train adapters (ALGORITHM.md section 7; Ghiasvand et al.,
+arXiv 2410.13097).
+
+After the attention output and the feed-forward output of every block (``adapter_modules``:
+BERT/RoBERTa ``attention.output.dense`` and ``layer.N.output.dense``, GPT-2 ``attn.c_proj``
+and ``mlp.c_proj``, LLaMA-style ``self_attn.o_proj`` and ``mlp.down_proj``) a forward hook
+applies a bottleneck adapter ``y + U act(D y)`` with D (m x h) and U (h x m), m = 64. Each of
+D and U is a tensor-train matrix: ``cores`` cores G_k of shape (r_{k-1}, o_k, i_k, r_k), with
+h and m split into that many balanced factors (``tt_factors``: 384 -> 6*8*8, 64 -> 4*4*4) and
+TT rank r (5); the full matrix is contracted from the cores at each forward (it is small).
+
+Initialisation, from CPU generators seeded by (run seed, module, matrix, core): Gaussian cores
+scaled so that D has variance 1/h per entry; U the same at 1/m except one core, which is zero,
+so every adapter starts as the identity. Clients train the cores (plus the dense-trainables)
+with Adam and upload core deltas; the server averages them (FedAvg on cores).
+
+FedTT+ (our rule; the paper's exact one is not available to us): ``freeze`` lists core indices
+(negative counts from the end) frozen at their seeded init in *both* matrices of every adapter;
+by default the outer cores [0, -1], so with 3 cores only the middle core of each matrix is
+trained and sent (about a third of FedTT's upload). U's zero core is the middle one, or the
+first trainable one if the middle is frozen, so a frozen core is never the zero one.
+
+The adapters do not merge into the base weights (the activation is in between), so ``export``
+returns a copy without them and ``export_extra`` returns their cores, which the server saves
+beside the model; ``prepare`` on the plain model then ``load_state_dict(extra, strict=False)``
+brings them back.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from ..subspace import cpu_generator
+from .base import DeltaMethod, MethodConfig
+
+ATTR = "tt_adapter"
+DEFAULT_ADAPTER_MODULES = [
+    r"\.attention\.output\.dense$",  # BERT/RoBERTa attention output
+    r"\.(layer|layers)\.\d+\.output\.dense$",  # BERT/RoBERTa feed-forward output
+    r"\.attn\.c_proj$",  # GPT-2 attention output
+    r"\.mlp\.c_proj$",  # GPT-2 feed-forward output
+    r"\.self_attn\.o_proj$",  # LLaMA/Mistral/Qwen attention output
+    r"\.mlp\.down_proj$",  # LLaMA/Mistral/Qwen feed-forward output
+]
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+class Config(MethodConfig):
+    name: Literal["fedtt"] = "fedtt"
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate of the TT cores")
+    steps: int = Field(16, ge=1, description="local Adam steps per round")
+    adapter_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ADAPTER_MODULES),
+        description="regexes over module names: adapters go after these modules' outputs",
+    )
+    bottleneck: int = Field(64, ge=1, description="m: adapter width (h -> m -> h)")
+    tt_rank: int = Field(5, ge=1, description="TT rank between consecutive cores")
+    cores: int = Field(3, ge=2, description="cores per TT matrix (factors of h and of m)")
+    activation: Literal["relu", "gelu", "silu"] = "relu"
+
+
+class PlusConfig(Config):
+    name: Literal["fedtt+"] = "fedtt+"
+    freeze: list[int] = Field(
+        default_factory=lambda: [0, -1],
+        description="core indices frozen in both TT matrices of each adapter (negative: from end)",
+    )
+
+    @model_validator(mode="after")
+    def _some_core_trains(self) -> PlusConfig:
+        if any(not -self.cores <= i < self.cores for i in self.freeze):
+            raise ValueError(f"freeze indices must lie in [-{self.cores}, {self.cores})")
+        if len({i % self.cores for i in self.freeze}) == self.cores:
+            raise ValueError("freeze leaves no core trainable")
+        return self
+
+
+def tt_factors(n: int, d: int) -> list[int]:
+    """``n`` as ``d`` balanced factors (ascending): primes, largest first, each into the bucket
+    with the smallest product. Pads with 1 where n has fewer than d prime factors."""
+    primes, rest, p = [], n, 2
+    while p * p <= rest:
+        while rest % p == 0:
+            primes.append(p)
+            rest //= p
+        p += 1
+    if rest > 1:
+        primes.append(rest)
+    buckets = [1] * d
+    for q in sorted(primes, reverse=True):
+        buckets[buckets.index(min(buckets))] *= q
+    return sorted(buckets)
+
+
+class TTMatrix(nn.Module):
+    """An (out x in) matrix stored as TT cores G_k (r_{k-1}, o_k, i_k, r_k), r_0 = r_d = 1."""
+
+    def __init__(self, out_factors: list[int], in_factors: list[int], rank: int):
+        super().__init__()
+        d = len(out_factors)
+        ranks = [1] + [rank] * (d - 1) + [1]
+        self.shape = (math.prod(out_factors), math.prod(in_factors))
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.zeros(ranks[k], out_factors[k], in_factors[k], ranks[k + 1]))
+            for k in range(d)
+        )
+
+    @torch.no_grad()
+    def init(self, variance: float, zero: int | None, seed_parts: tuple) -> None:
+        """Gaussian cores whose product has ``variance`` per entry; core ``zero`` set to 0."""
+        inner = math.prod(c.shape[-1] for c in list(self.cores)[:-1])
+        std = (variance / inner) ** (1 / (2 * len(self.cores)))
+        for k, core in enumerate(self.cores):
+            g = torch.randn(core.shape, generator=cpu_generator(*seed_parts, k)) * std
+            core.copy_(torch.zeros_like(g) if k == zero else g)
+
+    def full(self) -> torch.Tensor:
+        t = self.cores[0]
+        for core in list(self.cores)[1:]:
+            a, o, i, _ = t.shape
+            _, p, j, _ = core.shape
+            t = torch.einsum("aoir,rpjs->aopijs", t, core).reshape(a, o * p, i * j, -1)
+        return t.reshape(self.shape)
+
+
+class TTAdapter(nn.Module):
+    """``y + U act(D y)`` with D (m x h) and U (h x m) as TT matrices."""
+
+    def __init__(self, hidden: int, cfg: Config):
+        super().__init__()
+        h, m = tt_factors(hidden, cfg.cores), tt_factors(cfg.bottleneck, cfg.cores)
+        self.down = TTMatrix(m, h, cfg.tt_rank)
+        self.up = TTMatrix(h, m, cfg.tt_rank)
+        self.activation = cfg.activation
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        z = ACTIVATIONS[self.activation](F.linear(y, self.down.full().to(y.dtype)))
+        return y + F.linear(z, self.up.full().to(y.dtype))
+
+
+def _adapter_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    # Looks the adapter up at call time, so a deepcopy of the model uses its own copy.
+    return getattr(module, ATTR)(output)
+
+
+def adapters(model: nn.Module) -> dict[str, TTAdapter]:
+    """Host module name -> its adapter, in model order."""
+    found = ((n, getattr(m, ATTR, None)) for n, m in model.named_modules())
+    return {n: a for n, a in found if isinstance(a, TTAdapter)}
+
+
+def _out_features(module: nn.Module) -> int:
+    w = module.weight  # nn.Linear: out x in; GPT-2 Conv1D: in x out
+    return w.shape[1] if type(module).__name__ == "Conv1D" else w.shape[0]
+
+
+class FedTT(DeltaMethod):
+    name = "fedtt"
+    Config = Config
+    cfg: Config
+
+    def frozen_cores(self) -> set[int]:
+        return set()
+
+    def zero_core(self) -> int:
+        """U's zero-initialised core: the middle one, else the first trainable one."""
+        frozen, middle = self.frozen_cores(), self.cfg.cores // 2
+        return middle if middle not in frozen else min(set(range(self.cfg.cores)) - frozen)
+
+    def hosts(self, model: nn.Module) -> dict[str, nn.Module]:
+        found = {
+            n: m for n, m in model.named_modules()
+            if hasattr(m, "weight") and any(re.search(p, n) for p in self.cfg.adapter_modules)
+        }
+        if not found:
+            raise ValueError(f"no module matches adapter_modules={self.cfg.adapter_modules}")
+        return found
+
+    def prepare(self, model: nn.Module) -> None:
+        if not adapters(model):
+            self.inject(model)
+        super().prepare(model)
+
+    def inject(self, model: nn.Module) -> None:
+        for name, host in self.hosts(model).items():
+            hidden = _out_features(host)
+            adapter = TTAdapter(hidden, self.cfg)
+            seed = ("tt", self.run_seed, name)
+            adapter.down.init(1 / hidden, None, (*seed, "down"))
+            adapter.up.init(1 / self.cfg.bottleneck, self.zero_core(), (*seed, "up"))
+            host.add_module(ATTR, adapter.to(host.weight.device))
+            host.register_forward_hook(_adapter_hook)
+
+    def all_cores(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return {
+            f"{host}.{ATTR}.{n}": p
+            for host, adapter in adapters(model).items()
+            for n, p in adapter.named_parameters()
+        }
+
+    def trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        frozen = self.frozen_cores()  # names end in "cores.<k>"
+        cores = self.all_cores(model).items()
+        return {n: p for n, p in cores if int(n.rsplit(".", 1)[1]) not in frozen}
+
+    def state_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Trained tensors plus the frozen cores (proves every party drew them alike)."""
+        state = super().state_parameters(model)
+        state.update(self.all_cores(model))
+        return state
+
+    def upload_bytes_formula(self, model: nn.Module, n_seeds_used: int = 0) -> int:
+        """uplink = (sum over adapters, over D and U, over trained cores k of
+        r_{k-1} o_k i_k r_k  +  dense) * b."""
+        d, r, frozen = self.cfg.cores, self.cfg.tt_rank, self.frozen_cores()
+        ranks = [1] + [r] * (d - 1) + [1]
+        m = tt_factors(self.cfg.bottleneck, d)
+        numel = 0
+        for host in self.hosts(model).values():
+            h = tt_factors(_out_features(host), d)
+            for k in set(range(d)) - frozen:
+                numel += 2 * ranks[k] * h[k] * m[k] * ranks[k + 1]  # D and U: same core sizes
+        numel += sum(p.numel() for p in self.dense(model).values())
+        return self.wire_bytes(numel)
+
+    def export(self, model: nn.Module) -> nn.Module:
+        """A copy without adapters or their hooks: the base architecture, base keys only."""
+        plain = copy.deepcopy(model)
+        for host in self.hosts(plain).values():
+            delattr(host, ATTR)
+            for key, hook in list(host._forward_hooks.items()):
+                if hook is _adapter_hook:
+                    del host._forward_hooks[key]
+        return plain
+
+    def export_extra(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.all_cores(model).items()}
+
+
+class FedTTPlus(FedTT):
+    name = "fedtt+"
+    Config = PlusConfig
+    cfg: PlusConfig
+
+    def frozen_cores(self) -> set[int]:
+        return {i % self.cfg.cores for i in self.cfg.freeze}

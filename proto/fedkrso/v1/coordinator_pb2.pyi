@@ -1,0 +1,205 @@
+from fedkrso.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RoundStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROUND_STATUS_UNSPECIFIED: _ClassVar[RoundStatus]
+    ROUND_STATUS_TRAIN: _ClassVar[RoundStatus]
+    ROUND_STATUS_WAIT: _ClassVar[RoundStatus]
+    ROUND_STATUS_FINISHED: _ClassVar[RoundStatus]
+
+class CatchUp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CATCH_UP_UNSPECIFIED: _ClassVar[CatchUp]
+    CATCH_UP_NONE: _ClassVar[CatchUp]
+    CATCH_UP_DELTAS: _ClassVar[CatchUp]
+    CATCH_UP_SNAPSHOT: _ClassVar[CatchUp]
+ROUND_STATUS_UNSPECIFIED: RoundStatus
+ROUND_STATUS_TRAIN: RoundStatus
+ROUND_STATUS_WAIT: RoundStatus
+ROUND_STATUS_FINISHED: RoundStatus
+CATCH_UP_UNSPECIFIED: CatchUp
+CATCH_UP_NONE: CatchUp
+CATCH_UP_DELTAS: CatchUp
+CATCH_UP_SNAPSHOT: CatchUp
+
+class JoinRequest(_message.Message):
+    __slots__ = ("name", "num_samples", "software_version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    num_samples: int
+    software_version: str
+    def __init__(self, name: _Optional[str] = ..., num_samples: _Optional[int] = ..., software_version: _Optional[str] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("client_id", "run_id", "config_json", "model_fingerprint", "current_round", "max_chunk_bytes")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    run_id: str
+    config_json: str
+    model_fingerprint: str
+    current_round: int
+    max_chunk_bytes: int
+    def __init__(self, client_id: _Optional[str] = ..., run_id: _Optional[str] = ..., config_json: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., current_round: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class StartRoundRequest(_message.Message):
+    __slots__ = ("run_id", "have_round", "wait_seconds")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    HAVE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    have_round: int
+    wait_seconds: float
+    def __init__(self, run_id: _Optional[str] = ..., have_round: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+
+class RoundHeader(_message.Message):
+    __slots__ = ("status", "round", "seeds", "plan_fingerprint", "catch_up", "target_round", "state_fingerprint", "num_deltas", "snapshot_round", "deadline_unix")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CATCH_UP_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ROUND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    NUM_DELTAS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    status: RoundStatus
+    round: int
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    plan_fingerprint: str
+    catch_up: CatchUp
+    target_round: int
+    state_fingerprint: str
+    num_deltas: int
+    snapshot_round: int
+    deadline_unix: float
+    def __init__(self, status: _Optional[_Union[RoundStatus, str]] = ..., round: _Optional[int] = ..., seeds: _Optional[_Iterable[int]] = ..., plan_fingerprint: _Optional[str] = ..., catch_up: _Optional[_Union[CatchUp, str]] = ..., target_round: _Optional[int] = ..., state_fingerprint: _Optional[str] = ..., num_deltas: _Optional[int] = ..., snapshot_round: _Optional[int] = ..., deadline_unix: _Optional[float] = ...) -> None: ...
+
+class DeltaHeader(_message.Message):
+    __slots__ = ("round", "seeds", "num_tensors")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    num_tensors: int
+    def __init__(self, round: _Optional[int] = ..., seeds: _Optional[_Iterable[int]] = ..., num_tensors: _Optional[int] = ...) -> None: ...
+
+class StartRoundResponse(_message.Message):
+    __slots__ = ("header", "delta", "tensors")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    header: RoundHeader
+    delta: DeltaHeader
+    tensors: _tensor_pb2.TensorBatch
+    def __init__(self, header: _Optional[_Union[RoundHeader, _Mapping]] = ..., delta: _Optional[_Union[DeltaHeader, _Mapping]] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorBatch, _Mapping]] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("run_id", "round", "num_samples", "loss", "steps", "seeds_used", "num_tensors", "update_digest", "train_seconds", "peak_rss_bytes", "train_state_bytes")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_USED_FIELD_NUMBER: _ClassVar[int]
+    NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    num_samples: int
+    loss: float
+    steps: int
+    seeds_used: _containers.RepeatedScalarFieldContainer[int]
+    num_tensors: int
+    update_digest: str
+    train_seconds: float
+    peak_rss_bytes: int
+    train_state_bytes: int
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., loss: _Optional[float] = ..., steps: _Optional[int] = ..., seeds_used: _Optional[_Iterable[int]] = ..., num_tensors: _Optional[int] = ..., update_digest: _Optional[str] = ..., train_seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., train_state_bytes: _Optional[int] = ...) -> None: ...
+
+class SubmitUpdateRequest(_message.Message):
+    __slots__ = ("header", "tensors")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    tensors: _tensor_pb2.TensorBatch
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorBatch, _Mapping]] = ...) -> None: ...
+
+class SubmitUpdateResponse(_message.Message):
+    __slots__ = ("accepted", "duplicate", "round", "payload_bytes", "message_bytes")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    duplicate: bool
+    round: int
+    payload_bytes: int
+    message_bytes: int
+    def __init__(self, accepted: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., round: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., message_bytes: _Optional[int] = ...) -> None: ...
+
+class GetSnapshotRequest(_message.Message):
+    __slots__ = ("run_id", "round")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class GetSnapshotResponse(_message.Message):
+    __slots__ = ("header", "tensors")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    header: RoundHeader
+    tensors: _tensor_pb2.TensorBatch
+    def __init__(self, header: _Optional[_Union[RoundHeader, _Mapping]] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorBatch, _Mapping]] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("run_id", "round", "phase")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    phase: str
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., phase: _Optional[str] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("run_finished", "current_round")
+    RUN_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    run_finished: bool
+    current_round: int
+    def __init__(self, run_finished: _Optional[bool] = ..., current_round: _Optional[int] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("run_id", "reason")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    reason: str
+    def __init__(self, run_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -1,0 +1,303 @@
+"""Every federated method through the same invariants, on tiny models of several families.
+
+One table (``CASES``: method x family) and one test per invariant, in the spirit of PEFT's
+flat test matrix. Small settings keep each case to a fraction of a second; the learning test
+uses larger learning rates than the defaults because the models are tiny and random.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from fedkrso.common.aggregate import StreamingAggregator
+from fedkrso.common.config import ConfigError, parse_config
+from fedkrso.common.methods import METHODS, LocalUpdate, Method
+from fedkrso.common.models import build_tiny, load_model, model_fingerprint
+from fedkrso.common.tensors import decode, encode, payload_bytes
+
+FAMILIES = {"bert": "sequence-classification", "gpt2": "causal-lm", "llama": "causal-lm"}
+
+# Small, fast settings per method (defaults are for real models).
+FAST = {
+    "fedkrso": {"k": 3, "intervals": 2, "interval_steps": 2},
+    "fedavg": {"steps": 3},
+    "fedit": {"steps": 3, "rank": 4},
+    "ffa-lora": {"steps": 3, "rank": 4},
+    "fedkseed": {"k": 32, "steps": 6, "lr": 1e-3},
+    "fedtt": {"steps": 3, "bottleneck": 8, "tt_rank": 3},
+    "fedtt+": {"steps": 3, "bottleneck": 8, "tt_rank": 3},
+}
+# Learning rates for the loss test: a few rounds on one fixed batch must lower its loss.
+# FedKSeed: each zeroth-order step moves theta by -lr g z with g ~ grad.z, so for a small
+# enough lr every step lowers the loss on the batch it was taken on (dL ~ -lr g^2); with
+# dropout off and fixed seeds the trajectory is deterministic, so the weak check is not flaky.
+LEARN = {
+    "fedkrso": {"lr": 3e-2},
+    "fedavg": {"lr": 3e-3},
+    "fedit": {"lr": 3e-2},
+    "ffa-lora": {"lr": 3e-2},
+    "fedkseed": {"lr": 1e-3, "steps": 40},
+    "fedtt": {"lr": 3e-2},
+    "fedtt+": {"lr": 3e-2},
+}
+CASES = [(m, f) for m in FAST for f in FAMILIES]
+IDS = [f"{m}-{f}" for m, f in CASES]
+
+
+def test_table_covers_the_registry():
+    assert set(FAST) == set(METHODS) == set(LEARN)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy two-core machine the
+    threads' hand-offs cost milliseconds per op (50x the work)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Family -> folder of a tiny random model (built once per module)."""
+    return {f: build_tiny(f, tmp_path_factory.mktemp(f)) for f in FAMILIES}
+
+
+def load(tiny, family: str) -> torch.nn.Module:
+    return load_model(str(tiny[family]), FAMILIES[family])
+
+
+def make(name: str, **overrides) -> Method:
+    cls = METHODS[name]
+    return cls(cls.Config(name=name, **{**FAST[name], **overrides}), run_seed=7)
+
+
+def prepared(tiny, family: str, method: Method) -> torch.nn.Module:
+    model = load(tiny, family)
+    method.prepare(model)
+    return model
+
+
+def fixed_batch(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """8 sequences of 12 tokens; labels: first-token parity (classification) or the tokens."""
+    ids = torch.randint(1000, 1200, (8, 12), generator=torch.Generator().manual_seed(seed))
+    labels = ids[:, 0] % 2 if FAMILIES[family] == "sequence-classification" else ids
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def train(method: Method, model, family: str, client: str, round_id=0, seed=0) -> LocalUpdate:
+    batches = itertools.repeat(fixed_batch(family, seed))
+    return method.train_round(model, batches, round_id, method.round_seeds(round_id), client)
+
+
+def snapshot(method: Method, model) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in method.state_parameters(model).items()}
+
+
+@torch.no_grad()
+def restore(method: Method, model, snap: dict[str, torch.Tensor]) -> None:
+    for n, t in method.state_parameters(model).items():
+        t.copy_(snap[n])
+
+
+def over_the_wire(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for n, t in tensors.items():
+        enc = encode(t, dtype)
+        out[n] = decode(enc.dtype, enc.shape, enc.data)
+    return out
+
+
+def mean(*weighted: tuple[LocalUpdate, float]) -> dict[str, torch.Tensor]:
+    agg = StreamingAggregator()
+    for update, weight in weighted:
+        agg.add(update.tensors, weight)
+    return agg.result()
+
+
+@torch.no_grad()
+def logits(model, family: str) -> torch.Tensor:
+    model.eval()
+    batch = {k: v for k, v in fixed_batch(family, seed=1).items() if k != "labels"}
+    return model(**batch).logits
+
+
+@torch.no_grad()
+def batch_loss(model, family: str) -> float:
+    model.eval()
+    return model(**fixed_batch(family)).loss.item()
+
+
+@pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
+def test_prepare_is_deterministic_and_keeps_the_function(tiny, name, family):
+    """Two loads prepared under different global RNG states match bit for bit, prepare leaves
+    the global RNG alone, and a freshly prepared model computes what the base model does."""
+    method = make(name)
+    fingerprints = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        model = load(tiny, family)
+        before = torch.random.get_rng_state()
+        method.prepare(model)
+        assert torch.equal(before, torch.random.get_rng_state())
+        plan = method.plan_fingerprint(model, method.round_seeds(0))
+        fingerprints.append((method.state_fingerprint(model), plan))
+    assert fingerprints[0] == fingerprints[1]
+    torch.testing.assert_close(logits(model, family), logits(load(tiny, family), family))
+
+
+@pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
+def test_update_matches_spec_and_formula(tiny, name, family):
+    method = make(name)
+    model = prepared(tiny, family, method)
+    update = train(method, model, family, "c1")
+    spec = method.update_spec(model, method.round_seeds(0))
+    assert set(update.tensors) <= set(spec)
+    assert method.required_names(model, method.round_seeds(0)) <= set(update.tensors)
+    for n, t in update.tensors.items():
+        assert tuple(t.shape) == spec[n], n
+        assert torch.isfinite(t).all(), n
+    assert update.steps == method.cfg.local_steps() and update.loss > 0
+    sent = payload_bytes(update.tensors, method.cfg.wire_dtype)
+    assert sent == method.upload_bytes_formula(model, len(update.seeds_used))
+
+
+@pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
+def test_server_and_clients_reach_identical_state(tiny, name, family):
+    """The aggregated delta, decoded from the wire and applied by the server and by a client
+    restored from its snapshot, gives the same bytes; the weighted mean is order independent."""
+    method = make(name)
+    server, c1, c2 = (prepared(tiny, family, method) for _ in range(3))
+    initial = method.state_fingerprint(server)
+    assert method.state_fingerprint(c1) == initial
+    snap = snapshot(method, c1)
+    u1 = train(method, c1, family, "c1", seed=0)
+    u2 = train(method, c2, family, "c2", seed=1)
+    delta = over_the_wire(mean((u1, 3.0), (u2, 1.0)), method.cfg.wire_dtype)
+    for a, b in zip(delta.values(), mean((u2, 1.0), (u1, 3.0)).values()):
+        torch.testing.assert_close(a, b)
+
+    seeds = method.round_seeds(0)
+    method.apply(server, seeds, delta)
+    restore(method, c1, snap)
+    method.apply(c1, seeds, delta)
+    assert method.state_fingerprint(c1) == method.state_fingerprint(server)
+    assert model_fingerprint(c1) == model_fingerprint(server)
+    assert method.state_fingerprint(server) != initial
+
+
+@pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
+def test_apply_replays_training_and_is_linear(tiny, name, family):
+    """Applying a client's own update to its snapshot rebuilds its trained state, and applying
+    the mean of two updates moves the state by the mean of their moves."""
+    method = make(name)
+    model = prepared(tiny, family, method)
+    seeds = method.round_seeds(0)
+    start = snapshot(method, model)
+    moves, updates = [], []
+    for client, seed in (("c1", 0), ("c2", 1)):
+        restore(method, model, start)
+        updates.append(train(method, model, family, client, seed=seed))
+        trained = snapshot(method, model)
+        restore(method, model, start)
+        method.apply(model, seeds, updates[-1].tensors)
+        for n, t in method.state_parameters(model).items():
+            torch.testing.assert_close(t, trained[n], rtol=1e-4, atol=1e-5)
+        moves.append({n: t - start[n] for n, t in snapshot(method, model).items()})
+    restore(method, model, start)
+    method.apply(model, seeds, mean((updates[0], 1.0), (updates[1], 1.0)))
+    for n, t in method.state_parameters(model).items():
+        expected = (moves[0][n] + moves[1][n]) / 2
+        torch.testing.assert_close(t - start[n], expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
+def test_loss_decreases_over_rounds(tiny, name, family):
+    method = make(name, **LEARN[name])
+    model = prepared(tiny, family, method)
+    before = batch_loss(model, family)
+    for round_id in range(3):
+        snap = snapshot(method, model)
+        update = train(method, model, family, "c1", round_id=round_id)
+        restore(method, model, snap)
+        method.apply(model, method.round_seeds(round_id), mean((update, 1.0)))
+    after = batch_loss(model, family)
+    assert after < before - 0.01, (before, after)
+
+
+@pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
+def test_export_is_a_plain_model_that_round_trips(tiny, name, family, tmp_path):
+    """export() has the base model's keys, survives save_pretrained / from_pretrained, leaves
+    the training model untouched, and (with export_extra for FedTT) computes the same logits."""
+    method = make(name)
+    model = prepared(tiny, family, method)
+    train(method, model, family, "c1")
+    state = method.state_fingerprint(model)
+    plain = method.export(model)
+    assert method.state_fingerprint(model) == state
+    assert set(plain.state_dict()) == set(load(tiny, family).state_dict())
+    plain.save_pretrained(tmp_path)
+    reloaded = load_model(str(tmp_path), FAMILIES[family])
+    extra = method.export_extra(model)
+    if extra:
+        method.prepare(reloaded)
+        result = reloaded.load_state_dict(extra, strict=False)
+        assert not result.unexpected_keys
+    torch.testing.assert_close(
+        logits(reloaded, family), logits(model, family), rtol=1e-4, atol=1e-5
+    )
+
+
+# -- method-specific behaviour ---------------------------------------------------------------
+
+
+def test_every_method_parses_from_round_yaml():
+    for name in METHODS:
+        cfg = parse_config({"model": {"name": "minilm"}, "method": {"name": name}})
+        assert type(cfg.method) is METHODS[name].Config
+    with pytest.raises(ConfigError, match="freeze"):
+        method = {"name": "fedtt+", "freeze": [0, 1, 2]}
+        parse_config({"model": {"name": "minilm"}, "method": method})
+
+
+def test_tt_factors_are_balanced():
+    from fedkrso.common.methods.fedtt import tt_factors
+
+    assert tt_factors(384, 3) == [6, 8, 8]
+    assert tt_factors(64, 3) == [4, 4, 4]
+    assert tt_factors(4096, 3) == [16, 16, 16]
+    assert tt_factors(31, 3) == [1, 1, 31]
+    for n in (32, 576, 768, 2048, 4097):
+        assert torch.tensor(tt_factors(n, 3)).prod().item() == n
+
+
+@pytest.mark.parametrize("name", ["ffa-lora", "fedtt+"])
+def test_frozen_parts_never_travel_or_change(tiny, name):
+    """FFA-LoRA sends no A; FedTT+ sends only the unfrozen (middle) cores; frozen ones stay."""
+    method = make(name)
+    model = prepared(tiny, "bert", method)
+    start = snapshot(method, model)
+    update = train(method, model, "bert", "c1")
+    if name == "ffa-lora":
+        frozen = {n for n in start if ".lora_A." in n}
+    else:
+        frozen = {n for n in start if ".tt_adapter." in n and not n.endswith(".cores.1")}
+    assert frozen
+    for n in frozen:
+        assert f"delta.{n}" not in update.tensors
+        assert torch.equal(method.state_parameters(model)[n], start[n])
+    assert any(k.startswith("delta.") for k in update.tensors)
+
+
+def test_fedkseed_uploads_one_scalar_per_fixed_candidate(tiny):
+    method = make("fedkseed")
+    model = prepared(tiny, "llama", method)
+    assert method.round_seeds(0) == method.round_seeds(5) and len(method.round_seeds(0)) == 32
+    assert not any(p.requires_grad for p in model.parameters())
+    update = train(method, model, "llama", "c1")
+    assert set(update.tensors) == {"scalars"} and update.tensors["scalars"].shape == (32,)
+    assert 1 <= len(update.seeds_used) <= method.cfg.steps
