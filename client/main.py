@@ -1,0 +1,59 @@
+"""``fedkrso-client --server host:50051 --data shard3``: one federated client process."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import grpc
+import structlog
+
+from ..common import logs
+
+log = structlog.get_logger("fedkrso.client")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fedkrso-client", description=__doc__)
+    p.add_argument("--server", required=True, help="coordinator address host:port")
+    p.add_argument("--data", required=True, help="shard name (e.g. shard3) or path of a saved split")
+    p.add_argument("--data-root", default=".", help="folder holding the shards (fedkrso-partition --out)")
+    p.add_argument("--model", help="local copy of the base model (default: the run's model spec)")
+    p.add_argument("--name", help="display name (default: the shard name)")
+    p.add_argument("--report", help="write a JSON report (rounds, final state fingerprint) here")
+    p.add_argument("--poll-seconds", type=float, default=20.0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 per process on small hosts)")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-json", action="store_true", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logs.configure(args.log_level, args.log_json)
+    import torch
+
+    from .runner import ClientError, ClientOptions, FedClient
+
+    torch.set_num_threads(args.threads)
+    data = Path(args.data)
+    if not data.is_absolute() and not data.exists():
+        data = Path(args.data_root) / args.data
+    opts = ClientOptions(server=args.server, data=data, model=args.model,
+                         name=args.name or Path(args.data).name, poll_seconds=args.poll_seconds,
+                         report=Path(args.report) if args.report else None)
+    try:
+        FedClient(opts).run()
+    except ClientError as err:
+        log.error("client_refused", reason=str(err))
+        sys.exit(3)
+    except grpc.RpcError as err:
+        log.error("rpc_failed", code=err.code().name, details=err.details())
+        sys.exit(4)
+    except FileNotFoundError as err:
+        log.error("missing_file", error=str(err))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(0)

@@ -1,0 +1,430 @@
+"""Round state of a run: clients, selection, deadlines, streaming aggregation, deltas.
+
+No gRPC here: the service (``service.py``) translates RPCs into calls on ``Coordinator`` and
+its answers into messages, so the state machine can be read (and tested) on its own. All
+state lives on one asyncio loop; heavy work (aggregation, applying deltas, evaluation) runs
+in a worker thread while ``self.model_lock`` or ``self.fold_lock`` is held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+import torch
+
+from ..common.aggregate import StreamingAggregator
+from ..common.config import RunConfig
+from ..common.methods import build_method
+from ..common.models import load_model, load_tokenizer, model_fingerprint
+from ..common.subspace import stable_seed
+from ..common.accounting import full_model_bytes, wire_efficiency
+from ..common.tensors import DTYPES, element_size
+from .metrics import MetricsWriter
+
+log = structlog.get_logger("fedkrso.server")
+
+
+class RoundError(Exception):
+    """An update or request that the current round state refuses; ``code`` names the gRPC
+    status the service answers with."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ClientState:
+    client_id: str
+    name: str
+    num_samples: int
+    last_seen: float = field(default_factory=time.monotonic)
+    active: bool = True
+    finished_seen: bool = False
+
+
+@dataclass
+class RoundDelta:
+    """The canonical bytes of one round's aggregated delta (in the wire dtype)."""
+
+    round: int
+    seeds: list[int]
+    tensors: dict[str, torch.Tensor]
+    state_fingerprint: str  # state after applying it
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values()) + 8 * len(self.seeds)
+
+
+@dataclass
+class Traffic:
+    """What one client exchanged in one round, at the three accounting layers."""
+
+    down_payload: int = 0
+    down_message: int = 0
+    down_wire: int | None = None
+    up_payload: int = 0
+    up_message: int = 0
+    up_wire: int | None = None
+    counters: object | None = None
+    up_start: int = 0
+    down_start: int = 0
+
+
+@dataclass
+class Submission:
+    client_id: str
+    digest: str
+    num_samples: int
+    loss: float
+    steps: int
+    train_seconds: float
+    peak_rss_bytes: int
+    train_state_bytes: int
+    seeds_used: list[int]
+
+
+@dataclass
+class RoundState:
+    round: int
+    seeds: list[int]
+    plan_fingerprint: str
+    selected: set[str]
+    deadline: float
+    started: float = field(default_factory=time.monotonic)
+    submissions: dict[str, Submission] = field(default_factory=dict)
+    dropped: set[str] = field(default_factory=set)
+    traffic: dict[str, Traffic] = field(default_factory=dict)
+    aggregator: StreamingAggregator = field(default_factory=StreamingAggregator)
+    closing: bool = False
+
+    def is_open_for(self, client_id: str) -> bool:
+        return not self.closing and client_id in self.selected and client_id not in self.submissions
+
+
+class Coordinator:
+    """The state of one federated run on the server."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.run.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.run_id = f"{cfg.run.name}-{hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:12]}"
+        self.method = build_method(cfg.method, cfg.run.seed)
+        self.model = load_model(cfg.model.name, cfg.model.task, cfg.model.num_labels, cfg.run.seed)
+        self.method.prepare(self.model)
+        self.model.eval()
+        self.model_fingerprint = model_fingerprint(self.model)
+        self.state_bytes = sum(
+            t.numel() * t.element_size() for t in self.method.state_parameters(self.model).values()
+        )
+        self.completed = 0
+        self.deltas: dict[int, RoundDelta] = {}
+        self.state_fingerprints = {0: self.method.state_fingerprint(self.model)}
+        self.clients: dict[str, ClientState] = {}
+        self.current: RoundState | None = None
+        self.finished = False
+        self.changed = asyncio.Condition()
+        self.model_lock = asyncio.Lock()
+        self.fold_lock = asyncio.Lock()
+        self.metrics = MetricsWriter(self.out / "metrics.jsonl")
+        self.fedavg_bytes = full_model_bytes(self.model)
+        self._tokenizer = None
+        self._eval_data = None
+        log.info("run_loaded", run_id=self.run_id, method=cfg.method.name, model=cfg.model.name,
+                 state_bytes=self.state_bytes)
+
+    # -- clients -------------------------------------------------------------------------
+    def live_clients(self) -> list[str]:
+        horizon = time.monotonic() - self.liveness_s
+        return sorted(c.client_id for c in self.clients.values() if c.active and c.last_seen >= horizon)
+
+    @property
+    def liveness_s(self) -> float:
+        return 60.0
+
+    def touch(self, client_id: str) -> ClientState:
+        client = self.clients.get(client_id)
+        if client is None or not client.active:
+            raise RoundError("UNAUTHENTICATED", f"client {client_id!r} is not joined")
+        client.last_seen = time.monotonic()
+        return client
+
+    async def join(self, client_id: str, name: str, num_samples: int) -> None:
+        if num_samples < 1:
+            raise RoundError("INVALID_ARGUMENT", "num_samples must be at least 1")
+        self.clients[client_id] = ClientState(client_id, name, num_samples)
+        log.info("client_joined", client=client_id, name=name, samples=num_samples)
+        await self.notify()
+
+    async def leave(self, client_id: str, reason: str) -> None:
+        client = self.clients.get(client_id)
+        if client:
+            client.active = False
+        if self.current and client_id in self.current.selected and client_id not in self.current.submissions:
+            self.current.selected.discard(client_id)
+            self.current.dropped.add(client_id)
+        log.info("client_left", client=client_id, reason=reason)
+        await self.notify()
+
+    async def notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def wait_change(self, timeout: float) -> None:
+        async with self.changed:
+            try:
+                await asyncio.wait_for(self.changed.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    # -- the run ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Wait for clients, run every round, then finish and save the model."""
+        await self._wait_for_clients()
+        for t in range(self.completed, self.cfg.rounds.total):
+            await self._run_round(t)
+        await self.finish()
+
+    async def _wait_for_clients(self) -> None:
+        r = self.cfg.rounds
+        give_up = time.monotonic() + r.start_timeout_s
+        while True:
+            n = len(self.live_clients())
+            if n >= r.clients_per_round or (n >= r.min_clients and time.monotonic() >= give_up):
+                return
+            if time.monotonic() >= give_up + r.start_timeout_s:
+                raise RuntimeError(f"only {n} client(s) joined; need {r.min_clients}")
+            await self.wait_change(1.0)
+
+    def _select(self, round_id: int, exclude: set[str], n: int) -> list[str]:
+        pool = [c for c in self.live_clients() if c not in exclude]
+        rng = random.Random(stable_seed("select", self.cfg.run.seed, round_id, len(exclude)))
+        return sorted(rng.sample(pool, min(n, len(pool))))
+
+    async def _run_round(self, t: int) -> None:
+        r = self.cfg.rounds
+        while len(self.live_clients()) < r.min_clients:
+            log.warning("round_waiting_for_quorum", round=t, live=len(self.live_clients()))
+            await self.wait_change(5.0)
+        seeds = self.method.round_seeds(t)
+        plan_fp = await asyncio.to_thread(self.method.plan_fingerprint, self.model, seeds)
+        selected = set(self._select(t, set(), r.clients_per_round))
+        rs = RoundState(t, seeds, plan_fp, selected, time.monotonic() + r.deadline_s)
+        self.current = rs
+        log.info("round_started", round=t, clients=sorted(selected), seeds=len(seeds))
+        await self.notify()
+        while True:
+            if rs.selected and rs.selected <= set(rs.submissions):
+                break
+            if time.monotonic() >= rs.deadline:
+                if len(rs.submissions) >= r.min_clients:
+                    break
+                self._replace_silent(rs)
+                continue
+            await self.wait_change(min(1.0, max(0.05, rs.deadline - time.monotonic())))
+        await self._close_round(rs)
+
+    def _replace_silent(self, rs: RoundState) -> None:
+        """Deadline passed without quorum: drop the silent, select others, extend."""
+        silent = rs.selected - set(rs.submissions)
+        rs.selected -= silent
+        rs.dropped |= silent
+        room = self.cfg.rounds.clients_per_round - len(rs.selected)
+        fresh = self._select(rs.round, rs.selected | rs.dropped, room)
+        rs.selected |= set(fresh)
+        rs.deadline = time.monotonic() + self.cfg.rounds.deadline_s
+        log.warning("round_extended", round=rs.round, dropped=sorted(silent), added=fresh,
+                    submitted=len(rs.submissions))
+
+    async def _close_round(self, rs: RoundState) -> None:
+        rs.closing = True
+        async with self.fold_lock:
+            mean = rs.aggregator.result()
+        wire = self.cfg.method.wire_dtype
+        canonical = {k: v.to(DTYPES[wire]) for k, v in mean.items()}
+        async with self.model_lock:
+            await asyncio.to_thread(self.method.apply, self.model, rs.seeds, canonical)
+            fp = await asyncio.to_thread(self.method.state_fingerprint, self.model)
+        self.deltas[rs.round] = RoundDelta(rs.round, rs.seeds, canonical, fp)
+        self.state_fingerprints[rs.round + 1] = fp
+        self.completed = rs.round + 1
+        self.current = None
+        await self.notify()
+        metrics = await asyncio.to_thread(self.evaluate)
+        row = self.round_row(rs, metrics)
+        self.metrics.write(row)
+        log.info("round_closed", **{k: v for k, v in row.items() if k != "per_client"})
+
+    def round_row(self, rs: RoundState, evaluation: dict) -> dict:
+        """One metrics.jsonl object: sums over the aggregated clients, and per client."""
+        ids = sorted(rs.submissions)
+        traffic = [rs.traffic.get(c, Traffic()) for c in ids]
+
+        def total(attr: str) -> int:
+            return sum((getattr(t, attr) or 0) for t in traffic)
+
+        up_p, up_w, down_p, down_w = total("up_payload"), total("up_wire"), total("down_payload"), total("down_wire")
+        n = max(len(ids), 1)
+        subs = [rs.submissions[c] for c in ids]
+        row = {
+            "round": rs.round,
+            "clients": ids,
+            "dropped": sorted(rs.dropped),
+            "uplink_payload_bytes": up_p,
+            "uplink_message_bytes": total("up_message"),
+            "uplink_wire_bytes": up_w,
+            "downlink_payload_bytes": down_p,
+            "downlink_message_bytes": total("down_message"),
+            "downlink_wire_bytes": down_w,
+            "uplink_payload_bytes_per_client": up_p / n,
+            "uplink_wire_bytes_per_client": up_w / n,
+            "downlink_payload_bytes_per_client": down_p / n,
+            "downlink_wire_bytes_per_client": down_w / n,
+            "uplink_wire_efficiency": wire_efficiency(up_p, up_w),
+            "downlink_wire_efficiency": wire_efficiency(down_p, down_w),
+            "wire_efficiency": wire_efficiency(up_p + down_p, up_w + down_w),
+            "fedavg_equivalent_bytes": 2 * self.fedavg_bytes * len(ids),
+            "train_loss": sum(s.loss * s.num_samples for s in subs) / max(sum(s.num_samples for s in subs), 1),
+            "client_train_seconds": max((s.train_seconds for s in subs), default=0.0),
+            "client_peak_rss_bytes": max((s.peak_rss_bytes for s in subs), default=0),
+            "client_train_state_bytes": max((s.train_state_bytes for s in subs), default=0),
+            "round_seconds": time.monotonic() - rs.started,
+            "state_fingerprint": self.state_fingerprints[rs.round + 1],
+            "per_client": {
+                c: {"uplink_payload_bytes": t.up_payload, "uplink_wire_bytes": t.up_wire,
+                    "downlink_payload_bytes": t.down_payload, "downlink_wire_bytes": t.down_wire,
+                    "seeds_used": len(rs.submissions[c].seeds_used), "loss": rs.submissions[c].loss}
+                for c, t in zip(ids, traffic)
+            },
+        }
+        row.update(evaluation)
+        return row
+
+    async def finish(self) -> None:
+        self.finished = True
+        self.current = None
+        await self.notify()
+        await asyncio.to_thread(self.save_final)
+        log.info("run_finished", rounds=self.completed, output_dir=str(self.out))
+
+    # -- evaluation and output ---------------------------------------------------------------
+    def evaluate(self) -> dict:
+        if self.cfg.eval.data is None:
+            return {}
+        from ..common.data import load_split
+        from ..common.evaluate import evaluate
+
+        if self._eval_data is None:
+            self._eval_data = load_split(self.cfg.eval.data)
+            self._tokenizer = load_tokenizer(self.cfg.model.name)
+        m = self.cfg.model
+        return evaluate(self.model, self._eval_data, self._tokenizer, m.task, m.max_length,
+                        self.cfg.eval.batch_size, self.cfg.eval.max_examples)
+
+    def save_final(self) -> Path:
+        """save_pretrained into ``<output_dir>/final`` (plus adapters.safetensors if any)."""
+        from safetensors.torch import save_file
+
+        path = self.out / "final"
+        exported = self.method.export(self.model)
+        exported.save_pretrained(path)
+        try:
+            load_tokenizer(self.cfg.model.name).save_pretrained(path)
+        except (OSError, ValueError) as err:  # tokenizer is a convenience, not the result
+            log.warning("tokenizer_not_saved", error=str(err))
+        extra = self.method.export_extra(self.model)
+        if extra:
+            save_file({k: v.contiguous() for k, v in extra.items()}, str(path / "adapters.safetensors"))
+        (self.out / "final_state_fingerprint.txt").write_text(self.state_fingerprints[self.completed] + "\n")
+        return path
+
+    # -- helpers for the service --------------------------------------------------------------
+    def catch_up_plan(self, have: int) -> tuple[str, list[RoundDelta]]:
+        """("none" | "deltas" | "snapshot", deltas) to take a client from ``have`` to now."""
+        if have == self.completed:
+            return "none", []
+        if have > self.completed or any(r not in self.deltas for r in range(have, self.completed)):
+            return "snapshot", []
+        deltas = [self.deltas[r] for r in range(have, self.completed)]
+        behind = self.completed - have
+        if behind > self.cfg.server.snapshot_after_rounds or sum(d.payload_bytes for d in deltas) > self.state_bytes:
+            return "snapshot", []
+        return "deltas", deltas
+
+    def wire_itemsize(self) -> int:
+        return element_size(self.cfg.method.wire_dtype)
+
+    # -- updates ------------------------------------------------------------------------------
+    def check_update_header(self, client_id: str, run_id: str, round_id: int, num_samples: int,
+                            digest: str) -> RoundState | None:
+        """Validate an update header. Returns the open round, or None for an idempotent
+        resubmission of an update already accepted (same digest)."""
+        if run_id != self.run_id:
+            raise RoundError("FAILED_PRECONDITION", f"update for run {run_id!r}, this run is {self.run_id!r}")
+        rs = self.current
+        if round_id < self.completed or (rs is None and round_id == self.completed and self.finished):
+            prior = self._prior_digest(client_id, round_id)
+            raise RoundError("FAILED_PRECONDITION", f"stale update for round {round_id}; round "
+                             f"{self.completed} is current{' (already accepted)' if prior else ''}")
+        if rs is None or round_id != rs.round:
+            raise RoundError("FAILED_PRECONDITION", f"update for round {round_id}, which is not open "
+                             f"(open: {rs.round if rs else 'none'})")
+        if client_id in rs.submissions:
+            if rs.submissions[client_id].digest == digest:
+                return None
+            raise RoundError("ALREADY_EXISTS", f"a different update for round {round_id} was already accepted")
+        if client_id in rs.dropped:
+            raise RoundError("FAILED_PRECONDITION", f"client was dropped from round {round_id} after its deadline")
+        if client_id not in rs.selected:
+            raise RoundError("PERMISSION_DENIED", f"client is not selected for round {round_id}")
+        if rs.closing:
+            raise RoundError("FAILED_PRECONDITION", f"round {round_id} is closing; update too late")
+        declared = self.clients[client_id].num_samples
+        if not 1 <= num_samples <= declared:
+            raise RoundError("INVALID_ARGUMENT", f"num_samples={num_samples} outside [1, {declared}] "
+                             "(the shard size declared at join)")
+        return rs
+
+    def _prior_digest(self, client_id: str, round_id: int) -> str | None:
+        return None
+
+    def update_spec(self, rs: RoundState) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+        spec = self.method.update_spec(self.model, rs.seeds)
+        return spec, self.method.required_names(self.model, rs.seeds)
+
+    async def accept(self, rs: RoundState, sub: Submission, tensors: dict[str, torch.Tensor],
+                     traffic: Traffic) -> None:
+        """Fold a validated update into the round's running sum."""
+        for name, t in tensors.items():
+            if not torch.isfinite(t).all():
+                raise RoundError("INVALID_ARGUMENT", f"tensor {name!r} has non-finite values")
+        if rs.closing or self.current is not rs:
+            raise RoundError("FAILED_PRECONDITION", f"round {rs.round} closed before the update completed")
+        if sub.client_id in rs.submissions:
+            raise RoundError("ALREADY_EXISTS", f"an update for round {rs.round} was already accepted")
+        weight = float(sub.num_samples) if self.cfg.training.weighting == "samples" else 1.0
+        async with self.fold_lock:
+            await asyncio.to_thread(rs.aggregator.add, tensors, weight)
+        rs.submissions[sub.client_id] = sub
+        rs.traffic[sub.client_id] = traffic
+        log.info("update_accepted", round=rs.round, client=sub.client_id, loss=round(sub.loss, 4),
+                 payload_bytes=traffic.up_payload, wire_bytes=traffic.up_wire,
+                 received=len(rs.submissions), selected=len(rs.selected))
+        await self.notify()
+
+    async def wait_for_clients_to_finish(self, timeout: float) -> None:
+        """After the run: give live clients time to fetch the final deltas and leave."""
+        give_up = time.monotonic() + timeout
+        while time.monotonic() < give_up:
+            waiting = [c for c in self.live_clients() if not self.clients[c].finished_seen]
+            if not waiting:
+                return
+            await self.wait_change(0.5)

@@ -1,0 +1,68 @@
+"""``fedkrso-server --config round.yaml``: run one federated job and exit when it is done."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import structlog
+
+from ..common import logs
+from ..common.config import ConfigError, load_config
+from .metrics import format_table
+
+log = structlog.get_logger("fedkrso.server")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fedkrso-server", description=__doc__)
+    p.add_argument("--config", required=True, help="round.yaml")
+    p.add_argument("--listen", help="host:port to bind (overrides server.listen; port 0 = any)")
+    p.add_argument("--output-dir", help="overrides run.output_dir")
+    p.add_argument("--port-file", help="write the bound port here once serving (for scripts)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for aggregation/eval")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-json", action="store_true", default=None, help="JSON logs even on a terminal")
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from .coordinator import Coordinator
+    from .service import run_server
+
+    cfg = load_config(args.config)
+    if args.output_dir:
+        cfg.run.output_dir = Path(args.output_dir)
+    coord = await asyncio.to_thread(Coordinator, cfg)
+    async with run_server(coord, args.listen) as port:
+        log.info("server_listening", port=port, run_id=coord.run_id)
+        if args.port_file:
+            tmp = Path(args.port_file + ".tmp")
+            tmp.write_text(str(port))
+            os.replace(tmp, args.port_file)
+        await coord.run()
+        await coord.wait_for_clients_to_finish(timeout=30.0)
+    rows = coord.metrics.rows()
+    print(format_table(rows), flush=True)
+    summary = {k: rows[-1].get(k) for k in ("round", "eval_accuracy", "eval_loss")} if rows else {}
+    print(json.dumps({"run_id": coord.run_id, "output_dir": str(coord.out), **summary}), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logs.configure(args.log_level, args.log_json)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
+        sys.exit(asyncio.run(serve(args)))
+    except ConfigError as err:
+        print(f"fedkrso-server: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

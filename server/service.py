@@ -1,0 +1,295 @@
+"""The gRPC face of the coordinator (``fedkrso.v1.Coordinator``), on grpc.aio.
+
+Each handler authenticates the caller, asks ``Coordinator`` what to do and streams the answer
+through ``common.wire``. Every refusal is a precise gRPC status with a structured log event;
+nothing a client sends can change server state unless the whole update validated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from fedkrso.v1 import coordinator_pb2 as pb
+from fedkrso.v1 import coordinator_pb2_grpc as pb_grpc
+
+from ..common.accounting import CountingRelay
+from ..common.subspace import fingerprint
+from ..common.wire import TensorAssembler, WireError, message_bytes, tensor_batches
+from .coordinator import Coordinator, RoundError, Submission, Traffic
+
+log = structlog.get_logger("fedkrso.server")
+VERSION = "0.1.0"
+MAX_POLL_S = 60.0
+
+
+def update_digest(tensors) -> str:
+    """SHA-256 over an update's tensors (names, dtypes, shapes, bytes): its identity."""
+    return fingerprint(sorted(tensors.items()))
+
+
+class SessionAuth:
+    """Open-enrolment identity: Join issues a random bearer token bound to a client id.
+
+    Every later RPC must carry ``authorization: Bearer <token>``; the client id is looked up
+    from the token, never read from a message body."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, str] = {}
+        self._next = 0
+
+    def enrol(self, name: str) -> tuple[str, str]:
+        self._next += 1
+        client_id = f"c{self._next:03d}-{name}"[:64]
+        token = secrets.token_urlsafe(24)
+        self.tokens[token] = client_id
+        return client_id, token
+
+    def identify(self, context: grpc.aio.ServicerContext) -> str | None:
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and value.startswith("Bearer "):
+                return self.tokens.get(value[len("Bearer "):])
+        return None
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(self, coord: Coordinator, relay: CountingRelay | None = None):
+        self.coord = coord
+        self.relay = relay
+        self.auth = SessionAuth()
+        self.chunk = coord.cfg.server.max_chunk_bytes
+
+    async def _abort(self, context, code: str, message: str, **fields) -> None:
+        log.warning("request_refused", code=code, reason=message, **fields)
+        await context.abort(getattr(grpc.StatusCode, code), message)
+
+    async def _client(self, context) -> str:
+        client_id = self.auth.identify(context)
+        if client_id is None:
+            await self._abort(context, "UNAUTHENTICATED", "missing or unknown bearer token")
+        try:
+            self.coord.touch(client_id)
+        except RoundError as err:
+            await self._abort(context, err.code, str(err), client=client_id)
+        return client_id
+
+    def _run_check(self, run_id: str) -> str | None:
+        return None if run_id == self.coord.run_id else f"run {run_id!r} is not this run ({self.coord.run_id!r})"
+
+    # -- RPCs ------------------------------------------------------------------------------
+    async def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
+        name = request.name or "client"
+        if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 48:
+            await self._abort(context, "INVALID_ARGUMENT", f"invalid client name {name!r}")
+        client_id, token = self.auth.enrol(name)
+        try:
+            await self.coord.join(client_id, name, int(request.num_samples))
+        except RoundError as err:
+            await self._abort(context, err.code, str(err))
+        await context.send_initial_metadata((("x-fedkrso-token", token),))
+        return pb.JoinResponse(
+            client_id=client_id,
+            run_id=self.coord.run_id,
+            config_json=self.coord.cfg.model_dump_json(),
+            model_fingerprint=self.coord.model_fingerprint,
+            current_round=self.coord.completed,
+            max_chunk_bytes=self.chunk,
+        )
+
+    async def StartRound(self, request: pb.StartRoundRequest, context) -> AsyncIterator[pb.StartRoundResponse]:
+        client_id = await self._client(context)
+        if problem := self._run_check(request.run_id):
+            await self._abort(context, "FAILED_PRECONDITION", problem, client=client_id)
+        coord = self.coord
+        give_up = time.monotonic() + min(max(request.wait_seconds, 0.0), MAX_POLL_S)
+        while True:
+            coord.touch(client_id)
+            rs = coord.current
+            if coord.finished:
+                coord.clients[client_id].finished_seen = True
+                async for msg in self._catch_up(pb.ROUND_STATUS_FINISHED, request.have_round, None, None):
+                    yield msg
+                return
+            if rs is not None and rs.is_open_for(client_id) and rs.round == coord.completed:
+                traffic = Traffic()
+                counters = self.relay.lookup(context.peer()) if self.relay else None
+                if counters is not None:
+                    traffic.counters, traffic.up_start, traffic.down_start = counters, counters.up, counters.down
+                rs.traffic[client_id] = traffic
+                async for msg in self._catch_up(pb.ROUND_STATUS_TRAIN, request.have_round, rs, traffic):
+                    yield msg
+                return
+            remaining = give_up - time.monotonic()
+            if remaining <= 0:
+                yield pb.StartRoundResponse(header=pb.RoundHeader(
+                    status=pb.ROUND_STATUS_WAIT, round=coord.completed, target_round=coord.completed))
+                return
+            await coord.wait_change(min(remaining, 5.0))
+
+    async def _catch_up(self, status, have: int, rs, traffic: Traffic | None):
+        coord = self.coord
+        mode, deltas = coord.catch_up_plan(int(have))
+        header = pb.RoundHeader(
+            status=status,
+            round=rs.round if rs else coord.completed,
+            seeds=rs.seeds if rs else [],
+            plan_fingerprint=rs.plan_fingerprint if rs else "",
+            catch_up={"none": pb.CATCH_UP_NONE, "deltas": pb.CATCH_UP_DELTAS,
+                      "snapshot": pb.CATCH_UP_SNAPSHOT}[mode],
+            target_round=coord.completed,
+            state_fingerprint=coord.state_fingerprints[coord.completed],
+            num_deltas=len(deltas),
+            snapshot_round=coord.completed if mode == "snapshot" else 0,
+            deadline_unix=time.time() + (rs.deadline - time.monotonic()) if rs else 0.0,
+        )
+        msgs = [pb.StartRoundResponse(header=header)]
+        payload = 8 * len(header.seeds)
+        for d in deltas:
+            msgs.append(pb.StartRoundResponse(delta=pb.DeltaHeader(round=d.round, seeds=d.seeds,
+                                                                   num_tensors=len(d.tensors))))
+            payload += 8 * len(d.seeds)
+            for batch in tensor_batches(d.tensors, None, self.chunk):
+                payload += sum(len(c.data) for c in batch.chunks)
+                msgs.append(pb.StartRoundResponse(tensors=batch))
+        if traffic is not None:
+            traffic.down_payload += payload
+            traffic.down_message += sum(message_bytes(m) for m in msgs)
+        for m in msgs:
+            yield m
+
+    async def SubmitUpdate(self, request_iterator, context) -> pb.SubmitUpdateResponse:
+        client_id = await self._client(context)
+        coord = self.coord
+        counters = self.relay.lookup(context.peer()) if self.relay else None
+        down_at_submit = counters.down if counters is not None else 0  # all of StartRound arrived
+        msg_bytes = 0
+        stream = request_iterator.__aiter__()
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            await self._abort(context, "INVALID_ARGUMENT", "empty update stream", client=client_id)
+        msg_bytes += message_bytes(first)
+        if first.WhichOneof("body") != "header":
+            await self._abort(context, "INVALID_ARGUMENT", "update stream must start with a header", client=client_id)
+        h = first.header
+        try:
+            rs = coord.check_update_header(client_id, h.run_id, h.round, h.num_samples, h.update_digest)
+        except RoundError as err:
+            await self._abort(context, err.code, str(err), client=client_id, round=h.round)
+        if rs is None:  # idempotent resubmission: drain and acknowledge, change nothing
+            async for _ in stream:
+                pass
+            log.info("update_duplicate", client=client_id, round=h.round)
+            return pb.SubmitUpdateResponse(accepted=True, duplicate=True, round=h.round)
+        spec, required = coord.update_spec(rs)
+        itemsize = coord.wire_itemsize()
+        limit = sum(_numel(s) for s in spec.values()) * itemsize
+        asm = TensorAssembler(spec, coord.cfg.method.wire_dtype, max_bytes=limit)
+        try:
+            async for msg in stream:
+                msg_bytes += message_bytes(msg)
+                if msg.WhichOneof("body") != "tensors":
+                    raise WireError("only tensor batches may follow the header")
+                asm.add(msg.tensors)
+            tensors = asm.finish(required)
+            if len(tensors) != h.num_tensors:
+                raise WireError(f"header announced {h.num_tensors} tensors, stream carried {len(tensors)}")
+            if update_digest(tensors) != h.update_digest:
+                raise WireError("update_digest does not match the tensors received")
+        except WireError as err:
+            await self._abort(context, "INVALID_ARGUMENT", str(err), client=client_id, round=h.round)
+        traffic = rs.traffic.get(client_id) or Traffic()
+        traffic.up_payload = asm.payload_bytes
+        traffic.up_message = msg_bytes
+        if traffic.counters is not None:
+            traffic.up_wire = traffic.counters.up - traffic.up_start
+            traffic.down_wire = down_at_submit - traffic.down_start
+        else:
+            traffic.up_wire, traffic.down_wire = traffic.up_message, traffic.down_message
+        sub = Submission(client_id, h.update_digest, int(h.num_samples), float(h.loss), int(h.steps),
+                         float(h.train_seconds), int(h.peak_rss_bytes), int(h.train_state_bytes),
+                         list(h.seeds_used))
+        try:
+            await coord.accept(rs, sub, {k: v.float() for k, v in tensors.items()}, traffic)
+        except RoundError as err:
+            await self._abort(context, err.code, str(err), client=client_id, round=h.round)
+        return pb.SubmitUpdateResponse(accepted=True, round=h.round, payload_bytes=asm.payload_bytes,
+                                       message_bytes=msg_bytes)
+
+    async def GetSnapshot(self, request: pb.GetSnapshotRequest, context):
+        client_id = await self._client(context)
+        coord = self.coord
+        if problem := self._run_check(request.run_id):
+            await self._abort(context, "FAILED_PRECONDITION", problem, client=client_id)
+        async with coord.model_lock:
+            if request.round != coord.completed:
+                await self._abort(context, "FAILED_PRECONDITION",
+                                  f"snapshot of round {request.round} unavailable; current is {coord.completed}")
+            state = {k: v.detach().clone() for k, v in coord.method.state_parameters(coord.model).items()}
+            fp = coord.state_fingerprints[coord.completed]
+        log.info("snapshot_sent", client=client_id, round=request.round)
+        yield pb.GetSnapshotResponse(header=pb.RoundHeader(round=request.round, target_round=request.round,
+                                                           state_fingerprint=fp))
+        for batch in tensor_batches(state, None, self.chunk):
+            yield pb.GetSnapshotResponse(tensors=batch)
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
+        await self._client(context)
+        return pb.HeartbeatResponse(run_finished=self.coord.finished, current_round=self.coord.completed)
+
+    async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
+        client_id = await self._client(context)
+        await self.coord.leave(client_id, request.reason or "leave")
+        return pb.LeaveResponse()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+SERVER_OPTIONS = [
+    # let clients keep idle connections alive with pings, without tripping too_many_pings
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+]
+
+
+@contextlib.asynccontextmanager
+async def run_server(coord: Coordinator, listen: str | None = None, count_bytes: bool = True):
+    """Start the service; yields the bound public port (``listen`` may use port 0).
+
+    With ``count_bytes`` the gRPC server binds a private loopback port and a CountingRelay
+    takes the public address, so socket bytes are measured per client connection."""
+    listen = listen or coord.cfg.server.listen
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    relay = None
+    if count_bytes:
+        inner = server.add_insecure_port("127.0.0.1:0")
+        relay = CountingRelay(host, int(port), "127.0.0.1", inner)
+    service = CoordinatorService(coord, relay)
+    pb_grpc.add_CoordinatorServicer_to_server(service, server)
+    if not count_bytes:
+        public = server.add_insecure_port(listen)
+    await server.start()
+    if relay is not None:
+        public = await relay.start()
+    try:
+        yield public
+    finally:
+        await server.stop(grace=2.0)
+        if relay is not None:
+            await relay.close()
