@@ -111,7 +111,10 @@ class CountingRelay:
         tasks = [asyncio.create_task(pipe(reader, up_writer, True)),
                  asyncio.create_task(pipe(up_reader, writer, False))]
         self._tasks.update(tasks)
-        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:  # relay closing: the connection just ends
+            pass
         self._tasks.difference_update(tasks)
         counters.open = False
         # keep closed connections' counters briefly: a round may still read them

@@ -98,7 +98,8 @@ def model_fingerprint(model: nn.Module) -> str:
     return fingerprint(sorted((k, v) for k, v in state.items() if v.is_floating_point()))
 
 
-def build_tiny(family: str, out_dir: str | os.PathLike, num_labels: int = 2, seed: int = 0) -> Path:
+def build_tiny(family: str, out_dir: str | os.PathLike, num_labels: int = 2, seed: int = 0,
+               hidden: int = 32, layers: int = 2) -> Path:
     """Write a tiny randomly initialised model of ``family`` plus a tokenizer to ``out_dir``.
 
     The tokenizer is MiniLM's WordPiece (installed offline), so the vocabulary is 30,522."""
@@ -114,8 +115,8 @@ def build_tiny(family: str, out_dir: str | os.PathLike, num_labels: int = 2, see
     vocab = 30522
     small = dict(vocab_size=vocab, pad_token_id=0, bos_token_id=101, eos_token_id=102)
     configs = {
-        "bert": lambda: BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   intermediate_size=64, max_position_embeddings=128, **small),
+        "bert": lambda: BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                                   intermediate_size=2 * hidden, max_position_embeddings=128, **small),
         "roberta": lambda: RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                          intermediate_size=64, max_position_embeddings=130, **small),
         "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, **small),

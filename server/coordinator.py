@@ -127,6 +127,7 @@ class Coordinator:
         )
         self.completed = 0
         self.deltas: dict[int, RoundDelta] = {}
+        self.accepted_digests: dict[tuple[int, str], str] = {}  # (round, client) -> digest
         self.state_fingerprints = {0: self.method.state_fingerprint(self.model)}
         self.clients: dict[str, ClientState] = {}
         self.current: RoundState | None = None
@@ -372,6 +373,8 @@ class Coordinator:
         rs = self.current
         if round_id < self.completed or (rs is None and round_id == self.completed and self.finished):
             prior = self._prior_digest(client_id, round_id)
+            if prior is not None and prior == digest:
+                return None  # resubmission of an update already folded into a closed round
             raise RoundError("FAILED_PRECONDITION", f"stale update for round {round_id}; round "
                              f"{self.completed} is current{' (already accepted)' if prior else ''}")
         if rs is None or round_id != rs.round:
@@ -394,31 +397,38 @@ class Coordinator:
         return rs
 
     def _prior_digest(self, client_id: str, round_id: int) -> str | None:
-        return None
+        return self.accepted_digests.get((round_id, client_id))
 
     def update_spec(self, rs: RoundState) -> tuple[dict[str, tuple[int, ...]], set[str]]:
         spec = self.method.update_spec(self.model, rs.seeds)
         return spec, self.method.required_names(self.model, rs.seeds)
 
     async def accept(self, rs: RoundState, sub: Submission, tensors: dict[str, torch.Tensor],
-                     traffic: Traffic) -> None:
-        """Fold a validated update into the round's running sum."""
+                     traffic: Traffic) -> bool:
+        """Fold a validated update into the round's running sum. False: the same update was
+        already folded (a duplicate), nothing changed."""
         for name, t in tensors.items():
             if not torch.isfinite(t).all():
                 raise RoundError("INVALID_ARGUMENT", f"tensor {name!r} has non-finite values")
-        if rs.closing or self.current is not rs:
-            raise RoundError("FAILED_PRECONDITION", f"round {rs.round} closed before the update completed")
-        if sub.client_id in rs.submissions:
-            raise RoundError("ALREADY_EXISTS", f"an update for round {rs.round} was already accepted")
         weight = float(sub.num_samples) if self.cfg.training.weighting == "samples" else 1.0
         async with self.fold_lock:
+            # checked under the lock: concurrent streams of one client must not both fold
+            if rs.closing or self.current is not rs:
+                raise RoundError("FAILED_PRECONDITION", f"round {rs.round} closed before the update completed")
+            prior = rs.submissions.get(sub.client_id)
+            if prior is not None:
+                if prior.digest == sub.digest:
+                    return False  # the same update, folded by a concurrent stream: a duplicate
+                raise RoundError("ALREADY_EXISTS", f"an update for round {rs.round} was already accepted")
             await asyncio.to_thread(rs.aggregator.add, tensors, weight)
-        rs.submissions[sub.client_id] = sub
-        rs.traffic[sub.client_id] = traffic
+            rs.submissions[sub.client_id] = sub
+            rs.traffic[sub.client_id] = traffic
+            self.accepted_digests[(rs.round, sub.client_id)] = sub.digest
         log.info("update_accepted", round=rs.round, client=sub.client_id, loss=round(sub.loss, 4),
                  payload_bytes=traffic.up_payload, wire_bytes=traffic.up_wire,
                  received=len(rs.submissions), selected=len(rs.selected))
         await self.notify()
+        return True
 
     async def wait_for_clients_to_finish(self, timeout: float) -> None:
         """After the run: give live clients time to fetch the final deltas and leave."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -107,7 +108,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if problem := self._run_check(request.run_id):
             await self._abort(context, "FAILED_PRECONDITION", problem, client=client_id)
         coord = self.coord
-        give_up = time.monotonic() + min(max(request.wait_seconds, 0.0), MAX_POLL_S)
+        wait = request.wait_seconds if math.isfinite(request.wait_seconds) else 0.0  # NaN broke the loop
+        give_up = time.monotonic() + min(max(wait, 0.0), MAX_POLL_S)
         while True:
             coord.touch(client_id)
             rs = coord.current
@@ -216,9 +218,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                          float(h.train_seconds), int(h.peak_rss_bytes), int(h.train_state_bytes),
                          list(h.seeds_used))
         try:
-            await coord.accept(rs, sub, {k: v.float() for k, v in tensors.items()}, traffic)
+            folded = await coord.accept(rs, sub, {k: v.float() for k, v in tensors.items()}, traffic)
         except RoundError as err:
             await self._abort(context, err.code, str(err), client=client_id, round=h.round)
+        if not folded:
+            log.info("update_duplicate", client=client_id, round=h.round)
+            return pb.SubmitUpdateResponse(accepted=True, duplicate=True, round=h.round)
         return pb.SubmitUpdateResponse(accepted=True, round=h.round, payload_bytes=asm.payload_bytes,
                                        message_bytes=msg_bytes)
 
