@@ -44,6 +44,10 @@ class ClientError(RuntimeError):
     """A condition under which the client must not go on (e.g. a different base model)."""
 
 
+class _SnapshotMoved(Exception):
+    """The server closed a round between announcing a snapshot and serving it: poll again."""
+
+
 @dataclass
 class ClientOptions:
     server: str
@@ -130,10 +134,18 @@ class FedClient:
                 header, deltas = self._poll()
                 if header.status == pb.ROUND_STATUS_WAIT:
                     continue
-                self._catch_up(header, deltas)
+                try:
+                    self._catch_up(header, deltas)
+                except _SnapshotMoved:
+                    log.info("snapshot_moved_on", round=header.snapshot_round)
+                    continue
                 if header.status == pb.ROUND_STATUS_FINISHED:
                     log.info("run_finished", rounds=self.have, state_fingerprint=self.report.state_fingerprint[:16])
-                    self._call(self.stub.Leave, pb.LeaveRequest(run_id=self.run_id, reason="finished"))
+                    try:  # courtesy only: the run is over and the final state verified
+                        self.stub.Leave(pb.LeaveRequest(run_id=self.run_id, reason="finished"),
+                                        metadata=self.metadata, timeout=10)
+                    except grpc.RpcError as err:
+                        log.info("leave_not_acknowledged", code=err.code().name)
                     return self.report
                 self._train_and_submit(header)
         finally:
@@ -193,9 +205,14 @@ class FedClient:
         stream = self._call(self.stub.GetSnapshot, pb.GetSnapshotRequest(run_id=self.run_id, round=round_id))
         state = self.method.state_parameters(self.model)
         asm = TensorAssembler({k: tuple(v.shape) for k, v in state.items()})
-        for msg in stream:
-            if msg.WhichOneof("body") == "tensors":
-                asm.add(msg.tensors)
+        try:
+            for msg in stream:
+                if msg.WhichOneof("body") == "tensors":
+                    asm.add(msg.tensors)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.FAILED_PRECONDITION:  # a newer round closed meanwhile
+                raise _SnapshotMoved(err.details()) from None
+            raise
         tensors = asm.finish(set(state))
         with torch.no_grad():
             for k, v in tensors.items():

@@ -77,6 +77,9 @@ class ServerSection(Section):
     snapshot_after_rounds: int = Field(
         8, ge=1, description="a client this many rounds behind may get a snapshot instead"
     )
+    max_update_norm: float | None = Field(
+        None, gt=0, description="refuse updates whose L2 norm (over all tensors) exceeds this"
+    )
 
 
 class RunConfig(Section):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -169,6 +170,7 @@ class Coordinator:
         client = self.clients.get(client_id)
         if client:
             client.active = False
+            client.finished_seen = self.finished
         if self.current and client_id in self.current.selected and client_id not in self.current.submissions:
             self.current.selected.discard(client_id)
             self.current.dropped.add(client_id)
@@ -227,6 +229,7 @@ class Coordinator:
                 break
             if time.monotonic() >= rs.deadline:
                 if len(rs.submissions) >= r.min_clients:
+                    rs.dropped |= rs.selected - set(rs.submissions)  # silent past the deadline
                     break
                 self._replace_silent(rs)
                 continue
@@ -410,6 +413,12 @@ class Coordinator:
         for name, t in tensors.items():
             if not torch.isfinite(t).all():
                 raise RoundError("INVALID_ARGUMENT", f"tensor {name!r} has non-finite values")
+        bound = self.cfg.server.max_update_norm
+        if bound is not None:
+            norm = math.sqrt(sum(float(t.double().square().sum()) for t in tensors.values()))
+            if norm > bound:
+                raise RoundError("INVALID_ARGUMENT", f"update L2 norm {norm:.6g} exceeds "
+                                 f"server.max_update_norm={bound:g}")
         weight = float(sub.num_samples) if self.cfg.training.weighting == "samples" else 1.0
         async with self.fold_lock:
             # checked under the lock: concurrent streams of one client must not both fold

@@ -65,6 +65,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.relay = relay
         self.auth = SessionAuth()
         self.chunk = coord.cfg.server.max_chunk_bytes
+        self._encoded: dict[int, list[pb.StartRoundResponse]] = {}
 
     async def _abort(self, context, code: str, message: str, **fields) -> None:
         log.warning("request_refused", code=code, reason=message, **fields)
@@ -108,13 +109,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if problem := self._run_check(request.run_id):
             await self._abort(context, "FAILED_PRECONDITION", problem, client=client_id)
         coord = self.coord
-        wait = request.wait_seconds if math.isfinite(request.wait_seconds) else 0.0  # NaN broke the loop
+        wait = 0.0 if math.isnan(request.wait_seconds) else request.wait_seconds  # NaN stalled the loop
         give_up = time.monotonic() + min(max(wait, 0.0), MAX_POLL_S)
         while True:
             coord.touch(client_id)
             rs = coord.current
             if coord.finished:
-                coord.clients[client_id].finished_seen = True
                 async for msg in self._catch_up(pb.ROUND_STATUS_FINISHED, request.have_round, None, None):
                     yield msg
                 return
@@ -150,20 +150,31 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             snapshot_round=coord.completed if mode == "snapshot" else 0,
             deadline_unix=time.time() + (rs.deadline - time.monotonic()) if rs else 0.0,
         )
-        msgs = [pb.StartRoundResponse(header=header)]
-        payload = 8 * len(header.seeds)
-        for d in deltas:
-            msgs.append(pb.StartRoundResponse(delta=pb.DeltaHeader(round=d.round, seeds=d.seeds,
-                                                                   num_tensors=len(d.tensors))))
-            payload += 8 * len(d.seeds)
-            for batch in tensor_batches(d.tensors, None, self.chunk):
-                payload += sum(len(c.data) for c in batch.chunks)
-                msgs.append(pb.StartRoundResponse(tensors=batch))
+        first = pb.StartRoundResponse(header=header)
         if traffic is not None:
-            traffic.down_payload += payload
-            traffic.down_message += sum(message_bytes(m) for m in msgs)
-        for m in msgs:
-            yield m
+            traffic.down_payload += 8 * len(header.seeds)
+            traffic.down_message += message_bytes(first)
+        yield first
+        for d in deltas:
+            head = pb.StartRoundResponse(delta=pb.DeltaHeader(round=d.round, seeds=d.seeds,
+                                                              num_tensors=len(d.tensors)))
+            messages = [head, *self._delta_messages(d)]
+            if traffic is not None:
+                traffic.down_payload += d.payload_bytes
+                traffic.down_message += sum(message_bytes(m) for m in messages)
+            for m in messages:
+                yield m
+
+    def _delta_messages(self, delta) -> list[pb.StartRoundResponse]:
+        """A delta's tensor messages, encoded once and shared by every client that needs it
+        (N clients polling when a round opens must not mean N encoded copies)."""
+        cached = self._encoded.get(delta.round)
+        if cached is None:
+            cached = [pb.StartRoundResponse(tensors=b) for b in tensor_batches(delta.tensors, None, self.chunk)]
+            self._encoded[delta.round] = cached
+            for old in [r for r in self._encoded if r < delta.round - self.coord.cfg.server.snapshot_after_rounds]:
+                del self._encoded[old]
+        return cached
 
     async def SubmitUpdate(self, request_iterator, context) -> pb.SubmitUpdateResponse:
         client_id = await self._client(context)

@@ -217,6 +217,7 @@ def test_apply_replays_training_and_is_linear(tiny, name, family):
 
 @pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
 def test_loss_decreases_over_rounds(tiny, name, family):
+    torch.manual_seed(0)  # dropout draws from the global RNG: make the check order-independent
     method = make(name, **LEARN[name])
     model = prepared(tiny, family, method)
     before = batch_loss(model, family)

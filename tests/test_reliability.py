@@ -13,6 +13,7 @@ import asyncio
 import json
 import math
 import random
+import signal
 import threading
 import time
 from pathlib import Path
@@ -114,8 +115,10 @@ class InProcServer:
 def server_factory(tiny_model, tmp_path):
     started: list[InProcServer] = []
 
-    def make(**rounds) -> InProcServer:
-        srv = InProcServer(config_dict(tiny_model, tmp_path / f"out{len(started)}", **rounds))
+    def make(server: dict | None = None, **rounds) -> InProcServer:
+        cfg = config_dict(tiny_model, tmp_path / f"out{len(started)}", **rounds)
+        cfg["server"].update(server or {})
+        srv = InProcServer(cfg)
         started.append(srv)
         return srv
 
@@ -207,8 +210,8 @@ def complete_round(srv: InProcServer, clients: list[Fake], headers: dict | None 
 
 
 @pytest.fixture
-def pair(server_factory):
-    srv = server_factory()
+def pair(server_factory, request):
+    srv = server_factory(**getattr(request, "param", {}))
     a, b = Fake(srv, "alice"), Fake(srv, "bob", num_samples=30)
     yield srv, a, b
     a.close()
@@ -444,6 +447,18 @@ def test_malformed_update_refused_and_round_still_completes(pair, case):
     complete_round(srv, [a, b], {a.client_id: ha, b.client_id: hb})
 
 
+@pytest.mark.parametrize("pair", [{"server": {"max_update_norm": 1.0}}], indirect=True)
+def test_update_norm_bound(pair):
+    srv, a, b = pair
+    ha, hb = a.wait_train(), b.wait_train()
+    big = a.update(ha, 1.0)  # norm = sqrt(numel) >> 1
+    code, msg = status_of(lambda: a.submit(a.messages(ha.round, big)))
+    assert code == SC.INVALID_ARGUMENT and "max_update_norm" in msg
+    small = a.update(ha, 1e-3)
+    assert math.sqrt(sum(float(t.square().sum()) for t in small.values())) < 1.0
+    complete_round(srv, [a, b], {a.client_id: ha, b.client_id: hb})  # values 0.01: norm < 1
+
+
 # -- duplicates -------------------------------------------------------------------------------------
 def test_duplicate_counted_once_and_different_update_refused(pair):
     srv, a, b = pair
@@ -564,10 +579,14 @@ def test_fuzz_every_rpc(server_factory):
             codes.setdefault(rpc, set()).add("OK")
         except grpc.RpcError as err:
             codes.setdefault(rpc, set()).add(err.code().name)
+            # grpc.aio answers UNKNOWN when the request does not parse; any other UNKNOWN is a
+            # handler that crashed
+            if err.code() == SC.UNKNOWN:
+                assert "DecodeError" in (err.details() or ""), (rpc, err.details())
     channel.close()
     assert srv.alive()
-    assert "DEADLINE_EXCEEDED" not in set().union(*codes.values()), codes
-    assert "UNAVAILABLE" not in set().union(*codes.values()), codes
+    allowed = {"OK", "UNAUTHENTICATED", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "PERMISSION_DENIED", "UNKNOWN"}
+    assert set().union(*codes.values()) <= allowed, codes
     # a valid client still completes a round (the fuzzer, if selected, is dropped at the deadline)
     h = valid.wait_train()
     resp = valid.submit(valid.messages(h.round, valid.update(h)))
@@ -613,6 +632,7 @@ def test_client_killed_mid_round_quorum_closes(tmp_path, tiny_model, shards):
     assert all(len(r["clients"]) >= 2 for r in rows)
     victim_id = next(c for c in rows[0]["clients"] if c.endswith("shard2"))
     assert victim_id not in rows[-1]["clients"] and len(rows[-1]["clients"]) == 2
+    assert rows[-1]["dropped"] == [victim_id]  # selected (still counted live), silent, recorded
     fp = (out / "final_state_fingerprint.txt").read_text().strip()
     for name in ("shard0", "shard1"):
         assert json.loads((tmp_path / f"{name}.json").read_text())["state_fingerprint"] == fp
@@ -621,7 +641,7 @@ def test_client_killed_mid_round_quorum_closes(tmp_path, tiny_model, shards):
 @pytest.mark.slow
 def test_late_joiner_catches_up_to_final_state(tmp_path, tiny_model, shards):
     out = tmp_path / "out"
-    cfg = write_yaml(tmp_path / "round.yaml", tiny_model, out, total=25, clients_per_round=2, min_clients=2,
+    cfg = write_yaml(tmp_path / "round.yaml", tiny_model, out, total=8, clients_per_round=2, min_clients=2,
                      deadline_s=60, start_timeout_s=120)
     data = yaml.safe_load(cfg.read_text())
     data["server"]["snapshot_after_rounds"] = 1  # a client 2+ rounds behind takes a snapshot
@@ -631,7 +651,15 @@ def test_late_joiner_catches_up_to_final_state(tmp_path, tiny_model, shards):
         cluster.start_server(cfg)
         early = [cluster.start_client(shards / f"shard{i}", f"shard{i}") for i in range(2)]
         wait_until(lambda: len(metric_rows(out)) >= 2, 120, "two rounds")
+        # freeze the early clients so the run cannot finish before the late one has joined
+        for p in early:
+            p.popen.send_signal(signal.SIGSTOP)
         late = cluster.start_client(shards / "shard2", "shard2")
+        try:
+            wait_until(lambda: "c003-shard2" in cluster.server.text(), 120, "the late join")
+        finally:
+            for p in early:
+                p.popen.send_signal(signal.SIGCONT)
         assert cluster.wait(150) == 0, cluster.server.text()[-3000:]
         for p in [*early, late]:
             assert p.wait(60) == 0, p.text()[-3000:]
@@ -640,7 +668,7 @@ def test_late_joiner_catches_up_to_final_state(tmp_path, tiny_model, shards):
     fp = (out / "final_state_fingerprint.txt").read_text().strip()
     report = json.loads((tmp_path / "shard2.json").read_text())
     assert report["state_fingerprint"] == fp
-    assert report["have_round"] == 25
+    assert report["have_round"] == 8
     assert report["snapshots"] + report["deltas_applied"] >= 1
     for name in ("shard0", "shard1"):
         assert json.loads((tmp_path / f"{name}.json").read_text())["state_fingerprint"] == fp

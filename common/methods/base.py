@@ -37,12 +37,13 @@ from ..tensors import element_size
 WireDtype = Literal["float32", "bfloat16", "float16"]
 
 # Linear-like modules inside the repeated transformer blocks (BERT `layer.N`, LLaMA `layers.N`,
-# GPT-2 `h.N`, T5/others `block.N`), plus BERT's pretrained pooler: a d x d matrix that would
-# cost as much as a whole seed's accumulators if it were sent densely every round.
-DEFAULT_TARGETS = [r"(^|\.)(layer|layers|h|block|blocks)\.\d+\.", r"(^|\.)pooler\.dense$"]
-# Task heads of AutoModelForSequenceClassification families (BERT/RoBERTa `classifier`,
-# GPT-2/LLaMA `score`): new, small, trained densely.
-DEFAULT_DENSE = [r"(^|\.)classifier(\.|$)", r"(^|\.)score(\.|$)"]
+# GPT-2 `h.N`, T5/others `block.N`).
+DEFAULT_TARGETS = [r"(^|\.)(layer|layers|h|block|blocks)\.\d+\."]
+# Task heads of AutoModelForSequenceClassification families (BERT/RoBERTa `classifier` and the
+# `pooler` that feeds it, GPT-2/LLaMA `score`). The pooler is part of the head: checkpoints
+# such as sentence-transformers' MiniLM ship it untrained, and training it only inside a
+# random subspace cost 40 points of round-0 accuracy on BBC News (measured).
+DEFAULT_DENSE = [r"(^|\.)classifier(\.|$)", r"(^|\.)pooler(\.|$)", r"(^|\.)score(\.|$)"]
 
 
 class MethodConfig(BaseModel):

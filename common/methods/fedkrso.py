@@ -2,9 +2,10 @@
 
 Each projected matrix W (d_m x d_n, nn.Linear convention) is trained as W + B P, where P
 (r x d_n) is rebuilt from a seed and B (d_m x r) is the only trainable part. The layer never
-forms W + B P nor a full-size gradient: a forward hook adds ``(x P^T) B^T`` to the frozen
-layer's output, so autograd keeps the r-column ``x P^T`` for B's gradient and
-``grad_B = grad_W P^T`` comes out of the chain rule without grad_W ever existing.
+forms W + B P nor a full-size gradient: while B is active the layer's forward is one fused
+autograd Function, ``y = x W^T + bias + (x P^T) B^T``, that keeps only the r-column ``x P^T``
+(plus references to W, P, B) for backward; ``grad_B = g^T (x P^T) = grad_W P^T`` without
+grad_W ever existing, and ``grad_x = g W + (g B) P``.
 
 Choices the paper leaves open (each a config field): K fresh seeds per round; a seed drawn
 uniformly per interval from a client RNG keyed by (run seed, round, client); B and its Adam
@@ -14,6 +15,7 @@ state reset every interval; the dense-trainables keep one Adam state for the who
 from __future__ import annotations
 
 import random
+import types
 from collections.abc import Iterator
 from typing import Literal
 
@@ -41,27 +43,83 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
-class SubspaceAdapter:
-    """Trainable B (d_m x r) in a fixed subspace P for each target module, via forward hooks.
+class _SubspaceLinear(torch.autograd.Function):
+    """``y = x W^T + bias + (x P^T) B^T`` on 2-D ``x`` (N x d_n), W frozen.
 
+    Saves W, P, B (references, no copies) and ``xp = x P^T`` (N x r), never ``x``: backward
+    needs x only through xp, since ``grad_B = g^T xp`` and ``grad_x = g W + (g B) P``.
+    ``w_in_out`` marks GPT-2's Conv1D, whose weight is stored transposed (d_n x d_m). B is the
+    float32 master; it is cast to x's dtype for the products and its gradient comes back in
+    B's own dtype. W and P receive no gradient (the adapter falls back to the unfused path
+    when W requires one)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, p, b, w_in_out: bool):
+        bc = b.to(x.dtype)
+        xp = torch.mm(x, p.T)  # (N, r): all that grad_B needs
+        wt = weight if w_in_out else weight.T  # (d_n, d_m) view
+        y = torch.mm(x, wt) if bias is None else torch.addmm(bias, x, wt)
+        y.addmm_(xp, bc.T)
+        ctx.w_in_out = w_in_out
+        ctx.save_for_backward(weight, p, b, xp)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, p, b, xp = ctx.saved_tensors
+        need_x, _, need_bias, _, need_b, _ = ctx.needs_input_grad
+        g = g.contiguous()
+        gx = gbias = gb = None
+        if need_x:
+            bc = b.to(g.dtype)
+            gx = torch.mm(g, weight.T if ctx.w_in_out else weight)  # (N, d_n)
+            gx.addmm_(torch.mm(g, bc), p)
+        if need_bias:
+            gbias = g.sum(0)
+        if need_b:
+            gb = torch.mm(g.T, xp).to(b.dtype)  # (d_m, r)
+        return gx, None, gbias, None, gb, None
+
+
+class SubspaceAdapter:
+    """Trainable B (d_m x r) in a fixed subspace P for each target module.
+
+    While the adapter is open, each target's ``forward`` is an instance attribute that runs
+    ``_SubspaceLinear`` when that target has an active B and the module's own forward
+    otherwise; no parameter or buffer is added, so ``state_dict`` keys do not change.
     ``start(seed)`` draws P for every target and zeroes B; ``merge()`` folds ``B P`` into the
-    frozen weight in place and returns the B's; ``close()`` removes the hooks."""
+    frozen weight in place and returns the B's; ``close()`` restores the original forwards."""
 
     def __init__(self, targets: dict[str, nn.Module], rank: int):
         self.targets = targets
         self.rank = rank
         self.p: dict[str, torch.Tensor] = {}
         self.b: dict[str, nn.Parameter] = {}
-        self._hooks = [m.register_forward_hook(self._hook(n)) for n, m in targets.items()]
+        # name -> (module, its own instance-level forward if it had one, our bound wrapper)
+        self._installed: dict[str, tuple[nn.Module, object, object]] = {}
+        for name, module in targets.items():
+            own = module.__dict__.get("forward")
+            wrapper = types.MethodType(self._forward(name, own), module)
+            module.forward = wrapper
+            self._installed[name] = (module, own, wrapper)
 
-    def _hook(self, name: str):
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor):
-            if name not in self.b:
-                return output
-            xp = F.linear(inputs[0], self.p[name])  # x P^T: (..., r), all autograd keeps for B
-            return output + F.linear(xp, self.b[name].to(xp.dtype))
+    def _forward(self, name: str, own):
+        def forward(module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            b = self.b.get(name)
+            if b is None:  # no active B: the module's own forward, unchanged
+                return own(x, *args, **kwargs) if own is not None else (
+                    type(module).forward(module, x, *args, **kwargs))
+            w = module.weight
+            if w.requires_grad or args or kwargs:
+                # grad_W would need the full x (or an unexpected call): stay unfused.
+                out = own(x, *args, **kwargs) if own is not None else (
+                    type(module).forward(module, x, *args, **kwargs))
+                return out + F.linear(F.linear(x, self.p[name]), b.to(x.dtype))
+            y = _SubspaceLinear.apply(x.reshape(-1, x.shape[-1]), w, module.bias,
+                                      self.p[name], b, _is_conv1d(module))
+            return y.view(*x.shape[:-1], y.shape[-1])
 
-        return hook
+        return forward
 
     def start(self, seed: int) -> list[nn.Parameter]:
         for name, module in self.targets.items():
@@ -83,9 +141,13 @@ class SubspaceAdapter:
         return out
 
     def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        for module, own, wrapper in self._installed.values():
+            if module.__dict__.get("forward") is wrapper:
+                if own is None:
+                    del module.forward
+                else:
+                    module.forward = own
+        self._installed.clear()
 
 
 class FedKRSO(Method):

@@ -1,0 +1,86 @@
+"""fedkrso-bench end to end on a tiny model: real server + client processes, 2 methods."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import pytest
+import yaml
+
+from fedkrso.bench.main import BenchConfig, main, targets
+from fedkrso.common.models import build_tiny
+
+pytestmark = pytest.mark.slow
+
+
+def write_csv(path, rows=120):
+    rng = random.Random(0)
+    good, bad = ["great", "lovely", "fine", "superb"], ["awful", "bad", "boring", "poor"]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["text", "label"])
+        w.writeheader()
+        for i in range(rows):
+            label = i % 2
+            words = [rng.choice(good if label else bad) for _ in range(6)]
+            w.writerow({"text": "the film was " + " ".join(words), "label": "pos" if label else "neg"})
+
+
+def test_bench_two_methods_two_clients(tmp_path):
+    model = build_tiny("bert", tmp_path / "model", num_labels=2)
+    write_csv(tmp_path / "data.csv")
+    cfg = {
+        "name": "tiny",
+        "data": {"source": f"csv:{tmp_path / 'data.csv'}", "glue_dir": None, "max_examples": 100,
+                 "max_eval": 20, "min_size": 10},
+        "model": {"name": str(model), "max_length": 16},
+        "clients": 2, "alpha": None, "clients_per_round": 2, "rounds": 2, "sweep_rounds": 2,
+        "batch_size": 8, "poll_seconds": 5, "target_accuracy": 0.5,
+        "methods": [
+            {"name": "fedkrso", "k": 2, "rank": 2, "intervals": 2, "interval_steps": 2, "lrs": [1e-3, 3e-3]},
+            {"name": "fedavg", "steps": 4, "lrs": [1e-3]},
+        ],
+    }
+    BenchConfig.model_validate(cfg)
+    config = tmp_path / "bench.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "results"
+    main(["--config", str(config), "--out", str(out)])
+
+    assert (out / "results.md").is_file() and (out / "accuracy_vs_bytes.png").stat().st_size > 1000
+    report = json.loads((out / "results.json").read_text())
+    by = {s["method"]: s for s in report["results"]}
+    assert set(by) == {"fedkrso", "fedavg"}
+    for s in by.values():
+        assert s["rounds"] == 2
+        assert 0.0 <= s["final_accuracy"] <= 1.0 and s["best_accuracy"] >= s["final_accuracy"]
+        assert s["uplink_wire_per_client_round"] > s["uplink_payload_per_client_round"] > 0
+        assert s["downlink_wire_per_client_round"] >= s["downlink_payload_per_client_round"] > 0
+        assert s["train_state_bytes"] > 0 and s["client_peak_rss_bytes"] > 0
+        assert s["mean_step_seconds"] > 0
+        xs = [c["cumulative_wire_bytes"] for c in s["curve"]]
+        assert xs == sorted(xs) and xs[0] > 0
+    # FedKRSO uploads a few subspace accumulators, FedAvg every weight
+    assert by["fedkrso"]["uplink_payload_per_client_round"] < by["fedavg"]["uplink_payload_per_client_round"]
+    assert by["fedkrso"]["train_state_bytes"] < by["fedavg"]["train_state_bytes"]
+    # the sweep ran both FedKRSO lrs and chose one
+    sweep = [s for s in report["sweep"] if s["method"] == "fedkrso"]
+    assert len(sweep) == 2 and sum(s["chosen"] for s in sweep) == 1
+    assert by["fedkrso"]["lr"] == next(s["lr"] for s in sweep if s["chosen"])
+    text = (out / "results.md").read_text()
+    assert "| fedkrso |" in text and "| fedavg |" in text and "## Targets" in text
+    assert len(report["targets"]) == 3 and report["targets"][0]["pass"] is None  # no fedit run
+
+
+def test_targets_pass_fail():
+    k = {"final_accuracy": 0.90, "rounds": 5, "uplink_payload_per_client_round": 10.0,
+         "uplink_wire_per_client_round": 12.0, "train_state_bytes": 4, "train_state_source": "analytic"}
+    a = dict(k, final_accuracy=0.905, uplink_payload_per_client_round=400.0,
+             uplink_wire_per_client_round=420.0, train_state_bytes=100)
+    f = dict(k, final_accuracy=0.89)
+    t = targets({"fedkrso": k, "fedavg": a, "fedit": f})
+    assert [x["pass"] for x in t] == [True, True, True]
+    t = targets({"fedkrso": k, "fedavg": dict(a, final_accuracy=0.95, uplink_payload_per_client_round=100.0,
+                                              train_state_bytes=50), "fedit": f})
+    assert [x["pass"] for x in t] == [False, False, False]
