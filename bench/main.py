@@ -66,7 +66,14 @@ class MethodSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: str
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_.+-]+$",
+                              description="row name in the results (default: name); lets one method "
+                                          "run twice with different knobs")
     lrs: list[float] | None = Field(None, min_length=1, description="lr sweep (None: the method default)")
+
+    @property
+    def tag(self) -> str:
+        return self.label or self.name
 
     def knobs(self) -> dict[str, Any]:
         return {k: v for k, v in (self.model_extra or {}).items()}
@@ -121,7 +128,7 @@ class BenchConfig(Strict):
         if q.max_length is not None:
             cfg.model.max_length = q.max_length
         if q.methods is not None:
-            cfg.methods = [m for m in cfg.methods if m.name in q.methods]
+            cfg.methods = [m for m in cfg.methods if m.tag in q.methods]
         methods = []
         for m in cfg.methods:
             d = m.model_dump()
@@ -233,8 +240,9 @@ def analytic_state(cfg: BenchConfig, methods: list[dict], num_labels: int) -> di
 
     out: dict[str, dict] = {}
     for m in methods:
+        section = {k: v for k, v in m.items() if k != "label"}
         mc = parse_config({"model": {"name": cfg.model.name, "task": cfg.model.task,
-                                     "num_labels": num_labels}, "method": m}).method
+                                     "num_labels": num_labels}, "method": section}).method
         model = load_model(cfg.model.name, cfg.model.task, num_labels, cfg.seed)
         meth = build_method(mc, cfg.seed)
         meth.prepare(model)
@@ -251,7 +259,7 @@ def analytic_state(cfg: BenchConfig, methods: list[dict], num_labels: int) -> di
             own = meth.own(model) if hasattr(meth, "own") else {}
             trainable = sum(p.numel() for p in own.values()) + sum(p.numel() for p in meth.dense(model).values())
             factor = 3
-        out[mc.name] = {"model_parameters": total, "trainable_parameters": trainable,
+        out[m.get("label") or mc.name] = {"model_parameters": total, "trainable_parameters": trainable,
                         "state_bytes": factor * trainable * 4, "local_steps": mc.local_steps()}
         del model
     return out
@@ -321,38 +329,43 @@ def summarise(name: str, lr: float | None, rows: list[dict], state: dict, target
 
 
 def targets(summaries: dict[str, dict]) -> list[dict]:
-    """The three targets, computed from the measured summaries (None: a method is missing)."""
-    k, a, f = summaries.get("fedkrso"), summaries.get("fedavg"), summaries.get("fedit")
+    """The three targets for every FedKRSO row (default and labelled variants), computed from
+    the measured summaries (pass None: a method is missing)."""
+    a, f = summaries.get("fedavg"), summaries.get("fedit")
+    rows = [dict(s, method=key) for key, s in summaries.items()
+            if s.get("base_method", key) == "fedkrso"] or [None]
     out = []
 
     def acc_pt(s):
         return None if s is None or s.get("final_accuracy") is None else 100 * s["final_accuracy"]
 
-    ka, aa, fa = acc_pt(k), acc_pt(a), acc_pt(f)
-    if ka is not None and aa is not None and fa is not None:
-        ok = ka >= aa - 1.0 and ka >= fa
-        detail = (f"FedKRSO {ka:.2f} vs FedAvg {aa:.2f} (diff {ka - aa:+.2f} pt) and FedIT {fa:.2f} "
-                  f"after {k['rounds']}/{a['rounds']}/{f['rounds']} rounds")
-    else:
-        ok, detail = None, "needs fedkrso, fedavg and fedit results"
-    out.append({"target": "FedKRSO final accuracy within 1.0 pt of FedAvg and not below FedIT",
-                "pass": ok, "detail": detail})
-    if k and a and k.get("uplink_payload_per_client_round") and a.get("uplink_payload_per_client_round"):
-        ratio = a["uplink_payload_per_client_round"] / k["uplink_payload_per_client_round"]
-        wratio = (a["uplink_wire_per_client_round"] or 0) / (k["uplink_wire_per_client_round"] or 1)
-        out.append({"target": "FedKRSO uplink >= 30x smaller than FedAvg (float32)", "pass": ratio >= 30,
-                    "detail": f"payload ratio {ratio:.1f}x (wire {wratio:.1f}x)"})
-    else:
-        out.append({"target": "FedKRSO uplink >= 30x smaller than FedAvg (float32)", "pass": None,
-                    "detail": "needs fedkrso and fedavg results"})
-    if k and a and k.get("train_state_bytes") and a.get("train_state_bytes"):
-        share = k["train_state_bytes"] / a["train_state_bytes"]
-        out.append({"target": "FedKRSO gradient+optimizer state <= 5% of FedAvg", "pass": share <= 0.05,
-                    "detail": f"{share * 100:.2f}% ({k['train_state_source']} {fmt_bytes(k['train_state_bytes'])}"
-                              f" vs {a['train_state_source']} {fmt_bytes(a['train_state_bytes'])})"})
-    else:
-        out.append({"target": "FedKRSO gradient+optimizer state <= 5% of FedAvg", "pass": None,
-                    "detail": "needs fedkrso and fedavg results"})
+    for k in rows:
+        who = "FedKRSO" if k is None or k["method"] == "fedkrso" else f"FedKRSO ({k['method']})"
+        ka, aa, fa = acc_pt(k), acc_pt(a), acc_pt(f)
+        if ka is not None and aa is not None and fa is not None:
+            ok = ka >= aa - 1.0 and ka >= fa
+            detail = (f"{who} {ka:.2f} vs FedAvg {aa:.2f} (diff {ka - aa:+.2f} pt) and FedIT {fa:.2f} "
+                      f"after {k['rounds']}/{a['rounds']}/{f['rounds']} rounds")
+        else:
+            ok, detail = None, "needs fedkrso, fedavg and fedit results"
+        out.append({"target": f"{who} final accuracy within 1.0 pt of FedAvg and not below FedIT",
+                    "pass": ok, "detail": detail})
+        name = f"{who} uplink >= 30x smaller than FedAvg (float32)"
+        if k and a and k.get("uplink_payload_per_client_round") and a.get("uplink_payload_per_client_round"):
+            ratio = a["uplink_payload_per_client_round"] / k["uplink_payload_per_client_round"]
+            wratio = (a["uplink_wire_per_client_round"] or 0) / (k["uplink_wire_per_client_round"] or 1)
+            out.append({"target": name, "pass": ratio >= 30,
+                        "detail": f"payload ratio {ratio:.1f}x (wire {wratio:.1f}x)"})
+        else:
+            out.append({"target": name, "pass": None, "detail": "needs fedkrso and fedavg results"})
+        name = f"{who} gradient+optimizer state <= 5% of FedAvg"
+        if k and a and k.get("train_state_bytes") and a.get("train_state_bytes"):
+            share = k["train_state_bytes"] / a["train_state_bytes"]
+            out.append({"target": name, "pass": share <= 0.05,
+                        "detail": f"{share * 100:.2f}% ({k['train_state_source']} {fmt_bytes(k['train_state_bytes'])}"
+                                  f" vs {a['train_state_source']} {fmt_bytes(a['train_state_bytes'])})"})
+        else:
+            out.append({"target": name, "pass": None, "detail": "needs fedkrso and fedavg results"})
     return out
 
 
@@ -480,7 +493,7 @@ def run_bench(cfg: BenchConfig, out: Path, command: str = "fedkrso-bench", log=p
     info = partition(cfg, data)
     causal = cfg.model.task == "causal-lm"
     num_labels = cfg.model.num_labels or info.get("num_labels") or 2
-    sections = [method_section(m, (m.lrs or [None])[0]) for m in cfg.methods]
+    sections = [method_section(m, (m.lrs or [None])[0]) | {"label": m.tag} for m in cfg.methods]
     state = analytic_state(cfg, sections, num_labels)
     report: dict[str, Any] = {
         "name": cfg.name, "command": command, "causal": causal, "data_source": cfg.data.source,
@@ -501,16 +514,16 @@ def run_bench(cfg: BenchConfig, out: Path, command: str = "fedkrso-bench", log=p
 
     for spec in cfg.methods:
         lrs = spec.lrs or [default_lr(cfg, spec)]
-        st = state[spec.name]
+        st = state[spec.tag]
         chosen_lr, chosen_rows = lrs[0], None
         if len(lrs) > 1:
             sweep = []
             for lr in lrs:
-                tag = f"{spec.name}-lr{lr:g}-sweep"
+                tag = f"{spec.tag}-lr{lr:g}-sweep"
                 t0 = time.monotonic()
                 rows = run_one(cfg, method_section(spec, lr), cfg.sweep_rounds, data, out / "runs" / tag, num_labels)
-                s = summarise(spec.name, lr, rows, st, None)
-                log(f"  sweep {spec.name} lr={lr:g}: acc {fmt_acc(s['final_accuracy'])} loss "
+                s = summarise(spec.tag, lr, rows, st, None)
+                log(f"  sweep {spec.tag} lr={lr:g}: acc {fmt_acc(s['final_accuracy'])} loss "
                     f"{s['final_eval_loss']} ({time.monotonic() - t0:.0f} s)")
                 sweep.append((score(rows, causal), lr, rows, s))
             best = max(sweep, key=lambda x: x[0])
@@ -521,18 +534,19 @@ def run_bench(cfg: BenchConfig, out: Path, command: str = "fedkrso-bench", log=p
                 report["sweep"].append({k: s[k] for k in ("method", "lr", "rounds", "final_accuracy",
                                                           "final_eval_loss")} | {"chosen": lr == chosen_lr})
         if chosen_rows is None:
-            tag = f"{spec.name}-lr{chosen_lr:g}" if chosen_lr is not None else spec.name
+            tag = f"{spec.tag}-lr{chosen_lr:g}" if chosen_lr is not None else spec.tag
             t0 = time.monotonic()
             chosen_rows = run_one(cfg, method_section(spec, chosen_lr), cfg.rounds, data,
                                   out / "runs" / tag, num_labels)
-            log(f"  run {spec.name} lr={chosen_lr}: {time.monotonic() - t0:.0f} s")
+            log(f"  run {spec.tag} lr={chosen_lr}: {time.monotonic() - t0:.0f} s")
         if len(lrs) == 1:
-            s1 = summarise(spec.name, chosen_lr, chosen_rows, st, None)
+            s1 = summarise(spec.tag, chosen_lr, chosen_rows, st, None)
             report["sweep"].append({k: s1[k] for k in ("method", "lr", "rounds", "final_accuracy",
                                                        "final_eval_loss")} | {"chosen": True})
-        s = summarise(spec.name, chosen_lr, chosen_rows, st, report["target_accuracy"])
+        s = summarise(spec.tag, chosen_lr, chosen_rows, st, report["target_accuracy"])
+        s["base_method"] = spec.name
         report["results"].append(s)
-        log(f"{spec.name} lr={chosen_lr:g}: final acc {fmt_acc(s['final_accuracy'])}, uplink "
+        log(f"{spec.tag} lr={chosen_lr:g}: final acc {fmt_acc(s['final_accuracy'])}, uplink "
             f"{fmt_bytes(s['uplink_payload_per_client_round'])}/client/round")
         save()
     save()
@@ -554,10 +568,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg = cfg.apply_quick()
     if args.methods:
         keep = args.methods.split(",")
-        unknown = set(keep) - {m.name for m in cfg.methods}
+        unknown = set(keep) - {m.tag for m in cfg.methods}
         if unknown:
             raise SystemExit(f"fedkrso-bench: methods not in the config: {sorted(unknown)}")
-        cfg.methods = [m for m in cfg.methods if m.name in keep]
+        cfg.methods = [m for m in cfg.methods if m.tag in keep]
     if args.rounds:
         cfg.rounds = args.rounds
         cfg.sweep_rounds = min(cfg.sweep_rounds, args.rounds)

@@ -84,3 +84,8 @@ def test_targets_pass_fail():
     t = targets({"fedkrso": k, "fedavg": dict(a, final_accuracy=0.95, uplink_payload_per_client_round=100.0,
                                               train_state_bytes=50), "fedit": f})
     assert [x["pass"] for x in t] == [False, False, False]
+    # a labelled FedKRSO variant gets its own three targets
+    t = targets({"fedkrso": k, "fedkrso-cls": dict(k, base_method="fedkrso", uplink_payload_per_client_round=50.0),
+                 "fedavg": a, "fedit": f})
+    assert [x["pass"] for x in t] == [True, True, True, True, False, True]
+    assert "(fedkrso-cls)" in t[4]["target"]

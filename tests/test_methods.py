@@ -15,6 +15,7 @@ import torch
 from fedkrso.common.aggregate import StreamingAggregator
 from fedkrso.common.config import ConfigError, parse_config
 from fedkrso.common.methods import METHODS, LocalUpdate, Method
+from fedkrso.common.methods.base import out_in
 from fedkrso.common.models import build_tiny, load_model, model_fingerprint
 from fedkrso.common.tensors import decode, encode, payload_bytes
 
@@ -164,6 +165,25 @@ def test_update_matches_spec_and_formula(tiny, name, family):
     assert update.steps == method.cfg.local_steps() and update.loss > 0
     sent = payload_bytes(update.tensors, method.cfg.wire_dtype)
     assert sent == method.upload_bytes_formula(model, len(update.seeds_used))
+
+
+@pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
+def test_measured_train_state_is_grad_plus_adam_of_the_trainables(tiny, name, family):
+    """A client reports its peak gradient + optimizer-state bytes, counted from the tensors:
+    gradient, exp_avg and exp_avg_sq (float32) of exactly what it trains. FedKRSO trains one
+    subspace's B (d_m x r per target) and the dense set; FedKSeed is zeroth order (nothing)."""
+    method = make(name)
+    model = prepared(tiny, family, method)
+    train(method, model, family, "c1")
+    dense = sum(p.numel() for p in method.dense(model).values())
+    if name == "fedkseed":
+        trainable = 0
+    elif name == "fedkrso":
+        trainable = method.cfg.rank * sum(out_in(m)[0] for m in method.targets(model).values()) + dense
+    else:
+        trainable = sum(p.numel() for p in method.own(model).values()) + dense
+    assert method.last_train_state_bytes == 3 * 4 * trainable
+    assert (trainable > 0) == (name != "fedkseed")
 
 
 @pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)

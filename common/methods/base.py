@@ -116,6 +116,23 @@ def dense_parameters(model: nn.Module, cfg: MethodConfig) -> dict[str, nn.Parame
     return out
 
 
+def train_state_bytes(*optimizers: torch.optim.Optimizer | None) -> int:
+    """Gradient plus optimizer-state bytes held right now by ``optimizers``' parameters,
+    counted from the tensors themselves (call it after ``step()``, before ``zero_grad``)."""
+    total = 0
+    for opt in optimizers:
+        if opt is None:
+            continue
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    total += p.grad.numel() * p.grad.element_size()
+                for value in opt.state.get(p, {}).values():
+                    if torch.is_tensor(value) and value.dim() > 0:
+                        total += value.numel() * value.element_size()
+    return total
+
+
 def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's own loss on a batch that carries ``labels``."""
     return model(**batch).loss
@@ -130,6 +147,8 @@ class Method(ABC):
     def __init__(self, cfg: MethodConfig, run_seed: int):
         self.cfg = cfg
         self.run_seed = run_seed
+        # peak gradient + optimizer-state bytes of the last ``train_round`` (measured)
+        self.last_train_state_bytes = 0
 
     # -- both sides --------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
@@ -273,10 +292,12 @@ class DeltaMethod(Method):
             groups.append({"params": list(dense.values()), "lr": self.cfg.dense_lr or self.cfg.lr})
         opt = torch.optim.Adam(groups)
         losses: list[float] = []
+        self.last_train_state_bytes = 0
         for _ in range(self.cfg.local_steps()):
             loss = forward_loss(model, next(batches))
             loss.backward()
             opt.step()
+            self.last_train_state_bytes = max(self.last_train_state_bytes, train_state_bytes(opt))
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
         tensors = {f"delta.{n}": (p.detach() - start[n]).float() for n, p in own.items()}

@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from ..subspace import round_seeds, stable_seed, subspace, subspace_fingerprint
-from .base import LocalUpdate, Method, MethodConfig, forward_loss, out_in, target_linears
+from .base import LocalUpdate, Method, MethodConfig, forward_loss, out_in, target_linears, train_state_bytes
 
 
 class Config(MethodConfig):
@@ -215,6 +215,7 @@ class FedKRSO(Method):
         adapter = SubspaceAdapter(self.targets(model), self.cfg.rank)
         acc: dict[str, torch.Tensor] = {}
         losses: list[float] = []
+        self.last_train_state_bytes = 0
         try:
             for k in self.seed_choices(round_id, client_key):
                 b_opt = torch.optim.Adam(adapter.start(seeds[k]), lr=self.cfg.lr)
@@ -222,9 +223,12 @@ class FedKRSO(Method):
                     loss = forward_loss(model, next(batches))
                     loss.backward()
                     b_opt.step()
-                    b_opt.zero_grad(set_to_none=True)
                     if dense_opt:
                         dense_opt.step()
+                    self.last_train_state_bytes = max(self.last_train_state_bytes,
+                                                      train_state_bytes(b_opt, dense_opt))
+                    b_opt.zero_grad(set_to_none=True)
+                    if dense_opt:
                         dense_opt.zero_grad(set_to_none=True)
                     losses.append(loss.item())
                 for name, b in adapter.merge().items():
