@@ -1,9 +1,11 @@
 """FedAvg-FFT: full fine-tuning with Adam, the quality and byte ceiling (ALGORITHM.md section 7).
 
-Trainable set (our choice, each part a config field): the weights *and biases* of every
-Linear the target patterns select (the same matrices FedKRSO projects, plus their biases),
-and the dense-trainables (task head, norms). Embeddings and the LM head stay frozen by
-default, as for FedKRSO; add an ``embeddings`` pattern to ``dense_modules`` to train them.
+Trainable set (our choice, each part a config field): full fine-tuning means every weight,
+so by default the weights *and biases* of every Linear the target patterns select (the same
+matrices FedKRSO projects, plus their biases), every embedding table (``train_embeddings``;
+a tied LM head is the same tensor and travels once) and the dense-trainables (task head,
+norms). With ``train_embeddings: false`` FedAvg trains exactly the parameters FedKRSO can
+reach, the like-for-like comparison of the same matrices.
 
 A client takes ``steps`` Adam steps and uploads the change of every trained tensor
 (``delta.<param>`` and ``dense.<param>``); the server averages them and every party adds the
@@ -25,6 +27,8 @@ class Config(MethodConfig):
     lr: float = Field(3e-5, gt=0, description="Adam learning rate of every trained weight")
     steps: int = Field(16, ge=1, description="local Adam steps per round")
     train_biases: bool = Field(True, description="train the target Linears' biases too")
+    train_embeddings: bool = Field(True, description="train (and send) every nn.Embedding table: "
+                                   "full fine-tuning; false = only what FedKRSO can reach")
 
 
 def linear_parameters(
@@ -42,16 +46,25 @@ def linear_parameters(
     return out
 
 
+def embedding_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Weights of every ``nn.Embedding`` (token, position, segment tables), by parameter name."""
+    return {f"{name}.weight": m.weight for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+
+
 class FedAvg(DeltaMethod):
     name = "fedavg"
     Config = Config
     cfg: Config
 
     def trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        return linear_parameters(model, self.cfg.target_modules, self.cfg.train_biases)
+        params = linear_parameters(model, self.cfg.target_modules, self.cfg.train_biases)
+        if self.cfg.train_embeddings:
+            params.update(embedding_parameters(model))
+        return params
 
     def upload_bytes_formula(self, model: nn.Module, n_seeds_used: int = 0) -> int:
-        """uplink = (sum_m (d_m d_n + d_m [bias]) + dense) * b: the trained weights' size."""
+        """uplink = (sum_m (d_m d_n + d_m [bias]) + sum_e V_e h_e [embeddings] + dense) * b:
+        the trained weights' size."""
         numel = 0
         dense = self.dense(model)
         for name, module in target_linears(model, self.cfg.target_modules).items():
@@ -61,5 +74,7 @@ class FedAvg(DeltaMethod):
             has_bias = self.cfg.train_biases and module.bias is not None
             if has_bias and f"{name}.bias" not in dense:
                 numel += d_m
+        if self.cfg.train_embeddings:
+            numel += sum(p.numel() for n, p in embedding_parameters(model).items() if n not in dense)
         numel += sum(p.numel() for p in dense.values())
         return self.wire_bytes(numel)
