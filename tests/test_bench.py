@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import json
 import random
 
@@ -89,3 +90,37 @@ def test_targets_pass_fail():
                  "fedavg": a, "fedit": f})
     assert [x["pass"] for x in t] == [True, True, True, True, False, True]
     assert "(fedkrso-cls)" in t[4]["target"]
+
+
+def test_bench_causal_lm_reports_loss_and_perplexity(tmp_path):
+    """The causal-LM bench path (next-token loss, perplexity) on a tiny LLaMA: FedKRSO and FedIT."""
+    model = build_tiny("llama", tmp_path / "model")
+    write_csv(tmp_path / "data.csv", rows=80)
+    cfg = {
+        "name": "tiny-lm",
+        "data": {"source": f"csv:{tmp_path / 'data.csv'}", "glue_dir": None, "max_examples": 60,
+                 "max_eval": 16, "min_size": 10},
+        "model": {"name": str(model), "task": "causal-lm", "max_length": 16},
+        "clients": 2, "alpha": None, "clients_per_round": 2, "rounds": 2, "sweep_rounds": 2,
+        "batch_size": 8, "poll_seconds": 5,
+        "methods": [
+            {"name": "fedkrso", "k": 2, "rank": 2, "intervals": 2, "interval_steps": 2, "lrs": [3e-3]},
+            {"name": "fedit", "steps": 4, "rank": 2, "alpha": 4, "lrs": [3e-3]},
+        ],
+    }
+    config = tmp_path / "bench.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "results"
+    main(["--config", str(config), "--out", str(out)])
+
+    report = json.loads((out / "results.json").read_text())
+    assert report["causal"] is True
+    by = {s["method"]: s for s in report["results"]}
+    assert set(by) == {"fedkrso", "fedit"}
+    for s in by.values():
+        assert s["rounds"] == 2
+        assert 0 < s["final_eval_loss"] < 20
+        curve = [c["eval_loss"] for c in s["curve"]]
+        assert len(curve) == 2 and all(math.isfinite(v) for v in curve)
+    text = (out / "results.md").read_text()
+    assert "final ppl" in text and "| fedkrso |" in text
