@@ -46,8 +46,8 @@ class ClientError(RuntimeError):
 
 
 class CredentialRefused(RuntimeError):
-    """The server refused this client's fixed credential (token file or certificate): fatal,
-    unlike an open-enrolment session token, which a re-join replaces."""
+    """The server refused Join with this client's credential (token file or certificate), or
+    refused a call right after a fresh Join: fatal."""
 
 
 class _SnapshotMoved(Exception):
@@ -109,26 +109,26 @@ class FedClient:
         self.channel = make_channel(opts)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.metadata: tuple = _bearer(opts.token_file.read_text().strip()) if opts.token_file else ()
-        self.session = False  # True once Join issued a session token (open enrolment)
         self.run_id = ""
         self.report = Report()
         self.phase = "joining"
         self._stop = threading.Event()
 
     # -- RPC plumbing --------------------------------------------------------------------
-    def _call(self, fn, *args, **kwargs):
+    def _call(self, fn, *args, rejoin: bool = True, **kwargs):
         """Call with exponential backoff and jitter on UNAVAILABLE (server restart, network).
 
-        UNAUTHENTICATED under open enrolment means the server lost this session's token (a
-        restart): join again under the same name, which keeps the id, and retry once. Under
-        a fixed credential it is final: CredentialRefused."""
+        UNAUTHENTICATED means the server lost this client (a restart: its session token or its
+        membership) or refuses its credential. Join again under the same name, which keeps the
+        id, and retry once; a Join that is itself refused (a revoked token-file token, an
+        unknown certificate) is final: CredentialRefused."""
         delay, attempt, rejoined = 0.5, 0, False
         while True:
             try:
                 return fn(*args, metadata=self.metadata, **kwargs)
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    if not self.session or rejoined:
+                    if not rejoin or rejoined:
                         raise CredentialRefused(err.details()) from None
                     log.warning("session_lost", reason=err.details())
                     self._enrol()
@@ -146,10 +146,10 @@ class FedClient:
         """Join: with a fixed credential the server names the id; under open enrolment it
         answers with a session token in the initial metadata, used from then on."""
         resp, call = self._call(self.stub.Join.with_call, pb.JoinRequest(
-            name=self.opts.name, num_samples=len(self.dataset), software_version=VERSION))
+            name=self.opts.name, num_samples=len(self.dataset), software_version=VERSION), rejoin=False)
         token = dict(call.initial_metadata()).get(TOKEN_HEADER)
         if token:
-            self.metadata, self.session = _bearer(token), True
+            self.metadata = _bearer(token)
         if self.run_id and resp.run_id != self.run_id:
             raise ClientError(f"the server now runs {resp.run_id!r}, not {self.run_id!r}")
         if self.run_id:

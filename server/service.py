@@ -1,7 +1,7 @@
 """The gRPC face of the coordinator (``fedkrso.v1.Coordinator``), on grpc.aio.
 
-``auth.AuthInterceptor`` has authenticated the caller before a handler runs; each handler asks ``Coordinator`` what to do and streams the answer
-through ``common.wire``. Every refusal is a precise gRPC status with a structured log event;
+``auth.AuthInterceptor`` authenticates the caller before a handler runs; each handler asks
+``Coordinator`` what to do and streams the answer through ``common.wire``. Every refusal is a precise gRPC status with a structured log event;
 nothing a client sends can change server state unless the whole update validated.
 """
 

@@ -226,9 +226,21 @@ def test_client_rejoins_when_its_session_token_is_lost(serve, tmp_path):
     before = client.metadata
     assert client._call(client.stub.Heartbeat, pb.HeartbeatRequest(), timeout=10).current_round == 0
     assert client.metadata != before and client.client_id == "dave"
-    client.session = False  # a fixed credential: the same refusal is final
-    join(stub(srv), name="dave")
-    with pytest.raises(CredentialRefused):
+    client.channel.close()
+
+
+def test_token_client_rejoins_when_forgotten_and_stops_when_revoked(serve, pki, tmp_path):
+    path = write_tokens(tmp_path / "tokens.txt", {"hospital-0": "a" * 64})
+    srv = serve(server_tls(pki, tokens_file=str(path)))
+    (tmp_path / "t").write_text("a" * 64)
+    client = FedClient(ClientOptions(server=f"127.0.0.1:{srv.port}", data=tmp_path, name="erin",
+                                     ca=pki / "ca.crt", server_name="localhost", token_file=tmp_path / "t"))
+    client.dataset = range(10)
+    assert client._enrol().client_id == "hospital-0"
+    client.stub.Leave(pb.LeaveRequest(), metadata=client.metadata, timeout=10)  # the server forgets it
+    assert client._call(client.stub.Heartbeat, pb.HeartbeatRequest(), timeout=10).current_round == 0
+    write_tokens(path, {})
+    with pytest.raises(CredentialRefused, match="unknown or revoked token"):
         client._call(client.stub.Heartbeat, pb.HeartbeatRequest(), timeout=10)
     client.channel.close()
 
