@@ -1,4 +1,8 @@
-"""``fedkrso-client --server host:50051 --data shard3``: one federated client process."""
+"""``fedkrso-client --server host:50051 --data shard3``: one federated client process.
+
+Exit codes: 0 run finished, 2 missing file or bad flags, 3 refused to go on (different base
+model, inconsistent state), 4 an RPC failed for good or the server refused the credential.
+"""
 
 from __future__ import annotations
 
@@ -22,11 +26,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="local copy of the base model (default: the run's model spec)")
     p.add_argument("--name", help="display name (default: the shard name)")
     p.add_argument("--report", help="write a JSON report (rounds, final state fingerprint) here")
+    p.add_argument("--ca", help="CA certificate (PEM) that signed the server's (default: system roots)")
+    p.add_argument("--cert", help="client certificate (PEM) for mutual TLS")
+    p.add_argument("--key", help="private key of --cert (PEM)")
+    p.add_argument("--token-file", help="file holding this client's bearer token (tokens-file servers)")
+    p.add_argument("--insecure", action="store_true", help="plaintext gRPC even to a non-loopback server")
+    p.add_argument("--server-name", help="TLS name to verify instead of the --server host (tests)")
     p.add_argument("--poll-seconds", type=float, default=20.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 per process on small hosts)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-json", action="store_true", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.cert is None) != (args.key is None):
+        p.error("--cert and --key go together")
+    if args.insecure and (args.ca or args.cert):
+        p.error("--insecure contradicts --ca / --cert")
+    return args
+
+
+def _optional_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,17 +53,23 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure(args.log_level, args.log_json)
     import torch
 
-    from .runner import ClientError, ClientOptions, FedClient
+    from .runner import ClientError, ClientOptions, CredentialRefused, FedClient
 
     torch.set_num_threads(args.threads)
     data = Path(args.data)
     if not data.is_absolute() and not data.exists():
         data = Path(args.data_root) / args.data
-    opts = ClientOptions(server=args.server, data=data, model=args.model,
-                         name=args.name or Path(args.data).name, poll_seconds=args.poll_seconds,
-                         report=Path(args.report) if args.report else None)
+    path = _optional_path
+    name = args.name or Path(args.data).name
+    opts = ClientOptions(server=args.server, data=data, model=args.model, name=name,
+                         poll_seconds=args.poll_seconds, report=path(args.report), ca=path(args.ca),
+                         cert=path(args.cert), key=path(args.key), token_file=path(args.token_file),
+                         insecure=args.insecure, server_name=args.server_name)
     try:
         FedClient(opts).run()
+    except CredentialRefused as err:
+        log.error("credential_refused", client=name, reason=str(err))
+        sys.exit(4)
     except ClientError as err:
         log.error("client_refused", reason=str(err))
         sys.exit(3)

@@ -22,12 +22,13 @@ import torch
 from fedkrso.v1 import coordinator_pb2 as pb
 from fedkrso.v1 import coordinator_pb2_grpc as pb_grpc
 
-from ..common.config import RunConfig
+from ..common.config import RunConfig, address_host, is_loopback
 from ..common.data import batches, load_split
 from ..common.methods import build_method
 from ..common.models import load_model, load_tokenizer, model_fingerprint
 from ..common.subspace import stable_seed
 from ..common.wire import TensorAssembler, tensor_batches
+from ..server.auth import TOKEN_HEADER
 
 log = structlog.get_logger("fedkrso.client")
 VERSION = "0.1.0"
@@ -44,6 +45,11 @@ class ClientError(RuntimeError):
     """A condition under which the client must not go on (e.g. a different base model)."""
 
 
+class CredentialRefused(RuntimeError):
+    """The server refused Join with this client's credential (token file or certificate), or
+    refused a call right after a fresh Join: fatal."""
+
+
 class _SnapshotMoved(Exception):
     """The server closed a round between announcing a snapshot and serving it: poll again."""
 
@@ -58,6 +64,12 @@ class ClientOptions:
     heartbeat_seconds: float = 10.0
     report: Path | None = None
     max_retries: int = 8
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    token_file: Path | None = None
+    insecure: bool = False
+    server_name: str | None = None
 
 
 @dataclass
@@ -74,39 +86,81 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def make_channel(opts: ClientOptions) -> grpc.Channel:
+    """TLS unless the server is on loopback (and no CA or certificate is given) or ``insecure``
+    was asked for. Without ``ca`` the system's root certificates verify the server."""
+    if opts.insecure or (is_loopback(address_host(opts.server)) and not (opts.ca or opts.cert)):
+        return grpc.insecure_channel(opts.server, options=CHANNEL_OPTIONS)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=opts.ca.read_bytes() if opts.ca else None,
+        private_key=opts.key.read_bytes() if opts.key else None,
+        certificate_chain=opts.cert.read_bytes() if opts.cert else None)
+    options = [*CHANNEL_OPTIONS, *([("grpc.ssl_target_name_override", opts.server_name)] if opts.server_name else [])]
+    return grpc.secure_channel(opts.server, creds, options=options)
+
+
+def _bearer(token: str) -> tuple:
+    return (("authorization", f"Bearer {token}"),)
+
+
 class FedClient:
     def __init__(self, opts: ClientOptions):
         self.opts = opts
-        self.channel = grpc.insecure_channel(opts.server, options=CHANNEL_OPTIONS)
+        self.channel = make_channel(opts)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
-        self.metadata: tuple = ()
+        self.metadata: tuple = _bearer(opts.token_file.read_text().strip()) if opts.token_file else ()
+        self.run_id = ""
         self.report = Report()
         self.phase = "joining"
         self._stop = threading.Event()
 
     # -- RPC plumbing --------------------------------------------------------------------
-    def _call(self, fn, *args, **kwargs):
-        """Call with exponential backoff and jitter on UNAVAILABLE (server restart, network)."""
-        delay = 0.5
-        for attempt in range(self.opts.max_retries + 1):
+    def _call(self, fn, *args, rejoin: bool = True, **kwargs):
+        """Call with exponential backoff and jitter on UNAVAILABLE (server restart, network).
+
+        UNAUTHENTICATED means the server lost this client (a restart: its session token or its
+        membership) or refuses its credential. Join again under the same name, which keeps the
+        id, and retry once; a Join that is itself refused (a revoked token-file token, an
+        unknown certificate) is final: CredentialRefused."""
+        delay, attempt, rejoined = 0.5, 0, False
+        while True:
             try:
                 return fn(*args, metadata=self.metadata, **kwargs)
             except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    if not rejoin or rejoined:
+                        raise CredentialRefused(err.details()) from None
+                    log.warning("session_lost", reason=err.details())
+                    self._enrol()
+                    rejoined = True
+                    continue
                 if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.opts.max_retries:
                     raise
-                log.warning("server_unavailable", retry_in=round(delay, 2), attempt=attempt + 1)
+                attempt += 1
+                log.warning("server_unavailable", retry_in=round(delay, 2), attempt=attempt)
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 30.0)
 
     # -- lifecycle -------------------------------------------------------------------------
-    def join(self) -> None:
-        self.dataset = load_split(self.opts.data)
+    def _enrol(self) -> pb.JoinResponse:
+        """Join: with a fixed credential the server names the id; under open enrolment it
+        answers with a session token in the initial metadata, used from then on."""
         resp, call = self._call(self.stub.Join.with_call, pb.JoinRequest(
-            name=self.opts.name, num_samples=len(self.dataset), software_version=VERSION))
-        token = dict(call.initial_metadata()).get("x-fedkrso-token")
-        self.metadata = (("authorization", f"Bearer {token}"),)
+            name=self.opts.name, num_samples=len(self.dataset), software_version=VERSION), rejoin=False)
+        token = dict(call.initial_metadata()).get(TOKEN_HEADER)
+        if token:
+            self.metadata = _bearer(token)
+        if self.run_id and resp.run_id != self.run_id:
+            raise ClientError(f"the server now runs {resp.run_id!r}, not {self.run_id!r}")
+        if self.run_id:
+            log.info("rejoined", client=resp.client_id)
         self.client_id, self.run_id = resp.client_id, resp.run_id
         self.report.client_id = resp.client_id
+        return resp
+
+    def join(self) -> None:
+        self.dataset = load_split(self.opts.data)
+        resp = self._enrol()
         self.cfg = RunConfig.model_validate_json(resp.config_json)
         self.chunk = resp.max_chunk_bytes
         structlog.contextvars.bind_contextvars(client=self.client_id)
@@ -202,13 +256,18 @@ class FedClient:
         self.report.have_round, self.report.state_fingerprint = self.have, fp
 
     def _load_snapshot(self, round_id: int) -> None:
-        stream = self._call(self.stub.GetSnapshot, pb.GetSnapshotRequest(run_id=self.run_id, round=round_id))
         state = self.method.state_parameters(self.model)
-        asm = TensorAssembler({k: tuple(v.shape) for k, v in state.items()})
-        try:
-            for msg in stream:
+
+        def fetch(metadata) -> TensorAssembler:
+            asm = TensorAssembler({k: tuple(v.shape) for k, v in state.items()})
+            for msg in self.stub.GetSnapshot(pb.GetSnapshotRequest(run_id=self.run_id, round=round_id),
+                                             metadata=metadata):
                 if msg.WhichOneof("body") == "tensors":
                     asm.add(msg.tensors)
+            return asm
+
+        try:
+            asm = self._call(fetch)
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.FAILED_PRECONDITION:  # a newer round closed meanwhile
                 raise _SnapshotMoved(err.details()) from None

@@ -5,6 +5,7 @@ Errors name the bad field with its dotted path (``method.rank: Input should be .
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -82,6 +83,44 @@ class ServerSection(Section):
     )
 
 
+class SecuritySection(Section):
+    """Transport security and client credentials (README, "Security").
+
+    TLS is required for a non-loopback ``server.listen`` unless ``insecure`` is set; on
+    loopback the channel may stay plaintext (tests, the demo). Without ``tokens_file`` and
+    ``client_id_from_cert`` enrolment is open: Join issues a per-session bearer token."""
+
+    tls_cert: Path | None = Field(None, description="server certificate chain (PEM); enables TLS")
+    tls_key: Path | None = Field(None, description="private key of tls_cert (PEM)")
+    client_ca: Path | None = Field(
+        None, description="CA bundle for client certificates (PEM); set => mutual TLS required"
+    )
+    tokens_file: Path | None = Field(
+        None, description="per-client bearer tokens, one `client_id token` per line, # comments; "
+        "re-read when it changes, so removing a line revokes that client"
+    )
+    client_id_from_cert: bool = Field(
+        False, description="with mutual TLS: the client id is the certificate's subject CN"
+    )
+    insecure: bool = Field(
+        False, description="serve plaintext gRPC even on a non-loopback address (trusted networks only)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SecuritySection:
+        if self.tls_cert is not None and self.tls_key is None:
+            raise ValueError("tls_key is required with tls_cert")
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ValueError("tls_cert is required with tls_key")
+        if self.client_ca is not None and self.tls_cert is None:
+            raise ValueError("client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.client_id_from_cert and self.client_ca is None:
+            raise ValueError("client_id_from_cert needs client_ca (mutual TLS)")
+        if self.client_id_from_cert and self.tokens_file is not None:
+            raise ValueError("choose one client identity: tokens_file or client_id_from_cert")
+        return self
+
+
 class RunConfig(Section):
     run: RunSection = RunSection()
     model: ModelSection
@@ -90,6 +129,22 @@ class RunConfig(Section):
     training: TrainingSection = TrainingSection()
     eval: EvalSection = EvalSection()
     server: ServerSection = ServerSection()
+    security: SecuritySection = SecuritySection()
+
+
+def address_host(address: str) -> str:
+    """The host of ``host:port`` (brackets of an IPv6 literal removed; empty = all interfaces)."""
+    return address.rpartition(":")[0].strip("[]")
+
+
+def is_loopback(host: str) -> bool:
+    """Loopback hosts may stay plaintext: nothing off this machine can reach them."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ConfigError(ValueError):

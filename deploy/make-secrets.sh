@@ -2,7 +2,8 @@
 # Make the files that deploy/compose.yaml and deploy/k8s/ mount as secrets:
 #   ca.crt ca.key          a private CA for this federation (keep ca.key off the servers)
 #   tls.crt tls.key        the coordinator's certificate, signed by that CA
-#   client-N.token         one random bearer token per client, N = 0 .. CLIENTS-1
+#   client-N.token         one random bearer token per client, N = 0 .. CLIENTS-1 (client side)
+#   tokens.txt             every client's `client-N token` line: security.tokens_file (server side)
 #
 # Usage: deploy/make-secrets.sh OUT_DIR
 #   CLIENTS=3                          how many client tokens
@@ -61,9 +62,12 @@ openssl x509 -req -in "$work/server.csr" -CA "$out/ca.crt" -CAkey "$out/ca.key" 
   -set_serial "0x$(openssl rand -hex 16)" -days "$days" \
   -extfile "$work/server.ext" -out "$out/tls.crt" 2>/dev/null
 
+echo "# client_id token (fedkrso-server security.tokens_file); delete a line to revoke" >"$out/tokens.txt"
 for ((i = 0; i < clients; i++)); do
-  printf '%s' "$(openssl rand -hex 32)" >"$out/client-$i.token"
+  token=$(openssl rand -hex 32)
+  printf '%s' "$token" >"$out/client-$i.token"
+  printf 'client-%d %s\n' "$i" "$token" >>"$out/tokens.txt"
 done
 
-echo "wrote $out: ca.crt ca.key tls.crt tls.key client-{0..$((clients - 1))}.token"
+echo "wrote $out: ca.crt ca.key tls.crt tls.key tokens.txt client-{0..$((clients - 1))}.token"
 echo "certificate names: $sans"

@@ -23,6 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="round.yaml")
     p.add_argument("--listen", help="host:port to bind (overrides server.listen; port 0 = any)")
     p.add_argument("--output-dir", help="overrides run.output_dir")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve plaintext gRPC even on a non-loopback address (overrides security.insecure)")
     p.add_argument("--port-file", help="write the bound port here once serving (for scripts)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for aggregation/eval")
     p.add_argument("--log-level", default="info")
@@ -31,12 +33,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    from .auth import check_security
     from .coordinator import Coordinator
     from .service import run_server
 
     cfg = load_config(args.config)
     if args.output_dir:
         cfg.run.output_dir = Path(args.output_dir)
+    if args.insecure:
+        cfg.security.insecure = True
+    check_security(cfg.security, args.listen or cfg.server.listen)  # before the model loads
     coord = await asyncio.to_thread(Coordinator, cfg)
     async with run_server(coord, args.listen) as port:
         log.info("server_listening", port=port, run_id=coord.run_id)

@@ -1,7 +1,7 @@
 """The gRPC face of the coordinator (``fedkrso.v1.Coordinator``), on grpc.aio.
 
-Each handler authenticates the caller, asks ``Coordinator`` what to do and streams the answer
-through ``common.wire``. Every refusal is a precise gRPC status with a structured log event;
+``auth.AuthInterceptor`` authenticates the caller before a handler runs; each handler asks
+``Coordinator`` what to do and streams the answer through ``common.wire``. Every refusal is a precise gRPC status with a structured log event;
 nothing a client sends can change server state unless the whole update validated.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import secrets
 import time
 from collections.abc import AsyncIterator
 
@@ -23,6 +22,7 @@ from fedkrso.v1 import coordinator_pb2_grpc as pb_grpc
 from ..common.accounting import CountingRelay
 from ..common.subspace import fingerprint
 from ..common.wire import TensorAssembler, WireError, message_bytes, tensor_batches
+from .auth import TOKEN_HEADER, AuthInterceptor, current_client, server_credentials, valid_client_id
 from .coordinator import Coordinator, RoundError, Submission, Traffic
 
 log = structlog.get_logger("fedkrso.server")
@@ -35,35 +35,11 @@ def update_digest(tensors) -> str:
     return fingerprint(sorted(tensors.items()))
 
 
-class SessionAuth:
-    """Open-enrolment identity: Join issues a random bearer token bound to a client id.
-
-    Every later RPC must carry ``authorization: Bearer <token>``; the client id is looked up
-    from the token, never read from a message body."""
-
-    def __init__(self) -> None:
-        self.tokens: dict[str, str] = {}
-        self._next = 0
-
-    def enrol(self, name: str) -> tuple[str, str]:
-        self._next += 1
-        client_id = f"c{self._next:03d}-{name}"[:64]
-        token = secrets.token_urlsafe(24)
-        self.tokens[token] = client_id
-        return client_id, token
-
-    def identify(self, context: grpc.aio.ServicerContext) -> str | None:
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and value.startswith("Bearer "):
-                return self.tokens.get(value[len("Bearer "):])
-        return None
-
-
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, coord: Coordinator, relay: CountingRelay | None = None):
+    def __init__(self, coord: Coordinator, auth: AuthInterceptor, relay: CountingRelay | None = None):
         self.coord = coord
         self.relay = relay
-        self.auth = SessionAuth()
+        self.auth = auth
         self.chunk = coord.cfg.server.max_chunk_bytes
         self._encoded: dict[int, list[pb.StartRoundResponse]] = {}
 
@@ -72,9 +48,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         await context.abort(getattr(grpc.StatusCode, code), message)
 
     async def _client(self, context) -> str:
-        client_id = self.auth.identify(context)
-        if client_id is None:
-            await self._abort(context, "UNAUTHENTICATED", "missing or unknown bearer token")
+        client_id = current_client()  # set by AuthInterceptor, which refused the call otherwise
         try:
             self.coord.touch(client_id)
         except RoundError as err:
@@ -86,15 +60,19 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     # -- RPCs ------------------------------------------------------------------------------
     async def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
+        """With a credential the id is the credential's and ``name`` only a display name; under
+        open enrolment the id is ``name`` and a new session token replaces the old one."""
         name = request.name or "client"
-        if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 48:
+        if not valid_client_id(name):
             await self._abort(context, "INVALID_ARGUMENT", f"invalid client name {name!r}")
-        client_id, token = self.auth.enrol(name)
+        client_id = current_client()
         try:
-            await self.coord.join(client_id, name, int(request.num_samples))
+            await self.coord.join(client_id or name, name, int(request.num_samples))
         except RoundError as err:
             await self._abort(context, err.code, str(err))
-        await context.send_initial_metadata((("x-fedkrso-token", token),))
+        if client_id is None:
+            client_id = name
+            await context.send_initial_metadata(((TOKEN_HEADER, self.auth.sessions.enrol(name)),))
         return pb.JoinResponse(
             client_id=client_id,
             run_id=self.coord.run_id,
@@ -287,20 +265,30 @@ async def run_server(coord: Coordinator, listen: str | None = None, count_bytes:
     """Start the service; yields the bound public port (``listen`` may use port 0).
 
     With ``count_bytes`` the gRPC server binds a private loopback port and a CountingRelay
-    takes the public address, so socket bytes are measured per client connection."""
+    takes the public address, so socket bytes are measured per client connection; under TLS
+    the relay forwards the encrypted bytes, which are the bytes on the wire. Transport and
+    credentials come from ``coord.cfg.security`` (ConfigError if they cannot be used)."""
     listen = listen or coord.cfg.server.listen
     host, _, port = listen.rpartition(":")
     host = host.strip("[]") or "0.0.0.0"
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    sec = coord.cfg.security
+    creds = server_credentials(sec, listen)
+    auth = AuthInterceptor(sec)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[auth])
+
+    def bind(address: str) -> int:
+        return server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+
     relay = None
     if count_bytes:
-        inner = server.add_insecure_port("127.0.0.1:0")
-        relay = CountingRelay(host, int(port), "127.0.0.1", inner)
-    service = CoordinatorService(coord, relay)
+        relay = CountingRelay(host, int(port), "127.0.0.1", bind("127.0.0.1:0"))
+    service = CoordinatorService(coord, auth, relay)
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
     if not count_bytes:
-        public = server.add_insecure_port(listen)
+        public = bind(listen)
     await server.start()
+    log.info("transport", tls=creds is not None, mutual_tls=sec.client_ca is not None and creds is not None,
+             identity=auth.mode)
     if relay is not None:
         public = await relay.start()
     try:

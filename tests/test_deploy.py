@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from fedkrso.common.config import RunConfig, load_config, parse_config
+from fedkrso.server.auth import TokenFile
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -148,10 +149,17 @@ def test_round_yaml_fits_the_container_layout():
     assert cfg.rounds.min_clients <= cfg.rounds.clients_per_round
 
 
-def test_round_yaml_security_block_is_comments_only():
-    text = (DEPLOY / "round.yaml").read_text()
-    assert "# security:" in text
-    assert "security" not in yaml.safe_load(text), "security keys would fail validation today"
+def test_round_yaml_security_points_at_the_mounted_secrets():
+    """TLS and a tokens file, at the paths where compose and the k8s server Deployment mount them."""
+    sec = deploy_round().security
+    assert not sec.insecure and sec.tls_cert and sec.tls_key and sec.tokens_file
+    dep = k8s_object("Deployment", "fedkrso-server")
+    mounts = {m["name"]: Path(m["mountPath"]) for m in pod_spec(dep)["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(dep)["volumes"]}
+    k8s_paths = {mounts[name] / item["path"] for name in ("tls", "tokens")
+                 for item in volumes[name]["secret"]["items"]}
+    compose_paths = {Path(s["target"]) for s in compose()["services"]["server"]["secrets"]}
+    assert {sec.tls_cert, sec.tls_key, sec.tokens_file} == k8s_paths == compose_paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +255,9 @@ def test_clients_are_an_indexed_job_keyed_by_completion_index():
     assert partition_clients(pod_spec(partition)["containers"][0]["command"]) == n
     gens = {g["name"]: g for g in kustomization()["secretGenerator"]}
     tokens = [e.split("=")[0] for e in gens["fedkrso-client-tokens"]["files"]]
-    assert tokens == [f"client-{i}" for i in range(n)]
+    assert tokens == [*(f"client-{i}" for i in range(n)), "tokens.txt"]
+    assert flag(argv, "--token-file") == "/etc/fedkrso/tokens/client-$(JOB_COMPLETION_INDEX)"
+    assert flag(argv, "--ca") == "/etc/fedkrso/tls/ca.crt"
 
 
 def test_server_deployment_service_and_probes():
@@ -442,11 +452,13 @@ def test_compose_references_resolve():
         path = Path(s["file"])
         assert path.parts[:2] == (".", "secrets") or path.parts[0] == "secrets", path
     assert "*" in (DEPLOY / "secrets" / ".gitignore").read_text().split()
-    # The server sees every client token; each client only its own.
+    # The server reads every client's token from tokens.txt; each client holds only its own.
     tokens = {n for n in declared if n.endswith("_token")}
-    assert {s["source"] for s in doc["services"]["server"]["secrets"]} >= tokens
+    server_secrets = {s["source"] for s in doc["services"]["server"]["secrets"]}
+    assert "client_tokens" in server_secrets and not server_secrets & tokens
     for svc in compose_clients(doc).values():
-        assert len({s["source"] for s in svc["secrets"]} & tokens) == 1
+        (own,) = [s for s in svc["secrets"] if s["source"] in tokens]
+        assert flag(svc["command"], "--token-file") == own["target"]
 
 
 def test_compose_cuda_overrides_only_known_services():
@@ -649,6 +661,8 @@ def test_make_secrets_writes_what_compose_and_kustomize_read(tmp_path):
     assert compose_files | k8s_files <= present
     tokens = [(out / f"client-{i}.token").read_text() for i in range(3)]
     assert len(set(tokens)) == 3 and all(re.fullmatch(r"[0-9a-f]{64}", t) for t in tokens)
+    table = TokenFile(out / "tokens.txt")  # the server's own reader accepts what the script writes
+    assert [table.lookup(t) for t in tokens] == ["client-0", "client-1", "client-2"]
     assert all((p.stat().st_mode & 0o077) == 0 for p in out.iterdir()), "secrets readable by others"
     text = subprocess.run(
         ["openssl", "x509", "-in", str(out / "tls.crt"), "-noout", "-text"],
