@@ -23,6 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", help="display name (default: the shard name)")
     p.add_argument("--report", help="write a JSON report (rounds, final state fingerprint) here")
     p.add_argument("--poll-seconds", type=float, default=20.0)
+    p.add_argument("--reconnect-seconds", type=float, default=300.0,
+                   help="how long to keep retrying an unreachable server (rides out a restart)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 per process on small hosts)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-json", action="store_true", default=None)
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         data = Path(args.data_root) / args.data
     opts = ClientOptions(server=args.server, data=data, model=args.model,
                          name=args.name or Path(args.data).name, poll_seconds=args.poll_seconds,
+                         reconnect_seconds=args.reconnect_seconds,
                          report=Path(args.report) if args.report else None)
     try:
         FedClient(opts).run()

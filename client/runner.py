@@ -57,7 +57,7 @@ class ClientOptions:
     poll_seconds: float = 20.0
     heartbeat_seconds: float = 10.0
     report: Path | None = None
-    max_retries: int = 8
+    reconnect_seconds: float = 300.0  # long enough to ride out a server restart
 
 
 @dataclass
@@ -86,25 +86,53 @@ class FedClient:
 
     # -- RPC plumbing --------------------------------------------------------------------
     def _call(self, fn, *args, **kwargs):
-        """Call with exponential backoff and jitter on UNAVAILABLE (server restart, network)."""
+        """Call with exponential backoff and jitter on UNAVAILABLE (server restart, network),
+        for up to ``reconnect_seconds``. UNAUTHENTICATED after a successful join means the
+        server restarted and lost its session tokens: join again under the same name and retry."""
         delay = 0.5
-        for attempt in range(self.opts.max_retries + 1):
+        give_up = time.monotonic() + self.opts.reconnect_seconds
+        attempt = 0
+        rejoined = False  # once per outage: a token refused right after a join is a real refusal
+        while True:
+            attempt += 1
             try:
                 return fn(*args, metadata=self.metadata, **kwargs)
             except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.opts.max_retries:
+                code = err.code()
+                if code == grpc.StatusCode.UNAUTHENTICATED and self.metadata and not rejoined:
+                    self._rejoin()
+                    rejoined = True
+                    continue
+                if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= give_up:
                     raise
-                log.warning("server_unavailable", retry_in=round(delay, 2), attempt=attempt + 1)
+                rejoined = False
+                log.warning("server_unavailable", retry_in=round(delay, 2), attempt=attempt)
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 30.0)
 
     # -- lifecycle -------------------------------------------------------------------------
-    def join(self) -> None:
-        self.dataset = load_split(self.opts.data)
+    def _enrol(self) -> pb.JoinResponse:
+        """Join and take the session token; the metadata of every later call carries it."""
+        self.metadata = ()
         resp, call = self._call(self.stub.Join.with_call, pb.JoinRequest(
             name=self.opts.name, num_samples=len(self.dataset), software_version=VERSION))
         token = dict(call.initial_metadata()).get("x-fedkrso-token")
         self.metadata = (("authorization", f"Bearer {token}"),)
+        return resp
+
+    def _rejoin(self) -> None:
+        """Join again after a server restart. Same name, so the same client id; the weights
+        are kept (the next poll catches them up, or sends a snapshot if ours are ahead)."""
+        resp = self._enrol()
+        if resp.run_id != self.run_id or resp.model_fingerprint != self.model_fingerprint:
+            raise ClientError(f"the server restarted with another run ({resp.run_id!r}, this client is in "
+                              f"{self.run_id!r}); refusing to mix them")
+        log.info("rejoined", run_id=self.run_id, server_round=resp.current_round, have_round=self.have)
+
+    def join(self) -> None:
+        self.dataset = load_split(self.opts.data)
+        resp = self._enrol()
+        self.model_fingerprint = resp.model_fingerprint
         self.client_id, self.run_id = resp.client_id, resp.run_id
         self.report.client_id = resp.client_id
         self.cfg = RunConfig.model_validate_json(resp.config_json)

@@ -39,15 +39,17 @@ class SessionAuth:
     """Open-enrolment identity: Join issues a random bearer token bound to a client id.
 
     Every later RPC must carry ``authorization: Bearer <token>``; the client id is looked up
-    from the token, never read from a message body."""
+    from the token, never read from a message body. The client id is the (validated) name,
+    so a client that joins again, e.g. after a server restart lost every token, is the same
+    participant: its accepted update and its selection still count. A new join of a name
+    replaces that id's previous token."""
 
     def __init__(self) -> None:
         self.tokens: dict[str, str] = {}
-        self._next = 0
 
     def enrol(self, name: str) -> tuple[str, str]:
-        self._next += 1
-        client_id = f"c{self._next:03d}-{name}"[:64]
+        client_id = name
+        self.tokens = {t: c for t, c in self.tokens.items() if c != client_id}
         token = secrets.token_urlsafe(24)
         self.tokens[token] = client_id
         return client_id, token
@@ -117,6 +119,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             if coord.finished:
                 async for msg in self._catch_up(pb.ROUND_STATUS_FINISHED, request.have_round, None, None):
                     yield msg
+                await coord.finished_stream_sent(client_id)
                 return
             if rs is not None and rs.is_open_for(client_id) and rs.round == coord.completed:
                 traffic = Traffic()

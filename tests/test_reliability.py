@@ -659,7 +659,7 @@ def test_late_joiner_catches_up_to_final_state(tmp_path, tiny_model, shards):
             p.popen.send_signal(signal.SIGSTOP)
         late = cluster.start_client(shards / "shard2", "shard2")
         try:
-            wait_until(lambda: "c003-shard2" in cluster.server.text(), 120, "the late join")
+            wait_until(lambda: '"client": "shard2"' in cluster.server.text(), 120, "the late join")
         finally:
             for p in early:
                 p.popen.send_signal(signal.SIGCONT)
