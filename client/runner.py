@@ -260,7 +260,9 @@ class FedClient:
         data = batches(self.dataset, self.tokenizer, m.task, m.max_length, t.batch_size,
                        seed=stable_seed("batches", self.cfg.run.seed, header.round, self.opts.name))
         started = time.perf_counter()
-        update = self.method.train_round(self.model, data, header.round, seeds, self.opts.name)
+        with torch.random.fork_rng(devices=[]):  # dropout: the same update whenever it is (re)trained
+            torch.manual_seed(stable_seed("dropout", self.cfg.run.seed, header.round, self.opts.name) % (2**63))
+            update = self.method.train_round(self.model, data, header.round, seeds, self.opts.name)
         train_seconds = time.perf_counter() - started
         state_bytes = getattr(self.method, "last_train_state_bytes", 0)
         with torch.no_grad():
