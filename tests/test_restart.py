@@ -17,10 +17,13 @@ import pytest
 import torch
 import yaml
 
+from fedkrso.common.config import parse_config
 from fedkrso.common.launch import Cluster
-from fedkrso.common.models import build_tiny
 from fedkrso.server import state as state_mod
+from fedkrso.server.coordinator import Coordinator
+from fedkrso.server.metrics import MetricsWriter
 from fedkrso.server.state import RunStore, StateError, atomic_write, read_tensors, write_tensors
+from test_reliability import config_dict, metric_rows, shards, tiny_model, wait_until  # noqa: F401
 
 
 # -- server/state.py ---------------------------------------------------------------------------
@@ -69,8 +72,28 @@ def test_store_commits_rounds_and_refuses_another_run(tmp_path):
         RunStore(tmp_path / "state", "run-b").load()
 
 
+def test_resume_refuses_state_that_does_not_replay_to_its_fingerprint(tmp_path, tiny_model):
+    cfg = parse_config(config_dict(tiny_model, tmp_path / "out"))
+    coord = Coordinator(cfg)
+    coord.store.commit_round(0, coord.method.round_seeds(0), {}, "not-the-real-fingerprint", {}, {"round": 0},
+                             checkpoint=None)
+    with pytest.raises(StateError, match="refusing to resume"):
+        Coordinator(cfg)
+    fresh = Coordinator(cfg, fresh=True)  # moves the bad state aside and starts over
+    assert fresh.completed == 0 and list((tmp_path / "out").glob("previous-*/state/manifest.json"))
+
+
+def test_metrics_row_is_written_once(tmp_path):
+    writer = MetricsWriter(tmp_path / "metrics.jsonl")
+    writer.write({"round": 0, "x": 1})
+    again = MetricsWriter(tmp_path / "metrics.jsonl")  # as after a restart
+    assert again.has(0)
+    again.write({"round": 0, "x": 2})
+    again.write({"round": 1, "x": 3})
+    assert [(r["round"], r["x"]) for r in again.rows()] == [(0, 1), (1, 3)]
+
+
 # -- real processes ------------------------------------------------------------------------------
-from test_reliability import config_dict, metric_rows, shards, tiny_model, wait_until  # noqa: E402,F401
 
 TOTAL = 4
 CLIENTS = ("shard0", "shard1")
