@@ -44,11 +44,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg["rounds"]["total"] = args.rounds
     config = out / "round.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    (out / "metrics.jsonl").unlink(missing_ok=True)
 
     cluster = Cluster(out)
     try:
-        port = cluster.start_server(config)
+        port = cluster.start_server(config, args=["--fresh"])  # a new demo, not a resume
         print(f"server on 127.0.0.1:{port}; starting {args.clients} clients (logs in {out}) ...", flush=True)
         for i in range(args.clients):
             cluster.start_client(data / f"shard{i}", f"shard{i}")

@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC even to a non-loopback server")
     p.add_argument("--server-name", help="TLS name to verify instead of the --server host (tests)")
     p.add_argument("--poll-seconds", type=float, default=20.0)
+    p.add_argument("--reconnect-seconds", type=float, default=300.0,
+                   help="how long to keep retrying an unreachable server (rides out a restart)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 per process on small hosts)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-json", action="store_true", default=None)
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     opts = ClientOptions(server=args.server, data=data, model=args.model, name=name,
                          poll_seconds=args.poll_seconds, report=path(args.report), ca=path(args.ca),
                          cert=path(args.cert), key=path(args.key), token_file=path(args.token_file),
-                         insecure=args.insecure, server_name=args.server_name)
+                         insecure=args.insecure, server_name=args.server_name,
+                         reconnect_seconds=args.reconnect_seconds)
     try:
         FedClient(opts).run()
     except CredentialRefused as err:

@@ -63,7 +63,7 @@ class ClientOptions:
     poll_seconds: float = 20.0
     heartbeat_seconds: float = 10.0
     report: Path | None = None
-    max_retries: int = 8
+    reconnect_seconds: float = 300.0  # long enough to ride out a server restart
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
@@ -116,13 +116,15 @@ class FedClient:
 
     # -- RPC plumbing --------------------------------------------------------------------
     def _call(self, fn, *args, rejoin: bool = True, **kwargs):
-        """Call with exponential backoff and jitter on UNAVAILABLE (server restart, network).
+        """Call with exponential backoff and jitter on UNAVAILABLE (server restart, network),
+        for up to ``reconnect_seconds``.
 
         UNAUTHENTICATED means the server lost this client (a restart: its session token or its
         membership) or refuses its credential. Join again under the same name, which keeps the
-        id, and retry once; a Join that is itself refused (a revoked token-file token, an
-        unknown certificate) is final: CredentialRefused."""
+        id, and retry once per outage; a Join that is itself refused (a revoked token-file
+        token, an unknown certificate) is final: CredentialRefused."""
         delay, attempt, rejoined = 0.5, 0, False
+        give_up = time.monotonic() + self.opts.reconnect_seconds
         while True:
             try:
                 return fn(*args, metadata=self.metadata, **kwargs)
@@ -134,9 +136,10 @@ class FedClient:
                     self._enrol()
                     rejoined = True
                     continue
-                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.opts.max_retries:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= give_up:
                     raise
                 attempt += 1
+                rejoined = False  # a new outage may need a new join
                 log.warning("server_unavailable", retry_in=round(delay, 2), attempt=attempt)
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 30.0)
@@ -150,10 +153,11 @@ class FedClient:
         token = dict(call.initial_metadata()).get(TOKEN_HEADER)
         if token:
             self.metadata = _bearer(token)
-        if self.run_id and resp.run_id != self.run_id:
-            raise ClientError(f"the server now runs {resp.run_id!r}, not {self.run_id!r}")
-        if self.run_id:
-            log.info("rejoined", client=resp.client_id)
+        if self.run_id and (resp.run_id != self.run_id or resp.model_fingerprint != self.model_fingerprint):
+            raise ClientError(f"the server now runs {resp.run_id!r}, not {self.run_id!r}; refusing to mix them")
+        if self.run_id:  # the weights are kept: the next poll catches them up (or sends a snapshot)
+            log.info("rejoined", client=resp.client_id, server_round=resp.current_round, have_round=self.have)
+        self.model_fingerprint = resp.model_fingerprint
         self.client_id, self.run_id = resp.client_id, resp.run_id
         self.report.client_id = resp.client_id
         return resp
@@ -291,7 +295,9 @@ class FedClient:
         data = batches(self.dataset, self.tokenizer, m.task, m.max_length, t.batch_size,
                        seed=stable_seed("batches", self.cfg.run.seed, header.round, self.opts.name))
         started = time.perf_counter()
-        update = self.method.train_round(self.model, data, header.round, seeds, self.opts.name)
+        with torch.random.fork_rng(devices=[]):  # dropout: the same update whenever it is (re)trained
+            torch.manual_seed(stable_seed("dropout", self.cfg.run.seed, header.round, self.opts.name) % (2**63))
+            update = self.method.train_round(self.model, data, header.round, seeds, self.opts.name)
         train_seconds = time.perf_counter() - started
         state_bytes = getattr(self.method, "last_train_state_bytes", 0)
         with torch.no_grad():

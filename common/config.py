@@ -81,6 +81,18 @@ class ServerSection(Section):
     max_update_norm: float | None = Field(
         None, gt=0, description="refuse updates whose L2 norm (over all tensors) exceeds this"
     )
+    clip_norm: float | None = Field(
+        None, gt=0, description="scale an update whose L2 norm exceeds this down to it (robust)"
+    )
+    aggregation: Literal["mean", "trimmed-mean"] = Field(
+        "mean", description="weighted streaming mean, or coordinate-wise trimmed mean (unweighted)"
+    )
+    trim_fraction: float = Field(
+        0.1, ge=0, lt=0.5, description="trimmed-mean: fraction of values dropped at each end"
+    )
+    checkpoint_every: int = Field(
+        5, ge=1, description="rounds between full state checkpoints under <output_dir>/state"
+    )
 
 
 class SecuritySection(Section):

@@ -4,6 +4,10 @@ No gRPC here: the service (``service.py``) translates RPCs into calls on ``Coord
 its answers into messages, so the state machine can be read (and tested) on its own. All
 state lives on one asyncio loop; heavy work (aggregation, applying deltas, evaluation) runs
 in a worker thread while ``self.model_lock`` or ``self.fold_lock`` is held.
+
+Every state change that must survive a crash goes through ``server/state.py`` before it is
+acknowledged: a round's delta when it closes, the open round when an update is accepted or
+the selection changes. A restarted server with the same config resumes from there.
 """
 
 from __future__ import annotations
@@ -13,13 +17,13 @@ import hashlib
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import structlog
 import torch
 
-from ..common.aggregate import StreamingAggregator
+from ..common.aggregate import Aggregator, aggregator_from_state, build_aggregator
 from ..common.config import RunConfig
 from ..common.methods import build_method
 from ..common.models import load_model, load_tokenizer, model_fingerprint
@@ -27,8 +31,10 @@ from ..common.subspace import stable_seed
 from ..common.accounting import full_model_bytes, wire_efficiency
 from ..common.tensors import DTYPES, element_size
 from .metrics import MetricsWriter
+from .state import RunStore, SavedRun, StateError, move_aside
 
 log = structlog.get_logger("fedkrso.server")
+LEAVE_GRACE_S = 3.0  # after its FINISHED stream, how long a client's Leave is waited for
 
 
 class RoundError(Exception):
@@ -47,7 +53,7 @@ class ClientState:
     num_samples: int
     last_seen: float = field(default_factory=time.monotonic)
     active: bool = True
-    finished_seen: bool = False
+    finished_at: float | None = None  # when its FINISHED stream was completely yielded
 
 
 @dataclass
@@ -78,6 +84,11 @@ class Traffic:
     up_start: int = 0
     down_start: int = 0
 
+    def numbers(self) -> dict:
+        """The byte counts (what persists across a restart; the live counters do not)."""
+        return {k: getattr(self, k) for k in
+                ("down_payload", "down_message", "down_wire", "up_payload", "up_message", "up_wire")}
+
 
 @dataclass
 class Submission:
@@ -103,7 +114,7 @@ class RoundState:
     submissions: dict[str, Submission] = field(default_factory=dict)
     dropped: set[str] = field(default_factory=set)
     traffic: dict[str, Traffic] = field(default_factory=dict)
-    aggregator: StreamingAggregator = field(default_factory=StreamingAggregator)
+    aggregator: Aggregator | None = None
     closing: bool = False
 
     def is_open_for(self, client_id: str) -> bool:
@@ -113,7 +124,10 @@ class RoundState:
 class Coordinator:
     """The state of one federated run on the server."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, fresh: bool = False):
+        """Load the base model and, unless ``fresh``, resume the saved state of this run_id
+        from ``<output_dir>/state`` (``StateError`` if it belongs to another run or does not
+        replay to its recorded fingerprints)."""
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -133,15 +147,93 @@ class Coordinator:
         self.clients: dict[str, ClientState] = {}
         self.current: RoundState | None = None
         self.finished = False
+        self._last_row: dict | None = None
         self.changed = asyncio.Condition()
         self.model_lock = asyncio.Lock()
         self.fold_lock = asyncio.Lock()
-        self.metrics = MetricsWriter(self.out / "metrics.jsonl")
         self.fedavg_bytes = full_model_bytes(self.model)
         self._tokenizer = None
         self._eval_data = None
+        self.store = RunStore(self.out / "state", self.run_id)
+        saved = None if fresh else self.store.load()
+        if saved is None:
+            move_aside(self.out)
+            self.store.start(self.state_fingerprints[0])
+        self.metrics = MetricsWriter(self.out / "metrics.jsonl")
         log.info("run_loaded", run_id=self.run_id, method=cfg.method.name, model=cfg.model.name,
                  state_bytes=self.state_bytes)
+        if saved is not None:
+            self._resume(saved)
+
+    # -- resuming ------------------------------------------------------------------------------
+    def _resume(self, saved: SavedRun) -> None:
+        """Rebuild the model at the last completed round (checkpoint + replay of the later
+        deltas, each checked against its recorded fingerprint) and restore the open round."""
+        if saved.state_fingerprints[0] != self.state_fingerprints[0]:
+            raise StateError("the base model's state differs from the one the saved run started from; "
+                             "restart with --fresh to start a new run")
+        start = saved.checkpoint_round
+        if start:
+            with torch.no_grad():
+                state = self.method.state_parameters(self.model)
+                for name, t in self.store.checkpoint().items():
+                    state[name].copy_(t)
+            self._check_rebuilt(start, saved.state_fingerprints[start])
+        keep = max(0, saved.completed - self.cfg.server.snapshot_after_rounds)  # for catch-up
+        for r in range(min(start, keep), saved.completed):
+            delta = RoundDelta(r, saved.seeds[r], self.store.delta(r), saved.state_fingerprints[r + 1])
+            if r >= start:
+                self.method.apply(self.model, delta.seeds, delta.tensors)
+                self._check_rebuilt(r + 1, delta.state_fingerprint)
+            if r >= keep:
+                self.deltas[r] = delta
+        self.completed = saved.completed
+        self.state_fingerprints = dict(saved.state_fingerprints)
+        self.accepted_digests = dict(saved.accepted_digests)
+        self._last_row = saved.last_row
+        accepted = 0
+        if saved.open_round is not None:
+            self.current = self._restore_round(saved.open_round, saved.open_tensors)
+            accepted = len(self.current.submissions)
+        log.info("run_resumed", round=self.completed, accepted=accepted, checkpoint=start,
+                 replayed=self.completed - start, open_round=self.current is not None)
+
+    def _check_rebuilt(self, round_id: int, recorded: str) -> None:
+        fp = self.method.state_fingerprint(self.model)
+        if fp != recorded:
+            raise StateError(f"state rebuilt at round {round_id} has fingerprint {fp[:12]}, the saved run "
+                             f"recorded {recorded[:12]}; refusing to resume (--fresh starts over)")
+
+    def _restore_round(self, o: dict, tensors: dict[str, torch.Tensor]) -> RoundState:
+        now = time.monotonic()
+        rs = RoundState(o["round"], o["seeds"], o["plan_fingerprint"], set(o["selected"]),
+                        now + o["deadline_remaining_s"], started=now - o["elapsed_s"],
+                        dropped=set(o["dropped"]))
+        for client_id, sub in o["submissions"].items():
+            rs.traffic[client_id] = Traffic(**sub.pop("traffic"))
+            rs.submissions[client_id] = Submission(**sub)
+            self.accepted_digests[(rs.round, client_id)] = sub["digest"]
+        rs.aggregator = aggregator_from_state(tensors, o["aggregator"]) if o["aggregator"] else self._aggregator()
+        return rs
+
+    def _aggregator(self) -> Aggregator:
+        s = self.cfg.server
+        return build_aggregator(s.aggregation, s.clip_norm, s.trim_fraction)
+
+    def _open_record(self, rs: RoundState) -> dict:
+        now = time.monotonic()
+        return {"round": rs.round, "seeds": list(rs.seeds), "plan_fingerprint": rs.plan_fingerprint,
+                "selected": sorted(rs.selected), "dropped": sorted(rs.dropped),
+                "deadline_remaining_s": max(rs.deadline - now, 0.0), "elapsed_s": now - rs.started,
+                "submissions": {c: {**asdict(s), "traffic": rs.traffic.get(c, Traffic()).numbers()}
+                                for c, s in rs.submissions.items()}}
+
+    async def _save_open(self, rs: RoundState, with_aggregate: bool = False) -> None:
+        """Persist the open round; the caller holds ``fold_lock`` so that the submissions and
+        the aggregate written together agree."""
+        record = self._open_record(rs)
+        aggregate = rs.aggregator.state() if with_aggregate else None
+        await asyncio.to_thread(self.store.save_open_round, record, aggregate)
 
     # -- clients -------------------------------------------------------------------------
     def live_clients(self) -> list[str]:
@@ -170,11 +262,22 @@ class Coordinator:
         client = self.clients.get(client_id)
         if client:
             client.active = False
-            client.finished_seen = self.finished
-        if self.current and client_id in self.current.selected and client_id not in self.current.submissions:
-            self.current.selected.discard(client_id)
-            self.current.dropped.add(client_id)
+        rs = self.current
+        if rs and client_id in rs.selected and client_id not in rs.submissions:
+            async with self.fold_lock:
+                rs.selected.discard(client_id)
+                rs.dropped.add(client_id)
+                if self.current is rs and not rs.closing:
+                    await self._save_open(rs)
         log.info("client_left", client=client_id, reason=reason)
+        await self.notify()
+
+    async def finished_stream_sent(self, client_id: str) -> None:
+        """Its FINISHED stream (the final deltas) was completely yielded: it is done, and only
+        its Leave is still waited for, briefly (``wait_for_clients_to_finish``)."""
+        client = self.clients.get(client_id)
+        if client:
+            client.finished_at = time.monotonic()
         await self.notify()
 
     async def notify(self) -> None:
@@ -190,8 +293,14 @@ class Coordinator:
 
     # -- the run ---------------------------------------------------------------------------
     async def run(self) -> None:
-        """Wait for clients, run every round, then finish and save the model."""
-        await self._wait_for_clients()
+        """Wait for clients, run every round, then finish and save the model. After a restart:
+        first the metrics row a crash kept from being written, then the restored open round."""
+        if self._last_row is not None and not self.metrics.has(self._last_row["round"]):
+            await self._write_row(self._last_row)
+        if self.current is not None:
+            await self._await_round(self.current)
+        if self.completed < self.cfg.rounds.total:
+            await self._wait_for_clients()
         for t in range(self.completed, self.cfg.rounds.total):
             await self._run_round(t)
         await self.finish()
@@ -220,18 +329,27 @@ class Coordinator:
         seeds = self.method.round_seeds(t)
         plan_fp = await asyncio.to_thread(self.method.plan_fingerprint, self.model, seeds)
         selected = set(self._select(t, set(), r.clients_per_round))
-        rs = RoundState(t, seeds, plan_fp, selected, time.monotonic() + r.deadline_s)
-        self.current = rs
+        rs = RoundState(t, seeds, plan_fp, selected, time.monotonic() + r.deadline_s,
+                        aggregator=self._aggregator())
+        async with self.fold_lock:
+            await self._save_open(rs)
+            self.current = rs
         log.info("round_started", round=t, clients=sorted(selected), seeds=len(seeds))
         await self.notify()
+        await self._await_round(rs)
+
+    async def _await_round(self, rs: RoundState) -> None:
+        """Until every selected client submitted, or the deadline passed with a quorum."""
         while True:
             if rs.selected and rs.selected <= set(rs.submissions):
                 break
             if time.monotonic() >= rs.deadline:
-                if len(rs.submissions) >= r.min_clients:
+                if len(rs.submissions) >= self.cfg.rounds.min_clients:
                     rs.dropped |= rs.selected - set(rs.submissions)  # silent past the deadline
                     break
-                self._replace_silent(rs)
+                async with self.fold_lock:
+                    self._replace_silent(rs)
+                    await self._save_open(rs)
                 continue
             await self.wait_change(min(1.0, max(0.05, rs.deadline - time.monotonic())))
         await self._close_round(rs)
@@ -251,24 +369,39 @@ class Coordinator:
     async def _close_round(self, rs: RoundState) -> None:
         rs.closing = True
         async with self.fold_lock:
-            mean = rs.aggregator.result()
+            mean = await asyncio.to_thread(rs.aggregator.result)
         wire = self.cfg.method.wire_dtype
         canonical = {k: v.to(DTYPES[wire]) for k, v in mean.items()}
         async with self.model_lock:
             await asyncio.to_thread(self.method.apply, self.model, rs.seeds, canonical)
             fp = await asyncio.to_thread(self.method.state_fingerprint, self.model)
+            self.state_fingerprints[rs.round + 1] = fp
+            row = self.round_row(rs)
+            due = (rs.round + 1) % self.cfg.server.checkpoint_every == 0
+            checkpoint = ({k: v.detach().clone() for k, v in self.method.state_parameters(self.model).items()}
+                          if due else None)
+            digests = {c: s.digest for c, s in rs.submissions.items()}
+            await asyncio.to_thread(self.store.commit_round, rs.round, rs.seeds, canonical, fp, digests, row,
+                                    checkpoint)
         self.deltas[rs.round] = RoundDelta(rs.round, rs.seeds, canonical, fp)
-        self.state_fingerprints[rs.round + 1] = fp
         self.completed = rs.round + 1
         self.current = None
         await self.notify()
-        metrics = await asyncio.to_thread(self.evaluate)
-        row = self.round_row(rs, metrics)
+        await self._write_row(row, rs.started)
+
+    async def _write_row(self, row: dict, started: float | None = None) -> None:
+        """Evaluate the model (at the round the row is of) and append the row to metrics.jsonl;
+        ``started`` (monotonic) makes round_seconds include the evaluation, as before a crash."""
+        evaluation = await asyncio.to_thread(self.evaluate)
+        row = {**row, **evaluation}
+        if started is not None:
+            row["round_seconds"] = time.monotonic() - started
         self.metrics.write(row)
         log.info("round_closed", **{k: v for k, v in row.items() if k != "per_client"})
 
-    def round_row(self, rs: RoundState, evaluation: dict) -> dict:
-        """One metrics.jsonl object: sums over the aggregated clients, and per client."""
+    def round_row(self, rs: RoundState) -> dict:
+        """One metrics.jsonl object without its evaluation: sums over the aggregated clients,
+        and per client."""
         ids = sorted(rs.submissions)
         traffic = [rs.traffic.get(c, Traffic()) for c in ids]
 
@@ -309,7 +442,6 @@ class Coordinator:
                 for c, t in zip(ids, traffic)
             },
         }
-        row.update(evaluation)
         return row
 
     async def finish(self) -> None:
@@ -433,6 +565,7 @@ class Coordinator:
             rs.submissions[sub.client_id] = sub
             rs.traffic[sub.client_id] = traffic
             self.accepted_digests[(rs.round, sub.client_id)] = sub.digest
+            await self._save_open(rs, with_aggregate=True)  # before the acknowledgement
         log.info("update_accepted", round=rs.round, client=sub.client_id, loss=round(sub.loss, 4),
                  payload_bytes=traffic.up_payload, wire_bytes=traffic.up_wire,
                  received=len(rs.submissions), selected=len(rs.selected))
@@ -440,10 +573,15 @@ class Coordinator:
         return True
 
     async def wait_for_clients_to_finish(self, timeout: float) -> None:
-        """After the run: give live clients time to fetch the final deltas and leave."""
+        """After the run, before the server stops: wait (at most ``timeout``) until every live
+        client has left, or got its whole FINISHED stream ``LEAVE_GRACE_S`` ago (its Leave
+        was lost). A client counts as finished only then, not when its FINISHED header was
+        produced, so its final catch-up and Leave are not refused by a stopping server."""
         give_up = time.monotonic() + timeout
         while time.monotonic() < give_up:
-            waiting = [c for c in self.live_clients() if not self.clients[c].finished_seen]
+            now = time.monotonic()
+            waiting = [c for c in self.live_clients()
+                       if self.clients[c].finished_at is None or now - self.clients[c].finished_at < LEAVE_GRACE_S]
             if not waiting:
                 return
             await self.wait_change(0.5)

@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--insecure", action="store_true",
                    help="serve plaintext gRPC even on a non-loopback address (overrides security.insecure)")
     p.add_argument("--port-file", help="write the bound port here once serving (for scripts)")
+    p.add_argument("--fresh", action="store_true",
+                   help="move saved state of an earlier run aside (<output_dir>/previous-*) instead of resuming")
     p.add_argument("--threads", type=int, default=1, help="torch threads for aggregation/eval")
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-json", action="store_true", default=None, help="JSON logs even on a terminal")
@@ -43,7 +45,7 @@ async def serve(args: argparse.Namespace) -> int:
     if args.insecure:
         cfg.security.insecure = True
     check_security(cfg.security, args.listen or cfg.server.listen)  # before the model loads
-    coord = await asyncio.to_thread(Coordinator, cfg)
+    coord = await asyncio.to_thread(Coordinator, cfg, args.fresh)
     async with run_server(coord, args.listen) as port:
         log.info("server_listening", port=port, run_id=coord.run_id)
         if args.port_file:
@@ -64,10 +66,12 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure(args.log_level, args.log_json)
     import torch
 
+    from .state import StateError
+
     torch.set_num_threads(args.threads)
     try:
         sys.exit(asyncio.run(serve(args)))
-    except ConfigError as err:
+    except (ConfigError, StateError) as err:
         print(f"fedkrso-server: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 COLUMNS = [
@@ -22,14 +23,25 @@ COLUMNS = [
 
 
 class MetricsWriter:
+    """Appends one row per round. A resumed run appends to the rows already on disk, so a
+    round's row is written at most once: ``write`` skips a round that is already there."""
+
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.rounds = {r["round"] for r in self.rows()}
+
+    def has(self, round_id: int) -> bool:
+        return round_id in self.rounds
 
     def write(self, row: dict) -> None:
+        if self.has(row["round"]):
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
             f.flush()
+            os.fsync(f.fileno())
+        self.rounds.add(row["round"])
 
     def rows(self) -> list[dict]:
         if not self.path.exists():

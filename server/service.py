@@ -95,6 +95,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             if coord.finished:
                 async for msg in self._catch_up(pb.ROUND_STATUS_FINISHED, request.have_round, None, None):
                     yield msg
+                await coord.finished_stream_sent(client_id)
                 return
             if rs is not None and rs.is_open_for(client_id) and rs.round == coord.completed:
                 traffic = Traffic()

@@ -1,0 +1,212 @@
+"""Run state on disk, so a server that crashes or restarts resumes the same run.
+
+Layout under ``<run.output_dir>/state/``; tensors are safetensors, everything else JSON, and
+every file is written atomically (``atomic_write``: tmp file, fsync, ``os.replace``, fsync of
+the folder), so a crash at any instant leaves either the old or the new version of a file:
+
+- ``manifest.json``: run_id, completed rounds, each round's seeds and state fingerprint, the
+  accepted update digests, the latest checkpoint, and the metrics row of the last completed
+  round (``last_row``: written into metrics.jsonl only after its evaluation, so a crash in
+  between must not lose it). Writing it is the commit point of a round.
+- ``round-RRRRRR.safetensors``: round R's aggregated delta in the wire dtype, byte for byte
+  ``RoundDelta.tensors``; replaying it reproduces the state fingerprint the manifest records.
+- ``checkpoint-RRRRRR.safetensors``: ``method.state_parameters`` after R rounds, every
+  ``server.checkpoint_every`` rounds, so a restart replays at most that many deltas.
+- ``open_round.json`` + ``open-RRRRRR-NNNN.safetensors``: the round in progress (seeds,
+  selection, deadline left, accepted submissions) and its aggregator's running state. The
+  JSON is the commit point: it names the tensor file written just before it. The coordinator
+  saves it before acknowledging an update, so an acknowledged update is never lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as dump_tensors
+
+log = structlog.get_logger("fedkrso.server")
+FORMAT = 1
+Tensors = dict[str, torch.Tensor]
+
+
+class StateError(RuntimeError):
+    """Saved state that cannot be resumed (another run, or a replay that does not reproduce
+    the recorded fingerprints); the message says what to do."""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, never a
+    torn one: the data is fsynced in a tmp file before the rename, the folder after it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    atomic_write(path, json.dumps(obj, sort_keys=True).encode())
+
+
+def write_tensors(path: Path, tensors: Tensors) -> None:
+    atomic_write(path, dump_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+def read_tensors(path: Path) -> Tensors:
+    return load_tensors(path.read_bytes())
+
+
+def move_aside(out: Path) -> Path | None:
+    """Move an old ``state/`` and ``metrics.jsonl`` into ``<out>/previous-<time>/`` (for
+    ``--fresh``, or when a run starts from scratch over an older run's metrics)."""
+    old = [p for p in (out / "state", out / "metrics.jsonl") if p.exists()]
+    if not old:
+        return None
+    dest = out / time.strftime("previous-%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in old:
+        shutil.move(str(p), str(dest / p.name))
+    log.info("state_moved_aside", to=str(dest), moved=[p.name for p in old])
+    return dest
+
+
+@dataclass
+class SavedRun:
+    """What ``RunStore.load`` found: the manifest, decoded, and the open round if any."""
+
+    completed: int
+    seeds: dict[int, list[int]]
+    state_fingerprints: dict[int, str]
+    accepted_digests: dict[tuple[int, str], str]
+    checkpoint_round: int
+    last_row: dict | None
+    open_round: dict | None
+    open_tensors: Tensors
+
+
+class RunStore:
+    """Reads and writes one run's ``state/`` folder. Writes are serialised by a lock: they
+    come from the event loop and from worker threads."""
+
+    def __init__(self, root: Path, run_id: str):
+        self.root = root
+        self.run_id = run_id
+        self.manifest: dict = {}
+        self._open_agg: tuple[str | None, dict | None] = (None, None)  # (tensor file, meta)
+        self._lock = threading.Lock()
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def open_path(self) -> Path:
+        return self.root / "open_round.json"
+
+    # -- reading -----------------------------------------------------------------------------
+    def load(self) -> SavedRun | None:
+        """The saved run, or None when there is none. Refuses another run's state."""
+        if not self.manifest_path.exists():
+            return None
+        m = json.loads(self.manifest_path.read_text())
+        if m.get("run_id") != self.run_id:
+            raise StateError(f"{self.root} holds the state of run {m.get('run_id')!r}, but this config is "
+                             f"run {self.run_id!r}; restart with --fresh to move the old state aside")
+        if m.get("format") != FORMAT:
+            raise StateError(f"{self.manifest_path}: state format {m.get('format')!r}, expected {FORMAT}")
+        self.manifest = m
+        open_round, open_tensors = None, {}
+        if self.open_path.exists():
+            o = json.loads(self.open_path.read_text())
+            if o.get("run_id") == self.run_id and o["round"] == m["completed"]:  # else: it closed
+                open_round = o
+                if o["tensors"]:
+                    open_tensors = read_tensors(self.root / o["tensors"])
+                self._open_agg = (o["tensors"], o["aggregator"])
+        return SavedRun(
+            completed=m["completed"],
+            seeds={int(r): s for r, s in m["seeds"].items()},
+            state_fingerprints={int(r): fp for r, fp in m["state_fingerprints"].items()},
+            accepted_digests={(int(r), c): d for r, by in m["accepted_digests"].items() for c, d in by.items()},
+            checkpoint_round=m["checkpoint"]["round"] if m["checkpoint"] else 0,
+            last_row=m["last_row"],
+            open_round=open_round,
+            open_tensors=open_tensors,
+        )
+
+    def delta(self, round_id: int) -> Tensors:
+        return read_tensors(self.root / f"round-{round_id:06d}.safetensors")
+
+    def checkpoint(self) -> Tensors:
+        return read_tensors(self.root / self.manifest["checkpoint"]["file"])
+
+    # -- writing -----------------------------------------------------------------------------
+    def start(self, initial_fingerprint: str) -> None:
+        """A new run: an empty manifest holding the base state's fingerprint."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.manifest = {"format": FORMAT, "run_id": self.run_id, "completed": 0, "seeds": {},
+                         "state_fingerprints": {"0": initial_fingerprint}, "accepted_digests": {},
+                         "checkpoint": None, "last_row": None}
+        with self._lock:
+            write_json(self.manifest_path, self.manifest)
+
+    def commit_round(self, round_id: int, seeds: list[int], delta: Tensors, state_fingerprint: str,
+                     digests: dict[str, str], row: dict, checkpoint: Tensors | None) -> None:
+        """Round ``round_id`` closed: its delta (and a checkpoint when one is due), then the
+        manifest that makes it count, then drop the open round it replaces."""
+        with self._lock:
+            write_tensors(self.root / f"round-{round_id:06d}.safetensors", delta)
+            m = self.manifest
+            previous = m["checkpoint"]
+            if checkpoint is not None:
+                name = f"checkpoint-{round_id + 1:06d}.safetensors"
+                write_tensors(self.root / name, checkpoint)
+                m["checkpoint"] = {"round": round_id + 1, "file": name}
+            m["completed"] = round_id + 1
+            m["seeds"][str(round_id)] = list(seeds)
+            m["state_fingerprints"][str(round_id + 1)] = state_fingerprint
+            m["accepted_digests"][str(round_id)] = dict(digests)
+            m["last_row"] = row
+            write_json(self.manifest_path, m)
+            if checkpoint is not None and previous:
+                (self.root / previous["file"]).unlink(missing_ok=True)
+            self.open_path.unlink(missing_ok=True)
+            self._drop_open_tensors(keep=None)
+            self._open_agg = (None, None)
+
+    def save_open_round(self, record: dict, aggregator: tuple[Tensors, dict] | None) -> None:
+        """Save the open round. ``aggregator`` is its ``state()`` when it changed (an update was
+        folded), None to keep the last saved one (selection or deadline changed)."""
+        with self._lock:
+            if aggregator is not None:
+                tensors, meta = aggregator
+                name = f"open-{record['round']:06d}-{meta['count']:04d}.safetensors"
+                write_tensors(self.root / name, tensors)
+                self._open_agg = (name, meta)
+            name, meta = self._open_agg
+            write_json(self.open_path, {**record, "run_id": self.run_id, "tensors": name, "aggregator": meta})
+            self._drop_open_tensors(keep=name)
+
+    def _drop_open_tensors(self, keep: str | None) -> None:
+        for p in self.root.glob("open-*.safetensors"):
+            if p.name != keep:
+                p.unlink(missing_ok=True)
