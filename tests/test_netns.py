@@ -1,12 +1,14 @@
 """Multi-host over a shaped link: server and clients in two Linux network namespaces.
 
 Two namespaces we create (server, client) are joined by a veth pair with 10.200.0.1/24 and
-10.200.0.2/24; both ends get ``netem rate 10mbit delay 50ms`` (``tbf rate 10mbit`` where the
-kernel has no netem). Traffic never leaves the
-namespaces. The real server (``python -m fedkrso.server.main``) listens on 10.200.0.1 (a
-non-loopback address, plaintext by --insecure: the test is about the link) and two real clients run in the client namespace. The same
-tiny BERT (hidden 128, so FedAvg's full-weight deltas are ~1 MB) is trained with FedKRSO and
-with FedAvg at equal local steps; over a 10 Mbit/s link FedKRSO's rounds must be faster.
+10.200.0.2/24; both ends get ``netem rate 10mbit delay 50ms``. Where the kernel has no netem,
+both ends get ``tbf rate 10mbit`` and the 50 ms each way comes from ``tests/delay_relay.py``, a
+delaying TCP relay in the client namespace that the clients dial (the same 100 ms round trip).
+Traffic never leaves the namespaces. The real server (``python -m fedkrso.server.main``)
+listens on 10.200.0.1, a non-loopback address, in plaintext (``--insecure``: the test is about
+the link) and two real clients run in the client namespace. The same tiny BERT (hidden 128) is
+trained with FedKRSO and with FedAvg at equal local steps; over a 10 Mbit/s link with 100 ms
+round trips FedKRSO's rounds must be faster.
 
 Skips (with the reason) when ``ip``/``tc`` is missing, namespaces cannot be created (no
 privileges), or neither netem nor tbf is available.
