@@ -110,6 +110,8 @@ class FedClient:
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.metadata: tuple = _bearer(opts.token_file.read_text().strip()) if opts.token_file else ()
         self.run_id = ""
+        self.model_fingerprint = ""
+        self.have = 0  # rounds applied: the client holds W^have
         self.report = Report()
         self.phase = "joining"
         self._stop = threading.Event()

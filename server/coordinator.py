@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import random
 import time
@@ -35,6 +36,16 @@ from .state import RunStore, SavedRun, StateError, move_aside
 
 log = structlog.get_logger("fedkrso.server")
 LEAVE_GRACE_S = 3.0  # after its FINISHED stream, how long a client's Leave is waited for
+
+
+def run_identity(cfg: RunConfig) -> str:
+    """``<run name>-<hash>`` of every setting that shapes the results. Where the server
+    listens, its credentials and its output folder are left out: a restart may move the port or
+    rotate certificates and still resume the same run."""
+    shaping = cfg.model_dump(mode="json", exclude={"security": True, "run": {"output_dir"},
+                                                     "server": {"listen"}})
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{cfg.run.name}-{digest}"
 
 
 class RoundError(Exception):
@@ -131,7 +142,7 @@ class Coordinator:
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.run_id = f"{cfg.run.name}-{hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:12]}"
+        self.run_id = run_identity(cfg)
         self.method = build_method(cfg.method, cfg.run.seed)
         self.model = load_model(cfg.model.name, cfg.model.task, cfg.model.num_labels, cfg.run.seed)
         self.method.prepare(self.model)

@@ -136,16 +136,18 @@ def _run(tmp: Path, ns: tuple[str, str, str], model: Path, data: Path, method: d
                                      stdout=(wd / "relay.log").open("w"), stderr=subprocess.STDOUT)
             procs.append(relay)
             target = f"127.0.0.1:{_wait_port(relay_port, relay, wd / 'relay.log')}"
+        clients = []
         for i in range(CLIENTS):
-            procs.append(_in_ns(cli, "fedkrso.client.main",
+            clients.append(_in_ns(cli, "fedkrso.client.main",
                                 ["--server", target, "--data", str(data / f"shard{i}"), "--name", f"shard{i}",
                                  "--poll-seconds", "10", "--insecure"], wd / f"client{i}.log"))
+        procs += clients
         assert procs[0].wait(timeout=150) == 0, (wd / "server.log").read_text()[-3000:]
         # each client caught up to the server's final state, said so, and exited 0
         final = (out / "final_state_fingerprint.txt").read_text().strip()
         for i in range(CLIENTS):
             log = wd / f"client{i}.log"
-            assert procs[1 + i].wait(timeout=60) == 0, log.read_text()[-3000:]
+            assert clients[i].wait(timeout=60) == 0, log.read_text()[-3000:]
             done = [json.loads(line) for line in log.read_text().splitlines()
                     if line.startswith("{") and '"run_finished"' in line]
             assert done and final.startswith(done[-1]["state_fingerprint"]), log.read_text()[-3000:]

@@ -225,3 +225,19 @@ def test_server_killed_between_rounds_resumes(tmp_path, tiny_model, shards, refe
     assert resumed["round"] == r and resumed["accepted"] == 0
     assert [row["state_fingerprint"] for row in rows] == [row["state_fingerprint"] for row in reference]
     assert fp == reference[-1]["state_fingerprint"]
+
+
+def test_run_identity_ignores_listen_credentials_and_output_dir(tmp_path):
+    """A restart may bind another port, rotate certificates or move the output folder and
+    still resume; any setting that shapes the results makes another run."""
+    from fedkrso.server.coordinator import run_identity
+
+    base = config_dict(tmp_path / "m", tmp_path / "out")
+    same = json.loads(json.dumps(base))
+    same["server"]["listen"] = "0.0.0.0:6000"
+    same["run"]["output_dir"] = str(tmp_path / "elsewhere")
+    same["security"] = {"insecure": True}
+    other = json.loads(json.dumps(base))
+    other["method"]["rank"] += 1
+    ids = [run_identity(parse_config(c)) for c in (base, same, other)]
+    assert ids[0] == ids[1] != ids[2]
