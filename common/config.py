@@ -90,6 +90,9 @@ class ServerSection(Section):
     trim_fraction: float = Field(
         0.1, ge=0, lt=0.5, description="trimmed-mean: fraction of values dropped at each end"
     )
+    max_concurrent_downloads: int = Field(
+        32, ge=1, description="round deltas and snapshots streamed at once; the rest wait their "
+        "turn, so server memory for the downlink fan-out stays flat in the number of clients")
     checkpoint_every: int = Field(
         5, ge=1, description="rounds between full state checkpoints under <output_dir>/state"
     )

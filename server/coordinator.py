@@ -127,6 +127,12 @@ class RoundState:
     traffic: dict[str, Traffic] = field(default_factory=dict)
     aggregator: Aggregator | None = None
     closing: bool = False
+    # group commit of accepted updates: ``folds`` counts updates folded into ``aggregator``,
+    # ``saved_folds`` those on disk; one ``flusher`` task writes for every update waiting
+    folds: int = 0
+    saved_folds: int = 0
+    flusher: asyncio.Task | None = None
+    committed: asyncio.Event = field(default_factory=asyncio.Event)  # set once the round is on disk
 
     def is_open_for(self, client_id: str) -> bool:
         return not self.closing and client_id in self.selected and client_id not in self.submissions
@@ -394,6 +400,7 @@ class Coordinator:
             digests = {c: s.digest for c, s in rs.submissions.items()}
             await asyncio.to_thread(self.store.commit_round, rs.round, rs.seeds, canonical, fp, digests, row,
                                     checkpoint)
+        rs.committed.set()
         self.deltas[rs.round] = RoundDelta(rs.round, rs.seeds, canonical, fp)
         self.completed = rs.round + 1
         self.current = None
@@ -568,20 +575,50 @@ class Coordinator:
             if rs.closing or self.current is not rs:
                 raise RoundError("FAILED_PRECONDITION", f"round {rs.round} closed before the update completed")
             prior = rs.submissions.get(sub.client_id)
-            if prior is not None:
-                if prior.digest == sub.digest:
-                    return False  # the same update, folded by a concurrent stream: a duplicate
+            duplicate = prior is not None
+            if duplicate and prior.digest != sub.digest:
                 raise RoundError("ALREADY_EXISTS", f"an update for round {rs.round} was already accepted")
-            await asyncio.to_thread(rs.aggregator.add, tensors, weight)
-            rs.submissions[sub.client_id] = sub
-            rs.traffic[sub.client_id] = traffic
-            self.accepted_digests[(rs.round, sub.client_id)] = sub.digest
-            await self._save_open(rs, with_aggregate=True)  # before the acknowledgement
+            if not duplicate:
+                await asyncio.to_thread(rs.aggregator.add, tensors, weight)
+                rs.submissions[sub.client_id] = sub
+                rs.traffic[sub.client_id] = traffic
+                self.accepted_digests[(rs.round, sub.client_id)] = sub.digest
+                rs.folds += 1
+            fold = rs.folds
+        # before the acknowledgement; a duplicate (the same update, folded by a concurrent
+        # stream) is acknowledged only once the original is durable too
+        await self._persist_folds(rs, fold)
+        if duplicate:
+            return False
         log.info("update_accepted", round=rs.round, client=sub.client_id, loss=round(sub.loss, 4),
                  payload_bytes=traffic.up_payload, wire_bytes=traffic.up_wire,
                  received=len(rs.submissions), selected=len(rs.selected))
         await self.notify()
         return True
+
+    async def _persist_folds(self, rs: RoundState, fold: int) -> None:
+        """Return once the first ``fold`` updates of ``rs`` are on disk: in the open round's
+        state, or in the round commit when the round closed meanwhile.
+
+        Group commit: a write takes ``fold_lock`` and saves every update folded so far, so
+        the updates that arrive while one write runs share the next one. With N clients per
+        round that is far fewer than N writes of the aggregate, each acknowledgement still
+        comes after its update is durable."""
+        while rs.saved_folds < fold:
+            if rs.closing:
+                await rs.committed.wait()
+                return
+            if rs.flusher is None or rs.flusher.done():
+                rs.flusher = asyncio.create_task(self._flush_open(rs))
+            await asyncio.shield(rs.flusher)
+
+    async def _flush_open(self, rs: RoundState) -> None:
+        async with self.fold_lock:
+            if rs.closing:  # _close_round commits every fold
+                return
+            folds = rs.folds
+            await self._save_open(rs, with_aggregate=True)
+            rs.saved_folds = folds
 
     async def wait_for_clients_to_finish(self, timeout: float) -> None:
         """After the run, before the server stops: wait (at most ``timeout``) until every live

@@ -42,6 +42,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.auth = auth
         self.chunk = coord.cfg.server.max_chunk_bytes
         self._encoded: dict[int, list[pb.StartRoundResponse]] = {}
+        # every long-poll is released at once when a round opens; each stream's serialized
+        # copies sit in gRPC's buffers until its client reads them, so bound the streams
+        self._downloads = asyncio.Semaphore(coord.cfg.server.max_concurrent_downloads)
 
     async def _abort(self, context, code: str, message: str, **fields) -> None:
         log.warning("request_refused", code=code, reason=message, **fields)
@@ -134,15 +137,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             traffic.down_payload += 8 * len(header.seeds)
             traffic.down_message += message_bytes(first)
         yield first
-        for d in deltas:
-            head = pb.StartRoundResponse(delta=pb.DeltaHeader(round=d.round, seeds=d.seeds,
-                                                              num_tensors=len(d.tensors)))
-            messages = [head, *self._delta_messages(d)]
-            if traffic is not None:
-                traffic.down_payload += d.payload_bytes
-                traffic.down_message += sum(message_bytes(m) for m in messages)
-            for m in messages:
-                yield m
+        if not deltas:
+            return
+        async with self._downloads:
+            for d in deltas:
+                head = pb.StartRoundResponse(delta=pb.DeltaHeader(round=d.round, seeds=d.seeds,
+                                                                  num_tensors=len(d.tensors)))
+                messages = [head, *self._delta_messages(d)]
+                if traffic is not None:
+                    traffic.down_payload += d.payload_bytes
+                    traffic.down_message += sum(message_bytes(m) for m in messages)
+                for m in messages:
+                    yield m
 
     def _delta_messages(self, delta) -> list[pb.StartRoundResponse]:
         """A delta's tensor messages, encoded once and shared by every client that needs it
@@ -222,17 +228,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         coord = self.coord
         if problem := self._run_check(request.run_id):
             await self._abort(context, "FAILED_PRECONDITION", problem, client=client_id)
-        async with coord.model_lock:
-            if request.round != coord.completed:
-                await self._abort(context, "FAILED_PRECONDITION",
-                                  f"snapshot of round {request.round} unavailable; current is {coord.completed}")
-            state = {k: v.detach().clone() for k, v in coord.method.state_parameters(coord.model).items()}
-            fp = coord.state_fingerprints[coord.completed]
-        log.info("snapshot_sent", client=client_id, round=request.round)
-        yield pb.GetSnapshotResponse(header=pb.RoundHeader(round=request.round, target_round=request.round,
-                                                           state_fingerprint=fp))
-        for batch in tensor_batches(state, None, self.chunk):
-            yield pb.GetSnapshotResponse(tensors=batch)
+        async with self._downloads:  # one copy of the state per stream: bounded like deltas
+            async with coord.model_lock:
+                if request.round != coord.completed:
+                    await self._abort(context, "FAILED_PRECONDITION",
+                                      f"snapshot of round {request.round} unavailable; current is {coord.completed}")
+                state = {k: v.detach().clone() for k, v in coord.method.state_parameters(coord.model).items()}
+                fp = coord.state_fingerprints[coord.completed]
+            log.info("snapshot_sent", client=client_id, round=request.round)
+            yield pb.GetSnapshotResponse(header=pb.RoundHeader(round=request.round, target_round=request.round,
+                                                               state_fingerprint=fp))
+            for batch in tensor_batches(state, None, self.chunk):
+                yield pb.GetSnapshotResponse(tensors=batch)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
         await self._client(context)
