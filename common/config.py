@@ -93,6 +93,9 @@ class ServerSection(Section):
     max_concurrent_downloads: int = Field(
         32, ge=1, description="round deltas and snapshots streamed at once; the rest wait their "
         "turn, so server memory for the downlink fan-out stays flat in the number of clients")
+    max_concurrent_uploads: int = Field(
+        32, ge=1, description="updates received and assembled at once; other streams wait, held "
+        "back by flow control, so server memory stays flat in the number of clients sending")
     checkpoint_every: int = Field(
         5, ge=1, description="rounds between full state checkpoints under <output_dir>/state"
     )

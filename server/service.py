@@ -45,6 +45,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         # every long-poll is released at once when a round opens; each stream's serialized
         # copies sit in gRPC's buffers until its client reads them, so bound the streams
         self._downloads = asyncio.Semaphore(coord.cfg.server.max_concurrent_downloads)
+        self._uploads = asyncio.Semaphore(coord.cfg.server.max_concurrent_uploads)
 
     async def _abort(self, context, code: str, message: str, **fields) -> None:
         log.warning("request_refused", code=code, reason=message, **fields)
@@ -185,43 +186,46 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 pass
             log.info("update_duplicate", client=client_id, round=h.round)
             return pb.SubmitUpdateResponse(accepted=True, duplicate=True, round=h.round)
-        spec, required = coord.update_spec(rs)
-        itemsize = coord.wire_itemsize()
-        limit = sum(_numel(s) for s in spec.values()) * itemsize
-        asm = TensorAssembler(spec, coord.cfg.method.wire_dtype, max_bytes=limit)
-        try:
-            async for msg in stream:
-                msg_bytes += message_bytes(msg)
-                if msg.WhichOneof("body") != "tensors":
-                    raise WireError("only tensor batches may follow the header")
-                asm.add(msg.tensors)
-            tensors = asm.finish(required)
-            if len(tensors) != h.num_tensors:
-                raise WireError(f"header announced {h.num_tensors} tensors, stream carried {len(tensors)}")
-            if update_digest(tensors) != h.update_digest:
-                raise WireError("update_digest does not match the tensors received")
-        except WireError as err:
-            await self._abort(context, "INVALID_ARGUMENT", str(err), client=client_id, round=h.round)
-        traffic = rs.traffic.get(client_id) or Traffic()
-        traffic.up_payload = asm.payload_bytes
-        traffic.up_message = msg_bytes
-        if traffic.counters is not None:
-            traffic.up_wire = traffic.counters.up - traffic.up_start
-            traffic.down_wire = down_at_submit - traffic.down_start
-        else:
-            traffic.up_wire, traffic.down_wire = traffic.up_message, traffic.down_message
-        sub = Submission(client_id, h.update_digest, int(h.num_samples), float(h.loss), int(h.steps),
-                         float(h.train_seconds), int(h.peak_rss_bytes), int(h.train_state_bytes),
-                         list(h.seeds_used))
-        try:
-            folded = await coord.accept(rs, sub, {k: v.float() for k, v in tensors.items()}, traffic)
-        except RoundError as err:
-            await self._abort(context, err.code, str(err), client=client_id, round=h.round)
-        if not folded:
-            log.info("update_duplicate", client=client_id, round=h.round)
-            return pb.SubmitUpdateResponse(accepted=True, duplicate=True, round=h.round)
-        return pb.SubmitUpdateResponse(accepted=True, round=h.round, payload_bytes=asm.payload_bytes,
-                                       message_bytes=msg_bytes)
+        # uploads wait here for a slot, backpressured by HTTP/2 flow control: at most this many
+        # updates are assembled at once, whatever the number of clients sending
+        async with self._uploads:
+            spec, required = coord.update_spec(rs)
+            itemsize = coord.wire_itemsize()
+            limit = sum(_numel(s) for s in spec.values()) * itemsize
+            asm = TensorAssembler(spec, coord.cfg.method.wire_dtype, max_bytes=limit)
+            try:
+                async for msg in stream:
+                    msg_bytes += message_bytes(msg)
+                    if msg.WhichOneof("body") != "tensors":
+                        raise WireError("only tensor batches may follow the header")
+                    asm.add(msg.tensors)
+                tensors = asm.finish(required)
+                if len(tensors) != h.num_tensors:
+                    raise WireError(f"header announced {h.num_tensors} tensors, stream carried {len(tensors)}")
+                if update_digest(tensors) != h.update_digest:
+                    raise WireError("update_digest does not match the tensors received")
+            except WireError as err:
+                await self._abort(context, "INVALID_ARGUMENT", str(err), client=client_id, round=h.round)
+            traffic = rs.traffic.get(client_id) or Traffic()
+            traffic.up_payload = asm.payload_bytes
+            traffic.up_message = msg_bytes
+            if traffic.counters is not None:
+                traffic.up_wire = traffic.counters.up - traffic.up_start
+                traffic.down_wire = down_at_submit - traffic.down_start
+            else:
+                traffic.up_wire, traffic.down_wire = traffic.up_message, traffic.down_message
+            sub = Submission(client_id, h.update_digest, int(h.num_samples), float(h.loss), int(h.steps),
+                             float(h.train_seconds), int(h.peak_rss_bytes), int(h.train_state_bytes),
+                             list(h.seeds_used))
+            try:
+                folded = await coord.accept(rs, sub, {k: v.float() for k, v in tensors.items()}, traffic)
+            except RoundError as err:
+                await self._abort(context, err.code, str(err), client=client_id, round=h.round)
+            if not folded:
+                log.info("update_duplicate", client=client_id, round=h.round)
+                return pb.SubmitUpdateResponse(accepted=True, duplicate=True, round=h.round)
+            return pb.SubmitUpdateResponse(accepted=True, round=h.round, payload_bytes=asm.payload_bytes,
+                                           message_bytes=msg_bytes)
 
     async def GetSnapshot(self, request: pb.GetSnapshotRequest, context):
         client_id = await self._client(context)
