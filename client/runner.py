@@ -24,6 +24,7 @@ from fedkrso.v1 import coordinator_pb2_grpc as pb_grpc
 
 from ..common.config import RunConfig, address_host, is_loopback
 from ..common.data import batches, load_split
+from ..common.logs import progress
 from ..common.methods import build_method
 from ..common.models import load_model, load_tokenizer, model_fingerprint
 from ..common.subspace import stable_seed
@@ -80,6 +81,13 @@ class Report:
     state_fingerprint: str = ""
     snapshots: int = 0
     deltas_applied: int = 0
+
+
+def _counted(items, bar):
+    """``items``, ticking ``bar`` once per item taken (one batch per local step)."""
+    for item in items:
+        bar.update()
+        yield item
 
 
 def _peak_rss_bytes() -> int:
@@ -297,9 +305,11 @@ class FedClient:
         data = batches(self.dataset, self.tokenizer, m.task, m.max_length, t.batch_size,
                        seed=stable_seed("batches", self.cfg.run.seed, header.round, self.opts.name))
         started = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):  # dropout: the same update whenever it is (re)trained
+        with torch.random.fork_rng(devices=[]), \
+                progress(self.cfg.method.local_steps(), f"round {header.round} training", "step") as bar:
+            # dropout: the same update whenever it is (re)trained
             torch.manual_seed(stable_seed("dropout", self.cfg.run.seed, header.round, self.opts.name) % (2**63))
-            update = self.method.train_round(self.model, data, header.round, seeds, self.opts.name)
+            update = self.method.train_round(self.model, _counted(data, bar), header.round, seeds, self.opts.name)
         train_seconds = time.perf_counter() - started
         state_bytes = getattr(self.method, "last_train_state_bytes", 0)
         with torch.no_grad():

@@ -27,3 +27,11 @@ def configure(level: str = "info", json: bool | None = None) -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+
+
+def progress(total: int, desc: str, unit: str = "it"):
+    """A tqdm bar on stderr for a wait a person watches: shown on a terminal only (tqdm's
+    ``disable=None``), so logs written to files and JSON log pipelines stay clean."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None, leave=False)

@@ -26,6 +26,7 @@ import torch
 
 from ..common.aggregate import Aggregator, aggregator_from_state, build_aggregator
 from ..common.config import RunConfig
+from ..common.logs import progress
 from ..common.methods import build_method
 from ..common.models import load_model, load_tokenizer, model_fingerprint
 from ..common.subspace import stable_seed
@@ -325,13 +326,15 @@ class Coordinator:
     async def _wait_for_clients(self) -> None:
         r = self.cfg.rounds
         give_up = time.monotonic() + r.start_timeout_s
-        while True:
-            n = len(self.live_clients())
-            if n >= r.clients_per_round or (n >= r.min_clients and time.monotonic() >= give_up):
-                return
-            if time.monotonic() >= give_up + r.start_timeout_s:
-                raise RuntimeError(f"only {n} client(s) joined; need {r.min_clients}")
-            await self.wait_change(1.0)
+        with progress(total=r.clients_per_round, desc="clients joined", unit="client") as bar:
+            while True:
+                n = len(self.live_clients())
+                bar.update(min(n, bar.total) - bar.n)
+                if n >= r.clients_per_round or (n >= r.min_clients and time.monotonic() >= give_up):
+                    return
+                if time.monotonic() >= give_up + r.start_timeout_s:
+                    raise RuntimeError(f"only {n} client(s) joined; need {r.min_clients}")
+                await self.wait_change(1.0)
 
     def _select(self, round_id: int, exclude: set[str], n: int) -> list[str]:
         pool = [c for c in self.live_clients() if c not in exclude]
@@ -357,18 +360,21 @@ class Coordinator:
 
     async def _await_round(self, rs: RoundState) -> None:
         """Until every selected client submitted, or the deadline passed with a quorum."""
-        while True:
-            if rs.selected and rs.selected <= set(rs.submissions):
-                break
-            if time.monotonic() >= rs.deadline:
-                if len(rs.submissions) >= self.cfg.rounds.min_clients:
-                    rs.dropped |= rs.selected - set(rs.submissions)  # silent past the deadline
+        with progress(total=len(rs.selected), desc=f"round {rs.round} updates", unit="update") as bar:
+            while True:
+                bar.total = len(rs.selected)
+                bar.update(len(rs.submissions) - bar.n)
+                if rs.selected and rs.selected <= set(rs.submissions):
                     break
-                async with self.fold_lock:
-                    self._replace_silent(rs)
-                    await self._save_open(rs)
-                continue
-            await self.wait_change(min(1.0, max(0.05, rs.deadline - time.monotonic())))
+                if time.monotonic() >= rs.deadline:
+                    if len(rs.submissions) >= self.cfg.rounds.min_clients:
+                        rs.dropped |= rs.selected - set(rs.submissions)  # silent past the deadline
+                        break
+                    async with self.fold_lock:
+                        self._replace_silent(rs)
+                        await self._save_open(rs)
+                    continue
+                await self.wait_change(min(1.0, max(0.05, rs.deadline - time.monotonic())))
         await self._close_round(rs)
 
     def _replace_silent(self, rs: RoundState) -> None:
