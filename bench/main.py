@@ -385,6 +385,12 @@ def fmt_acc(a: float | None) -> str:
     return "n/a" if a is None else f"{100 * a:.2f}"
 
 
+def last_mean_accuracy(summary: dict, n: int = 3) -> float | None:
+    """Mean eval accuracy of the last ``n`` rounds: under strong label skew the global model
+    swings from round to round, and one final value says less than this."""
+    return mean([c["eval_accuracy"] for c in summary["curve"][-n:]])
+
+
 def render(report: dict) -> str:
     causal = report["causal"]
     target = report.get("target_accuracy")
@@ -397,13 +403,14 @@ def render(report: dict) -> str:
              f"batch {report['batch_size']}, {report['rounds']} rounds (sweep: {report['sweep_rounds']})",
              ""]
     lines.append("| method | lr | rounds | " + ("final eval loss | final ppl" if causal else
-                 "final acc | best acc") + " | up payload/client/round | up wire | down payload/client/round"
+                 "final acc | best acc | last-3 mean acc") + " | up payload/client/round | up wire | down payload/client/round"
                  " | down wire | wire bytes to " + (f"acc {fmt_acc(target)}" if target else "target")
                  + " | client peak RSS | grad+opt state | mean local step |")
-    lines.append("|" + "---|" * 13)
+    lines.append("|" + "---|" * (13 if causal else 14))
     for s in report["results"]:
         quality = ((f"{s['final_eval_loss']:.4f} | {s['final_perplexity']:.2f}" if s["final_perplexity"]
-                    else "n/a | n/a") if causal else f"{fmt_acc(s['final_accuracy'])} | {fmt_acc(s['best_accuracy'])}")
+                    else "n/a | n/a") if causal else f"{fmt_acc(s['final_accuracy'])} | {fmt_acc(s['best_accuracy'])} | "
+                   f"{fmt_acc(last_mean_accuracy(s))}")
         reach = ("n/a" if target is None else
                  fmt_bytes(s["wire_bytes_to_target"]) if s["wire_bytes_to_target"] is not None else "not reached")
         step = "n/a" if s["mean_step_seconds"] is None else f"{1000 * s['mean_step_seconds']:.0f} ms"
@@ -561,7 +568,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="results folder (default: output_dir or results/<name>[-quick])")
     p.add_argument("--methods", help="comma-separated subset of the config's methods")
     p.add_argument("--rounds", type=int, help="override rounds")
+    p.add_argument("--report-only", metavar="DIR",
+                   help="rewrite DIR/results.md and the plot from DIR/results.json, running nothing")
     args = p.parse_args(argv)
+    if args.report_only:
+        out = Path(args.report_only)
+        report = json.loads((out / "results.json").read_text())
+        (out / "results.md").write_text(render(report))
+        plot(report, out / report["plot"])
+        print((out / "results.md").read_text())
+        return
 
     cfg = load_bench_config(args.config)
     if args.quick:

@@ -124,3 +124,29 @@ def test_bench_causal_lm_reports_loss_and_perplexity(tmp_path):
         assert len(curve) == 2 and all(math.isfinite(v) for v in curve)
     text = (out / "results.md").read_text()
     assert "final ppl" in text and "| fedkrso |" in text
+
+
+def test_report_only_rewrites_the_table_from_results_json(tmp_path):
+    """--report-only re-renders results.md (with the last-3 mean column) and the plot from a
+    results.json without running anything."""
+    from fedkrso.bench.main import last_mean_accuracy
+
+    curve = [{"round": r, "eval_accuracy": a, "eval_loss": 0.5, "cumulative_wire_bytes": 1000 * (r + 1)}
+             for r, a in enumerate([0.5, 0.9, 0.6, 0.7, 0.8])]
+    row = {"method": "fedkrso", "lr": 3e-4, "rounds": 5, "final_accuracy": 0.8, "best_accuracy": 0.9,
+           "final_eval_loss": 0.5, "final_perplexity": None, "uplink_payload_per_client_round": 10.0,
+           "uplink_wire_per_client_round": 11.0, "downlink_payload_per_client_round": 10.0,
+           "downlink_wire_per_client_round": 11.0, "wire_bytes_to_target": None, "client_peak_rss_bytes": 1,
+           "train_state_bytes": 1, "train_state_source": "measured", "mean_step_seconds": 0.1, "curve": curve}
+    report = {"name": "t", "command": "fedkrso-bench", "runtime_s": 1.0, "data_source": "csv", "clients": 2,
+              "alpha": None, "clients_per_round": 2, "train_rows": 10, "eval_rows": 4, "model": "m",
+              "task": "sequence-classification", "max_length": 8, "batch_size": 2, "rounds": 5,
+              "sweep_rounds": 5, "causal": False, "target_accuracy": None, "results": [row], "sweep": [],
+              "plot": "accuracy_vs_bytes.png",
+              "targets": [], "notes": []}
+    (tmp_path / "results.json").write_text(json.dumps(report))
+    assert abs(last_mean_accuracy(row) - 0.7) < 1e-12
+    main(["--report-only", str(tmp_path)])
+    text = (tmp_path / "results.md").read_text()
+    assert "last-3 mean acc" in text and "| 80.00 | 90.00 | 70.00 |" in text
+    assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 1000
