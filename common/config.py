@@ -76,7 +76,8 @@ class ServerSection(Section):
     listen: str = Field("127.0.0.1:50051", description="host:port to bind")
     max_chunk_bytes: int = Field(1 << 20, ge=1024, le=3 << 20, description="stream chunk size")
     snapshot_after_rounds: int = Field(
-        8, ge=1, description="a client this many rounds behind may get a snapshot instead"
+        8, ge=1, description="round deltas kept in memory for catch-up: a client further behind "
+        "gets a snapshot; within them it gets the deltas or a snapshot, whichever is smaller"
     )
     max_update_norm: float | None = Field(
         None, gt=0, description="refuse updates whose L2 norm (over all tensors) exceeds this"

@@ -408,6 +408,9 @@ class Coordinator:
                                     checkpoint)
         rs.committed.set()
         self.deltas[rs.round] = RoundDelta(rs.round, rs.seeds, canonical, fp)
+        # catch-up keeps the last snapshot_after_rounds deltas in memory (all are on disk);
+        # a client further behind gets a snapshot, so server memory does not grow with rounds
+        self.deltas.pop(rs.round - self.cfg.server.snapshot_after_rounds, None)
         self.completed = rs.round + 1
         self.current = None
         await self.notify()
@@ -514,8 +517,7 @@ class Coordinator:
         if have > self.completed or any(r not in self.deltas for r in range(have, self.completed)):
             return "snapshot", []
         deltas = [self.deltas[r] for r in range(have, self.completed)]
-        behind = self.completed - have
-        if behind > self.cfg.server.snapshot_after_rounds or sum(d.payload_bytes for d in deltas) > self.state_bytes:
+        if sum(d.payload_bytes for d in deltas) > self.state_bytes:  # whichever is smaller
             return "snapshot", []
         return "deltas", deltas
 

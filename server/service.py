@@ -240,10 +240,20 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 state = {k: v.detach().clone() for k, v in coord.method.state_parameters(coord.model).items()}
                 fp = coord.state_fingerprints[coord.completed]
             log.info("snapshot_sent", client=client_id, round=request.round)
-            yield pb.GetSnapshotResponse(header=pb.RoundHeader(round=request.round, target_round=request.round,
-                                                               state_fingerprint=fp))
+            # a snapshot fetched to train the open round is that round's downlink, like deltas
+            rs = coord.current
+            traffic = rs.traffic.get(client_id) if rs is not None and client_id in rs.selected else None
+            head = pb.GetSnapshotResponse(header=pb.RoundHeader(round=request.round, target_round=request.round,
+                                                                state_fingerprint=fp))
+            if traffic is not None:
+                traffic.down_payload += sum(t.numel() * t.element_size() for t in state.values())
+                traffic.down_message += message_bytes(head)
+            yield head
             for batch in tensor_batches(state, None, self.chunk):
-                yield pb.GetSnapshotResponse(tensors=batch)
+                msg = pb.GetSnapshotResponse(tensors=batch)
+                if traffic is not None:
+                    traffic.down_message += message_bytes(msg)
+                yield msg
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
         await self._client(context)

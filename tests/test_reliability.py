@@ -220,6 +220,30 @@ def pair(server_factory, request):
     b.close()
 
 
+def test_snapshot_counts_as_downlink_and_old_deltas_leave_memory(server_factory):
+    """A client behind the kept deltas (snapshot_after_rounds) gets a snapshot; its bytes are
+    that round's downlink payload, and the server keeps only the last deltas in memory."""
+    srv = server_factory({"snapshot_after_rounds": 1})
+    a, b = Fake(srv, "alice"), Fake(srv, "bob", num_samples=30)
+    try:
+        complete_round(srv, [a, b])
+        complete_round(srv, [a, b])
+        assert sorted(srv.coord.deltas) == [1]  # round 0's delta left memory (it is on disk)
+        a.have = 0  # as if alice had missed both rounds
+        ha, hb = a.wait_train(), b.wait_train()
+        assert ha.catch_up == pb.CATCH_UP_SNAPSHOT and ha.snapshot_round == 2
+        got = sum(len(c.data) for m in a.stub.GetSnapshot(
+            pb.GetSnapshotRequest(run_id=a.run_id, round=2), metadata=a.md, timeout=30)
+            if m.WhichOneof("body") == "tensors" for c in m.tensors.chunks)
+        assert got == srv.coord.state_bytes
+        row = complete_round(srv, [a, b], {a.client_id: ha, b.client_id: hb})
+        assert row["per_client"]["alice"]["downlink_payload_bytes"] >= srv.coord.state_bytes
+        assert row["per_client"]["bob"]["downlink_payload_bytes"] < srv.coord.state_bytes
+    finally:
+        a.close()
+        b.close()
+
+
 # -- header / identity refusals ----------------------------------------------------------------
 def test_wrong_run_id(pair):
     srv, a, b = pair
