@@ -246,7 +246,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             head = pb.GetSnapshotResponse(header=pb.RoundHeader(round=request.round, target_round=request.round,
                                                                 state_fingerprint=fp))
             if traffic is not None:
-                traffic.down_payload += sum(t.numel() * t.element_size() for t in state.values())
+                traffic.down_payload += coord.state_bytes  # the bytes of `state`, counted once at start
                 traffic.down_message += message_bytes(head)
             yield head
             for batch in tensor_batches(state, None, self.chunk):
