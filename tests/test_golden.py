@@ -1,0 +1,119 @@
+"""Golden run: a fixed tiny federated job reaches recorded state fingerprints after every round.
+
+The fingerprints in ``tests/golden/fingerprints.json`` were recorded before the restructuring
+of issue 10 (one client-side round, the coordinator split, methods that describe themselves),
+so this test proves that behaviour did not move: the same config, data and seeds give the same
+weights, bit for bit, round after round, through real server and client processes.
+
+Float kernels differ between CPU generations, so the file also holds a probe: the hash of a
+few fixed float computations on the recording machine. Where the probe differs, the recorded
+fingerprints cannot be compared and the test skips, saying so. ``FEDKRSO_RECORD_GOLDEN=1``
+rewrites the file (only ever on purpose: it is the reference).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.slow
+
+GOLDEN = Path(__file__).parent / "golden" / "fingerprints.json"
+RECORD = os.environ.get("FEDKRSO_RECORD_GOLDEN") == "1"
+ROUNDS = 3
+METHODS = {
+    "fedkrso": {"name": "fedkrso", "k": 2, "rank": 2, "intervals": 2, "interval_steps": 2, "lr": 1e-3},
+    "fedavg": {"name": "fedavg", "steps": 3, "lr": 1e-3},
+    "fedit": {"name": "fedit", "steps": 3, "rank": 2, "lr": 1e-3},
+}
+
+
+def float_probe() -> str:
+    """Hash of fixed float computations (the kernels a training step uses, single thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(33, 65, generator=g), torch.randn(65, 17, generator=g)
+        x = torch.randn(4, 9, 32, generator=g)
+        outs = [a @ b, torch.addmm(torch.ones(17), a, b), torch.softmax(a, -1),
+                torch.nn.functional.gelu(a), torch.nn.functional.layer_norm(x, (32,)), torch.tanh(a),
+                torch.exp(a).sum(0), x.sum(), torch.nn.functional.scaled_dot_product_attention(x, x, x)]
+        h = hashlib.sha256()
+        for t in outs:
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def golden_inputs(tmp_path_factory) -> tuple[Path, Path]:
+    from fedkrso.common.data import load_source, make_partition, save_partition
+    from fedkrso.common.models import build_tiny
+
+    root = tmp_path_factory.mktemp("golden")
+    model = build_tiny("bert", root / "model", num_labels=2, seed=0)
+    rng = random.Random(0)
+    words = "good bad film plot actor boring great awful story music dull fine".split()
+    rows = [(" ".join(rng.choice(words) for _ in range(10)), ("neg", "pos")[i % 2]) for i in range(80)]
+    src = root / "d.csv"
+    src.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    part = make_partition(load_source(f"csv:{src}"), 2, source="csv", alpha=None, seed=0, min_size=10)
+    save_partition(part, root / "data")
+    return model, root / "data"
+
+
+def run_golden(tmp: Path, model: Path, data: Path, method: dict) -> list[str]:
+    from fedkrso.common.launch import Cluster
+
+    out = tmp / "out"
+    cfg = {
+        "run": {"name": "golden", "seed": 7, "output_dir": str(out)},
+        "model": {"name": str(model), "task": "sequence-classification", "num_labels": 2, "max_length": 32},
+        "method": method,
+        "rounds": {"total": ROUNDS, "clients_per_round": 2, "min_clients": 2, "deadline_s": 300},
+        "training": {"batch_size": 8},
+        "server": {"listen": "127.0.0.1:0"},
+    }
+    config = tmp / "round.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    cluster = Cluster(tmp)
+    try:
+        cluster.start_server(config)
+        for i in range(2):
+            cluster.start_client(data / f"shard{i}", f"shard{i}")
+        assert cluster.wait(300) == 0, cluster.server.text()[-3000:]
+        for c in cluster.clients:
+            assert c.wait(60) == 0, c.text()[-3000:]
+    finally:
+        cluster.stop()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert [r["round"] for r in rows] == list(range(ROUNDS))
+    return [r["state_fingerprint"] for r in rows]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_golden_fingerprints(tmp_path, golden_inputs, method):
+    probe = float_probe()
+    recorded = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"probe": probe, "runs": {}}
+    if not RECORD:
+        assert method in recorded["runs"], f"no golden record for {method}; record with FEDKRSO_RECORD_GOLDEN=1"
+        if recorded["probe"] != probe:
+            pytest.skip("this CPU's float kernels differ from the recording machine's (probe "
+                        f"{probe[:12]} != {recorded['probe'][:12]}): fingerprints are not comparable here")
+    fps = run_golden(tmp_path, *golden_inputs, METHODS[method])
+    if RECORD:
+        recorded["probe"] = probe
+        recorded["runs"][method] = fps
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n")
+        return
+    assert fps == recorded["runs"][method], f"{method}: state fingerprints moved from the golden run"
