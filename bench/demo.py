@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..common.data import load_source, make_partition, save_partition
-from ..common.launch import Cluster
+from .launch import Cluster
 
 HERE = Path(__file__).resolve().parent
 

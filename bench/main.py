@@ -2,7 +2,7 @@
 
 For every method of the config (and every learning rate of its sweep) the bench writes a
 round.yaml and runs a *real* federated job: one ``fedkrso-server`` process and one
-``fedkrso-client`` process per shard, talking gRPC on loopback (``common.launch.Cluster``).
+``fedkrso-client`` process per shard, talking gRPC on loopback (``bench.launch.Cluster``).
 All runs share one Dirichlet partition of the data (written once). Unselected clients just
 long-poll the server, so many clients fit on a small host.
 
@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..common.config import parse_config
-from ..common.launch import Cluster
+from .launch import Cluster
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

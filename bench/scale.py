@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from ..common.launch import Cluster
+from .launch import Cluster
 
 
 def write_config(path: Path, model: Path, out: Path, n: int, rounds: int, method: dict) -> Path:
@@ -111,7 +111,7 @@ class UpdateFactory:
         return self._cache[key]
 
     def make(self, round_id: int, seeds: list[int], name: str, salt: int):
-        from ..server.service import update_digest
+        from ..common.wire import update_digest
 
         spec, required = self.spec(seeds)
         used = sorted(set(self.method.seed_choices(round_id, name)))

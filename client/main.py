@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure(args.log_level, args.log_json)
     import torch
 
+    from ..common.participant import ParticipantError
     from .runner import ClientError, ClientOptions, CredentialRefused, FedClient
 
     torch.set_num_threads(args.threads)
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     except CredentialRefused as err:
         log.error("credential_refused", client=name, reason=str(err))
         sys.exit(4)
-    except ClientError as err:
+    except (ClientError, ParticipantError) as err:
         log.error("client_refused", reason=str(err))
         sys.exit(3)
     except grpc.RpcError as err:

@@ -1,13 +1,16 @@
-"""The client loop: join, verify the base model, then poll, catch up, train, submit.
+"""The gRPC client loop: join, verify the base model, then poll, catch up, train, submit.
 
-The client holds the global weights W^t between rounds. For a round it snapshots the
-method's state, trains (which moves the weights), uploads the change, and restores the
-snapshot, so it is back at W^t, bit for bit, before it applies the next global delta.
+What a client does in a round (catch up, check fingerprints, train, build the update and its
+digest) is ``common.participant.Participant``; this module is its transport: the channel,
+retries and re-joins, the long-poll, streaming deltas, snapshots and updates, and heartbeats.
+Everything the server streams is checked against what the participant expects (names,
+shapes, dtype, total size) before it is kept or applied.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import resource
 import threading
@@ -17,22 +20,19 @@ from pathlib import Path
 
 import grpc
 import structlog
-import torch
 
 from fedkrso.v1 import coordinator_pb2 as pb
 from fedkrso.v1 import coordinator_pb2_grpc as pb_grpc
 
 from ..common.config import RunConfig, address_host, is_loopback
-from ..common.data import batches, load_split
+from ..common.data import load_split
 from ..common.logs import progress
-from ..common.methods import build_method
-from ..common.models import load_model, load_tokenizer, model_fingerprint
-from ..common.subspace import stable_seed
-from ..common.wire import TensorAssembler, tensor_batches
-from ..server.auth import TOKEN_HEADER
+from ..common.participant import Participant, PreparedUpdate, Shared
+from ..common.protocol import TOKEN_HEADER, VERSION, bearer
+from ..common.tensors import element_size
+from ..common.wire import TensorAssembler, WireError, tensor_batches
 
 log = structlog.get_logger("fedkrso.client")
-VERSION = "0.1.0"
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),  # >= the server's min_recv_ping_interval (10 s)
     ("grpc.keepalive_timeout_ms", 20_000),
@@ -43,7 +43,8 @@ CHANNEL_OPTIONS = [
 
 
 class ClientError(RuntimeError):
-    """A condition under which the client must not go on (e.g. a different base model)."""
+    """A condition under which the client must not go on (e.g. a different base model, a
+    malformed stream from the server)."""
 
 
 class CredentialRefused(RuntimeError):
@@ -83,11 +84,9 @@ class Report:
     deltas_applied: int = 0
 
 
-def _counted(items, bar):
-    """``items``, ticking ``bar`` once per item taken (one batch per local step)."""
-    for item in items:
-        bar.update()
-        yield item
+def _spec_bytes(spec: dict[str, tuple[int, ...]], dtype: str) -> int:
+    """The most bytes tensors of ``spec`` can hold in ``dtype``: a stream's allocation bound."""
+    return sum(math.prod(shape) for shape in spec.values()) * element_size(dtype)
 
 
 def _peak_rss_bytes() -> int:
@@ -107,19 +106,15 @@ def make_channel(opts: ClientOptions) -> grpc.Channel:
     return grpc.secure_channel(opts.server, creds, options=options)
 
 
-def _bearer(token: str) -> tuple:
-    return (("authorization", f"Bearer {token}"),)
-
-
 class FedClient:
     def __init__(self, opts: ClientOptions):
         self.opts = opts
         self.channel = make_channel(opts)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
-        self.metadata: tuple = _bearer(opts.token_file.read_text().strip()) if opts.token_file else ()
+        self.metadata: tuple = bearer(opts.token_file.read_text().strip()) if opts.token_file else ()
         self.run_id = ""
         self.model_fingerprint = ""
-        self.have = 0  # rounds applied: the client holds W^have
+        self.participant: Participant | None = None
         self.report = Report()
         self.phase = "joining"
         self._stop = threading.Event()
@@ -162,7 +157,7 @@ class FedClient:
             name=self.opts.name, num_samples=len(self.dataset), software_version=VERSION), rejoin=False)
         token = dict(call.initial_metadata()).get(TOKEN_HEADER)
         if token:
-            self.metadata = _bearer(token)
+            self.metadata = bearer(token)
         if self.run_id and (resp.run_id != self.run_id or resp.model_fingerprint != self.model_fingerprint):
             raise ClientError(f"the server now runs {resp.run_id!r}, not {self.run_id!r}; refusing to mix them")
         if self.run_id:  # the weights are kept: the next poll catches them up (or sends a snapshot)
@@ -179,23 +174,19 @@ class FedClient:
         self.chunk = resp.max_chunk_bytes
         structlog.contextvars.bind_contextvars(client=self.client_id)
         log.info("joined", run_id=self.run_id, method=self.cfg.method.name, samples=len(self.dataset))
-        m = self.cfg.model
-        model_spec = self.opts.model or m.name
-        self.method = build_method(self.cfg.method, self.cfg.run.seed)
-        self.model = load_model(model_spec, m.task, m.num_labels, self.cfg.run.seed)
-        self.method.prepare(self.model)
-        fp = model_fingerprint(self.model)
-        if fp != resp.model_fingerprint:
-            raise ClientError(f"base model {model_spec!r} differs from the server's "
-                              f"(fingerprint {fp[:12]} != {resp.model_fingerprint[:12]}); refusing to train")
-        self.tokenizer = load_tokenizer(model_spec)
-        self.have = 0
+        spec = self.opts.model or self.cfg.model.name
+        self.participant = Participant(self.cfg, self.opts.name, self.dataset, Shared.load(self.cfg, spec))
+        self.participant.check_base(resp.model_fingerprint, spec)
+
+    @property
+    def have(self) -> int:
+        """Rounds applied: the client holds W^have."""
+        return self.participant.have if self.participant is not None else 0
 
     def run(self) -> Report:
         self.join()
         hb = threading.Thread(target=self._heartbeat, daemon=True)
         hb.start()
-        self._hb = hb
         try:
             while True:
                 self.phase = "idle"
@@ -218,8 +209,8 @@ class FedClient:
                 self._train_and_submit(header)
         finally:
             self._stop.set()
-            if getattr(self, "_hb", None) is not None:
-                self._hb.join(timeout=15)
+            if hb.is_alive():
+                hb.join(timeout=15)
             self.channel.close()
             self._write_report()
 
@@ -232,20 +223,34 @@ class FedClient:
                 pass  # the main loop handles unavailability with backoff
 
     def _poll(self):
-        """One long-poll: the header, and the deltas streamed after it (still encoded)."""
+        """One long-poll: the header and the deltas streamed after it, each assembled against
+        the spec the participant expects (names, shapes, wire dtype, at most that many bytes),
+        and no more deltas than the header announced."""
+        wire = self.cfg.method.wire_dtype
+
         def call(metadata):
             stream = self.stub.StartRound(pb.StartRoundRequest(
                 run_id=self.run_id, have_round=self.have, wait_seconds=self.opts.poll_seconds),
                 metadata=metadata, timeout=self.opts.poll_seconds + 600)
             header, deltas = None, []
-            for msg in stream:
-                kind = msg.WhichOneof("body")
-                if kind == "header":
-                    header = msg.header
-                elif kind == "delta":
-                    deltas.append((msg.delta, TensorAssembler()))
-                elif kind == "tensors":
-                    deltas[-1][1].add(msg.tensors)
+            try:
+                for msg in stream:
+                    kind = msg.WhichOneof("body")
+                    if kind == "header" and header is None:
+                        header = msg.header
+                    elif kind == "delta" and header is not None and len(deltas) < header.num_deltas:
+                        spec = self.participant.delta_spec(list(msg.delta.seeds))
+                        deltas.append((msg.delta, TensorAssembler(spec, wire, max_bytes=_spec_bytes(spec, wire))))
+                    elif kind == "tensors" and deltas:
+                        deltas[-1][1].add(msg.tensors)
+                    else:
+                        raise ClientError(f"unexpected {kind!r} message in the round stream")
+            except WireError as err:
+                raise ClientError(f"malformed round delta from the server: {err}") from None
+            if header is None:
+                raise ClientError("the server's round stream carried no header")
+            if len(deltas) != header.num_deltas:
+                raise ClientError(f"the server announced {header.num_deltas} deltas and sent {len(deltas)}")
             return header, deltas
 
         return self._call(lambda metadata: call(metadata))
@@ -255,25 +260,20 @@ class FedClient:
         if header.catch_up == pb.CATCH_UP_SNAPSHOT:
             self._load_snapshot(header.snapshot_round)
         for dh, asm in deltas:
-            if dh.round != self.have:
-                raise ClientError(f"delta for round {dh.round} but the client holds round {self.have}")
-            tensors = {k: v.float() for k, v in asm.finish().items()}
-            self.method.apply(self.model, list(dh.seeds), tensors)
-            self.have = dh.round + 1
+            try:
+                self.participant.apply_delta(dh.round, list(dh.seeds), asm.finish())
+            except WireError as err:
+                raise ClientError(f"malformed delta of round {dh.round}: {err}") from None
             self.report.deltas_applied += 1
-        if self.have != header.target_round:
-            raise ClientError(f"caught up to round {self.have}, server expects {header.target_round}")
-        fp = self.method.state_fingerprint(self.model)
-        if fp != header.state_fingerprint:
-            raise ClientError(f"rebuilt state at round {self.have} differs from the server's "
-                              f"({fp[:12]} != {header.state_fingerprint[:12]})")
+        fp = self.participant.verify(header.target_round, header.state_fingerprint)
         self.report.have_round, self.report.state_fingerprint = self.have, fp
 
     def _load_snapshot(self, round_id: int) -> None:
-        state = self.method.state_parameters(self.model)
+        spec = self.participant.state_spec()
+        wire = None  # a snapshot travels in the state's own dtype
 
         def fetch(metadata) -> TensorAssembler:
-            asm = TensorAssembler({k: tuple(v.shape) for k, v in state.items()})
+            asm = TensorAssembler(spec, wire, max_bytes=_spec_bytes(spec, "float64"))
             for msg in self.stub.GetSnapshot(pb.GetSnapshotRequest(run_id=self.run_id, round=round_id),
                                              metadata=metadata):
                 if msg.WhichOneof("body") == "tensors":
@@ -282,70 +282,48 @@ class FedClient:
 
         try:
             asm = self._call(fetch)
+            tensors = asm.finish(set(spec))
+        except WireError as err:
+            raise ClientError(f"malformed snapshot of round {round_id}: {err}") from None
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.FAILED_PRECONDITION:  # a newer round closed meanwhile
                 raise _SnapshotMoved(err.details()) from None
             raise
-        tensors = asm.finish(set(state))
-        with torch.no_grad():
-            for k, v in tensors.items():
-                state[k].copy_(v)
-        self.have = round_id
+        self.participant.load_snapshot(round_id, tensors)
         self.report.snapshots += 1
         log.info("snapshot_loaded", round=round_id)
 
     def _train_and_submit(self, header: pb.RoundHeader) -> None:
         seeds = list(header.seeds)
-        plan_fp = self.method.plan_fingerprint(self.model, seeds)
-        if plan_fp != header.plan_fingerprint:
-            raise ClientError(f"rebuilt subspaces for round {header.round} differ from the server's")
+        self.participant.check_plan(header.round, seeds, header.plan_fingerprint)
         self.phase = "training"
-        snapshot = {k: v.detach().clone() for k, v in self.method.state_parameters(self.model).items()}
-        m, t = self.cfg.model, self.cfg.training
-        data = batches(self.dataset, self.tokenizer, m.task, m.max_length, t.batch_size,
-                       seed=stable_seed("batches", self.cfg.run.seed, header.round, self.opts.name))
-        started = time.perf_counter()
-        with torch.random.fork_rng(devices=[]), \
-                progress(self.cfg.method.local_steps(), f"round {header.round} training", "step") as bar:
-            # dropout: the same update whenever it is (re)trained
-            torch.manual_seed(stable_seed("dropout", self.cfg.run.seed, header.round, self.opts.name) % (2**63))
-            update = self.method.train_round(self.model, _counted(data, bar), header.round, seeds, self.opts.name)
-        train_seconds = time.perf_counter() - started
-        state_bytes = getattr(self.method, "last_train_state_bytes", 0)
-        with torch.no_grad():
-            for k, p in self.method.state_parameters(self.model).items():
-                p.copy_(snapshot[k])
-        del snapshot
+        with progress(self.cfg.method.local_steps(), f"round {header.round} training", "step") as bar:
+            update = self.participant.train(header.round, seeds, tick=bar.update)
         self.phase = "submitting"
-        self._submit(header.round, update, train_seconds, state_bytes)
+        self._submit(update)
         self.report.rounds_trained.append(int(header.round))
 
-    def _submit(self, round_id: int, update, train_seconds: float, state_bytes: int) -> None:
-        from ..server.service import update_digest  # one definition of an update's identity
-        from ..common.tensors import DTYPES
-
-        wire = self.cfg.method.wire_dtype
-        tensors = {k: v.to(DTYPES[wire]) for k, v in update.tensors.items()}
+    def _submit(self, update: PreparedUpdate) -> None:
         header = pb.UpdateHeader(
-            run_id=self.run_id, round=round_id, num_samples=len(self.dataset), loss=update.loss,
-            steps=update.steps, seeds_used=update.seeds_used, num_tensors=len(tensors),
-            update_digest=update_digest(tensors), train_seconds=train_seconds,
-            peak_rss_bytes=_peak_rss_bytes(), train_state_bytes=state_bytes)
+            run_id=self.run_id, round=update.round, num_samples=update.num_samples, loss=update.loss,
+            steps=update.steps, seeds_used=update.seeds_used, num_tensors=len(update.tensors),
+            update_digest=update.digest, train_seconds=update.train_seconds,
+            peak_rss_bytes=_peak_rss_bytes(), train_state_bytes=update.train_state_bytes)
 
         def messages():
             yield pb.SubmitUpdateRequest(header=header)
-            for batch in tensor_batches(tensors, None, self.chunk):
+            for batch in tensor_batches(update.tensors, None, self.chunk):
                 yield pb.SubmitUpdateRequest(tensors=batch)
 
         try:
             resp = self._call(lambda metadata: self.stub.SubmitUpdate(messages(), metadata=metadata, timeout=600))
         except grpc.RpcError as err:
             if err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED):
-                log.warning("update_refused", round=round_id, code=err.code().name, reason=err.details())
+                log.warning("update_refused", round=update.round, code=err.code().name, reason=err.details())
                 return
             raise
-        log.info("update_submitted", round=round_id, loss=round(update.loss, 4), payload_bytes=resp.payload_bytes,
-                 duplicate=resp.duplicate, train_seconds=round(train_seconds, 2))
+        log.info("update_submitted", round=update.round, loss=round(update.loss, 4), payload_bytes=resp.payload_bytes,
+                 duplicate=resp.duplicate, train_seconds=round(update.train_seconds, 2))
 
     def _write_report(self) -> None:
         if self.opts.report:

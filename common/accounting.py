@@ -1,23 +1,45 @@
-"""Byte accounting, all in one place: formulas, efficiency, and measured socket bytes.
+"""Byte accounting, all in one place: the formulas, the per-client traffic meter of a round,
+and the efficiency figure.
 
 Three layers are reported for every transfer:
 
-* payload: raw tensor bytes (plus 8 bytes per seed on the downlink);
-* message: serialized protobuf bytes plus gRPC's 5-byte frame per message;
-* wire: bytes actually read from and written to the TCP socket, measured by ``CountingRelay``,
-  a byte-counting TCP relay that the server puts in front of its gRPC port. That includes
-  HTTP/2 framing, headers, flow control, pings and (when on) TLS records.
+* payload: raw tensor bytes, plus ``SEED_BYTES`` per seed on the downlink;
+* message: serialized protobuf bytes plus gRPC's 5-byte frame per message (``message_bytes``);
+* wire: bytes actually read from and written to the TCP socket, measured per connection by the
+  server's byte-counting relay (``server/relay.py``, which fills ``ConnCounters``). That
+  includes HTTP/2 framing, headers, flow control, pings and (when on) TLS records. Where no
+  socket was measured (an in-process simulation, a connection lost to a restart) the wire
+  figure is ``None``: not measured, never a copy of the message figure.
+
+Each method states its own upload formula (``Method.upload_bytes_formula``) in terms of its
+parameters; the FedKRSO one is here because the README and the tests quote it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
-SEED_BYTES = 8
+from .tensors import element_size
+
+SEED_BYTES = 8  # a seed travels as one uint64
+GRPC_FRAME_BYTES = 5  # gRPC length-prefixed message: 1 flag byte + 4 length bytes
+
+
+def payload_bytes(tensors: dict[str, torch.Tensor], dtype: str | None = None) -> int:
+    """Raw tensor bytes of ``tensors`` sent in ``dtype`` (their own dtype when None)."""
+    return sum(t.numel() * (element_size(dtype) if dtype else t.element_size()) for t in tensors.values())
+
+
+def seeds_bytes(n_seeds: int) -> int:
+    return n_seeds * SEED_BYTES
+
+
+def message_bytes(msg) -> int:
+    """Serialized size of one gRPC message, including its 5-byte length prefix."""
+    return msg.ByteSize() + GRPC_FRAME_BYTES
 
 
 def fedkrso_uplink_bytes(sum_dm: int, k_used: int, rank: int, dense: int, b: int) -> int:
@@ -25,23 +47,20 @@ def fedkrso_uplink_bytes(sum_dm: int, k_used: int, rank: int, dense: int, b: int
     return k_used * rank * sum_dm * b + dense * b
 
 
-def fedkrso_downlink_bytes(sum_dm: int, k: int, rank: int, dense: int, b: int) -> int:
-    """ALGORITHM.md section 6: ``K * r * sum_m d_m * b + dense * b + K * 8`` for one delta
-    (a client one round behind), plus the ``K * 8`` bytes of the new round's seeds."""
-    return k * rank * sum_dm * b + dense * b + 2 * k * SEED_BYTES
-
-
 def full_model_bytes(model: nn.Module, b: int = 4) -> int:
     """Bytes of every parameter at ``b`` bytes per element: one FedAvg exchange, one way."""
     return sum(p.numel() for p in model.parameters()) * b
 
 
-def wire_efficiency(payload_bytes: int, wire_bytes: int) -> float:
+def wire_efficiency(payload: int, wire: int | None) -> float | None:
     """Payload bytes / bytes on the wire (like nanoGPT's MFU: achieved over the limit).
 
     1.0 means every byte on the socket was tensor data; the gap is protobuf field tags and
-    names, gRPC frames, HTTP/2 frames and headers, flow control and TLS overhead."""
-    return payload_bytes / wire_bytes if wire_bytes else 0.0
+    names, gRPC frames, HTTP/2 frames and headers, flow control and TLS overhead. None when
+    the wire was not measured."""
+    if wire is None:
+        return None
+    return payload / wire if wire else 0.0
 
 
 @dataclass
@@ -55,76 +74,71 @@ class ConnCounters:
 
 
 @dataclass
-class CountingRelay:
-    """A TCP relay that counts the bytes of every connection it forwards.
+class SocketMark:
+    """Where a connection's counters stood when a transfer began."""
 
-    The server binds gRPC on a private loopback port and the relay on the public address.
-    Each accepted connection opens one upstream connection; gRPC's ``context.peer()`` names
-    that upstream socket (``ipv4:127.0.0.1:PORT``), which ``lookup`` maps to the counters."""
+    counters: ConnCounters
+    up: int
+    down: int
 
-    listen_host: str
-    listen_port: int
-    target_host: str
-    target_port: int
-    chunk: int = 1 << 16
-    conns: dict[int, ConnCounters] = field(default_factory=dict)
-    _server: asyncio.base_events.Server | None = None
-    _tasks: set = field(default_factory=set)
+    @classmethod
+    def now(cls, counters: ConnCounters | None) -> SocketMark | None:
+        return None if counters is None else cls(counters, counters.up, counters.down)
 
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, self.listen_host, self.listen_port)
-        return self._server.sockets[0].getsockname()[1]
+    def same_connection(self, counters: ConnCounters | None) -> bool:
+        return counters is self.counters
 
-    def lookup(self, peer: str) -> ConnCounters | None:
-        """Counters for a gRPC peer string such as ``ipv4:127.0.0.1:54321``."""
-        try:
-            return self.conns.get(int(peer.rsplit(":", 1)[1]))
-        except (ValueError, IndexError):
-            return None
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        try:
-            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
-        except OSError:
-            writer.close()
-            return
-        port = up_writer.get_extra_info("sockname")[1]
-        counters = ConnCounters(client=f"{peer[0]}:{peer[1]}" if peer else "?")
-        self.conns[port] = counters
+@dataclass
+class Traffic:
+    """What one client exchanged in one round, at the three layers (``None`` wire: not
+    measured). ``numbers()`` is what persists across a server restart; the live socket marks
+    do not."""
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
-            try:
-                while data := await src.read(self.chunk):
-                    if up:
-                        counters.up += len(data)
-                    else:
-                        counters.down += len(data)
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    dst.close()
+    down_payload: int = 0
+    down_message: int = 0
+    down_wire: int | None = None
+    up_payload: int = 0
+    up_message: int = 0
+    up_wire: int | None = None
+    download: SocketMark | None = field(default=None, repr=False)
 
-        tasks = [asyncio.create_task(pipe(reader, up_writer, True)),
-                 asyncio.create_task(pipe(up_reader, writer, False))]
-        self._tasks.update(tasks)
-        try:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        except asyncio.CancelledError:  # relay closing: the connection just ends
-            pass
-        self._tasks.difference_update(tasks)
-        counters.open = False
-        # keep closed connections' counters briefly: a round may still read them
-        if len(self.conns) > 4096:
-            for key in [k for k, c in self.conns.items() if not c.open][:2048]:
-                del self.conns[key]
+    NUMBERS = ("down_payload", "down_message", "down_wire", "up_payload", "up_message", "up_wire")
 
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for t in list(self._tasks):
-            t.cancel()
+    def numbers(self) -> dict:
+        return {k: getattr(self, k) for k in self.NUMBERS}
+
+    def add_down(self, payload: int, message: int) -> None:
+        self.down_payload += payload
+        self.down_message += message
+
+
+def round_traffic(per_client: list[Traffic], fedavg_bytes: int) -> dict:
+    """The byte fields of a round's metrics row from its aggregated clients' traffic.
+
+    Payload and message bytes are summed over every client. Wire bytes are summed over the
+    clients whose socket was measured in that direction, and the per-client wire mean and the
+    efficiencies use those same clients (their payload against their wire), so a client whose
+    connection was lost to a restart makes the figure cover fewer clients, never a wrong one.
+    ``*_wire_clients`` says how many clients each wire figure covers."""
+    n = max(len(per_client), 1)
+    row: dict = {}
+    measured: dict[str, tuple[int, int]] = {}
+    for direction, prefix in (("uplink", "up"), ("downlink", "down")):
+        payload = sum(getattr(t, f"{prefix}_payload") for t in per_client)
+        covered = [t for t in per_client if getattr(t, f"{prefix}_wire") is not None]
+        wire = sum(getattr(t, f"{prefix}_wire") for t in covered) if covered else None
+        covered_payload = sum(getattr(t, f"{prefix}_payload") for t in covered)
+        row[f"{direction}_payload_bytes"] = payload
+        row[f"{direction}_message_bytes"] = sum(getattr(t, f"{prefix}_message") for t in per_client)
+        row[f"{direction}_wire_bytes"] = wire
+        row[f"{direction}_wire_clients"] = len(covered)
+        row[f"{direction}_payload_bytes_per_client"] = payload / n
+        row[f"{direction}_wire_bytes_per_client"] = None if wire is None else wire / len(covered)
+        row[f"{direction}_wire_efficiency"] = wire_efficiency(covered_payload, wire)
+        measured[direction] = (covered_payload, wire or 0)
+    both = [measured[d] for d in ("uplink", "downlink") if row[f"{d}_wire_bytes"] is not None]
+    row["wire_efficiency"] = (wire_efficiency(sum(p for p, _ in both), sum(w for _, w in both))
+                              if both else None)
+    row["fedavg_equivalent_bytes"] = 2 * fedavg_bytes * len(per_client)
+    return row

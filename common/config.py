@@ -51,6 +51,9 @@ class RoundsSection(Section):
     min_clients: int = Field(1, ge=1, description="quorum: fewest updates that close a round")
     deadline_s: float = Field(600.0, gt=0, description="seconds a round waits for updates")
     start_timeout_s: float = Field(600.0, gt=0, description="seconds to wait for enough clients")
+    resume_grace_s: float = Field(
+        60.0, ge=0, description="after a server restart, the open round waits at least this long "
+        "for its selected clients (they reconnect with backoff of up to 30 s)")
 
     @model_validator(mode="after")
     def _quorum(self) -> RoundsSection:

@@ -73,12 +73,3 @@ def decode(dtype: str, shape: tuple[int, ...] | list[int], data: bytes) -> torch
     if sys.byteorder != "little":  # pragma: no cover
         t = t.byteswap()
     return t.reshape(shape)
-
-
-def payload_bytes(tensors: dict[str, torch.Tensor], dtype: str | None = None) -> int:
-    """Bytes of raw tensor data for ``tensors`` sent in ``dtype`` (their own when None)."""
-    total = 0
-    for t in tensors.values():
-        size = element_size(dtype) if dtype else t.element_size()
-        total += t.numel() * size
-    return total

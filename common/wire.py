@@ -15,10 +15,8 @@ import torch
 
 from fedkrso.v1 import tensor_pb2
 
+from .subspace import fingerprint
 from .tensors import CodecError, decode, element_size, encode
-
-GRPC_FRAME_BYTES = 5  # gRPC length-prefixed message: 1 flag byte + 4 length bytes
-
 
 class WireError(ValueError):
     """A tensor stream that does not match what was expected."""
@@ -55,9 +53,10 @@ def tensor_batches(
         yield batch
 
 
-def message_bytes(msg) -> int:
-    """Serialized size of one gRPC message, including its 5-byte length prefix."""
-    return msg.ByteSize() + GRPC_FRAME_BYTES
+def update_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over an update's tensors (names, dtypes, shapes, bytes): its identity, which
+    makes a resubmission idempotent. Client and server compute it the same way."""
+    return fingerprint(sorted(tensors.items()))
 
 
 class TensorAssembler:

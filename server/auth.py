@@ -26,9 +26,9 @@ import grpc
 import structlog
 
 from ..common.config import ConfigError, SecuritySection, address_host, is_loopback
+from ..common.protocol import bearer_token
 
 log = structlog.get_logger("fedkrso.server")
-TOKEN_HEADER = "x-fedkrso-token"  # initial metadata of Join's answer under open enrolment
 _CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("fedkrso_client", default=None)
 
 
@@ -40,13 +40,6 @@ def valid_client_id(name: str) -> bool:
 def current_client() -> str | None:
     """The authenticated id of the RPC being served; None only for Join under open enrolment."""
     return _CLIENT.get()
-
-
-def bearer_token(metadata) -> str | None:
-    for key, value in metadata or ():
-        if key == "authorization" and value.startswith("Bearer "):
-            return value[len("Bearer "):]
-    return None
 
 
 def _read(path: Path, field: str) -> bytes:

@@ -1,10 +1,19 @@
-"""metrics.jsonl (one JSON object per round) and the end-of-run table."""
+"""metrics.jsonl (one JSON object per round): the row of a closed round, its file, and the
+end-of-run table."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
+
+import structlog
+
+from ..common.accounting import Traffic, round_traffic
+from .rounds import RoundState
+
+log = structlog.get_logger("fedkrso.server")
 
 COLUMNS = [
     ("round", "round", "{}"),
@@ -22,14 +31,73 @@ COLUMNS = [
 ]
 
 
+def round_row(rs: RoundState, state_fingerprint: str, fedavg_bytes: int) -> dict:
+    """One metrics.jsonl object without its evaluation: traffic summed over the aggregated
+    clients (``accounting.round_traffic``) and per client, losses, client figures."""
+    ids = sorted(rs.submissions)
+    traffic = [rs.traffic.get(c, Traffic()) for c in ids]
+    subs = [rs.submissions[c] for c in ids]
+    samples = max(sum(s.num_samples for s in subs), 1)
+    return {
+        "round": rs.round,
+        "clients": ids,
+        "dropped": sorted(rs.dropped),
+        **round_traffic(traffic, fedavg_bytes),
+        "train_loss": sum(s.loss * s.num_samples for s in subs) / samples,
+        "client_train_seconds": max((s.train_seconds for s in subs), default=0.0),
+        "client_peak_rss_bytes": max((s.peak_rss_bytes for s in subs), default=0),
+        "client_train_state_bytes": max((s.train_state_bytes for s in subs), default=0),
+        "round_seconds": time.monotonic() - rs.started,
+        "state_fingerprint": state_fingerprint,
+        "per_client": {
+            c: {"uplink_payload_bytes": t.up_payload, "uplink_wire_bytes": t.up_wire,
+                "downlink_payload_bytes": t.down_payload, "downlink_wire_bytes": t.down_wire,
+                "seeds_used": len(s.seeds_used), "loss": s.loss}
+            for c, t, s in zip(ids, traffic, subs)
+        },
+    }
+
+
 class MetricsWriter:
     """Appends one row per round. A resumed run appends to the rows already on disk, so a
-    round's row is written at most once: ``write`` skips a round that is already there."""
+    round's row is written at most once: ``write`` skips a round that is already there.
+
+    A crash (power loss) can tear the last line of the file. Opening the file repairs it: an
+    incomplete or unparsable last line is cut off (``metrics_repaired`` in the log), and the
+    coordinator writes that round's row again from the state's manifest."""
 
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair()
         self.rounds = {r["round"] for r in self.rows()}
+
+    def _repair(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        keep = len(data)
+        tail = lines[-1]  # after the last newline: empty when the file ends cleanly
+        if tail.strip():
+            try:
+                json.loads(tail)
+            except ValueError:
+                keep -= len(tail)
+            else:  # a whole row that lost only its newline
+                with self.path.open("ab") as f:
+                    f.write(b"\n")
+        elif len(lines) >= 2:
+            try:
+                json.loads(lines[-2])
+            except ValueError:
+                keep -= len(lines[-2]) + 1
+        if keep < len(data):
+            with self.path.open("r+b") as f:
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+            log.warning("metrics_repaired", path=str(self.path), cut_bytes=len(data) - keep)
 
     def has(self, round_id: int) -> bool:
         return round_id in self.rounds

@@ -1,8 +1,10 @@
 """The gRPC face of the coordinator (``fedkrso.v1.Coordinator``), on grpc.aio.
 
-``auth.AuthInterceptor`` authenticates the caller before a handler runs; each handler asks
-``Coordinator`` what to do and streams the answer through ``common.wire``. Every refusal is a precise gRPC status with a structured log event;
-nothing a client sends can change server state unless the whole update validated.
+A thin adapter: ``auth.AuthInterceptor`` authenticates the caller before a handler runs; each
+handler validates the request, forwards it to the ``Coordinator`` (which alone changes the
+run's state) and streams the answer through ``common.wire``, counting bytes as it goes. Every
+refusal is a precise gRPC status with a structured log event; nothing a client sends can
+change server state unless the whole update validated.
 """
 
 from __future__ import annotations
@@ -19,20 +21,20 @@ import structlog
 from fedkrso.v1 import coordinator_pb2 as pb
 from fedkrso.v1 import coordinator_pb2_grpc as pb_grpc
 
-from ..common.accounting import CountingRelay
-from ..common.subspace import fingerprint
-from ..common.wire import TensorAssembler, WireError, message_bytes, tensor_batches
-from .auth import TOKEN_HEADER, AuthInterceptor, current_client, server_credentials, valid_client_id
-from .coordinator import Coordinator, RoundError, Submission, Traffic
+from ..common.accounting import ConnCounters, message_bytes, payload_bytes, seeds_bytes
+from ..common.protocol import TOKEN_HEADER
+from ..common.tensors import element_size
+from ..common.wire import TensorAssembler, WireError, tensor_batches, update_digest
+from .auth import AuthInterceptor, current_client, server_credentials, valid_client_id
+from .coordinator import Assignment, Coordinator
+from .relay import CountingRelay
+from .rounds import RoundError, Submission
 
 log = structlog.get_logger("fedkrso.server")
-VERSION = "0.1.0"
 MAX_POLL_S = 60.0
 
 
-def update_digest(tensors) -> str:
-    """SHA-256 over an update's tensors (names, dtypes, shapes, bytes): its identity."""
-    return fingerprint(sorted(tensors.items()))
+CATCH_UP = {"none": pb.CATCH_UP_NONE, "deltas": pb.CATCH_UP_DELTAS, "snapshot": pb.CATCH_UP_SNAPSHOT}
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -58,6 +60,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except RoundError as err:
             await self._abort(context, err.code, str(err), client=client_id)
         return client_id
+
+    def _counters(self, context) -> ConnCounters | None:
+        """Socket counters of the connection this call came on (None without the relay)."""
+        return self.relay.lookup(context.peer()) if self.relay else None
 
     def _run_check(self, run_id: str) -> str | None:
         return None if run_id == self.coord.run_id else f"run {run_id!r} is not this run ({self.coord.run_id!r})"
@@ -95,59 +101,47 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         give_up = time.monotonic() + min(max(wait, 0.0), MAX_POLL_S)
         while True:
             coord.touch(client_id)
-            rs = coord.current
-            if coord.finished:
-                async for msg in self._catch_up(pb.ROUND_STATUS_FINISHED, request.have_round, None, None):
-                    yield msg
-                await coord.finished_stream_sent(client_id)
-                return
-            if rs is not None and rs.is_open_for(client_id) and rs.round == coord.completed:
-                traffic = Traffic()
-                counters = self.relay.lookup(context.peer()) if self.relay else None
-                if counters is not None:
-                    traffic.counters, traffic.up_start, traffic.down_start = counters, counters.up, counters.down
-                rs.traffic[client_id] = traffic
-                async for msg in self._catch_up(pb.ROUND_STATUS_TRAIN, request.have_round, rs, traffic):
-                    yield msg
-                return
+            task = coord.assignment(client_id, int(request.have_round))
+            if task is not None:
+                break
             remaining = give_up - time.monotonic()
             if remaining <= 0:
                 yield pb.StartRoundResponse(header=pb.RoundHeader(
                     status=pb.ROUND_STATUS_WAIT, round=coord.completed, target_round=coord.completed))
                 return
             await coord.wait_change(min(remaining, 5.0))
+        training = task.status == "train"
+        if training:
+            coord.begin_download(client_id, task.round, self._counters(context))
+        async for msg in self._assignment_stream(task, client_id if training else None):
+            yield msg
+        if training:
+            coord.end_download(client_id)
+        else:
+            await coord.finished_stream_sent(client_id)
 
-    async def _catch_up(self, status, have: int, rs, traffic: Traffic | None):
-        coord = self.coord
-        mode, deltas = coord.catch_up_plan(int(have))
+    async def _assignment_stream(self, task: Assignment, metered: str | None):
+        """The header, then every delta the client lacks; bytes counted for ``metered``."""
         header = pb.RoundHeader(
-            status=status,
-            round=rs.round if rs else coord.completed,
-            seeds=rs.seeds if rs else [],
-            plan_fingerprint=rs.plan_fingerprint if rs else "",
-            catch_up={"none": pb.CATCH_UP_NONE, "deltas": pb.CATCH_UP_DELTAS,
-                      "snapshot": pb.CATCH_UP_SNAPSHOT}[mode],
-            target_round=coord.completed,
-            state_fingerprint=coord.state_fingerprints[coord.completed],
-            num_deltas=len(deltas),
-            snapshot_round=coord.completed if mode == "snapshot" else 0,
-            deadline_unix=time.time() + (rs.deadline - time.monotonic()) if rs else 0.0,
-        )
+            status=pb.ROUND_STATUS_TRAIN if task.status == "train" else pb.ROUND_STATUS_FINISHED,
+            round=task.round, seeds=task.seeds, plan_fingerprint=task.plan_fingerprint,
+            catch_up=CATCH_UP[task.catch_up], target_round=task.target_round,
+            state_fingerprint=task.state_fingerprint, num_deltas=len(task.deltas),
+            snapshot_round=task.target_round if task.catch_up == "snapshot" else 0,
+            deadline_unix=task.deadline_unix)
         first = pb.StartRoundResponse(header=header)
-        if traffic is not None:
-            traffic.down_payload += 8 * len(header.seeds)
-            traffic.down_message += message_bytes(first)
+        if metered:
+            self.coord.count_download(metered, seeds_bytes(len(header.seeds)), message_bytes(first))
         yield first
-        if not deltas:
+        if not task.deltas:
             return
         async with self._downloads:
-            for d in deltas:
+            for d in task.deltas:
                 head = pb.StartRoundResponse(delta=pb.DeltaHeader(round=d.round, seeds=d.seeds,
                                                                   num_tensors=len(d.tensors)))
                 messages = [head, *self._delta_messages(d)]
-                if traffic is not None:
-                    traffic.down_payload += d.payload_bytes
-                    traffic.down_message += sum(message_bytes(m) for m in messages)
+                if metered:
+                    self.coord.count_download(metered, d.payload_bytes, sum(message_bytes(m) for m in messages))
                 for m in messages:
                     yield m
 
@@ -165,8 +159,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def SubmitUpdate(self, request_iterator, context) -> pb.SubmitUpdateResponse:
         client_id = await self._client(context)
         coord = self.coord
-        counters = self.relay.lookup(context.peer()) if self.relay else None
-        down_at_submit = counters.down if counters is not None else 0  # all of StartRound arrived
+        counters = self._counters(context)
+        down_at_submit = counters.down if counters is not None else None  # all of StartRound arrived
         msg_bytes = 0
         stream = request_iterator.__aiter__()
         try:
@@ -178,7 +172,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await self._abort(context, "INVALID_ARGUMENT", "update stream must start with a header", client=client_id)
         h = first.header
         try:
-            rs = coord.check_update_header(client_id, h.run_id, h.round, h.num_samples, h.update_digest)
+            rs = coord.intake.check_header(client_id, h.run_id, h.round, h.num_samples, h.update_digest)
         except RoundError as err:
             await self._abort(context, err.code, str(err), client=client_id, round=h.round)
         if rs is None:  # idempotent resubmission: drain and acknowledge, change nothing
@@ -189,10 +183,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         # uploads wait here for a slot, backpressured by HTTP/2 flow control: at most this many
         # updates are assembled at once, whatever the number of clients sending
         async with self._uploads:
-            spec, required = coord.update_spec(rs)
-            itemsize = coord.wire_itemsize()
-            limit = sum(_numel(s) for s in spec.values()) * itemsize
-            asm = TensorAssembler(spec, coord.cfg.method.wire_dtype, max_bytes=limit)
+            spec, required = coord.intake.update_spec(rs)
+            wire = coord.cfg.method.wire_dtype
+            asm = TensorAssembler(spec, wire, max_bytes=sum(math.prod(s) for s in spec.values()) * element_size(wire))
             try:
                 async for msg in stream:
                     msg_bytes += message_bytes(msg)
@@ -206,19 +199,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     raise WireError("update_digest does not match the tensors received")
             except WireError as err:
                 await self._abort(context, "INVALID_ARGUMENT", str(err), client=client_id, round=h.round)
-            traffic = rs.traffic.get(client_id) or Traffic()
-            traffic.up_payload = asm.payload_bytes
-            traffic.up_message = msg_bytes
-            if traffic.counters is not None:
-                traffic.up_wire = traffic.counters.up - traffic.up_start
-                traffic.down_wire = down_at_submit - traffic.down_start
-            else:
-                traffic.up_wire, traffic.down_wire = traffic.up_message, traffic.down_message
             sub = Submission(client_id, h.update_digest, int(h.num_samples), float(h.loss), int(h.steps),
                              float(h.train_seconds), int(h.peak_rss_bytes), int(h.train_state_bytes),
                              list(h.seeds_used))
             try:
-                folded = await coord.accept(rs, sub, {k: v.float() for k, v in tensors.items()}, traffic)
+                folded = await coord.intake.accept(rs, sub, {k: v.float() for k, v in tensors.items()},
+                                                   asm.payload_bytes, msg_bytes, counters, down_at_submit)
             except RoundError as err:
                 await self._abort(context, err.code, str(err), client=client_id, round=h.round)
             if not folded:
@@ -233,27 +219,21 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if problem := self._run_check(request.run_id):
             await self._abort(context, "FAILED_PRECONDITION", problem, client=client_id)
         async with self._downloads:  # one copy of the state per stream: bounded like deltas
-            async with coord.model_lock:
-                if request.round != coord.completed:
-                    await self._abort(context, "FAILED_PRECONDITION",
-                                      f"snapshot of round {request.round} unavailable; current is {coord.completed}")
-                state = {k: v.detach().clone() for k, v in coord.method.state_parameters(coord.model).items()}
-                fp = coord.state_fingerprints[coord.completed]
+            try:
+                state, fp = await coord.snapshot(int(request.round))
+            except RoundError as err:
+                await self._abort(context, err.code, str(err), client=client_id)
             log.info("snapshot_sent", client=client_id, round=request.round)
             # a snapshot fetched to train the open round is that round's downlink, like deltas
-            rs = coord.current
-            traffic = rs.traffic.get(client_id) if rs is not None and client_id in rs.selected else None
             head = pb.GetSnapshotResponse(header=pb.RoundHeader(round=request.round, target_round=request.round,
                                                                 state_fingerprint=fp))
-            if traffic is not None:
-                traffic.down_payload += coord.state_bytes  # the bytes of `state`, counted once at start
-                traffic.down_message += message_bytes(head)
+            coord.count_download(client_id, payload_bytes(state), message_bytes(head))
             yield head
             for batch in tensor_batches(state, None, self.chunk):
                 msg = pb.GetSnapshotResponse(tensors=batch)
-                if traffic is not None:
-                    traffic.down_message += message_bytes(msg)
+                coord.count_download(client_id, 0, message_bytes(msg))
                 yield msg
+        coord.end_download(client_id)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
         await self._client(context)
@@ -263,13 +243,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         client_id = await self._client(context)
         await self.coord.leave(client_id, request.reason or "leave")
         return pb.LeaveResponse()
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 SERVER_OPTIONS = [

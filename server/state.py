@@ -13,9 +13,12 @@ the folder), so a crash at any instant leaves either the old or the new version 
 - ``checkpoint-RRRRRR.safetensors``: ``method.state_parameters`` after R rounds, every
   ``server.checkpoint_every`` rounds, so a restart replays at most that many deltas.
 - ``open_round.json`` + ``open-RRRRRR-NNNN.safetensors``: the round in progress (seeds,
-  selection, deadline left, accepted submissions) and its aggregator's running state. The
-  JSON is the commit point: it names the tensor file written just before it. The coordinator
-  saves it before acknowledging an update, so an acknowledged update is never lost.
+  selection, deadline left, accepted submissions, every client's traffic so far) and its
+  aggregator's running state. The JSON is the commit point: it names the tensor file written
+  just before it. The coordinator saves it before acknowledging an update, so an acknowledged
+  update is never lost, and after each finished download, so a client that downloaded before
+  a crash and submits after it keeps its downlink bytes. ``open_record`` and ``restore_round``
+  are the only code that writes and reads that record.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import structlog
@@ -33,8 +36,12 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as dump_tensors
 
+from ..common.accounting import Traffic
+from ..common.aggregate import Aggregator, aggregator_from_state
+from .rounds import RoundState, Submission
+
 log = structlog.get_logger("fedkrso.server")
-FORMAT = 1
+FORMAT = 2  # 2: the open round's traffic is its own record (every client, not only submitters)
 Tensors = dict[str, torch.Tensor]
 
 
@@ -87,6 +94,32 @@ def move_aside(out: Path) -> Path | None:
         shutil.move(str(p), str(dest / p.name))
     log.info("state_moved_aside", to=str(dest), moved=[p.name for p in old])
     return dest
+
+
+def open_record(rs: RoundState) -> dict:
+    """The JSON record of an open round (its aggregator's tensors are saved beside it)."""
+    now = time.monotonic()
+    return {"round": rs.round, "seeds": list(rs.seeds), "plan_fingerprint": rs.plan_fingerprint,
+            "selected": sorted(rs.selected), "dropped": sorted(rs.dropped),
+            "deadline_remaining_s": max(rs.deadline - now, 0.0), "elapsed_s": now - rs.started,
+            "submissions": {c: asdict(s) for c, s in rs.submissions.items()},
+            "traffic": {c: t.numbers() for c, t in rs.traffic.items()}}
+
+
+def restore_round(o: dict, tensors: Tensors, fresh_aggregator: Aggregator, min_remaining_s: float) -> RoundState:
+    """The open round of a record, after a restart. Its deadline is at least
+    ``min_remaining_s`` away, so clients still reconnecting with backoff are not dropped by a
+    restart that came near the deadline."""
+    now = time.monotonic()
+    remaining = max(float(o["deadline_remaining_s"]), min_remaining_s)
+    rs = RoundState(o["round"], o["seeds"], o["plan_fingerprint"], set(o["selected"]), now + remaining,
+                    started=now - o["elapsed_s"], dropped=set(o["dropped"]))
+    for client_id, numbers in o["traffic"].items():
+        rs.traffic[client_id] = Traffic(**numbers)
+    for client_id, sub in o["submissions"].items():
+        rs.submissions[client_id] = Submission(**sub)
+    rs.aggregator = aggregator_from_state(tensors, o["aggregator"]) if o["aggregator"] else fresh_aggregator
+    return rs
 
 
 @dataclass
@@ -193,9 +226,13 @@ class RunStore:
             self._drop_open_tensors(keep=None)
             self._open_agg = (None, None)
 
+    def save_open(self, rs: RoundState, with_aggregate: bool) -> None:
+        """Save the open round ``rs``; its aggregate too when ``with_aggregate`` (an update was
+        folded), else the last saved aggregate stays (selection, deadline or traffic changed)."""
+        self.save_open_round(open_record(rs), rs.aggregator.state() if with_aggregate else None)
+
     def save_open_round(self, record: dict, aggregator: tuple[Tensors, dict] | None) -> None:
-        """Save the open round. ``aggregator`` is its ``state()`` when it changed (an update was
-        folded), None to keep the last saved one (selection or deadline changed)."""
+        """Save an open-round record and, when it changed, its aggregator's ``state()``."""
         with self._lock:
             if aggregator is not None:
                 tensors, meta = aggregator

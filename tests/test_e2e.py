@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from fedkrso.common.accounting import fedkrso_uplink_bytes
-from fedkrso.common.launch import Cluster
+from fedkrso.bench.launch import Cluster
 from fedkrso.common.methods.base import out_in
 from fedkrso.common.models import build_tiny, load_model
 from fedkrso.common.methods import build_method

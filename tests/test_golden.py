@@ -72,7 +72,7 @@ def golden_inputs(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def run_golden(tmp: Path, model: Path, data: Path, method: dict) -> list[str]:
-    from fedkrso.common.launch import Cluster
+    from fedkrso.bench.launch import Cluster
 
     out = tmp / "out"
     cfg = {

@@ -17,7 +17,8 @@ from fedkrso.common.config import ConfigError, parse_config
 from fedkrso.common.methods import METHODS, LocalUpdate, Method
 from fedkrso.common.methods.base import out_in
 from fedkrso.common.models import build_tiny, load_model, model_fingerprint
-from fedkrso.common.tensors import decode, encode, payload_bytes
+from fedkrso.common.accounting import payload_bytes
+from fedkrso.common.tensors import decode, encode
 
 FAMILIES = {"bert": "sequence-classification", "gpt2": "causal-lm", "llama": "causal-lm"}
 
@@ -174,7 +175,7 @@ def test_measured_train_state_is_grad_plus_adam_of_the_trainables(tiny, name, fa
     subspace's B (d_m x r per target) and the dense set; FedKSeed is zeroth order (nothing)."""
     method = make(name)
     model = prepared(tiny, family, method)
-    train(method, model, family, "c1")
+    update = train(method, model, family, "c1")
     dense = sum(p.numel() for p in method.dense(model).values())
     if name == "fedkseed":
         trainable = 0
@@ -182,7 +183,9 @@ def test_measured_train_state_is_grad_plus_adam_of_the_trainables(tiny, name, fa
         trainable = method.cfg.rank * sum(out_in(m)[0] for m in method.targets(model).values()) + dense
     else:
         trainable = sum(p.numel() for p in method.own(model).values()) + dense
-    assert method.last_train_state_bytes == 3 * 4 * trainable
+    assert update.train_state_bytes == 3 * 4 * trainable
+    assert method.trainable_count(model) == trainable  # the method's own description agrees
+    assert method.train_state_bytes_formula(model) == update.train_state_bytes
     assert (trainable > 0) == (name != "fedkseed")
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedkrso.common.launch import child_env
+from fedkrso.bench.launch import child_env
 from fedkrso.common.models import build_tiny
 
 pytestmark = pytest.mark.slow

@@ -2,7 +2,7 @@
 
 Everything runs against real gRPC servers on loopback: a ``Coordinator`` served in-process on
 its own asyncio loop (a background thread) for the direct-RPC cases, and real server/client
-processes (``common.launch.Cluster``) for the crash and late-join cases. Every refusal is
+processes (``bench.launch.Cluster``) for the crash and late-join cases. Every refusal is
 checked for its precise gRPC status, and after each one the run must stay healthy: a valid
 update is still accepted and the round closes.
 """
@@ -24,11 +24,12 @@ import torch
 import yaml
 
 from fedkrso.common.config import parse_config
-from fedkrso.common.launch import Cluster
+from fedkrso.bench.launch import Cluster
 from fedkrso.common.models import build_tiny
 from fedkrso.common.wire import tensor_batches
 from fedkrso.server.coordinator import Coordinator
-from fedkrso.server.service import run_server, update_digest
+from fedkrso.common.wire import update_digest
+from fedkrso.server.service import run_server
 from fedkrso.v1 import coordinator_pb2 as pb
 from fedkrso.v1 import coordinator_pb2_grpc as pb_grpc
 from fedkrso.v1 import tensor_pb2

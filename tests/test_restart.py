@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from fedkrso.common.config import parse_config
-from fedkrso.common.launch import Cluster
+from fedkrso.bench.launch import Cluster
 from fedkrso.server import state as state_mod
 from fedkrso.server.coordinator import Coordinator
 from fedkrso.server.metrics import MetricsWriter

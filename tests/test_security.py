@@ -22,7 +22,7 @@ import yaml
 
 from fedkrso.client.runner import ClientOptions, CredentialRefused, FedClient
 from fedkrso.common.config import ConfigError, parse_config
-from fedkrso.common.launch import Cluster
+from fedkrso.bench.launch import Cluster
 from fedkrso.common.models import build_tiny
 from fedkrso.server.coordinator import Coordinator
 from fedkrso.server.service import run_server

@@ -66,8 +66,8 @@ class MethodConfig(BaseModel):
     wire_dtype: WireDtype = Field("float32", description="dtype of tensors on the wire")
 
     def local_steps(self) -> int:
-        """Optimizer steps a client takes per round."""
-        return getattr(self, "steps", 1)
+        """Optimizer steps a client takes per round (each method's ``Config`` says how many)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how many local steps it takes")
 
 
 @dataclass
@@ -79,11 +79,17 @@ class LocalUpdate:
     steps: int
     num_samples: int = 0
     seeds_used: list[int] = field(default_factory=list)
+    train_state_bytes: int = 0  # peak gradient + optimizer-state bytes while training (measured)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: a linear layer whose weight is stored transposed (in x out)."""
+    return type(module).__name__ == "Conv1D"
 
 
 def is_linear(module: nn.Module) -> bool:
-    """nn.Linear or GPT-2's Conv1D (weight stored transposed: in x out)."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """nn.Linear or GPT-2's Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -94,7 +100,7 @@ def is_norm(module: nn.Module) -> bool:
 def out_in(module: nn.Module) -> tuple[int, int]:
     """(d_m, d_n) of a linear-like module in nn.Linear convention (out x in)."""
     w = module.weight
-    return (w.shape[1], w.shape[0]) if type(module).__name__ == "Conv1D" else tuple(w.shape)
+    return (w.shape[1], w.shape[0]) if is_conv1d(module) else tuple(w.shape)
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -147,8 +153,6 @@ class Method(ABC):
     def __init__(self, cfg: MethodConfig, run_seed: int):
         self.cfg = cfg
         self.run_seed = run_seed
-        # peak gradient + optimizer-state bytes of the last ``train_round`` (measured)
-        self.last_train_state_bytes = 0
 
     # -- both sides --------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
@@ -171,6 +175,29 @@ class Method(ABC):
 
     def state_fingerprint(self, model: nn.Module) -> str:
         return fingerprint(sorted(self.state_parameters(model).items()))
+
+    def snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """A copy of the state a round changes, so a client can return to W^t after training."""
+        return {k: v.detach().clone() for k, v in self.state_parameters(model).items()}
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+        """Put back a ``snapshot`` (or any tensors of the same names and shapes: a checkpoint,
+        a downloaded state), bit for bit."""
+        state = self.state_parameters(model)
+        for k, v in snapshot.items():
+            state[k].copy_(v)
+
+    @abstractmethod
+    def trainable_count(self, model: nn.Module) -> int:
+        """Parameters trained with gradients and an optimizer at any one time during local
+        training (FedKRSO: one subspace's B plus the dense-trainables)."""
+
+    def train_state_bytes_formula(self, model: nn.Module) -> int:
+        """Gradient + Adam state of ``trainable_count`` float32 parameters, in closed form:
+        grad + exp_avg + exp_avg_sq = 3 x 4 bytes each. Clients measure the real figure
+        (``LocalUpdate.train_state_bytes``); this is the analytic one."""
+        return 3 * 4 * self.trainable_count(model)
 
     @abstractmethod
     def update_spec(self, model: nn.Module, seeds: list[int]) -> dict[str, tuple[int, ...]]:
@@ -271,6 +298,9 @@ class DeltaMethod(Method):
         state.update(self.dense(model))
         return state
 
+    def trainable_count(self, model: nn.Module) -> int:
+        return sum(p.numel() for p in (self.own(model) | self.dense(model)).values())
+
     def update_spec(self, model: nn.Module, seeds: list[int]) -> dict[str, tuple[int, ...]]:
         spec = {f"delta.{n}": tuple(p.shape) for n, p in self.own(model).items()}
         spec.update(self.dense_spec(self.dense(model)))
@@ -292,17 +322,18 @@ class DeltaMethod(Method):
             groups.append({"params": list(dense.values()), "lr": self.cfg.dense_lr or self.cfg.lr})
         opt = torch.optim.Adam(groups)
         losses: list[float] = []
-        self.last_train_state_bytes = 0
+        peak_state = 0
         for _ in range(self.cfg.local_steps()):
             loss = forward_loss(model, next(batches))
             loss.backward()
             opt.step()
-            self.last_train_state_bytes = max(self.last_train_state_bytes, train_state_bytes(opt))
+            peak_state = max(peak_state, train_state_bytes(opt))
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
         tensors = {f"delta.{n}": (p.detach() - start[n]).float() for n, p in own.items()}
         tensors.update(self.dense_deltas(dense, start))
-        return LocalUpdate(tensors=tensors, loss=sum(losses) / len(losses), steps=len(losses))
+        return LocalUpdate(tensors=tensors, loss=sum(losses) / len(losses), steps=len(losses),
+                           train_state_bytes=peak_state)
 
     @torch.no_grad()
     def apply(self, model: nn.Module, seeds: list[int], delta: dict[str, torch.Tensor]) -> None:

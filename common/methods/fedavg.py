@@ -30,6 +30,9 @@ class Config(MethodConfig):
     train_embeddings: bool = Field(True, description="train (and send) every nn.Embedding table: "
                                    "full fine-tuning; false = only what FedKRSO can reach")
 
+    def local_steps(self) -> int:
+        return self.steps
+
 
 def linear_parameters(
     model: nn.Module, patterns: list[str], biases: bool

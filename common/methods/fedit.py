@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from ..subspace import cpu_generator
-from .base import DeltaMethod, MethodConfig, out_in, target_linears
+from .base import DeltaMethod, MethodConfig, is_conv1d, out_in, target_linears
 
 ADAPTER = "default"
 
@@ -36,6 +36,9 @@ class Config(MethodConfig):
     steps: int = Field(16, ge=1, description="local Adam steps per round")
     rank: int = Field(8, ge=1, description="r_L: LoRA rank")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r")
+
+    def local_steps(self) -> int:
+        return self.steps
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -62,7 +65,7 @@ class FedIT(DeltaMethod):
         targets = target_linears(model, self.cfg.target_modules)
         if not targets:
             raise ValueError(f"no Linear module matches target_modules={self.cfg.target_modules}")
-        conv1d = {type(m).__name__ == "Conv1D" for m in targets.values()}
+        conv1d = {is_conv1d(m) for m in targets.values()}
         if len(conv1d) > 1:
             raise ValueError("target_modules mixes nn.Linear and Conv1D; select one kind")
         config = LoraConfig(

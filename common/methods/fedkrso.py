@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ..accounting import fedkrso_uplink_bytes
 from ..subspace import round_seeds, stable_seed, subspace, subspace_fingerprint
-from .base import LocalUpdate, Method, MethodConfig, forward_loss, out_in, target_linears, train_state_bytes
+from .base import (LocalUpdate, Method, MethodConfig, forward_loss, is_conv1d, out_in, target_linears,
+                   train_state_bytes)
 
 
 class Config(MethodConfig):
@@ -37,10 +39,6 @@ class Config(MethodConfig):
 
     def local_steps(self) -> int:
         return self.intervals * self.interval_steps
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
 
 
 class _SubspaceLinear(torch.autograd.Function):
@@ -116,7 +114,7 @@ class SubspaceAdapter:
                     type(module).forward(module, x, *args, **kwargs))
                 return out + F.linear(F.linear(x, self.p[name]), b.to(x.dtype))
             y = _SubspaceLinear.apply(x.reshape(-1, x.shape[-1]), w, module.bias,
-                                      self.p[name], b, _is_conv1d(module))
+                                      self.p[name], b, is_conv1d(module))
             return y.view(*x.shape[:-1], y.shape[-1])
 
         return forward
@@ -136,7 +134,7 @@ class SubspaceAdapter:
         for name, module in self.targets.items():
             b = self.b.pop(name).detach()
             delta = b.to(self.p[name].dtype) @ self.p.pop(name)
-            module.weight.add_(delta.T if _is_conv1d(module) else delta)
+            module.weight.add_(delta.T if is_conv1d(module) else delta)
             out[name] = b.float()
         return out
 
@@ -177,6 +175,11 @@ class FedKRSO(Method):
         state.update(self.dense(model))
         return state
 
+    def trainable_count(self, model: nn.Module) -> int:
+        """One interval trains B (d_m x r) for every target plus the dense-trainables."""
+        sum_dm = sum(out_in(m)[0] for m in self.targets(model).values())
+        return self.cfg.rank * sum_dm + sum(p.numel() for p in self.dense(model).values())
+
     def update_spec(self, model: nn.Module, seeds: list[int]) -> dict[str, tuple[int, ...]]:
         spec: dict[str, tuple[int, ...]] = {}
         for k in range(len(seeds)):
@@ -193,7 +196,7 @@ class FedKRSO(Method):
         """uplink = K_used * r * sum_m d_m * b + dense * b (ALGORITHM.md section 6)."""
         sum_dm = sum(out_in(m)[0] for m in self.targets(model).values())
         dense = sum(p.numel() for p in self.dense(model).values())
-        return self.wire_bytes(n_seeds_used * self.cfg.rank * sum_dm + dense)
+        return fedkrso_uplink_bytes(sum_dm, n_seeds_used, self.cfg.rank, dense, self.wire_bytes(1))
 
     def seed_choices(self, round_id: int, client_key: str) -> list[int]:
         """Seed index per interval: uniform, from a client RNG of (run seed, round, client)."""
@@ -215,7 +218,7 @@ class FedKRSO(Method):
         adapter = SubspaceAdapter(self.targets(model), self.cfg.rank)
         acc: dict[str, torch.Tensor] = {}
         losses: list[float] = []
-        self.last_train_state_bytes = 0
+        peak_state = 0
         try:
             for k in self.seed_choices(round_id, client_key):
                 b_opt = torch.optim.Adam(adapter.start(seeds[k]), lr=self.cfg.lr)
@@ -225,8 +228,7 @@ class FedKRSO(Method):
                     b_opt.step()
                     if dense_opt:
                         dense_opt.step()
-                    self.last_train_state_bytes = max(self.last_train_state_bytes,
-                                                      train_state_bytes(b_opt, dense_opt))
+                    peak_state = max(peak_state, train_state_bytes(b_opt, dense_opt))
                     b_opt.zero_grad(set_to_none=True)
                     if dense_opt:
                         dense_opt.zero_grad(set_to_none=True)
@@ -243,6 +245,7 @@ class FedKRSO(Method):
             loss=sum(losses) / len(losses),
             steps=len(losses),
             seeds_used=[seeds[k] for k in used],
+            train_state_bytes=peak_state,
         )
 
     @torch.no_grad()
@@ -260,5 +263,5 @@ class FedKRSO(Method):
                 total = term if total is None else total + term
             if total is not None:
                 w = module.weight
-                w.add_((total.T if _is_conv1d(module) else total).to(w.device, w.dtype))
+                w.add_((total.T if is_conv1d(module) else total).to(w.device, w.dtype))
         self.apply_dense(model, delta)

@@ -43,6 +43,9 @@ class Config(MethodConfig):
     train_biases: bool = Field(True, description="perturb the target Linears' biases too")
     zo_dense: bool = Field(True, description="tune the dense-trainables zeroth-order too")
 
+    def local_steps(self) -> int:
+        return self.steps
+
 
 def direction(seed: int, name: str, shape: torch.Size) -> torch.Tensor:
     """z ~ N(0, I) for tensor ``name`` under candidate ``seed``, drawn in float32 on the CPU."""
@@ -78,6 +81,10 @@ class FedKSeed(Method):
 
     def state_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return dict(self.theta(model))
+
+    def trainable_count(self, model: nn.Module) -> int:
+        """Nothing is trained with gradients: theta moves by zeroth-order steps alone."""
+        return 0
 
     def update_spec(self, model: nn.Module, seeds: list[int]) -> dict[str, tuple[int, ...]]:
         return {"scalars": (len(seeds),)}

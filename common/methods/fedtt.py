@@ -39,7 +39,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..subspace import cpu_generator
-from .base import DeltaMethod, MethodConfig
+from .base import DeltaMethod, MethodConfig, out_in
 
 ATTR = "tt_adapter"
 DEFAULT_ADAPTER_MODULES = [
@@ -65,6 +65,9 @@ class Config(MethodConfig):
     tt_rank: int = Field(5, ge=1, description="TT rank between consecutive cores")
     cores: int = Field(3, ge=2, description="cores per TT matrix (factors of h and of m)")
     activation: Literal["relu", "gelu", "silu"] = "relu"
+
+    def local_steps(self) -> int:
+        return self.steps
 
 
 class PlusConfig(Config):
@@ -158,8 +161,7 @@ def adapters(model: nn.Module) -> dict[str, TTAdapter]:
 
 
 def _out_features(module: nn.Module) -> int:
-    w = module.weight  # nn.Linear: out x in; GPT-2 Conv1D: in x out
-    return w.shape[1] if type(module).__name__ == "Conv1D" else w.shape[0]
+    return out_in(module)[0]
 
 
 class FedTT(DeltaMethod):

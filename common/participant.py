@@ -1,0 +1,175 @@
+"""One client's side of a round, without the transport: the unit that the gRPC client and the
+in-process simulator both drive.
+
+A ``Participant`` holds the global weights W^t between rounds. For a round it
+
+1. catches up to the round's target state: the aggregated deltas of the rounds it lacks
+   (``apply_delta``) or a snapshot (``load_snapshot``), then checks the rebuilt state against
+   the server's fingerprint (``verify``);
+2. checks that it rebuilt the round's random objects (subspaces, directions) as the server did
+   (``check_plan``);
+3. trains with the method on its own data (``train``): it snapshots the method's state, trains,
+   takes the change, restores the snapshot bit for bit (so it is back at W^t before the next
+   global delta) and returns the update cast to the wire dtype with its digest.
+
+Every random choice of a round is keyed by (run seed, round, client key): batch order, dropout
+and the method's own choices, so a client that trains a round again produces the same bytes,
+and a simulated client produces what its distributed twin would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import RunConfig
+from .data import batches
+from .methods import Method, build_method
+from .models import load_model, load_tokenizer, model_fingerprint
+from .subspace import stable_seed
+from .tensors import DTYPES
+from .wire import update_digest
+
+
+class ParticipantError(RuntimeError):
+    """A state under which a client must not go on: another base model, a rebuilt state or
+    subspace that differs from the server's, a delta that does not fit."""
+
+
+@dataclass
+class PreparedUpdate:
+    """A trained update in the wire dtype, with what its header reports."""
+
+    round: int
+    tensors: dict[str, torch.Tensor]
+    digest: str
+    num_samples: int
+    loss: float
+    steps: int
+    seeds_used: list[int] = field(default_factory=list)
+    train_seconds: float = 0.0
+    train_state_bytes: int = 0
+
+
+@dataclass
+class Shared:
+    """The base model, its tokenizer and the method object, prepared once. Several simulated
+    participants may share one (they differ only in data and in the state they train)."""
+
+    model: nn.Module
+    tokenizer: object
+    method: Method
+
+    @classmethod
+    def load(cls, cfg: RunConfig, model_spec: str | None = None) -> Shared:
+        m = cfg.model
+        spec = model_spec or m.name
+        method = build_method(cfg.method, cfg.run.seed)
+        model = load_model(spec, m.task, m.num_labels, cfg.run.seed)
+        method.prepare(model)
+        return cls(model, load_tokenizer(spec), method)
+
+
+def _counted(items: Iterator, tick: Callable[[], None] | None) -> Iterator:
+    for item in items:
+        if tick is not None:
+            tick()
+        yield item
+
+
+class Participant:
+    """One client's model state, data and round logic (module docstring)."""
+
+    def __init__(self, cfg: RunConfig, key: str, dataset, shared: Shared):
+        self.cfg = cfg
+        self.key = key  # keys the client's RNGs: batch order, dropout, seed choices
+        self.dataset = dataset
+        self.shared = shared
+        self.have = 0  # rounds applied: the participant holds W^have
+
+    @property
+    def model(self) -> nn.Module:
+        return self.shared.model
+
+    @property
+    def method(self) -> Method:
+        return self.shared.method
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+    # -- catching up ---------------------------------------------------------------------------
+    def check_base(self, server_fingerprint: str, spec: str) -> None:
+        fp = model_fingerprint(self.model)
+        if fp != server_fingerprint:
+            raise ParticipantError(f"base model {spec!r} differs from the server's (fingerprint "
+                                   f"{fp[:12]} != {server_fingerprint[:12]}); refusing to train")
+
+    def delta_spec(self, seeds: list[int]) -> dict[str, tuple[int, ...]]:
+        """Names and shapes a round delta with ``seeds`` may carry (a mean of updates)."""
+        return self.method.update_spec(self.model, seeds)
+
+    def state_spec(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of a snapshot: every tensor a round changes."""
+        return {k: tuple(v.shape) for k, v in self.method.state_parameters(self.model).items()}
+
+    def apply_delta(self, round_id: int, seeds: list[int], tensors: dict[str, torch.Tensor]) -> None:
+        if round_id != self.have:
+            raise ParticipantError(f"delta for round {round_id} but the client holds round {self.have}")
+        spec = self.delta_spec(seeds)
+        for name, t in tensors.items():
+            if name not in spec or tuple(t.shape) != tuple(spec[name]):
+                raise ParticipantError(f"delta of round {round_id}: tensor {name!r} does not fit this model")
+            if not torch.isfinite(t).all():
+                raise ParticipantError(f"delta of round {round_id}: tensor {name!r} has non-finite values")
+        self.method.apply(self.model, seeds, {k: v.float() for k, v in tensors.items()})
+        self.have = round_id + 1
+
+    def load_snapshot(self, round_id: int, tensors: dict[str, torch.Tensor]) -> None:
+        spec = self.state_spec()
+        if set(tensors) != set(spec) or any(tuple(t.shape) != spec[k] for k, t in tensors.items()):
+            raise ParticipantError(f"snapshot of round {round_id} does not fit this model")
+        self.method.restore(self.model, tensors)
+        self.have = round_id
+
+    def verify(self, target_round: int, state_fingerprint: str) -> str:
+        """The rebuilt state must be the server's: same round, same fingerprint."""
+        if self.have != target_round:
+            raise ParticipantError(f"caught up to round {self.have}, server expects {target_round}")
+        fp = self.method.state_fingerprint(self.model)
+        if fp != state_fingerprint:
+            raise ParticipantError(f"rebuilt state at round {self.have} differs from the server's "
+                                   f"({fp[:12]} != {state_fingerprint[:12]})")
+        return fp
+
+    # -- training ------------------------------------------------------------------------------
+    def check_plan(self, round_id: int, seeds: list[int], plan_fingerprint: str) -> None:
+        if self.method.plan_fingerprint(self.model, seeds) != plan_fingerprint:
+            raise ParticipantError(f"rebuilt subspaces for round {round_id} differ from the server's")
+
+    def train(self, round_id: int, seeds: list[int], tick: Callable[[], None] | None = None) -> PreparedUpdate:
+        """Local training for round ``round_id`` from W^have; the model is back at W^have after."""
+        m, t, run_seed = self.cfg.model, self.cfg.training, self.cfg.run.seed
+        snapshot = self.method.snapshot(self.model)
+        data = batches(self.dataset, self.shared.tokenizer, m.task, m.max_length, t.batch_size,
+                       seed=stable_seed("batches", run_seed, round_id, self.key))
+        started = time.perf_counter()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                # dropout: the same update whenever it is (re)trained
+                torch.manual_seed(stable_seed("dropout", run_seed, round_id, self.key) % (2**63))
+                update = self.method.train_round(self.model, _counted(data, tick), round_id, seeds, self.key)
+        finally:
+            self.method.restore(self.model, snapshot)
+        train_seconds = time.perf_counter() - started
+        wire = DTYPES[self.cfg.method.wire_dtype]
+        tensors = {k: v.to(wire) for k, v in update.tensors.items()}
+        return PreparedUpdate(round=round_id, tensors=tensors, digest=update_digest(tensors),
+                              num_samples=self.num_samples, loss=update.loss, steps=update.steps,
+                              seeds_used=list(update.seeds_used), train_seconds=train_seconds,
+                              train_state_bytes=update.train_state_bytes)

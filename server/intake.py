@@ -1,0 +1,146 @@
+"""Taking in updates: a header checked against the open round, the tensors folded into the
+round's running aggregate, durably, before the acknowledgement.
+
+Group commit: every accepted update must be on disk before it is acknowledged, but one write
+of the open round saves every update folded so far, so the updates that arrive while a write
+runs share the next one (``_persist_folds``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import TYPE_CHECKING
+
+import structlog
+import torch
+
+from ..common.accounting import ConnCounters
+from .rounds import RoundError, RoundState, Submission
+
+if TYPE_CHECKING:
+    from .coordinator import Coordinator
+
+log = structlog.get_logger("fedkrso.server")
+
+
+class UpdateIntake:
+    """Validates and folds the updates of a coordinator's open round."""
+
+    def __init__(self, coord: Coordinator):
+        self.coord = coord
+
+    def check_header(self, client_id: str, run_id: str, round_id: int, num_samples: int,
+                            digest: str) -> RoundState | None:
+        """Validate an update header. Returns the open round, or None for an idempotent
+        resubmission of an update already accepted (same digest)."""
+        c = self.coord
+        if run_id != c.run_id:
+            raise RoundError("FAILED_PRECONDITION", f"update for run {run_id!r}, this run is {c.run_id!r}")
+        rs = c.current
+        if round_id < c.completed or (rs is None and round_id == c.completed and c.finished):
+            prior = c.accepted_digests.get((round_id, client_id))
+            if prior is not None and prior == digest:
+                return None  # resubmission of an update already folded into a closed round
+            raise RoundError("FAILED_PRECONDITION", f"stale update for round {round_id}; round "
+                             f"{c.completed} is current{' (already accepted)' if prior else ''}")
+        if rs is None or round_id != rs.round:
+            raise RoundError("FAILED_PRECONDITION", f"update for round {round_id}, which is not open "
+                             f"(open: {rs.round if rs else 'none'})")
+        if client_id in rs.submissions:
+            if rs.submissions[client_id].digest == digest:
+                return None
+            raise RoundError("ALREADY_EXISTS", f"a different update for round {round_id} was already accepted")
+        if client_id in rs.dropped:
+            raise RoundError("FAILED_PRECONDITION", f"client was dropped from round {round_id} after its deadline")
+        if client_id not in rs.selected:
+            raise RoundError("PERMISSION_DENIED", f"client is not selected for round {round_id}")
+        if rs.closing:
+            raise RoundError("FAILED_PRECONDITION", f"round {round_id} is closing; update too late")
+        declared = c.registry.get(client_id).num_samples
+        if not 1 <= num_samples <= declared:
+            raise RoundError("INVALID_ARGUMENT", f"num_samples={num_samples} outside [1, {declared}] "
+                             "(the shard size declared at join)")
+        return rs
+
+    def update_spec(self, rs: RoundState) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+        """(name -> shape of what an update of ``rs`` may carry, the names it must carry)."""
+        method, model = self.coord.method, self.coord.model
+        return method.update_spec(model, rs.seeds), method.required_names(model, rs.seeds)
+
+    async def accept(self, rs: RoundState, sub: Submission, tensors: dict[str, torch.Tensor],
+                     up_payload: int, up_message: int, counters: ConnCounters | None,
+                     down_at_submit: int | None) -> bool:
+        """Fold a validated update into the round's running sum. False: the same update was
+        already folded (a duplicate), nothing changed.
+
+        ``counters`` are the socket counters of the connection the update came on (None when
+        not measured) and ``down_at_submit`` their downlink count when the upload began: the
+        client's wire bytes are measured from its download's mark when both are on the same
+        connection, and stay unmeasured (None) when the connection changed (a restart)."""
+        for name, t in tensors.items():
+            if not torch.isfinite(t).all():
+                raise RoundError("INVALID_ARGUMENT", f"tensor {name!r} has non-finite values")
+        bound = self.coord.cfg.server.max_update_norm
+        if bound is not None:
+            norm = math.sqrt(sum(float(t.double().square().sum()) for t in tensors.values()))
+            if norm > bound:
+                raise RoundError("INVALID_ARGUMENT", f"update L2 norm {norm:.6g} exceeds "
+                                 f"server.max_update_norm={bound:g}")
+        weight = float(sub.num_samples) if self.coord.cfg.training.weighting == "samples" else 1.0
+        async with self.coord.fold_lock:
+            # checked under the lock: concurrent streams of one client must not both fold
+            if rs.closing or self.coord.current is not rs:
+                raise RoundError("FAILED_PRECONDITION", f"round {rs.round} closed before the update completed")
+            prior = rs.submissions.get(sub.client_id)
+            duplicate = prior is not None
+            if duplicate and prior.digest != sub.digest:
+                raise RoundError("ALREADY_EXISTS", f"an update for round {rs.round} was already accepted")
+            if not duplicate:
+                await asyncio.to_thread(rs.aggregator.add, tensors, weight)
+                traffic = rs.traffic_of(sub.client_id)
+                traffic.up_payload, traffic.up_message = up_payload, up_message
+                mark = traffic.download
+                if mark is not None and mark.same_connection(counters):
+                    traffic.up_wire = counters.up - mark.up
+                    traffic.down_wire = down_at_submit - mark.down
+                else:
+                    traffic.up_wire = None
+                rs.submissions[sub.client_id] = sub
+                self.coord.accepted_digests[(rs.round, sub.client_id)] = sub.digest
+                rs.folds += 1
+            fold = rs.folds
+        # before the acknowledgement; a duplicate (the same update, folded by a concurrent
+        # stream) is acknowledged only once the original is durable too
+        await self._persist_folds(rs, fold)
+        if duplicate:
+            return False
+        log.info("update_accepted", round=rs.round, client=sub.client_id, loss=round(sub.loss, 4),
+                 payload_bytes=up_payload, wire_bytes=rs.traffic[sub.client_id].up_wire,
+                 received=len(rs.submissions), selected=len(rs.selected))
+        await self.coord.notify()
+        return True
+
+    async def _persist_folds(self, rs: RoundState, fold: int) -> None:
+        """Return once the first ``fold`` updates of ``rs`` are on disk: in the open round's
+        state, or in the round commit when the round closed meanwhile.
+
+        Group commit: a write takes ``fold_lock`` and saves every update folded so far, so
+        the updates that arrive while one write runs share the next one. With N clients per
+        round that is far fewer than N writes of the aggregate, each acknowledgement still
+        comes after its update is durable."""
+        while rs.saved_folds < fold:
+            if rs.closing:
+                await rs.committed.wait()
+                return
+            if rs.flusher is None or rs.flusher.done():
+                rs.flusher = asyncio.create_task(self._flush_open(rs))
+            await asyncio.shield(rs.flusher)
+
+    async def _flush_open(self, rs: RoundState) -> None:
+        async with self.coord.fold_lock:
+            if rs.closing:  # _close_round commits every fold
+                return
+            folds = rs.folds
+            await self.coord.save_open(rs, with_aggregate=True)
+            rs.saved_folds = folds

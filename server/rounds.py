@@ -1,0 +1,85 @@
+"""The records of a run's rounds: an open round, an accepted submission, a closed round's delta.
+
+Plain data with no I/O: the coordinator (``coordinator.py``) changes them, the persistence
+layer (``state.py``) writes and reads them, the metrics row (``metrics.py``) summarises them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..common.accounting import Traffic, payload_bytes, seeds_bytes
+from ..common.aggregate import Aggregator
+
+
+class RoundError(Exception):
+    """An update or request that the current round state refuses; ``code`` names the gRPC
+    status the service answers with."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RoundDelta:
+    """The canonical bytes of one round's aggregated delta (in the wire dtype)."""
+
+    round: int
+    seeds: list[int]
+    tensors: dict[str, torch.Tensor]
+    state_fingerprint: str  # state after applying it
+
+    @property
+    def payload_bytes(self) -> int:
+        return payload_bytes(self.tensors) + seeds_bytes(len(self.seeds))
+
+
+@dataclass
+class Submission:
+    """What an accepted update's header reported (its tensors are folded, not kept)."""
+
+    client_id: str
+    digest: str
+    num_samples: int
+    loss: float
+    steps: int
+    train_seconds: float
+    peak_rss_bytes: int
+    train_state_bytes: int
+    seeds_used: list[int]
+
+
+@dataclass
+class RoundState:
+    round: int
+    seeds: list[int]
+    plan_fingerprint: str
+    selected: set[str]
+    deadline: float
+    started: float = field(default_factory=time.monotonic)
+    submissions: dict[str, Submission] = field(default_factory=dict)
+    dropped: set[str] = field(default_factory=set)
+    traffic: dict[str, Traffic] = field(default_factory=dict)
+    aggregator: Aggregator | None = None
+    closing: bool = False
+    # group commit of accepted updates: ``folds`` counts updates folded into ``aggregator``,
+    # ``saved_folds`` those on disk; one ``flusher`` task writes for every update waiting
+    folds: int = 0
+    saved_folds: int = 0
+    flusher: asyncio.Task | None = None
+    # downloads finished since the last save of the open round (saved by ``record_flusher``)
+    unsaved_downloads: bool = False
+    record_flusher: asyncio.Task | None = None
+    committed: asyncio.Event = field(default_factory=asyncio.Event)  # set once the round is on disk
+
+    def is_open_for(self, client_id: str) -> bool:
+        return not self.closing and client_id in self.selected and client_id not in self.submissions
+
+    def traffic_of(self, client_id: str) -> Traffic:
+        """The client's traffic meter of this round, created on first use."""
+        return self.traffic.setdefault(client_id, Traffic())
