@@ -25,6 +25,7 @@ proto: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m fedkrso.bench.demo --out $(DEMO_DIR)
 
+# The tests include the layering check (import-linter contracts in pyproject.toml).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
 
