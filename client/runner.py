@@ -297,6 +297,7 @@ class FedClient:
         seeds = list(header.seeds)
         self.participant.check_plan(header.round, seeds, header.plan_fingerprint)
         self.phase = "training"
+        log.info("training", round=header.round, steps=self.cfg.method.local_steps())
         with progress(self.cfg.method.local_steps(), f"round {header.round} training", "step") as bar:
             update = self.participant.train(header.round, seeds, tick=bar.update)
         self.phase = "submitting"

@@ -142,9 +142,10 @@ class Coordinator:
                                          self.cfg.rounds.resume_grace_s)
             for client_id, sub in self.current.submissions.items():
                 self.accepted_digests[(self.current.round, client_id)] = sub.digest
+        rs = self.current
         log.info("run_resumed", round=self.completed, checkpoint=start, replayed=self.completed - start,
-                 open_round=self.current is not None,
-                 accepted=len(self.current.submissions) if self.current else 0)
+                 open_round=rs is not None, accepted=len(rs.submissions) if rs else 0,
+                 deadline_remaining_s=round(rs.deadline - time.monotonic(), 1) if rs else None)
 
     def _check_rebuilt(self, round_id: int, recorded: str) -> None:
         fp = self.method.state_fingerprint(self.model)
