@@ -16,7 +16,7 @@ import structlog
 import torch
 
 from ..common.accounting import ConnCounters
-from .rounds import RoundError, RoundState, Submission
+from .rounds import RoundError, RoundState, Submission, UpdateReport
 
 if TYPE_CHECKING:
     from .coordinator import Coordinator
@@ -68,9 +68,9 @@ class UpdateIntake:
         method, model = self.coord.method, self.coord.model
         return method.update_spec(model, rs.seeds), method.required_names(model, rs.seeds)
 
-    async def accept(self, rs: RoundState, sub: Submission, tensors: dict[str, torch.Tensor],
-                     up_payload: int, up_message: int, counters: ConnCounters | None,
-                     down_at_submit: int | None) -> bool:
+    async def accept(self, rs: RoundState, client_id: str, report: UpdateReport,
+                     tensors: dict[str, torch.Tensor], up_payload: int, up_message: int,
+                     counters: ConnCounters | None, down_at_submit: int | None) -> bool:
         """Fold a validated update into the round's running sum. False: the same update was
         already folded (a duplicate), nothing changed.
 
@@ -78,6 +78,7 @@ class UpdateIntake:
         not measured) and ``down_at_submit`` their downlink count when the upload began: the
         client's wire bytes are measured from its download's mark when both are on the same
         connection, and stay unmeasured (None) when the connection changed (a restart)."""
+        sub = Submission.of(client_id, report)
         for name, t in tensors.items():
             if not torch.isfinite(t).all():
                 raise RoundError("INVALID_ARGUMENT", f"tensor {name!r} has non-finite values")

@@ -39,9 +39,24 @@ class RoundDelta:
         return payload_bytes(self.tensors) + seeds_bytes(len(self.seeds))
 
 
+@dataclass(frozen=True)
+class UpdateReport:
+    """What an update's header reports besides its tensors, as the service received it."""
+
+    digest: str
+    num_samples: int
+    loss: float
+    steps: int
+    train_seconds: float
+    peak_rss_bytes: int
+    train_state_bytes: int
+    seeds_used: tuple[int, ...]
+
+
 @dataclass
 class Submission:
-    """What an accepted update's header reported (its tensors are folded, not kept)."""
+    """An accepted update of the open round: who sent it and what its header reported (its
+    tensors are folded into the aggregate, not kept)."""
 
     client_id: str
     digest: str
@@ -52,6 +67,12 @@ class Submission:
     peak_rss_bytes: int
     train_state_bytes: int
     seeds_used: list[int]
+
+    @classmethod
+    def of(cls, client_id: str, report: UpdateReport) -> Submission:
+        return cls(client_id, report.digest, report.num_samples, report.loss, report.steps,
+                   report.train_seconds, report.peak_rss_bytes, report.train_state_bytes,
+                   list(report.seeds_used))
 
 
 @dataclass

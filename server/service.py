@@ -28,7 +28,7 @@ from ..common.wire import TensorAssembler, WireError, tensor_batches, update_dig
 from .auth import AuthInterceptor, current_client, server_credentials, valid_client_id
 from .coordinator import Assignment, Coordinator
 from .relay import CountingRelay
-from .rounds import RoundError, Submission
+from .rounds import RoundError, UpdateReport
 
 log = structlog.get_logger("fedkrso.server")
 MAX_POLL_S = 60.0
@@ -199,11 +199,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     raise WireError("update_digest does not match the tensors received")
             except WireError as err:
                 await self._abort(context, "INVALID_ARGUMENT", str(err), client=client_id, round=h.round)
-            sub = Submission(client_id, h.update_digest, int(h.num_samples), float(h.loss), int(h.steps),
-                             float(h.train_seconds), int(h.peak_rss_bytes), int(h.train_state_bytes),
-                             list(h.seeds_used))
+            report = UpdateReport(h.update_digest, int(h.num_samples), float(h.loss), int(h.steps),
+                                  float(h.train_seconds), int(h.peak_rss_bytes), int(h.train_state_bytes),
+                                  tuple(h.seeds_used))
             try:
-                folded = await coord.intake.accept(rs, sub, {k: v.float() for k, v in tensors.items()},
+                folded = await coord.intake.accept(rs, client_id, report, {k: v.float() for k, v in tensors.items()},
                                                    asm.payload_bytes, msg_bytes, counters, down_at_submit)
             except RoundError as err:
                 await self._abort(context, err.code, str(err), client=client_id, round=h.round)
