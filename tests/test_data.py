@@ -18,13 +18,13 @@ from fedkrso.common.data import (
     load_source,
     load_split,
     make_partition,
-    main,
     partition_indices,
     read_partition_info,
     save_partition,
     stratified_split,
     to_dataset,
 )
+from fedkrso.common.data.cli import main
 from fedkrso.common.evaluate import evaluate
 from fedkrso.common.models import build_tiny, load_model, load_tokenizer
 

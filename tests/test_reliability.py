@@ -48,7 +48,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """A tiny csv source partitioned into 3 shards (fedkrso-partition's own code path)."""
-    from fedkrso.common.data import main as partition
+    from fedkrso.common.data.cli import main as partition
 
     root = tmp_path_factory.mktemp("rel_data")
     rng = random.Random(0)
