@@ -27,7 +27,7 @@ from typing import Literal
 import structlog
 import torch
 
-from ..common.accounting import ConnCounters, SocketMark, Traffic, full_model_bytes
+from ..common.accounting import ConnCounters, SocketMark, Traffic, full_model_bytes, payload_bytes
 from ..common.aggregate import Aggregator, build_aggregator
 from ..common.config import RunConfig
 from ..common.logs import progress
@@ -86,9 +86,7 @@ class Coordinator:
         self.method.prepare(self.model)
         self.model.eval()
         self.model_fingerprint = model_fingerprint(self.model)
-        self.state_bytes = sum(
-            t.numel() * t.element_size() for t in self.method.state_parameters(self.model).values()
-        )
+        self.state_bytes = payload_bytes(self.method.state_parameters(self.model))  # a snapshot's payload
         self.fedavg_bytes = full_model_bytes(self.model)
         self.registry = ClientRegistry(cfg.run.seed)
         self.evaluate = ServerEvaluator(cfg)
