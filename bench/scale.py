@@ -90,12 +90,14 @@ class UpdateFactory:
         import torch
 
         from ..common.config import load_config
-        from ..common.methods import build_method
+        from ..common.methods.fedkrso import FedKRSO
         from ..common.models import load_model
         from ..common.tensors import DTYPES
 
         self.cfg = load_config(config)
-        self.method = build_method(self.cfg.method, self.cfg.run.seed)
+        # FedKRSO itself, not any method: the update carries the accumulators of the seeds a
+        # client's interval RNG draws (``seed_choices``), which only FedKRSO has
+        self.method = FedKRSO(self.cfg.method, self.cfg.run.seed)
         m = self.cfg.model
         self.model = load_model(m.name, m.task, m.num_labels, self.cfg.run.seed)
         self.method.prepare(self.model)
@@ -130,6 +132,7 @@ async def client_task(i: int, target: str, factory: UpdateFactory, stats: dict, 
     from fedkrso.v1 import coordinator_pb2 as pb
     from fedkrso.v1 import coordinator_pb2_grpc as pb_grpc
 
+    from ..common.protocol import TOKEN_HEADER, bearer
     from ..common.wire import tensor_batches
 
     name = f"pool{i:04d}"
@@ -137,8 +140,7 @@ async def client_task(i: int, target: str, factory: UpdateFactory, stats: dict, 
         stub = pb_grpc.CoordinatorStub(channel)
         call = stub.Join(pb.JoinRequest(name=name, num_samples=samples, software_version="bench"))
         resp = await call
-        token = dict(await call.initial_metadata()).get("x-fedkrso-token")
-        md = (("authorization", f"Bearer {token}"),)
+        md = bearer(dict(await call.initial_metadata()).get(TOKEN_HEADER))
         run_id, chunk = resp.run_id, resp.max_chunk_bytes or chunk_default
         stats["joined"] += 1
         have = int(resp.current_round)

@@ -10,7 +10,9 @@ import random
 import pytest
 import yaml
 
-from fedkrso.bench.main import BenchConfig, main, targets
+from fedkrso.bench.config import BenchConfig
+from fedkrso.bench.main import main
+from fedkrso.bench.report import last_mean_accuracy, targets
 from fedkrso.common.models import build_tiny
 
 pytestmark = pytest.mark.slow
@@ -129,8 +131,6 @@ def test_bench_causal_lm_reports_loss_and_perplexity(tmp_path):
 def test_report_only_rewrites_the_table_from_results_json(tmp_path):
     """--report-only re-renders results.md (with the last-3 mean column) and the plot from a
     results.json without running anything."""
-    from fedkrso.bench.main import last_mean_accuracy
-
     curve = [{"round": r, "eval_accuracy": a, "eval_loss": 0.5, "cumulative_wire_bytes": 1000 * (r + 1)}
              for r, a in enumerate([0.5, 0.9, 0.6, 0.7, 0.8])]
     row = {"method": "fedkrso", "lr": 3e-4, "rounds": 5, "final_accuracy": 0.8, "best_accuracy": 0.9,

@@ -1,0 +1,134 @@
+"""The bench YAML (``bench/sst2.yaml``): what to partition, which model, which methods and
+learning rates, and the ``--quick`` preset. Validated by pydantic, so a typo in a long
+benchmark's config fails at load time, not hours in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_CONFIG = HERE / "sst2.yaml"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(Strict):
+    source: str = Field("glue:SST-2", description="bbc, glue:<TASK>, csv:<path>, jsonl:<path>, hub:<name>")
+    glue_dir: Path | None = Field(Path("../shared/data/glue"),
+                                  description="local GLUE folder (relative paths: to the repo); "
+                                              "the hub is used when it is absent")
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    max_examples: int | None = Field(4000, ge=1, description="cap on training rows (all clients)")
+    max_eval: int | None = Field(500, ge=1, description="cap on eval rows")
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    min_size: int = Field(10, ge=1, description="fewest training rows per shard")
+
+    def glue_path(self) -> Path | None:
+        """``glue_dir`` made absolute: a relative one is relative to the repo, not to the
+        folder the bench happens to be started from."""
+        if self.glue_dir is None:
+            return None
+        return self.glue_dir if self.glue_dir.is_absolute() else (REPO / self.glue_dir).resolve()
+
+
+class ModelSpec(Strict):
+    name: str = "minilm"
+    task: str = "sequence-classification"
+    num_labels: int | None = Field(None, ge=1, description="None: from the partition's labels")
+    max_length: int = Field(128, ge=8)
+
+
+class MethodSpec(BaseModel):
+    """``name`` plus any knob of that method's round.yaml section; ``lrs`` is the sweep."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_.+-]+$",
+                              description="row name in the results (default: name); lets one method "
+                                          "run twice with different knobs")
+    lrs: list[float] | None = Field(None, min_length=1, description="lr sweep (None: the method default)")
+
+    @property
+    def tag(self) -> str:
+        return self.label or self.name
+
+    def knobs(self) -> dict[str, Any]:
+        return {k: v for k, v in (self.model_extra or {}).items()}
+
+
+class QuickSpec(Strict):
+    """Overrides applied by ``--quick`` (None keeps the main value)."""
+
+    methods: list[str] | None = None
+    clients: int | None = None
+    clients_per_round: int | None = None
+    rounds: int | None = None
+    sweep_rounds: int | None = None
+    max_lrs: int | None = Field(1, ge=1, description="keep only the first N lrs of every sweep")
+    max_examples: int | None = None
+    max_eval: int | None = None
+    max_length: int | None = None
+    method_knobs: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                                    description="per-method knob overrides")
+
+
+class BenchConfig(Strict):
+    name: str = Field("bench", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    output_dir: Path | None = Field(None, description="default results/<name>")
+    data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
+    clients: int = Field(10, ge=1)
+    alpha: float | None = Field(0.5, gt=0, description="Dirichlet alpha; None = IID")
+    clients_per_round: int = Field(3, ge=1)
+    rounds: int = Field(10, ge=1)
+    sweep_rounds: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    deadline_s: float = Field(900.0, gt=0)
+    run_timeout_s: float = Field(7200.0, gt=0, description="give up on one run after this")
+    poll_seconds: float = Field(20.0, gt=0, description="client long-poll length")
+    target_accuracy: float | None = Field(None, gt=0, le=1,
+                                          description="accuracy for the bytes-to-target column")
+    methods: list[MethodSpec] = Field(min_length=1)
+    quick: QuickSpec = QuickSpec()
+
+    def apply_quick(self) -> BenchConfig:
+        q = self.quick
+        cfg = self.model_copy(deep=True, update=q.model_dump(
+            include={"clients", "clients_per_round", "rounds", "sweep_rounds"}, exclude_none=True))
+        cfg.data = cfg.data.model_copy(update=q.model_dump(include={"max_examples", "max_eval"},
+                                                           exclude_none=True))
+        if q.max_length is not None:
+            cfg.model.max_length = q.max_length
+        if q.methods is not None:
+            cfg.methods = [m for m in cfg.methods if m.tag in q.methods]
+        methods = []
+        for m in cfg.methods:
+            d = m.model_dump()
+            d.update(q.method_knobs.get(m.name, {}))
+            if q.max_lrs and d.get("lrs"):
+                d["lrs"] = d["lrs"][: q.max_lrs]
+            methods.append(MethodSpec.model_validate(d))
+        cfg.methods = methods
+        cfg.clients_per_round = min(cfg.clients_per_round, cfg.clients)
+        return cfg
+
+
+def load_bench_config(path: str | Path) -> BenchConfig:
+    data = yaml.safe_load(Path(path).read_text())
+    try:
+        return BenchConfig.model_validate(data)
+    except ValidationError as err:
+        lines = [f"{path}: {err.error_count()} invalid field(s)"]
+        lines += [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        raise SystemExit("\n".join(lines)) from None
