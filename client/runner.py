@@ -30,7 +30,7 @@ from ..common.logs import progress
 from ..common.participant import Participant, PreparedUpdate, Shared
 from ..common.protocol import TOKEN_HEADER, VERSION, bearer
 from ..common.tensors import element_size
-from ..common.wire import TensorAssembler, WireError, tensor_batches
+from ..common.wire import TensorAssembler, WireError
 
 log = structlog.get_logger("fedkrso.client")
 CHANNEL_OPTIONS = [
@@ -305,19 +305,12 @@ class FedClient:
         self.report.rounds_trained.append(int(header.round))
 
     def _submit(self, update: PreparedUpdate) -> None:
-        header = pb.UpdateHeader(
-            run_id=self.run_id, round=update.round, num_samples=update.num_samples, loss=update.loss,
-            steps=update.steps, seeds_used=update.seeds_used, num_tensors=len(update.tensors),
-            update_digest=update.digest, train_seconds=update.train_seconds,
-            peak_rss_bytes=_peak_rss_bytes(), train_state_bytes=update.train_state_bytes)
-
-        def messages():
-            yield pb.SubmitUpdateRequest(header=header)
-            for batch in tensor_batches(update.tensors, None, self.chunk):
-                yield pb.SubmitUpdateRequest(tensors=batch)
+        def send(metadata):  # a fresh stream per attempt
+            stream = update.requests(self.run_id, _peak_rss_bytes(), self.chunk)
+            return self.stub.SubmitUpdate(stream, metadata=metadata, timeout=600)
 
         try:
-            resp = self._call(lambda metadata: self.stub.SubmitUpdate(messages(), metadata=metadata, timeout=600))
+            resp = self._call(send)
         except grpc.RpcError as err:
             if err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED):
                 log.warning("update_refused", round=update.round, code=err.code().name, reason=err.details())

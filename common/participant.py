@@ -26,13 +26,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fedkrso.v1 import coordinator_pb2 as pb
+
 from .config import RunConfig
 from .data import batches
 from .methods import Method, build_method
 from .models import load_model, load_tokenizer, model_fingerprint
 from .subspace import stable_seed
 from .tensors import DTYPES
-from .wire import update_digest
+from .wire import tensor_batches, update_digest
 
 
 class ParticipantError(RuntimeError):
@@ -53,6 +55,21 @@ class PreparedUpdate:
     seeds_used: list[int] = field(default_factory=list)
     train_seconds: float = 0.0
     train_state_bytes: int = 0
+
+
+    def header(self, run_id: str, peak_rss_bytes: int) -> pb.UpdateHeader:
+        """The UpdateHeader that opens this update's SubmitUpdate stream."""
+        return pb.UpdateHeader(
+            run_id=run_id, round=self.round, num_samples=self.num_samples, loss=self.loss, steps=self.steps,
+            seeds_used=self.seeds_used, num_tensors=len(self.tensors), update_digest=self.digest,
+            train_seconds=self.train_seconds, peak_rss_bytes=peak_rss_bytes,
+            train_state_bytes=self.train_state_bytes)
+
+    def requests(self, run_id: str, peak_rss_bytes: int, chunk: int) -> Iterator[pb.SubmitUpdateRequest]:
+        """The SubmitUpdate stream: the header, then the tensors in batches of <= ``chunk`` bytes."""
+        yield pb.SubmitUpdateRequest(header=self.header(run_id, peak_rss_bytes))
+        for batch in tensor_batches(self.tensors, None, chunk):
+            yield pb.SubmitUpdateRequest(tensors=batch)
 
 
 @dataclass
@@ -159,6 +176,7 @@ class Participant:
         data = batches(self.dataset, self.shared.tokenizer, m.task, m.max_length, t.batch_size,
                        seed=stable_seed("batches", run_seed, round_id, self.key))
         started = time.perf_counter()
+        was_training = self.model.training
         try:
             with torch.random.fork_rng(devices=[]):
                 # dropout: the same update whenever it is (re)trained
@@ -166,6 +184,7 @@ class Participant:
                 update = self.method.train_round(self.model, _counted(data, tick), round_id, seeds, self.key)
         finally:
             self.method.restore(self.model, snapshot)
+            self.model.train(was_training)
         train_seconds = time.perf_counter() - started
         wire = DTYPES[self.cfg.method.wire_dtype]
         tensors = {k: v.to(wire) for k, v in update.tensors.items()}

@@ -73,10 +73,13 @@ class Assignment:
 class Coordinator:
     """The state of one federated run on the server."""
 
-    def __init__(self, cfg: RunConfig, fresh: bool = False):
+    def __init__(self, cfg: RunConfig, fresh: bool = False, *, registry: ClientRegistry | None = None,
+                 deadlines: bool = True):
         """Load the base model and, unless ``fresh``, resume the saved state of this run_id
         from ``<output_dir>/state`` (``StateError`` if it belongs to another run or does not
-        replay to its recorded fingerprints)."""
+        replay to its recorded fingerprints). The in-process simulator passes a registry in
+        which clients stay live and turns ``deadlines`` off: it trains clients one after the
+        other and every selected client always submits."""
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +91,8 @@ class Coordinator:
         self.model_fingerprint = model_fingerprint(self.model)
         self.state_bytes = payload_bytes(self.method.state_parameters(self.model))  # a snapshot's payload
         self.fedavg_bytes = full_model_bytes(self.model)
-        self.registry = ClientRegistry(cfg.run.seed)
+        self.registry = registry or ClientRegistry(cfg.run.seed)
+        self.deadlines = deadlines
         self.evaluate = ServerEvaluator(cfg)
         self.intake = UpdateIntake(self)
         self.completed = 0
@@ -225,7 +229,7 @@ class Coordinator:
                 bar.update(len(rs.submissions) - bar.n)
                 if rs.selected and rs.selected <= set(rs.submissions):
                     break
-                if time.monotonic() >= rs.deadline:
+                if self.deadlines and time.monotonic() >= rs.deadline:
                     if len(rs.submissions) >= self.cfg.rounds.min_clients:
                         rs.dropped |= rs.selected - set(rs.submissions)  # silent past the deadline
                         break

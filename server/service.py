@@ -21,20 +21,18 @@ import structlog
 from fedkrso.v1 import coordinator_pb2 as pb
 from fedkrso.v1 import coordinator_pb2_grpc as pb_grpc
 
-from ..common.accounting import ConnCounters, message_bytes, payload_bytes, seeds_bytes
+from ..common.accounting import ConnCounters, message_bytes
 from ..common.protocol import TOKEN_HEADER
 from ..common.tensors import element_size
-from ..common.wire import TensorAssembler, WireError, tensor_batches, update_digest
+from ..common.wire import TensorAssembler, WireError, update_digest
 from .auth import AuthInterceptor, current_client, server_credentials, valid_client_id
 from .coordinator import Assignment, Coordinator
+from .messages import DeltaEncodings, assignment_messages, snapshot_messages
 from .relay import CountingRelay
 from .rounds import RoundError, UpdateReport
 
 log = structlog.get_logger("fedkrso.server")
 MAX_POLL_S = 60.0
-
-
-CATCH_UP = {"none": pb.CATCH_UP_NONE, "deltas": pb.CATCH_UP_DELTAS, "snapshot": pb.CATCH_UP_SNAPSHOT}
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -43,7 +41,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.relay = relay
         self.auth = auth
         self.chunk = coord.cfg.server.max_chunk_bytes
-        self._encoded: dict[int, list[pb.StartRoundResponse]] = {}
+        self._deltas = DeltaEncodings(self.chunk, coord.cfg.server.snapshot_after_rounds)
         # every long-poll is released at once when a round opens; each stream's serialized
         # copies sit in gRPC's buffers until its client reads them, so bound the streams
         self._downloads = asyncio.Semaphore(coord.cfg.server.max_concurrent_downloads)
@@ -122,39 +120,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def _assignment_stream(self, task: Assignment, metered: str | None):
         """The header, then every delta the client lacks; bytes counted for ``metered``."""
-        header = pb.RoundHeader(
-            status=pb.ROUND_STATUS_TRAIN if task.status == "train" else pb.ROUND_STATUS_FINISHED,
-            round=task.round, seeds=task.seeds, plan_fingerprint=task.plan_fingerprint,
-            catch_up=CATCH_UP[task.catch_up], target_round=task.target_round,
-            state_fingerprint=task.state_fingerprint, num_deltas=len(task.deltas),
-            snapshot_round=task.target_round if task.catch_up == "snapshot" else 0,
-            deadline_unix=task.deadline_unix)
-        first = pb.StartRoundResponse(header=header)
-        if metered:
-            self.coord.count_download(metered, seeds_bytes(len(header.seeds)), message_bytes(first))
-        yield first
-        if not task.deltas:
-            return
-        async with self._downloads:
-            for d in task.deltas:
-                head = pb.StartRoundResponse(delta=pb.DeltaHeader(round=d.round, seeds=d.seeds,
-                                                                  num_tensors=len(d.tensors)))
-                messages = [head, *self._delta_messages(d)]
+        async with self._downloads if task.deltas else contextlib.nullcontext():
+            for msg, payload in assignment_messages(task, self._deltas):
                 if metered:
-                    self.coord.count_download(metered, d.payload_bytes, sum(message_bytes(m) for m in messages))
-                for m in messages:
-                    yield m
-
-    def _delta_messages(self, delta) -> list[pb.StartRoundResponse]:
-        """A delta's tensor messages, encoded once and shared by every client that needs it
-        (N clients polling when a round opens must not mean N encoded copies)."""
-        cached = self._encoded.get(delta.round)
-        if cached is None:
-            cached = [pb.StartRoundResponse(tensors=b) for b in tensor_batches(delta.tensors, None, self.chunk)]
-            self._encoded[delta.round] = cached
-            for old in [r for r in self._encoded if r < delta.round - self.coord.cfg.server.snapshot_after_rounds]:
-                del self._encoded[old]
-        return cached
+                    self.coord.count_download(metered, payload, message_bytes(msg))
+                yield msg
 
     async def SubmitUpdate(self, request_iterator, context) -> pb.SubmitUpdateResponse:
         client_id = await self._client(context)
@@ -225,13 +195,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 await self._abort(context, err.code, str(err), client=client_id)
             log.info("snapshot_sent", client=client_id, round=request.round)
             # a snapshot fetched to train the open round is that round's downlink, like deltas
-            head = pb.GetSnapshotResponse(header=pb.RoundHeader(round=request.round, target_round=request.round,
-                                                                state_fingerprint=fp))
-            coord.count_download(client_id, payload_bytes(state), message_bytes(head))
-            yield head
-            for batch in tensor_batches(state, None, self.chunk):
-                msg = pb.GetSnapshotResponse(tensors=batch)
-                coord.count_download(client_id, 0, message_bytes(msg))
+            for msg, payload in snapshot_messages(int(request.round), state, fp, self.chunk):
+                coord.count_download(client_id, payload, message_bytes(msg))
                 yield msg
         coord.end_download(client_id)
 

@@ -71,11 +71,8 @@ def golden_inputs(tmp_path_factory) -> tuple[Path, Path]:
     return model, root / "data"
 
 
-def run_golden(tmp: Path, model: Path, data: Path, method: dict) -> list[str]:
-    from fedkrso.bench.launch import Cluster
-
-    out = tmp / "out"
-    cfg = {
+def golden_config(out: Path, model: Path, method: dict) -> dict:
+    return {
         "run": {"name": "golden", "seed": 7, "output_dir": str(out)},
         "model": {"name": str(model), "task": "sequence-classification", "num_labels": 2, "max_length": 32},
         "method": method,
@@ -83,8 +80,17 @@ def run_golden(tmp: Path, model: Path, data: Path, method: dict) -> list[str]:
         "training": {"batch_size": 8},
         "server": {"listen": "127.0.0.1:0"},
     }
+
+
+def run_golden(tmp: Path, model: Path, data: Path, method: dict, rows: bool = False) -> list:
+    """A real server and two client processes; the state fingerprints after each round (or
+    the metrics rows with ``rows``)."""
+    from fedkrso.bench.launch import Cluster
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    out = tmp / "out"
     config = tmp / "round.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config.write_text(yaml.safe_dump(golden_config(out, model, method)))
     cluster = Cluster(tmp)
     try:
         cluster.start_server(config)
@@ -95,9 +101,9 @@ def run_golden(tmp: Path, model: Path, data: Path, method: dict) -> list[str]:
             assert c.wait(60) == 0, c.text()[-3000:]
     finally:
         cluster.stop()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert [r["round"] for r in rows] == list(range(ROUNDS))
-    return [r["state_fingerprint"] for r in rows]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert [r["round"] for r in metrics] == list(range(ROUNDS))
+    return metrics if rows else [r["state_fingerprint"] for r in metrics]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -1,7 +1,8 @@
 """Layering, checked by import-linter: the contracts in pyproject.toml ``[tool.importlinter]``.
 
-``common/`` is the core and imports neither ``server/``, ``client/`` nor ``bench/``; a client
-never loads server code; the server never imports the client. The source folders install as
+``common/`` is the core and imports neither ``server/``, ``client/``, ``bench/`` nor ``sim/``; a
+client never loads server code; the server never imports the client; the simulator runs the
+server's coordinator with the shared client round, never the gRPC client. The source folders install as
 ``fedkrso.<folder>`` (pyproject's package-dir), which import-linter cannot see from the flat
 checkout, so the check runs on a mirror of the installed layout: every ``.py`` file of the
 folders copied under ``<tmp>/fedkrso/``. The second test breaks the layering in a mirror on
@@ -20,7 +21,7 @@ import pytest
 
 from conftest import REPO
 
-FOLDERS = ("common", "server", "client", "bench")
+FOLDERS = ("common", "server", "client", "bench", "sim")
 
 
 def mirror(dest: Path) -> Path:
@@ -36,7 +37,7 @@ def lint(root: Path) -> subprocess.CompletedProcess:
     linter = Path(sys.executable).with_name("lint-imports")
     if not linter.exists():
         pytest.skip("import-linter is not installed (make install)")
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, "PYTHONPATH": str(root), "COLUMNS": "200"}
     return subprocess.run([str(linter), "--no-logo", "--no-cache", str(REPO / "pyproject.toml")], cwd=root,
                           env=env, capture_output=True, text=True, timeout=300)
 
@@ -44,7 +45,7 @@ def lint(root: Path) -> subprocess.CompletedProcess:
 def test_layering_contracts_are_kept(tmp_path):
     result = lint(mirror(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 kept, 0 broken" in result.stdout
+    assert "4 kept, 0 broken" in result.stdout
 
 
 @pytest.mark.parametrize("where, line, contract", [
@@ -53,6 +54,8 @@ def test_layering_contracts_are_kept(tmp_path):
     ("common/config.py", "from ..client.runner import ClientError", "common/ is the core"),
     ("common/wire.py", "from fedkrso.bench import launch", "common/ is the core"),
     ("server/metrics.py", "from ..client import runner", "server/ never imports client/"),
+    ("server/state.py", "from ..sim import runner", "server/ never imports client/"),
+    ("sim/runner.py", "from ..client.runner import FedClient", "sim/ never imports client/"),
 ])
 def test_a_forbidden_import_breaks_its_contract(tmp_path, where, line, contract):
     root = mirror(tmp_path)

@@ -1,0 +1,112 @@
+"""Every client of a run in one process, on one copy of the base model, with the code of the
+distributed run: the same ``Coordinator`` (selection, aggregation, evaluation, state on disk,
+metrics rows), the same client-side round (``common.participant.Participant``: seeds, client
+RNG keys, method code) and the same message streams (``server.messages`` and
+``PreparedUpdate.requests``), so for the same config, data and torch thread count a simulated
+run reaches the state fingerprints of a distributed one after every round.
+
+What differs, by design: no gRPC and no sockets (every wire figure is ``None``: not measured;
+payload and message bytes are counted from the very messages a distributed run would send);
+no deadlines (clients train one after another and every selected client submits); and one
+model: the participants train on the coordinator's own copy, each returning it to W^t bit for
+bit (``Participant.train`` restores its snapshot), so a client never has to apply a delta: a
+catch-up only moves its round counter and counts the bytes it would have downloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import resource
+from pathlib import Path
+
+import structlog
+
+from ..common.accounting import message_bytes, payload_bytes
+from ..common.config import RunConfig
+from ..common.data import load_split
+from ..common.models import load_tokenizer
+from ..common.participant import Participant, Shared
+from ..server.coordinator import Coordinator
+from ..server.messages import DeltaEncodings, assignment_messages, snapshot_messages
+from ..server.registry import ClientRegistry
+from ..server.rounds import UpdateReport
+
+log = structlog.get_logger("fedkrso.sim")
+
+
+def shard_folders(data_root: Path) -> dict[str, Path]:
+    """``shard0 .. shardN-1`` under ``data_root`` (written by fedkrso-partition), by name in
+    index order; each is one client, named like a distributed client with ``--data shardN``."""
+    found = {p.name: p for p in data_root.glob("shard*") if p.is_dir() and p.name[5:].isdigit()}
+    if not found:
+        raise FileNotFoundError(f"no shard folders under {data_root}; write them with fedkrso-partition")
+    return dict(sorted(found.items(), key=lambda kv: int(kv[0][5:])))
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Simulation:
+    """One run of ``cfg`` with a client per shard of ``data_root``."""
+
+    def __init__(self, cfg: RunConfig, data_root: Path, fresh: bool = True):
+        self.cfg = cfg
+        registry = ClientRegistry(cfg.run.seed, liveness_s=math.inf)
+        self.coord = Coordinator(cfg, fresh=fresh, registry=registry, deadlines=False)
+        shared = Shared(self.coord.model, load_tokenizer(cfg.model.name), self.coord.method)
+        self.participants = {name: Participant(cfg, name, load_split(path), shared)
+                             for name, path in shard_folders(Path(data_root)).items()}
+        self.deltas = DeltaEncodings(cfg.server.max_chunk_bytes, cfg.server.snapshot_after_rounds)
+
+    async def run(self) -> list[dict]:
+        """Run every round; returns the metrics rows."""
+        coord = self.coord
+        for name, p in self.participants.items():
+            await coord.join(name, name, p.num_samples)
+        loop = asyncio.create_task(coord.run())
+        try:
+            loop.add_done_callback(lambda _: asyncio.ensure_future(coord.notify()))  # wakes the wait below
+            while True:
+                async with coord.changed:
+                    await coord.changed.wait_for(lambda: loop.done() or bool(self._waiting()))
+                if loop.done():
+                    break
+                for client_id in self._waiting():
+                    await self._client_round(client_id)
+            await loop  # raises what the run raised
+        finally:
+            loop.cancel()
+        return coord.metrics.rows()
+
+    def _waiting(self) -> list[str]:
+        """Selected clients of the open round that still have to train."""
+        rs = self.coord.current
+        if rs is None or rs.closing or self.coord.finished:
+            return []
+        return sorted(c for c in rs.selected if rs.is_open_for(c))
+
+    async def _client_round(self, client_id: str) -> None:
+        coord, p = self.coord, self.participants[client_id]
+        task = coord.assignment(client_id, p.have)
+        coord.begin_download(client_id, task.round, None)
+        for msg, payload in assignment_messages(task, self.deltas):
+            coord.count_download(client_id, payload, message_bytes(msg))
+        if task.catch_up == "snapshot":
+            state, fp = await coord.snapshot(task.target_round)
+            for msg, payload in snapshot_messages(task.target_round, state, fp, self.cfg.server.max_chunk_bytes):
+                coord.count_download(client_id, payload, message_bytes(msg))
+            del state
+        coord.end_download(client_id)
+        p.have = task.target_round  # the shared model is already at the target state
+        p.check_plan(task.round, task.seeds, task.plan_fingerprint)
+        update = await asyncio.to_thread(p.train, task.round, task.seeds)
+        up_message = sum(message_bytes(m) for m in update.requests(coord.run_id, _peak_rss_bytes(),
+                                                                    self.cfg.server.max_chunk_bytes))
+        rs = coord.intake.check_header(client_id, coord.run_id, task.round, update.num_samples, update.digest)
+        report = UpdateReport(update.digest, update.num_samples, update.loss, update.steps, update.train_seconds,
+                              _peak_rss_bytes(), update.train_state_bytes, tuple(update.seeds_used))
+        await coord.intake.accept(rs, client_id, report, {k: v.float() for k, v in update.tensors.items()},
+                                  payload_bytes(update.tensors), up_message, None, None)
+        log.info("client_trained", client=client_id, round=task.round, loss=round(update.loss, 4))
