@@ -280,13 +280,18 @@ def test_server_deployment_service_and_probes():
     assert any(cfg.run.output_dir.is_relative_to(p) for p in mounts), "output_dir not on a volume"
 
 
+def workloads() -> list[dict]:
+    """The objects with a pod template; the checks over them must not pass by finding none."""
+    found = [d for _, d in k8s_docs() if d["kind"] in ("Deployment", "Job")]
+    assert {d["metadata"]["name"] for d in found} >= {"fedkrso-server", "fedkrso-clients", "fedkrso-partition"}
+    return found
+
+
 def test_k8s_references_resolve():
     """Every ConfigMap, PVC and Secret a pod uses is defined in the kustomization."""
     defined = {(d["kind"], d["metadata"]["name"]) for _, d in k8s_docs()}
     defined |= {("Secret", g["name"]) for g in kustomization()["secretGenerator"]}
-    for _, doc in k8s_docs():
-        if doc["kind"] not in ("Deployment", "Job"):
-            continue
+    for doc in workloads():
         spec = pod_spec(doc)
         volumes = {v["name"]: v for v in spec["volumes"]}
         for c in all_containers(spec):
@@ -302,9 +307,7 @@ def test_k8s_references_resolve():
 
 
 def test_k8s_pods_are_non_root_with_resources():
-    for _, doc in k8s_docs():
-        if doc["kind"] not in ("Deployment", "Job"):
-            continue
+    for doc in workloads():
         name = doc["metadata"]["name"]
         spec = pod_spec(doc)
         psc = spec["securityContext"]
@@ -678,27 +681,29 @@ def test_make_secrets_writes_what_compose_and_kustomize_read(tmp_path):
 
 def test_make_secrets_certificate_works_for_grpc_tls(tmp_path):
     """A real TLS handshake on loopback: the server certificate and CA that make-secrets.sh writes
-    are accepted by gRPC (BoringSSL) under the name localhost."""
+    are accepted by gRPC (BoringSSL) under the name localhost, and another CA's are not.
+
+    The bare server has no services, so a call that completed the handshake is answered
+    UNIMPLEMENTED by the server itself; one whose handshake failed never reaches it
+    (UNAVAILABLE)."""
     grpc = pytest.importorskip("grpc")
     out = tmp_path / "secrets"
     assert run_make_secrets(out).returncode == 0
+    wrong_ca = tmp_path / "other"
+    assert run_make_secrets(wrong_ca).returncode == 0
     creds = grpc.ssl_server_credentials([((out / "tls.key").read_bytes(), (out / "tls.crt").read_bytes())])
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
     port = server.add_secure_port("127.0.0.1:0", creds)
     server.start()
+
+    def status_with(ca: Path) -> grpc.StatusCode:
+        with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(ca.read_bytes())) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary("/probe.Probe/Call")(b"", timeout=30)
+        return info.value.code()
+
     try:
-        channel = grpc.secure_channel(
-            f"localhost:{port}", grpc.ssl_channel_credentials((out / "ca.crt").read_bytes())
-        )
-        grpc.channel_ready_future(channel).result(timeout=15)
-        channel.close()
-        wrong_ca = tmp_path / "other"
-        assert run_make_secrets(wrong_ca).returncode == 0
-        stranger = grpc.secure_channel(
-            f"localhost:{port}", grpc.ssl_channel_credentials((wrong_ca / "ca.crt").read_bytes())
-        )
-        with pytest.raises(grpc.FutureTimeoutError):
-            grpc.channel_ready_future(stranger).result(timeout=2)
-        stranger.close()
+        assert status_with(out / "ca.crt") == grpc.StatusCode.UNIMPLEMENTED
+        assert status_with(wrong_ca / "ca.crt") == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(None)

@@ -2,61 +2,60 @@
 
 from __future__ import annotations
 
-import json
+import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from fedkrso.common.accounting import fedkrso_uplink_bytes
-from fedkrso.bench.launch import Cluster
-from fedkrso.common.methods.base import out_in
-from fedkrso.common.models import build_tiny, load_model
-from fedkrso.common.methods import build_method
+from conftest import round_config, run_cluster
 from fedkrso.common.config import parse_config
+from fedkrso.common.methods import build_method
+from fedkrso.common.methods.base import out_in
+from fedkrso.common.models import load_model
 
 pytestmark = pytest.mark.slow
 
-
-def write_config(path: Path, model: Path, data: Path, out: Path, method: dict, rounds: int = 3,
-                 clients: int = 2) -> Path:
-    cfg = {
-        "run": {"name": "e2e", "seed": 3, "output_dir": str(out)},
-        "model": {"name": str(model), "task": "sequence-classification", "num_labels": 5, "max_length": 48},
-        "method": method,
-        "rounds": {"total": rounds, "clients_per_round": clients, "min_clients": clients, "deadline_s": 300},
-        "training": {"batch_size": 8},
-        "eval": {"data": str(data / "eval")},
-        "server": {"listen": "127.0.0.1:0"},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+# The end-of-run table's columns, in order, and the metrics.jsonl key each one shows.
+TABLE = [("round", "round"), ("clients", "clients"), ("up payload/client", "uplink_payload_bytes_per_client"),
+         ("up wire/client", "uplink_wire_bytes_per_client"), ("down payload/client", "downlink_payload_bytes_per_client"),
+         ("down wire/client", "downlink_wire_bytes_per_client"), ("wire eff", "wire_efficiency"),
+         ("fedavg bytes", "fedavg_equivalent_bytes"), ("train loss", "train_loss"), ("eval loss", "eval_loss"),
+         ("eval acc", "eval_accuracy"), ("secs", "round_seconds")]
 
 
-def run_cluster(tmp: Path, config: Path, data: Path, clients: int, timeout: float = 420) -> Cluster:
-    cluster = Cluster(tmp)
-    try:
-        cluster.start_server(config)
-        for i in range(clients):
-            cluster.start_client(data / f"shard{i}", f"shard{i}")
-        assert cluster.wait(timeout) == 0, cluster.server.text()[-3000:]
-        for c in cluster.clients:
-            assert c.wait(60) == 0, c.text()[-3000:]
-    finally:
-        cluster.stop()
-    return cluster
+def e2e_config(model, data, out, method: dict, rounds: int = 3) -> dict:
+    return round_config(model, out, run={"name": "e2e", "seed": 3}, model={"num_labels": 5, "max_length": 48},
+                        method=method, rounds={"total": rounds, "deadline_s": 300},
+                        eval={"data": str(data / "eval")})
 
 
-def test_fedkrso_three_rounds_two_clients(tmp_path, bbc_small):
-    model = build_tiny("bert", tmp_path / "model", num_labels=5)
-    out = tmp_path / "out"
+def printed_table(log: str) -> list[list[str]]:
+    """The end-of-run table in a server log: its header and data rows, split into cells (cells
+    are right-aligned and separated by two or more spaces; no cell holds two spaces)."""
+    lines = log.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.strip() and set(line.strip()) <= {"-", " "})
+    rows = [re.split(r"\s{2,}", line.strip()) for line in lines[rule - 1:]]
+    table = [rows[0]]
+    for cells in rows[2:]:
+        if len(cells) != len(rows[0]) or not cells[0].isdigit():
+            break
+        table.append(cells)
+    return table
+
+
+def number(cell: str) -> float:
+    return float(cell.replace(",", ""))
+
+
+def test_fedkrso_three_rounds_two_clients(tmp_path, tiny_models, bbc_small):
+    model = tiny_models("bert", 5)
     method = {"name": "fedkrso", "k": 4, "rank": 4, "intervals": 2, "interval_steps": 3, "lr": 1e-3}
-    config = write_config(tmp_path / "round.yaml", model, bbc_small, out, method)
-    cluster = run_cluster(tmp_path, config, bbc_small, clients=2)
+    cfg = e2e_config(model, bbc_small, tmp_path / "out", method)
+    run = run_cluster(tmp_path, cfg, bbc_small, clients=2, timeout=420)
 
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = run.rows
     assert [r["round"] for r in rows] == [0, 1, 2]
     for key in ("clients", "uplink_payload_bytes", "uplink_wire_bytes", "downlink_payload_bytes",
                 "downlink_wire_bytes", "wire_efficiency", "eval_loss", "eval_accuracy",
@@ -64,47 +63,57 @@ def test_fedkrso_three_rounds_two_clients(tmp_path, bbc_small):
         assert all(key in r for r in rows), key
     assert all(len(r["clients"]) == 2 for r in rows)
 
-    # uplink payload per client equals ALGORITHM.md section 6 exactly
-    cfg = parse_config(yaml.safe_load(config.read_text()))
-    m = load_model(str(model), "sequence-classification", 5, cfg.run.seed)
-    meth = build_method(cfg.method, cfg.run.seed)
+    # uplink payload per client is ALGORITHM.md section 6 exactly: the accumulators of the seeds
+    # the client drew (K_used x r x sum of d_m) and the dense deltas, 4 bytes each (float32)
+    parsed = parse_config(cfg)
+    m = load_model(str(model), "sequence-classification", 5, parsed.run.seed)
+    meth = build_method(parsed.method, parsed.run.seed)
     meth.prepare(m)
     sum_dm = sum(out_in(mod)[0] for mod in meth.targets(m).values())
     dense = sum(p.numel() for p in meth.dense(m).values())
     for r in rows:
         for cid, c in r["per_client"].items():
-            want = fedkrso_uplink_bytes(sum_dm, c["seeds_used"], 4, dense, 4)
-            assert c["uplink_payload_bytes"] == want, (r["round"], cid)
+            assert 1 <= c["seeds_used"] <= 2  # at most one seed per interval
+            assert c["uplink_payload_bytes"] == (c["seeds_used"] * 4 * sum_dm + dense) * 4, (r["round"], cid)
             assert c["uplink_wire_bytes"] > c["uplink_payload_bytes"]
         assert r["uplink_wire_bytes"] >= r["uplink_payload_bytes"]
         assert r["downlink_wire_bytes"] >= r["downlink_payload_bytes"]
 
-    # every client ends on the server's final weights, bit for bit
-    server_fp = (out / "final_state_fingerprint.txt").read_text().strip()
-    for c in cluster.clients:
-        report = json.loads((tmp_path / f"{c.name}.json").read_text())
-        assert report["state_fingerprint"] == server_fp
-        assert report["have_round"] == 3 and report["rounds_trained"] == [0, 1, 2]
+    for name, report in run.reports.items():  # and each holds the server's final state (run_cluster)
+        assert report["have_round"] == 3 and report["rounds_trained"] == [0, 1, 2], name
 
     # the saved model loads with plain transformers and carries the trained weights
     from transformers import AutoModelForSequenceClassification
 
-    final = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    final = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "final")
     meth.prepare(final)
-    assert meth.state_fingerprint(final) == server_fp
-    assert "round" in cluster.server.text() and "eval acc" in cluster.server.text()
+    assert meth.state_fingerprint(final) == run.final_fingerprint
+
+    # the end-of-run table: one row per round, every column, the values of metrics.jsonl
+    header, *table = printed_table(run.cluster.server.text())
+    assert header == [h for h, _ in TABLE]
+    assert len(table) == len(rows)
+    for cells, row in zip(table, rows):
+        shown = dict(zip((key for _, key in TABLE), cells))
+        assert int(shown["round"]) == row["round"] and int(shown["clients"]) == len(row["clients"])
+        # each cell is its value rounded to the column's precision: bytes to 1, ratios and
+        # losses to 1e-4, seconds to 0.1 (the tolerance is that half-step, and a hair)
+        for key in ("uplink_payload_bytes_per_client", "uplink_wire_bytes_per_client",
+                    "downlink_payload_bytes_per_client", "downlink_wire_bytes_per_client", "fedavg_equivalent_bytes"):
+            assert number(shown[key]) == pytest.approx(row[key], abs=0.501), key
+        for key in ("wire_efficiency", "train_loss", "eval_loss", "eval_accuracy"):
+            assert number(shown[key]) == pytest.approx(row[key], abs=5.01e-5), key
+        assert number(shown["round_seconds"]) == pytest.approx(row["round_seconds"], abs=0.0501)
 
 
-def test_wire_efficiency_for_megabyte_payloads(tmp_path, bbc_small):
+def test_wire_efficiency_for_megabyte_payloads(tmp_path, tiny_models, bbc_small):
     """Uplink and downlink payloads of 1 MB or more reach at least 0.99 payload/wire."""
-    model = build_tiny("bert", tmp_path / "model", num_labels=5, hidden=256)
-    out = tmp_path / "out"
+    model = tiny_models("bert", 5, hidden=256)
     method = {"name": "fedkrso", "k": 2, "rank": 64, "intervals": 2, "interval_steps": 1, "lr": 1e-3}
-    config = write_config(tmp_path / "round.yaml", model, bbc_small, out, method, rounds=2)
-    run_cluster(tmp_path, config, bbc_small, clients=2)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    run = run_cluster(tmp_path, e2e_config(model, bbc_small, tmp_path / "out", method, rounds=2), bbc_small,
+                      clients=2, timeout=420)
     checked = 0
-    for r in rows:
+    for r in run.rows:
         for c in r["per_client"].values():
             for direction in ("uplink", "downlink"):
                 payload, wire = c[f"{direction}_payload_bytes"], c[f"{direction}_wire_bytes"]
@@ -117,11 +126,11 @@ def test_wire_efficiency_for_megabyte_payloads(tmp_path, bbc_small):
 @pytest.mark.parametrize(
     "patch, message",
     [
-        ({"method": {"name": "fedkrso", "rank": 0}}, "method.fedkrso.rank"),
-        ({"method": {"name": "nope"}}, "method"),
-        ({"rounds": {"clients_per_round": 1, "min_clients": 3}}, "min_clients=3 exceeds"),
-        ({"model": {"name": "x", "num_labels": 2, "labels": ["a"]}}, "labels has 1 names"),
-        ({"surprise": 1}, "surprise"),
+        ({"method": {"name": "fedkrso", "rank": 0}}, "method.fedkrso.rank: Input should be greater than or equal to 1"),
+        ({"method": {"name": "nope"}}, "method: Input tag 'nope' found using 'name' does not match"),
+        ({"rounds": {"clients_per_round": 1, "min_clients": 3}}, "rounds: Value error, min_clients=3 exceeds"),
+        ({"model": {"name": "x", "num_labels": 2, "labels": ["a"]}}, "model: Value error, labels has 1 names"),
+        ({"surprise": 1}, "surprise: Extra inputs are not permitted"),
     ],
 )
 def test_server_rejects_bad_config_naming_the_field(tmp_path, patch, message):

@@ -26,7 +26,7 @@ from torch import nn
 from fedkrso.common.aggregate import StreamingAggregator
 from fedkrso.common.methods.base import out_in
 from fedkrso.common.methods.fedkrso import Config, FedKRSO, SubspaceAdapter
-from fedkrso.common.models import build_tiny, load_model, model_fingerprint
+from fedkrso.common.models import load_model, model_fingerprint
 from fedkrso.common.subspace import fingerprint, round_seeds, subspace, subspace_fingerprint
 from fedkrso.common.tensors import CodecError, decode, encode
 
@@ -67,9 +67,8 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    return {f: build_tiny(f, root / f, NUM_LABELS) for f in FAMILIES}
+def tiny_dirs(tiny_models) -> dict[str, Path]:
+    return {f: tiny_models(f, NUM_LABELS) for f in FAMILIES}
 
 
 @pytest.fixture(autouse=True)

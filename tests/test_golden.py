@@ -16,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
+
+from conftest import round_config, run_cluster, word_csv
 
 pytestmark = pytest.mark.slow
 
@@ -55,59 +55,32 @@ def float_probe() -> str:
 
 
 @pytest.fixture(scope="module")
-def golden_inputs(tmp_path_factory) -> tuple[Path, Path]:
+def golden_data(tmp_path_factory) -> Path:
+    """The recorded run's data: 80 csv rows of 10 words, split over 2 clients (no skew)."""
     from fedkrso.common.data import load_source, make_partition, save_partition
-    from fedkrso.common.models import build_tiny
 
     root = tmp_path_factory.mktemp("golden")
-    model = build_tiny("bert", root / "model", num_labels=2, seed=0)
-    rng = random.Random(0)
-    words = "good bad film plot actor boring great awful story music dull fine".split()
-    rows = [(" ".join(rng.choice(words) for _ in range(10)), ("neg", "pos")[i % 2]) for i in range(80)]
-    src = root / "d.csv"
-    src.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    src = word_csv(root / "d.csv", 80, "good bad film plot actor boring great awful story music dull fine".split(), 10)
     part = make_partition(load_source(f"csv:{src}"), 2, source="csv", alpha=None, seed=0, min_size=10)
     save_partition(part, root / "data")
-    return model, root / "data"
+    return root / "data"
 
 
-def golden_config(out: Path, model: Path, method: dict) -> dict:
-    return {
-        "run": {"name": "golden", "seed": 7, "output_dir": str(out)},
-        "model": {"name": str(model), "task": "sequence-classification", "num_labels": 2, "max_length": 32},
-        "method": method,
-        "rounds": {"total": ROUNDS, "clients_per_round": 2, "min_clients": 2, "deadline_s": 300},
-        "training": {"batch_size": 8},
-        "server": {"listen": "127.0.0.1:0"},
-    }
+def golden_config(model: Path, out: Path, method: dict) -> dict:
+    """The recorded job: seed 7, 3 rounds of 2 clients on ``tiny_bert``."""
+    return round_config(model, out, run={"name": "golden", "seed": 7}, method=method,
+                        rounds={"total": ROUNDS, "deadline_s": 300})
 
 
-def run_golden(tmp: Path, model: Path, data: Path, method: dict, rows: bool = False) -> list:
-    """A real server and two client processes; the state fingerprints after each round (or
-    the metrics rows with ``rows``)."""
-    from fedkrso.bench.launch import Cluster
-
-    tmp.mkdir(parents=True, exist_ok=True)
-    out = tmp / "out"
-    config = tmp / "round.yaml"
-    config.write_text(yaml.safe_dump(golden_config(out, model, method)))
-    cluster = Cluster(tmp)
-    try:
-        cluster.start_server(config)
-        for i in range(2):
-            cluster.start_client(data / f"shard{i}", f"shard{i}")
-        assert cluster.wait(300) == 0, cluster.server.text()[-3000:]
-        for c in cluster.clients:
-            assert c.wait(60) == 0, c.text()[-3000:]
-    finally:
-        cluster.stop()
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert [r["round"] for r in metrics] == list(range(ROUNDS))
-    return metrics if rows else [r["state_fingerprint"] for r in metrics]
+def run_golden(tmp: Path, model: Path, data: Path, method: dict) -> list[dict]:
+    """The recorded job through real server and client processes: its metrics rows."""
+    run = run_cluster(tmp, golden_config(model, tmp / "out", method), data, clients=2)
+    assert [r["round"] for r in run.rows] == list(range(ROUNDS))
+    return run.rows
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_golden_fingerprints(tmp_path, golden_inputs, method):
+def test_golden_fingerprints(tmp_path, tiny_bert, golden_data, method):
     probe = float_probe()
     recorded = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"probe": probe, "runs": {}}
     if not RECORD:
@@ -115,7 +88,7 @@ def test_golden_fingerprints(tmp_path, golden_inputs, method):
         if recorded["probe"] != probe:
             pytest.skip("this CPU's float kernels differ from the recording machine's (probe "
                         f"{probe[:12]} != {recorded['probe'][:12]}): fingerprints are not comparable here")
-    fps = run_golden(tmp_path, *golden_inputs, METHODS[method])
+    fps = [r["state_fingerprint"] for r in run_golden(tmp_path, tiny_bert, golden_data, METHODS[method])]
     if RECORD:
         recorded["probe"] = probe
         recorded["runs"][method] = fps

@@ -16,7 +16,7 @@ from fedkrso.common.aggregate import StreamingAggregator
 from fedkrso.common.config import ConfigError, parse_config
 from fedkrso.common.methods import METHODS, LocalUpdate, Method
 from fedkrso.common.methods.base import out_in
-from fedkrso.common.models import build_tiny, load_model, model_fingerprint
+from fedkrso.common.models import load_model, model_fingerprint
 from fedkrso.common.accounting import payload_bytes
 from fedkrso.common.tensors import decode, encode
 
@@ -64,9 +64,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Family -> folder of a tiny random model (built once per module)."""
-    return {f: build_tiny(f, tmp_path_factory.mktemp(f)) for f in FAMILIES}
+def tiny(tiny_models):
+    """Family -> folder of a tiny random model (built once per session)."""
+    return {f: tiny_models(f) for f in FAMILIES}
 
 
 def load(tiny, family: str) -> torch.nn.Module:
@@ -201,8 +201,10 @@ def test_server_and_clients_reach_identical_state(tiny, name, family):
     u1 = train(method, c1, family, "c1", seed=0)
     u2 = train(method, c2, family, "c2", seed=1)
     delta = over_the_wire(mean((u1, 3.0), (u2, 1.0)), method.cfg.wire_dtype)
-    for a, b in zip(delta.values(), mean((u2, 1.0), (u1, 3.0)).values()):
-        torch.testing.assert_close(a, b)
+    reversed_order = mean((u2, 1.0), (u1, 3.0))
+    assert delta and set(delta) == set(reversed_order)
+    for n, t in delta.items():
+        torch.testing.assert_close(t, reversed_order[n])
 
     seeds = method.round_seeds(0)
     method.apply(server, seeds, delta)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fedkrso.common.models import build_tiny, load_model, model_fingerprint, resolve
+from fedkrso.common.models import load_model, model_fingerprint, resolve
 
 
 def test_hub_id_without_network_fails_clearly(tmp_path):
@@ -30,17 +30,24 @@ def test_minilm_alias_loads_the_packaged_model():
     assert model.classifier.out_features == 5
 
 
-def test_new_head_init_is_deterministic_and_leaves_global_rng(tmp_path):
+def test_new_head_init_is_deterministic_and_leaves_global_rng(tmp_path, tiny_bert):
+    """A checkpoint without a classification head (like the MiniLM base) gets a new head:
+    drawn from ``init_seed`` alone, the same on every load, without touching the global RNG."""
     import torch
+    from transformers import AutoModelForSequenceClassification
 
-    path = build_tiny("bert", tmp_path / "m", num_labels=3)
+    base = tmp_path / "base"  # the encoder only: loading it for classification adds a new head
+    AutoModelForSequenceClassification.from_pretrained(tiny_bert).bert.save_pretrained(base)
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    a = load_model(str(path), "sequence-classification", 3, init_seed=7)
+    a = load_model(str(base), "sequence-classification", 3, init_seed=7)
     assert torch.equal(torch.rand(1), before)
-    b = load_model(str(path), "sequence-classification", 3, init_seed=7)
+    b = load_model(str(base), "sequence-classification", 3, init_seed=7)
+    other = load_model(str(base), "sequence-classification", 3, init_seed=8)
     assert model_fingerprint(a) == model_fingerprint(b)
+    assert not torch.equal(a.classifier.weight, other.classifier.weight)  # the head is new, and seeded
+    assert torch.equal(a.bert.embeddings.word_embeddings.weight, other.bert.embeddings.word_embeddings.weight)
 
 
 @pytest.mark.slow

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from conftest import ClusterRun, finish_cluster, log_events, metric_rows, round_config, wait_until, write_round_yaml
+from fedkrso.bench.launch import Cluster, Proc
 from fedkrso.common.config import parse_config
-from fedkrso.bench.launch import Cluster
 from fedkrso.server import state as state_mod
-from fedkrso.server.coordinator import Coordinator
+from fedkrso.server.coordinator import Coordinator, run_identity
 from fedkrso.server.metrics import MetricsWriter
 from fedkrso.server.state import RunStore, StateError, atomic_write, read_tensors, write_tensors
-from test_reliability import config_dict, metric_rows, shards, tiny_model, wait_until  # noqa: F401
 
 
 # -- server/state.py ---------------------------------------------------------------------------
@@ -72,8 +69,8 @@ def test_store_commits_rounds_and_refuses_another_run(tmp_path):
         RunStore(tmp_path / "state", "run-b").load()
 
 
-def test_resume_refuses_state_that_does_not_replay_to_its_fingerprint(tmp_path, tiny_model):
-    cfg = parse_config(config_dict(tiny_model, tmp_path / "out"))
+def test_resume_refuses_state_that_does_not_replay_to_its_fingerprint(tmp_path, tiny_bert):
+    cfg = parse_config(round_config(tiny_bert, tmp_path / "out"))
     coord = Coordinator(cfg)
     coord.store.commit_round(0, coord.method.round_seeds(0), {}, "not-the-real-fingerprint", {}, {"round": 0},
                              checkpoint=None)
@@ -93,104 +90,92 @@ def test_metrics_row_is_written_once(tmp_path):
     assert [(r["round"], r["x"]) for r in again.rows()] == [(0, 1), (1, 3)]
 
 
-# -- real processes ------------------------------------------------------------------------------
 
+def test_metrics_writer_repairs_a_torn_last_line(tmp_path):
+    """A row torn by power loss is cut off (its round is not counted as written, so it is
+    written again); a whole row that lost only its newline is kept and terminated."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"round": 0, "x": 1}\n{"round": 1, "x"')
+    writer = MetricsWriter(path)
+    assert writer.has(0) and not writer.has(1)
+    writer.write({"round": 1, "x": 2})
+    assert [r["x"] for r in writer.rows()] == [1, 2]
+    path.write_text('{"round": 0, "x": 1}\n{"round": 1, "x": 2}')
+    assert MetricsWriter(path).has(1) and path.read_text().endswith("}\n")
+
+# -- real processes ------------------------------------------------------------------------------
+# The first server binds port 0; a restarted one listens on the port the first one got
+# (``--listen``), where the clients reconnect.
 TOTAL = 4
 CLIENTS = ("shard0", "shard1")
 
 
-def free_port() -> int:
-    """A port to pin in the config: the restarted server must listen where clients reconnect."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_config(tmp: Path, model: Path, out: Path) -> Path:
-    cfg = config_dict(model, out, total=TOTAL, clients_per_round=2, min_clients=2, deadline_s=60,
-                      start_timeout_s=60)
-    cfg["server"].update({"listen": f"127.0.0.1:{free_port()}", "max_chunk_bytes": 1 << 16,
-                          "checkpoint_every": 2})  # restarts exercise checkpoint + replay
-    path = tmp / "round.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def events(text: str, name: str) -> list[dict]:
-    out = []
-    for line in text.splitlines():
-        if line.startswith("{") and f'"{name}"' in line:
-            e = json.loads(line)
-            if e.get("event") == name:
-                out.append(e)
-    return out
+def write_config(tmp: Path, model: Path) -> Path:
+    cfg = round_config(model, tmp / "out", rounds={"total": TOTAL},
+                       server={"checkpoint_every": 2})  # restarts exercise checkpoint + replay
+    return write_round_yaml(tmp / "round.yaml", cfg)
 
 
 def accepted(cluster: Cluster, round_id: int) -> set[str]:
-    return {e["client"] for e in events(cluster.server.text(), "update_accepted") if e["round"] == round_id}
+    """Clients whose update of ``round_id`` the current server acknowledged (its log)."""
+    return {e["client"] for e in log_events(cluster.server.text(), "update_accepted") if e["round"] == round_id}
 
 
-def start_clients(cluster: Cluster, data: Path) -> list:
-    return [cluster.start_client(data / name, name, args=["--poll-seconds", "2"]) for name in CLIENTS]
+def start_clients(cluster: Cluster, data: Path) -> dict[str, Proc]:
+    return {name: cluster.start_client(data / name, name, args=["--poll-seconds", "2"]) for name in CLIENTS}
 
 
-def finish(cluster: Cluster, out: Path) -> tuple[list[dict], str]:
-    """Wait for the run to end; every process exits 0. Returns metrics rows, final fingerprint."""
-    assert cluster.wait(150) == 0, cluster.server.text()[-3000:]
-    for p in cluster.clients:
-        assert p.wait(60) == 0, p.text()[-3000:]
-    fp = (out / "final_state_fingerprint.txt").read_text().strip()
-    for name in CLIENTS:
-        assert json.loads((cluster.workdir / f"{name}.json").read_text())["state_fingerprint"] == fp
-    rows = metric_rows(out)
-    assert [r["round"] for r in rows] == list(range(TOTAL))  # once each: no duplicate, no gap
-    return rows, fp
+def finish(cluster: Cluster, out: Path) -> ClusterRun:
+    """The run ends with every process exiting 0 and every round's row written exactly once."""
+    run = finish_cluster(cluster, out, 150)
+    assert [r["round"] for r in run.rows] == list(range(TOTAL))  # once each: no duplicate, no gap
+    return run
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model, shards) -> list[dict]:
+def reference(tmp_path_factory, tiny_bert, shards) -> list[dict]:
     """The same config run without a crash: its metrics rows (training is deterministic)."""
     tmp = tmp_path_factory.mktemp("reference")
     cluster = Cluster(tmp)
     try:
-        cluster.start_server(write_config(tmp, tiny_model, tmp / "out"))
+        cluster.start_server(write_config(tmp, tiny_bert))
         start_clients(cluster, shards)
-        rows, _ = finish(cluster, tmp / "out")
+        return finish(cluster, tmp / "out").rows
     finally:
         cluster.stop()
-    return rows
 
 
 def crash_and_restart(tmp: Path, model: Path, data: Path, stop: tuple[str, ...], want_accepted: int,
-                      first: int):
-    """Run, and once round ``first - 1`` (or a later one) closed SIGSTOP the ``stop`` clients, wait until ``want_accepted``
-    updates of the next round were acknowledged, SIGKILL the server, resume the clients and
-    restart the server with the same config. Retries on the next round if a stopped client
-    had already submitted (a race with SIGSTOP). Returns (cluster, out, crashed round)."""
+                      first: int) -> tuple[Cluster, Path, int]:
+    """Run; once round ``r - 1`` closed (``r`` from ``first`` on), SIGSTOP the ``stop``
+    clients, wait until ``want_accepted`` updates of round ``r`` were acknowledged, freeze the
+    server (SIGSTOP: its log and state can no longer move) and SIGKILL it, resume the clients
+    and restart the server on the same port with the same config. Where a stopped client had
+    submitted round ``r`` already (it raced the SIGSTOP), the server is resumed and the next
+    round tried instead. Returns (cluster, output dir, crashed round)."""
     out = tmp / "out"
-    config = write_config(tmp, model, out)
+    config = write_config(tmp, model)
     cluster = Cluster(tmp)
     try:
-        cluster.start_server(config)
-        procs = dict(zip(CLIENTS, start_clients(cluster, data)))
+        port = cluster.start_server(config)
+        procs = start_clients(cluster, data)
         for r in range(first, TOTAL):
             wait_until(lambda: len(metric_rows(out)) >= r, 120, f"round {r - 1} to close")
             for name in stop:
                 procs[name].popen.send_signal(signal.SIGSTOP)
-            time.sleep(0.5 if not want_accepted else 0)
             wait_until(lambda: len(accepted(cluster, r)) >= want_accepted, 60, f"{want_accepted} update(s)")
+            cluster.server.popen.send_signal(signal.SIGSTOP)
             if not accepted(cluster, r) & set(stop):
                 break
-            for name in stop:  # lost the race: a stopped client had submitted already
-                procs[name].popen.send_signal(signal.SIGCONT)
+            for p in (cluster.server, *(procs[name] for name in stop)):  # lost the race: next round
+                p.popen.send_signal(signal.SIGCONT)
         else:
             pytest.fail("no round where the stopped clients had not submitted")
         cluster.server.popen.send_signal(signal.SIGKILL)
         cluster.server.wait(30)
-        assert len(accepted(cluster, r)) == want_accepted
         for name in stop:
             procs[name].popen.send_signal(signal.SIGCONT)
-        cluster.start_server(config, name="server-restarted")
+        cluster.start_server(config, args=["--listen", f"127.0.0.1:{port}"], name="server-restarted")
     except BaseException:
         cluster.stop()
         raise
@@ -199,40 +184,40 @@ def crash_and_restart(tmp: Path, model: Path, data: Path, stop: tuple[str, ...],
 
 @pytest.mark.slow
 def test_server_killed_mid_round_resumes_without_losing_the_acknowledged_update(
-        tmp_path, tiny_model, shards, reference):
-    cluster, out, r = crash_and_restart(tmp_path, tiny_model, shards, stop=("shard1",), want_accepted=1,
+        tmp_path, tiny_bert, shards, reference):
+    cluster, out, r = crash_and_restart(tmp_path, tiny_bert, shards, stop=("shard1",), want_accepted=1,
                                          first=1)
     try:
-        rows, fp = finish(cluster, out)
+        run = finish(cluster, out)
     finally:
         cluster.stop()
-    (resumed,) = events(cluster.server.text(), "run_resumed")
+    before = log_events((tmp_path / "server.log").read_text(), "update_accepted")
+    assert {e["client"] for e in before if e["round"] == r} == {"shard0"}  # the crash point
+    (resumed,) = log_events(cluster.server.text(), "run_resumed")
     assert resumed["round"] == r and resumed["accepted"] == 1 and resumed["open_round"]
-    assert "shard0" in rows[r]["clients"] and sorted(rows[r]["clients"]) == sorted(CLIENTS)
+    assert sorted(run.rows[r]["clients"]) == sorted(CLIENTS)
     assert "shard0" not in accepted(cluster, r)  # acknowledged before the crash, not retrained
-    assert [row["state_fingerprint"] for row in rows] == [row["state_fingerprint"] for row in reference]
-    assert fp == reference[-1]["state_fingerprint"]
+    assert [row["state_fingerprint"] for row in run.rows] == [row["state_fingerprint"] for row in reference]
+    assert run.final_fingerprint == reference[-1]["state_fingerprint"]
 
 
 @pytest.mark.slow
-def test_server_killed_between_rounds_resumes(tmp_path, tiny_model, shards, reference):
-    cluster, out, r = crash_and_restart(tmp_path, tiny_model, shards, stop=CLIENTS, want_accepted=0, first=2)
+def test_server_killed_between_rounds_resumes(tmp_path, tiny_bert, shards, reference):
+    cluster, out, r = crash_and_restart(tmp_path, tiny_bert, shards, stop=CLIENTS, want_accepted=0, first=2)
     try:
-        rows, fp = finish(cluster, out)
+        run = finish(cluster, out)
     finally:
         cluster.stop()
-    (resumed,) = events(cluster.server.text(), "run_resumed")
+    (resumed,) = log_events(cluster.server.text(), "run_resumed")
     assert resumed["round"] == r and resumed["accepted"] == 0
-    assert [row["state_fingerprint"] for row in rows] == [row["state_fingerprint"] for row in reference]
-    assert fp == reference[-1]["state_fingerprint"]
+    assert [row["state_fingerprint"] for row in run.rows] == [row["state_fingerprint"] for row in reference]
+    assert run.final_fingerprint == reference[-1]["state_fingerprint"]
 
 
 def test_run_identity_ignores_listen_credentials_and_output_dir(tmp_path):
     """A restart may bind another port, rotate certificates or move the output folder and
     still resume; any setting that shapes the results makes another run."""
-    from fedkrso.server.coordinator import run_identity
-
-    base = config_dict(tmp_path / "m", tmp_path / "out")
+    base = round_config(tmp_path / "m", tmp_path / "out")
     same = json.loads(json.dumps(base))
     same["server"]["listen"] = "0.0.0.0:6000"
     same["run"]["output_dir"] = str(tmp_path / "elsewhere")
@@ -241,3 +226,80 @@ def test_run_identity_ignores_listen_credentials_and_output_dir(tmp_path):
     other["method"]["rank"] += 1
     ids = [run_identity(parse_config(c)) for c in (base, same, other)]
     assert ids[0] == ids[1] != ids[2]
+
+
+# -- figures that stay true across a restart ------------------------------------------------------
+def crash_while_training(tmp: Path, model: Path, data: Path, **rounds) -> tuple[Cluster, Path, int, Path, int]:
+    """Run until shard1 starts training a round (its download complete) and, with shard1
+    SIGSTOPped meanwhile, shard0's update of that round is acknowledged; then SIGKILL the
+    server and resume shard1, which reconnects with backoff. Returns (cluster, output dir,
+    crashed round, config, port); the caller restarts the server."""
+    out = tmp / "out"
+    cfg = round_config(model, out, rounds={"total": TOTAL, "min_clients": 1, **rounds},
+                       method={"name": "fedkrso", "k": 2, "rank": 2, "intervals": 2, "interval_steps": 60,
+                               "lr": 1e-3},  # training lasts long enough to stop it
+                       server={"checkpoint_every": 2})
+    config = write_round_yaml(tmp / "round.yaml", cfg)
+    cluster = Cluster(tmp)
+    port = cluster.start_server(config)
+    procs = start_clients(cluster, data)
+
+    def shard1_did(event: str, r: int) -> bool:
+        return any(e["round"] == r for e in log_events(procs["shard1"].text(), event))
+
+    for r in range(1, TOTAL):
+        wait_until(lambda: shard1_did("training", r), 120, f"shard1 training round {r}")
+        procs["shard1"].popen.send_signal(signal.SIGSTOP)
+        if not shard1_did("update_submitted", r):
+            break
+        procs["shard1"].popen.send_signal(signal.SIGCONT)  # it submitted already: the next round
+    else:
+        pytest.fail("shard1 always submitted before it could be stopped")
+    wait_until(lambda: "shard0" in accepted(cluster, r), 60, "shard0's update")
+    cluster.server.popen.send_signal(signal.SIGKILL)
+    cluster.server.wait(30)
+    procs["shard1"].popen.send_signal(signal.SIGCONT)
+    return cluster, out, r, config, port
+
+
+@pytest.mark.slow
+def test_downloads_before_a_crash_keep_their_bytes_and_wire_is_never_made_up(tmp_path, tiny_bert, shards):
+    """shard1 downloads round r, the server dies, shard1 submits to the restarted server: its
+    downlink bytes survive (the open round saves finished downloads), its socket figures are
+    unmeasured (None: its connection died) rather than copied from message bytes, and every
+    later round is measured again. The restored round waits ``resume_grace_s`` for it."""
+    cluster, out, r, config, port = crash_while_training(tmp_path, tiny_bert, shards, resume_grace_s=60)
+    try:
+        cluster.start_server(config, args=["--listen", f"127.0.0.1:{port}"], name="server-restarted")
+        rows = finish(cluster, out).rows
+    finally:
+        cluster.stop()
+    crashed = rows[r]
+    assert sorted(crashed["clients"]) == sorted(CLIENTS), crashed["dropped"]
+    late, early = crashed["per_client"]["shard1"], crashed["per_client"]["shard0"]
+    assert late["downlink_payload_bytes"] == early["downlink_payload_bytes"] > 0
+    assert late["uplink_wire_bytes"] is None and late["downlink_wire_bytes"] is None
+    assert crashed["uplink_wire_clients"] == crashed["downlink_wire_clients"] == 1
+    assert crashed["uplink_wire_bytes"] == early["uplink_wire_bytes"] > early["uplink_payload_bytes"]
+    for row in rows[r + 1:]:
+        assert row["uplink_wire_clients"] == row["downlink_wire_clients"] == 2
+        assert row["uplink_wire_bytes"] > row["uplink_message_bytes"]
+        assert row["downlink_wire_bytes"] > row["downlink_message_bytes"]
+    (resumed,) = log_events(cluster.server.text(), "run_resumed")
+    assert resumed["round"] == r and resumed["deadline_remaining_s"] >= 59
+
+
+@pytest.mark.slow
+def test_a_torn_metrics_line_is_cut_and_written_again_on_restart(tmp_path, tiny_bert, shards):
+    cluster, out, r, config, port = crash_while_training(tmp_path, tiny_bert, shards)
+    metrics = out / "metrics.jsonl"
+    text = metrics.read_text()
+    last = text.rstrip("\n").rsplit("\n", 1)[-1]
+    metrics.write_text(text[: len(text) - len(last) - 1] + last[: len(last) // 2])  # power loss mid-row
+    try:
+        cluster.start_server(config, args=["--listen", f"127.0.0.1:{port}"], name="server-restarted")
+        finish(cluster, out)
+    finally:
+        cluster.stop()
+    assert log_events(cluster.server.text(), "metrics_repaired")
+    assert [json.loads(line)["round"] for line in metrics.read_text().splitlines()] == list(range(TOTAL))

@@ -2,33 +2,30 @@
 
 Certificates are made per module with the ``openssl`` CLI: a CA, a server certificate for
 ``localhost`` only (so clients dialing 127.0.0.1 override the TLS name), a client certificate
-with CN ``hospital-1``, and a second, unrelated CA. Servers run in-process through
-``InProcServer`` (with the byte-counting relay in front, as in production), and one test runs
+with CN ``hospital-1``, and a second, unrelated CA. Servers run in-process (conftest's
+``server_factory``, with the byte-counting relay in front, as in production), and one test runs
 real ``fedkrso-server`` / ``fedkrso-client`` processes over TLS with a tokens file.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 
+from conftest import InProcServer, round_config, rpc_error, run_cluster, write_round_yaml
 from fedkrso.client.runner import ClientOptions, CredentialRefused, FedClient
 from fedkrso.common.config import ConfigError, parse_config
-from fedkrso.bench.launch import Cluster
-from fedkrso.common.models import build_tiny
 from fedkrso.server.coordinator import Coordinator
 from fedkrso.server.service import run_server
 from fedkrso.v1 import coordinator_pb2 as pb
 from fedkrso.v1 import coordinator_pb2_grpc as pb_grpc
-from test_reliability import InProcServer, config_dict, metric_rows, shards  # noqa: F401 - shards: fixture
 
 SC = grpc.StatusCode
 NAME = (("grpc.ssl_target_name_override", "localhost"),)
@@ -67,25 +64,10 @@ def pki(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny("bert", tmp_path_factory.mktemp("sec_model") / "bert", num_labels=2)
-
-
 @pytest.fixture
-def serve(tiny_model, tmp_path):
-    """Start an in-process server with a ``security`` section; stopped after the test."""
-    started: list[InProcServer] = []
-
-    def make(security: dict) -> InProcServer:
-        cfg = config_dict(tiny_model, tmp_path / f"out{len(started)}")
-        cfg["security"] = security
-        started.append(InProcServer(cfg))
-        return started[-1]
-
-    yield make
-    for s in started:
-        s.stop()
+def serve(server_factory) -> Callable[[dict], InProcServer]:
+    """``serve(security)``: an in-process server with that ``security`` section."""
+    return lambda security: server_factory(security=security)
 
 
 def tls(pki: Path, ca: str = "ca", client: bool = False) -> grpc.ChannelCredentials:
@@ -95,8 +77,7 @@ def tls(pki: Path, ca: str = "ca", client: bool = False) -> grpc.ChannelCredenti
 
 
 def stub(srv: InProcServer, creds: grpc.ChannelCredentials | None = None) -> pb_grpc.CoordinatorStub:
-    target = f"127.0.0.1:{srv.port}"
-    channel = grpc.secure_channel(target, creds, options=NAME) if creds else grpc.insecure_channel(target)
+    channel = grpc.secure_channel(srv.target, creds, options=NAME) if creds else grpc.insecure_channel(srv.target)
     return pb_grpc.CoordinatorStub(channel)
 
 
@@ -107,12 +88,6 @@ def join(s: pb_grpc.CoordinatorStub, name: str = "alice", token: str | None = No
 
 def heartbeat(s: pb_grpc.CoordinatorStub, token: str) -> pb.HeartbeatResponse:
     return s.Heartbeat(pb.HeartbeatRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=10)
-
-
-def code_of(fn) -> SC:
-    with pytest.raises(grpc.RpcError) as info:
-        fn()
-    return info.value.code()
 
 
 def server_tls(pki: Path, **extra) -> dict:
@@ -129,13 +104,13 @@ def test_tls_right_ca_joins_plaintext_and_wrong_ca_fail(serve, pki):
     srv = serve(server_tls(pki))
     resp, _ = join(stub(srv, tls(pki)))
     assert resp.client_id == "alice"
-    assert code_of(lambda: join(stub(srv))) == SC.UNAVAILABLE
-    assert code_of(lambda: join(stub(srv, tls(pki, ca="other")))) == SC.UNAVAILABLE
+    assert rpc_error(lambda: join(stub(srv)))[0] == SC.UNAVAILABLE
+    assert rpc_error(lambda: join(stub(srv, tls(pki, ca="other"))))[0] == SC.UNAVAILABLE
 
 
 def test_mutual_tls_needs_a_client_certificate_and_takes_the_id_from_its_cn(serve, pki):
     srv = serve(server_tls(pki, client_ca=str(pki / "ca.crt"), client_id_from_cert=True))
-    assert code_of(lambda: join(stub(srv, tls(pki)))) == SC.UNAVAILABLE
+    assert rpc_error(lambda: join(stub(srv, tls(pki))))[0] == SC.UNAVAILABLE
     s = stub(srv, tls(pki, client=True))
     resp, call = join(s, name="someone-else")
     assert resp.client_id == "hospital-1"
@@ -143,8 +118,8 @@ def test_mutual_tls_needs_a_client_certificate_and_takes_the_id_from_its_cn(serv
     assert s.Heartbeat(pb.HeartbeatRequest(), timeout=10).current_round == 0
 
 
-def test_non_loopback_listen_without_tls_refused_unless_insecure(tiny_model, tmp_path):
-    cfg = config_dict(tiny_model, tmp_path / "out")
+def test_non_loopback_listen_without_tls_refused_unless_insecure(tiny_bert, tmp_path):
+    cfg = round_config(tiny_bert, tmp_path / "out")
 
     async def start(security: dict) -> int:
         coord = Coordinator(parse_config({**cfg, "security": security}))
@@ -154,15 +129,14 @@ def test_non_loopback_listen_without_tls_refused_unless_insecure(tiny_model, tmp
     with pytest.raises(ConfigError, match="without TLS"):
         asyncio.run(start({}))
     assert asyncio.run(start({"insecure": True})) > 0
-    path = tmp_path / "round.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = write_round_yaml(tmp_path / "round.yaml", cfg)
     proc = subprocess.run([sys.executable, "-m", "fedkrso.server.main", "--config", str(path),
                            "--listen", "0.0.0.0:0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "refusing to listen on 0.0.0.0:0 without TLS" in proc.stderr, proc.stderr
 
 
-def test_security_config_validation_names_the_field(tiny_model, tmp_path):
-    cfg = config_dict(tiny_model, tmp_path)
+def test_security_config_validation_names_the_field(tiny_bert, tmp_path):
+    cfg = round_config(tiny_bert, tmp_path)
     with pytest.raises(ConfigError, match=r"security: .*tls_key is required with tls_cert"):
         parse_config({**cfg, "security": {"tls_cert": "server.crt"}})
     with pytest.raises(ConfigError, match="client_id_from_cert needs client_ca"):
@@ -181,13 +155,14 @@ def test_tokens_file_identifies_refuses_and_revokes(serve, pki, tmp_path):
     assert resp.client_id == "hospital-0", "the body's name is only a display name"
     assert "x-fedkrso-token" not in dict(call.initial_metadata())
     assert join(s, token=tokens["hospital-1"])[0].client_id == "hospital-1"
-    assert code_of(lambda: join(s, token="c" * 64)) == SC.UNAUTHENTICATED
-    assert code_of(lambda: join(s)) == SC.UNAUTHENTICATED
-    assert code_of(lambda: s.Heartbeat(pb.HeartbeatRequest(), timeout=10)) == SC.UNAUTHENTICATED
+    assert rpc_error(lambda: join(s, token="c" * 64)) == (SC.UNAUTHENTICATED, "unknown or revoked token")
+    assert rpc_error(lambda: join(s)) == (SC.UNAUTHENTICATED, "missing bearer token")
+    assert rpc_error(lambda: s.Heartbeat(pb.HeartbeatRequest(), timeout=10)) == (SC.UNAUTHENTICATED,
+                                                                             "missing bearer token")
     heartbeat(s, tokens["hospital-0"])
 
     write_tokens(path, {"hospital-1": tokens["hospital-1"]})  # revoke hospital-0
-    assert code_of(lambda: heartbeat(s, tokens["hospital-0"])) == SC.UNAUTHENTICATED
+    assert rpc_error(lambda: heartbeat(s, tokens["hospital-0"])) == (SC.UNAUTHENTICATED, "unknown or revoked token")
     heartbeat(s, tokens["hospital-1"])
 
 
@@ -195,7 +170,7 @@ def test_client_with_a_refused_token_exits_4(serve, pki, tmp_path, shards):
     srv = serve(server_tls(pki, tokens_file=str(write_tokens(tmp_path / "tokens.txt", {"h0": "a" * 64}))))
     (tmp_path / "bad.token").write_text("not-a-token\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "fedkrso.client.main", "--server", f"127.0.0.1:{srv.port}",
+        [sys.executable, "-m", "fedkrso.client.main", "--server", srv.target,
          "--data", str(shards / "shard0"), "--ca", str(pki / "ca.crt"), "--server-name", "localhost",
          "--token-file", str(tmp_path / "bad.token"), "--log-json"],
         capture_output=True, text=True, timeout=120)
@@ -213,13 +188,13 @@ def test_open_enrolment_rejoin_keeps_the_id_and_kills_the_old_token(serve):
     again, call = join(s, name="carol")
     new = dict(call.initial_metadata())["x-fedkrso-token"]
     assert first.client_id == again.client_id == "carol" and new != old
-    assert code_of(lambda: heartbeat(s, old)) == SC.UNAUTHENTICATED
+    assert rpc_error(lambda: heartbeat(s, old)) == (SC.UNAUTHENTICATED, "unknown or revoked token")
     heartbeat(s, new)
 
 
 def test_client_rejoins_when_its_session_token_is_lost(serve, tmp_path):
     srv = serve({})
-    client = FedClient(ClientOptions(server=f"127.0.0.1:{srv.port}", data=tmp_path, name="dave"))
+    client = FedClient(ClientOptions(server=srv.target, data=tmp_path, name="dave"))
     client.dataset = range(10)
     client._enrol()
     join(stub(srv), name="dave")  # as after a server restart: the client's token is no longer valid
@@ -233,7 +208,7 @@ def test_token_client_rejoins_when_forgotten_and_stops_when_revoked(serve, pki, 
     path = write_tokens(tmp_path / "tokens.txt", {"hospital-0": "a" * 64})
     srv = serve(server_tls(pki, tokens_file=str(path)))
     (tmp_path / "t").write_text("a" * 64)
-    client = FedClient(ClientOptions(server=f"127.0.0.1:{srv.port}", data=tmp_path, name="erin",
+    client = FedClient(ClientOptions(server=srv.target, data=tmp_path, name="erin",
                                      ca=pki / "ca.crt", server_name="localhost", token_file=tmp_path / "t"))
     client.dataset = range(10)
     assert client._enrol().client_id == "hospital-0"
@@ -247,31 +222,17 @@ def test_token_client_rejoins_when_forgotten_and_stops_when_revoked(serve, pki, 
 
 # -- end to end ------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_processes_over_tls_with_a_tokens_file(tiny_model, shards, pki, tmp_path):
-    out = tmp_path / "out"
+def test_processes_over_tls_with_a_tokens_file(tiny_bert, shards, pki, tmp_path):
     tokens = {"hospital-0": "0" * 64, "hospital-1": "1" * 64}
-    cfg = config_dict(tiny_model, out, total=2, clients_per_round=2, min_clients=2, start_timeout_s=120)
-    cfg["server"]["max_chunk_bytes"] = 1 << 16
-    cfg["security"] = server_tls(pki, tokens_file=str(write_tokens(tmp_path / "tokens.txt", tokens)))
-    config = tmp_path / "round.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    cluster = Cluster(tmp_path)
-    try:
-        cluster.start_server(config)
-        for i, token in enumerate(tokens.values()):
-            (tmp_path / f"t{i}").write_text(token + "\n")
-            cluster.start_client(shards / f"shard{i}", f"shard{i}", [
-                "--ca", str(pki / "ca.crt"), "--server-name", "localhost", "--token-file", str(tmp_path / f"t{i}")])
-        assert cluster.wait(120) == 0, cluster.server.text()[-3000:]
-        for c in cluster.clients:
-            assert c.wait(60) == 0, c.text()[-3000:]
-    finally:
-        cluster.stop()
-    fp = (out / "final_state_fingerprint.txt").read_text().strip()
-    for i, client_id in enumerate(tokens):
-        report = json.loads((tmp_path / f"shard{i}.json").read_text())
-        assert report["client_id"] == client_id and report["state_fingerprint"] == fp
-        assert report["rounds_trained"] == [0, 1]
-    rows = metric_rows(out)
-    assert [r["round"] for r in rows] == [0, 1]
-    assert all(r["uplink_wire_bytes"] > r["uplink_message_bytes"] for r in rows), "the relay counts TLS bytes"
+    cfg = round_config(tiny_bert, tmp_path / "out", rounds={"total": 2, "start_timeout_s": 120},
+                       security=server_tls(pki, tokens_file=str(write_tokens(tmp_path / "tokens.txt", tokens))))
+    args = []
+    for i, token in enumerate(tokens.values()):
+        (tmp_path / f"t{i}").write_text(token + "\n")
+        args.append(["--ca", str(pki / "ca.crt"), "--server-name", "localhost", "--token-file", str(tmp_path / f"t{i}")])
+    run = run_cluster(tmp_path, cfg, shards, clients=2, client_args=args)
+    for i, client_id in enumerate(tokens):  # each holds the final state (run_cluster) under its token's id
+        report = run.reports[f"shard{i}"]
+        assert report["client_id"] == client_id and report["rounds_trained"] == [0, 1]
+    assert [r["round"] for r in run.rows] == [0, 1]
+    assert all(r["uplink_wire_bytes"] > r["uplink_message_bytes"] for r in run.rows), "the relay counts TLS bytes"

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from fedkrso.bench.launch import child_env
-from test_golden import GOLDEN, METHODS, ROUNDS, float_probe, golden_config, golden_inputs, run_golden  # noqa: F401
+from test_golden import GOLDEN, METHODS, ROUNDS, float_probe, golden_config, golden_data, run_golden  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 def run_sim(tmp: Path, model: Path, data: Path, method: dict) -> list[dict]:
     tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "round.yaml"
-    config.write_text(yaml.safe_dump(golden_config(tmp / "out", model, method)))
+    config.write_text(yaml.safe_dump(golden_config(model, tmp / "out", method)))
     proc = subprocess.run([sys.executable, "-m", "fedkrso.sim.main", "--config", str(config), "--data-root", str(data),
                            "--threads", "1"], capture_output=True, text=True, timeout=600, env=child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -37,18 +37,19 @@ def run_sim(tmp: Path, model: Path, data: Path, method: dict) -> list[dict]:
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_simulated_run_reaches_the_distributed_fingerprints(tmp_path, golden_inputs, method):
+def test_simulated_run_reaches_the_distributed_fingerprints(tmp_path, tiny_bert, golden_data, method):
     recorded = json.loads(GOLDEN.read_text())
     if recorded["probe"] != float_probe():
         pytest.skip("this CPU's float kernels differ from the recording machine's: fingerprints not comparable")
-    rows = run_sim(tmp_path, *golden_inputs, METHODS[method])
+    rows = run_sim(tmp_path, tiny_bert, golden_data, METHODS[method])
     assert [r["state_fingerprint"] for r in rows] == recorded["runs"][method]
 
 
-def test_simulated_bytes_equal_the_distributed_run(tmp_path, golden_inputs):
+def test_simulated_bytes_equal_the_distributed_run(tmp_path, tiny_bert, golden_data):
     """Payload and message bytes per client come from the same messages; wire is not measured."""
-    sim = run_sim(tmp_path / "sim", *golden_inputs, METHODS["fedkrso"])
-    dist = run_golden(tmp_path / "dist", *golden_inputs, METHODS["fedkrso"], rows=True)
+    sim = run_sim(tmp_path / "sim", tiny_bert, golden_data, METHODS["fedkrso"])
+    (tmp_path / "dist").mkdir()
+    dist = run_golden(tmp_path / "dist", tiny_bert, golden_data, METHODS["fedkrso"])
     assert len(sim) == len(dist) == ROUNDS
     for s, d in zip(sim, dist):
         assert s["clients"] == d["clients"]
