@@ -16,20 +16,23 @@ so an open round's partial aggregate survives a server restart (``server/state.p
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from .tensors import l2_norm
 
 Tensors = dict[str, torch.Tensor]
 
 
-def clip_update(tensors: Tensors, clip_norm: float | None) -> Tensors:
-    """Scale an update whose L2 norm (over all its tensors) exceeds ``clip_norm`` down to it.
+def clip_update(tensors: Tensors, clip_norm: float | None, norm: float | None = None) -> Tensors:
+    """Scale an update whose size exceeds ``clip_norm`` down to it.
 
-    Applied before weighting, so one client's influence is at most ``w_n * clip_norm``."""
+    ``norm`` is the update's size in the space the bound is stated in: the server passes
+    ``method.update_norm`` (the norm of the weight change the update implies, the same space
+    for every method); without it, the L2 norm over all the update's tensors. Applied before
+    weighting, so one client's influence is at most ``w_n * clip_norm``."""
     if clip_norm is None:
         return tensors
-    norm = math.sqrt(sum(float(t.double().square().sum()) for t in tensors.values()))
+    norm = l2_norm(tensors.values()) if norm is None else norm
     if norm <= clip_norm:
         return tensors
     scale = clip_norm / norm
@@ -50,10 +53,11 @@ class StreamingAggregator:
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, tensors: Tensors, weight: float) -> None:
+    def add(self, tensors: Tensors, weight: float, norm: float | None = None) -> None:
+        """Fold one update in with ``weight``; ``norm`` is its size for clipping (``clip_update``)."""
         if not weight > 0:
             raise ValueError(f"weight must be positive, got {weight}")
-        for name, t in clip_update(tensors, self.clip_norm).items():
+        for name, t in clip_update(tensors, self.clip_norm, norm).items():
             t = t.detach().to("cpu", torch.float64)
             if name in self.sums:
                 self.sums[name].add_(t, alpha=weight)
@@ -105,10 +109,10 @@ class TrimmedMeanAggregator:
     def count(self) -> int:
         return len(self.updates)
 
-    def add(self, tensors: Tensors, weight: float) -> None:
+    def add(self, tensors: Tensors, weight: float, norm: float | None = None) -> None:
         if not weight > 0:
             raise ValueError(f"weight must be positive, got {weight}")
-        clipped = clip_update(tensors, self.clip_norm)
+        clipped = clip_update(tensors, self.clip_norm, norm)
         self.updates.append({n: t.detach().to("cpu", torch.float32).clone() for n, t in clipped.items()})
 
     def result(self) -> Tensors:

@@ -6,6 +6,7 @@ so decoding can only ever produce a tensor of a known dtype and a checked size.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 
@@ -73,3 +74,17 @@ def decode(dtype: str, shape: tuple[int, ...] | list[int], data: bytes) -> torch
     if sys.byteorder != "little":  # pragma: no cover
         t = t.byteswap()
     return t.reshape(shape)
+
+
+def l2_norm(tensors) -> float:
+    """L2 norm over every element of ``tensors`` (an iterable), summed in float64."""
+    return math.sqrt(sum(float(t.detach().double().square().sum()) for t in tensors))
+
+
+def product_norm_sq(left: torch.Tensor, right: torch.Tensor) -> float:
+    """``||left @ right||_F^2`` without forming the product: ``sum((L^T L) * (R R^T))``.
+
+    For a (d_m x q) times (q x d_n) product with small q (a low-rank weight change) this
+    costs O((d_m + d_n) q^2) instead of O(d_m d_n q); float64 throughout."""
+    left, right = left.detach().double(), right.detach().double()
+    return float(((left.T @ left) * (right @ right.T)).sum())

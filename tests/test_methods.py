@@ -8,6 +8,7 @@ uses larger learning rates than the defaults because the models are tiny and ran
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -327,3 +328,87 @@ def test_fedkseed_uploads_one_scalar_per_fixed_candidate(tiny):
     update = train(method, model, "llama", "c1")
     assert set(update.tensors) == {"scalars"} and update.tensors["scalars"].shape == (32,)
     assert 1 <= len(update.seeds_used) <= method.cfg.steps
+
+
+# -- what the server checks of one client's upload -------------------------------------------------
+def effective_weights(method: Method, model) -> dict[str, torch.Tensor]:
+    """The weights the model computes with, copied: LoRA merged into its base weights, the TT
+    adapters' contracted matrices, otherwise the state a round changes."""
+    if method.name in ("fedit", "ffa-lora"):
+        return {n: p.detach().clone() for n, p in method.export(model).named_parameters()}
+    if method.name.startswith("fedtt"):
+        from fedkrso.common.methods.fedtt import adapters
+
+        weights = {f"{h}.{part}": getattr(a, part).full().detach().clone()
+                   for h, a in adapters(model).items() for part in ("down", "up")}
+        return weights | {n: p.detach().clone() for n, p in method.dense(model).items()}
+    return snapshot(method, model)
+
+
+@pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
+def test_update_norm_is_the_norm_of_the_weight_change(tiny, name, family):
+    """``update_norm`` (what server.max_update_norm and clip_norm bound) equals the L2 norm of
+    the change of the weights the model computes with when the update is applied: the same
+    space for every method. FedKSeed's is an estimate (independent Gaussian directions)."""
+    method = make(name, **LEARN[name])
+    model = prepared(tiny, family, method)
+    seeds = method.round_seeds(0)
+    start, before = snapshot(method, model), effective_weights(method, model)
+    update = train(method, model, family, "c1")
+    restore(method, model, start)
+    norm = method.update_norm(model, seeds, update.tensors)
+    method.apply(model, seeds, update.tensors)
+    after = effective_weights(method, model)
+    moved = math.sqrt(sum(float((after[n].double() - before[n].double()).square().sum()) for n in before))
+    assert moved > 0
+    assert norm == pytest.approx(moved, rel=0.05 if name == "fedkseed" else 1e-4)
+    doubled = {n: 2 * t for n, t in update.tensors.items()}  # linear where the method is
+    if name in ("fedkrso", "fedavg", "fedkseed"):
+        assert method.update_norm(model, seeds, doubled) == pytest.approx(2 * norm, rel=1e-6)
+
+
+@pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
+def test_honest_uploads_fit_their_clients_keyed_choices(tiny, name, family):
+    """The server recomputes a client's keyed choices: an honest upload fits them, the same
+    upload claimed by another client key or with ``seeds_used`` altered does not (for the
+    methods whose choices are keyed)."""
+    method = make(name)
+    model = prepared(tiny, family, method)
+    seeds = method.round_seeds(0)
+    update = train(method, model, family, "c1")
+    assert set(update.tensors) <= method.allowed_update_names(model, seeds, 0, "c1")
+    assert method.keyed_update_problem(model, seeds, 0, "c1", update.tensors, update.seeds_used) is None
+    if name not in ("fedkrso", "fedkseed"):
+        return
+    assert method.keyed_update_problem(model, seeds, 0, "c1", update.tensors, update.seeds_used[:-1])
+    others = [f"c{i}" for i in range(2, 40)]
+    assert any(method.keyed_update_problem(model, seeds, 0, c, update.tensors, update.seeds_used) for c in others)
+
+
+def test_fedkrso_refuses_an_accumulator_for_a_seed_the_client_did_not_draw(tiny):
+    method = make("fedkrso", k=4, intervals=1)
+    model = prepared(tiny, "bert", method)
+    seeds = method.round_seeds(0)
+    update = train(method, model, "bert", "c1")
+    (drawn,) = method.seed_choices(0, "c1")
+    stray = (drawn + 1) % 4
+    forged = dict(update.tensors)
+    for n, t in update.tensors.items():
+        if n.startswith(f"acc.{drawn}."):
+            forged[n.replace(f"acc.{drawn}.", f"acc.{stray}.", 1)] = t
+    assert not {n for n in forged if n.startswith(f"acc.{stray}.")} <= method.allowed_update_names(model, seeds, 0, "c1")
+    problem = method.keyed_update_problem(model, seeds, 0, "c1", forged, sorted({seeds[drawn], seeds[stray]}))
+    assert problem == (f"accumulator for seed index {stray}, which client 'c1' did not draw in round 0 "
+                       f"(it drew [{drawn}])")
+
+
+def test_fedkseed_refuses_a_scalar_for_a_candidate_the_client_did_not_draw(tiny):
+    method = make("fedkseed")
+    model = prepared(tiny, "bert", method)
+    seeds = method.round_seeds(0)
+    drawn = method.drawn_candidates(0, "c1", len(seeds))
+    stray = min(set(range(len(seeds))) - drawn)
+    scalars = torch.zeros(len(seeds))
+    scalars[stray] = 1.0
+    problem = method.keyed_update_problem(model, seeds, 0, "c1", {"scalars": scalars}, [seeds[stray]])
+    assert problem == f"non-zero scalar for candidate {stray}, which client 'c1' did not draw in round 0"

@@ -11,6 +11,12 @@ A method is one module under ``fedkrso.common.methods`` with the same shape:
   clients call the same function on the same bytes, so they reach the same weights;
 * ``upload_bytes_formula(model, n_seeds_used)``: the closed-form payload of one upload, which
   tests compare with the bytes actually encoded;
+* ``allowed_update_names`` / ``keyed_update_problem``: what one client's upload may carry once
+  the method's keyed choices (FedKRSO's seed draws, FedKSeed's candidates) are recomputed by
+  the server from (run seed, round, client key), so an upload outside them is refused;
+* ``update_norm(model, seeds, tensors)``: the L2 norm of the change of the model's weights an
+  upload implies, the one space in which ``server.max_update_norm`` and ``clip_norm`` mean
+  the same for every method;
 * ``export(model)`` / ``export_extra(model)``: a plain transformers model for
   ``save_pretrained`` plus any tensors it cannot hold (FedTT's adapters), saved beside it.
 
@@ -32,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..subspace import fingerprint
-from ..tensors import element_size
+from ..tensors import element_size, l2_norm
 
 WireDtype = Literal["float32", "bfloat16", "float16"]
 
@@ -219,6 +225,29 @@ class Method(ABC):
         """Trained tensors the plain model cannot hold (adapters that do not merge into the
         base weights), saved with safetensors next to ``export(model)``; empty by default."""
         return {}
+
+    # -- server: what one client's upload may be --------------------------------------------
+    def allowed_update_names(self, model: nn.Module, seeds: list[int], round_id: int, client_key: str) -> set[str]:
+        """Names the upload of ``client_key`` for round ``round_id`` may carry, its keyed
+        choices recomputed from (run seed, round, client key); by default all of update_spec."""
+        return set(self.update_spec(model, seeds))
+
+    def keyed_update_problem(self, model: nn.Module, seeds: list[int], round_id: int, client_key: str,
+                             tensors: dict[str, torch.Tensor], seeds_used: list[int]) -> str | None:
+        """Why an upload (already matched to ``update_spec``) does not fit the choices its
+        client's key makes, or None when it fits. The base check: no name outside
+        ``allowed_update_names``; methods whose choices are keyed check ``seeds_used`` too."""
+        allowed = self.allowed_update_names(model, seeds, round_id, client_key)
+        extra = sorted(set(tensors) - allowed)
+        if extra:
+            return f"tensor {extra[0]!r} is not one client {client_key!r} may send in round {round_id}"
+        return None
+
+    def update_norm(self, model: nn.Module, seeds: list[int], tensors: dict[str, torch.Tensor]) -> float:
+        """L2 norm of the change of the model's weights that ``tensors`` imply when applied
+        alone (weight 1) to ``model``: a method-independent size for an upload. The default
+        holds for uploads that are themselves weight changes (FedAvg's deltas, dense deltas)."""
+        return l2_norm(tensors.values())
 
     def upload_bytes_formula(self, model: nn.Module, n_seeds_used: int = 0) -> int:
         """Payload bytes of one client's upload in closed form (tensor data, no framing).

@@ -25,6 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from ..subspace import cpu_generator
+from ..tensors import l2_norm, product_norm_sq
 from .base import DeltaMethod, MethodConfig, is_conv1d, out_in, target_linears
 
 ADAPTER = "default"
@@ -98,6 +99,23 @@ class FedIT(DeltaMethod):
         for name, layer in lora_layers(model).items():
             state[f"{name}.lora_A.{ADAPTER}.weight"] = layer.lora_A[ADAPTER].weight
         return state
+
+    def update_norm(self, model: nn.Module, seeds: list[int], tensors: dict[str, torch.Tensor]) -> float:
+        """The change of each adapted weight, ``(alpha / r) (B' A' - B A)`` with B' = B + dB and
+        A' = A + dA (A' = A for FFA-LoRA), as ``[B', -B] [A'; A]``: its norm from the 2r x 2r Gram
+        matrices; plus the dense deltas."""
+        total, scale = 0.0, self.cfg.alpha / self.cfg.rank
+        for name, layer in lora_layers(model).items():
+            a, b = layer.lora_A[ADAPTER].weight.detach(), layer.lora_B[ADAPTER].weight.detach()
+            da = tensors.get(f"delta.{name}.lora_A.{ADAPTER}.weight")
+            db = tensors.get(f"delta.{name}.lora_B.{ADAPTER}.weight")
+            if da is None and db is None:
+                continue
+            a2 = a.double() + (0 if da is None else da.double())
+            b2 = b.double() + (0 if db is None else db.double())
+            total += scale * scale * product_norm_sq(torch.cat([b2, -b.double()], dim=1), torch.cat([a2, a.double()]))
+        dense = l2_norm(t for n, t in tensors.items() if n.startswith("dense."))
+        return math.sqrt(max(total, 0.0) + dense * dense)
 
     def upload_bytes_formula(self, model: nn.Module, n_seeds_used: int = 0) -> int:
         """FedIT: (sum_m r (d_m + d_n) + dense) * b. FFA-LoRA: (sum_m r d_m + dense) * b."""

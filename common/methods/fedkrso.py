@@ -14,6 +14,7 @@ state reset every interval; the dense-trainables keep one Adam state for the who
 
 from __future__ import annotations
 
+import math
 import random
 import types
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from torch import nn
 
 from ..accounting import fedkrso_uplink_bytes
 from ..subspace import round_seeds, stable_seed, subspace, subspace_fingerprint
+from ..tensors import l2_norm, product_norm_sq
 from .base import (LocalUpdate, Method, MethodConfig, forward_loss, is_conv1d, out_in, target_linears,
                    train_state_bytes)
 
@@ -202,6 +204,41 @@ class FedKRSO(Method):
         """Seed index per interval: uniform, from a client RNG of (run seed, round, client)."""
         rng = random.Random(stable_seed("intervals", self.run_seed, round_id, client_key))
         return [rng.randrange(self.cfg.k) for _ in range(self.cfg.intervals)]
+
+    def allowed_update_names(self, model: nn.Module, seeds: list[int], round_id: int, client_key: str) -> set[str]:
+        """The dense deltas and the accumulators of the seed indices this client drew."""
+        drawn = set(self.seed_choices(round_id, client_key))
+        return {n for n in self.update_spec(model, seeds) if not n.startswith("acc.") or int(n.split(".")[1]) in drawn}
+
+    def keyed_update_problem(self, model: nn.Module, seeds: list[int], round_id: int, client_key: str,
+                             tensors: dict[str, torch.Tensor], seeds_used: list[int]) -> str | None:
+        """A client trains one interval per drawn index and sends an accumulator for each:
+        exactly the drawn indices, and ``seeds_used`` their seeds in index order."""
+        drawn = sorted(set(self.seed_choices(round_id, client_key)))
+        sent = sorted({int(n.split(".")[1]) for n in tensors if n.startswith("acc.")})
+        stray = [k for k in sent if k not in drawn]
+        if stray:
+            return (f"accumulator for seed index {stray[0]}, which client {client_key!r} did not draw in round "
+                    f"{round_id} (it drew {drawn})")
+        if sent != drawn:
+            return f"accumulators for seed indices {sent}, but client {client_key!r} drew {drawn} in round {round_id}"
+        if list(seeds_used) != [seeds[k] for k in drawn]:
+            return f"seeds_used does not list the seeds of the accumulators sent (indices {drawn})"
+        return None
+
+    def update_norm(self, model: nn.Module, seeds: list[int], tensors: dict[str, torch.Tensor]) -> float:
+        """||sum_k A_k P_k||_F per matrix (the weight change ``apply`` makes), with the dense
+        deltas: each matrix's norm from the (K r x K r) Gram matrices, never the d_m x d_n delta."""
+        total = 0.0
+        for name, module in self.targets(model).items():
+            ks = [k for k in range(len(seeds)) if f"acc.{k}.{name}" in tensors]
+            if ks:
+                d_n = out_in(module)[1]
+                a = torch.cat([tensors[f"acc.{k}.{name}"] for k in ks], dim=1)
+                p = torch.cat([subspace(seeds[k], name, self.cfg.rank, d_n) for k in ks], dim=0)
+                total += product_norm_sq(a, p)
+        dense = l2_norm(t for n, t in tensors.items() if n.startswith("dense."))
+        return math.sqrt(total + dense * dense)
 
     def train_round(
         self,

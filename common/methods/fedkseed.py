@@ -21,6 +21,7 @@ eps=5e-4, lr 3e-7, 200 local steps.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 from typing import Literal
@@ -30,6 +31,7 @@ from pydantic import Field
 from torch import nn
 
 from ..subspace import cpu_generator, fingerprint, stable_seed
+from ..tensors import l2_norm
 from .base import LocalUpdate, Method, MethodConfig, forward_loss
 from .fedavg import linear_parameters
 
@@ -99,6 +101,34 @@ class FedKSeed(Method):
         while True:
             yield rng.randrange(k)
 
+    def drawn_candidates(self, round_id: int, client_key: str, k: int) -> set[int]:
+        """The candidate indices a client's ``steps`` steps draw in round ``round_id``."""
+        choices = self.step_choices(round_id, client_key, k)
+        return {next(choices) for _ in range(self.cfg.steps)}
+
+    def keyed_update_problem(self, model: nn.Module, seeds: list[int], round_id: int, client_key: str,
+                             tensors: dict[str, torch.Tensor], seeds_used: list[int]) -> str | None:
+        """Non-zero scalars only for candidates the client's steps drew; ``seeds_used`` the
+        seeds of the non-zero scalars, in candidate order."""
+        scalars = tensors["scalars"]
+        nonzero = [int(i) for i in torch.nonzero(scalars).flatten()]
+        drawn = self.drawn_candidates(round_id, client_key, len(seeds))
+        stray = [k for k in nonzero if k not in drawn]
+        if stray:
+            return (f"non-zero scalar for candidate {stray[0]}, which client {client_key!r} did not draw in "
+                    f"round {round_id}")
+        if list(seeds_used) != [seeds[k] for k in nonzero]:
+            return "seeds_used does not list the seeds of the non-zero scalars"
+        return None
+
+    def update_norm(self, model: nn.Module, seeds: list[int], tensors: dict[str, torch.Tensor]) -> float:
+        """||lr sum_k g_k z_k|| for z_k ~ N(0, I_D) over theta's D elements, as
+        ``lr sqrt(D) ||g||_2``: exact in expectation of the square (E z_k.z_l = D [k = l]) and
+        concentrated around it for a model's D (the cross terms are O(sqrt D) against D), so it
+        costs nothing instead of drawing every used direction again."""
+        d = sum(p.numel() for p in self.theta(model).values())
+        return self.cfg.lr * math.sqrt(d) * l2_norm([tensors["scalars"]])
+
     @staticmethod
     def perturb(theta: dict[str, nn.Parameter], seed: int, scale: float) -> None:
         for name, p in theta.items():
@@ -128,11 +158,12 @@ class FedKSeed(Method):
             self.perturb(theta, seeds[k], eps - lr * g)  # back to theta, then the step
             scalars[k] += g
             losses.append((plus + minus) / 2)
+        sent = torch.tensor(scalars, dtype=torch.float32)
         return LocalUpdate(
-            tensors={"scalars": torch.tensor(scalars, dtype=torch.float32)},
+            tensors={"scalars": sent},
             loss=sum(losses) / len(losses),
             steps=len(losses),
-            seeds_used=[s for s, g in zip(seeds, scalars) if g != 0.0],
+            seeds_used=[s for s, g in zip(seeds, sent.tolist()) if g != 0.0],  # of the float32 sent
         )
 
     @torch.no_grad()

@@ -39,6 +39,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..subspace import cpu_generator
+from ..tensors import l2_norm
 from .base import DeltaMethod, MethodConfig, out_in
 
 ATTR = "tt_adapter"
@@ -126,12 +127,17 @@ class TTMatrix(nn.Module):
             core.copy_(torch.zeros_like(g) if k == zero else g)
 
     def full(self) -> torch.Tensor:
-        t = self.cores[0]
-        for core in list(self.cores)[1:]:
-            a, o, i, _ = t.shape
-            _, p, j, _ = core.shape
-            t = torch.einsum("aoir,rpjs->aopijs", t, core).reshape(a, o * p, i * j, -1)
-        return t.reshape(self.shape)
+        return contract(list(self.cores), self.shape)
+
+
+def contract(cores: list[torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+    """The (out x in) matrix of TT ``cores``."""
+    t = cores[0]
+    for core in cores[1:]:
+        a, o, i, _ = t.shape
+        _, p, j, _ = core.shape
+        t = torch.einsum("aoir,rpjs->aopijs", t, core).reshape(a, o * p, i * j, -1)
+    return t.reshape(shape)
 
 
 class TTAdapter(nn.Module):
@@ -218,6 +224,20 @@ class FedTT(DeltaMethod):
         state = super().state_parameters(model)
         state.update(self.all_cores(model))
         return state
+
+    def update_norm(self, model: nn.Module, seeds: list[int], tensors: dict[str, torch.Tensor]) -> float:
+        """The change of each adapter's matrices D and U (contracted from the cores with and
+        without the core deltas), plus the dense deltas: the weights the adapters compute with."""
+        total = 0.0
+        for host, adapter in adapters(model).items():
+            for part, matrix in (("down", adapter.down), ("up", adapter.up)):
+                cores = [c.detach().double() for c in matrix.cores]
+                moved = [c + tensors[key].double() if (key := f"delta.{host}.{ATTR}.{part}.cores.{k}") in tensors
+                         else c for k, c in enumerate(cores)]
+                if any(m is not c for m, c in zip(moved, cores)):
+                    total += float((contract(moved, matrix.shape) - contract(cores, matrix.shape)).square().sum())
+        dense = l2_norm(t for n, t in tensors.items() if n.startswith("dense."))
+        return math.sqrt(total + dense * dense)
 
     def upload_bytes_formula(self, model: nn.Module, n_seeds_used: int = 0) -> int:
         """uplink = (sum over adapters, over D and U, over trained cores k of
