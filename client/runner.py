@@ -175,7 +175,7 @@ class FedClient:
         structlog.contextvars.bind_contextvars(client=self.client_id)
         log.info("joined", run_id=self.run_id, method=self.cfg.method.name, samples=len(self.dataset))
         spec = self.opts.model or self.cfg.model.name
-        self.participant = Participant(self.cfg, self.opts.name, self.dataset, Shared.load(self.cfg, spec))
+        self.participant = Participant(self.cfg, self.client_id, self.dataset, Shared.load(self.cfg, spec))
         self.participant.check_base(resp.model_fingerprint, spec)
 
     @property

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .methods import METHODS
 from .models import Task
+from .protocol import CLIENT_ID_PATTERN
 
 MethodSection = Annotated[
     Union[tuple(cls.Config for cls in METHODS.values())],  # noqa: UP007 - built from the registry
@@ -64,15 +65,41 @@ class RoundsSection(Section):
         return self
 
 
+ClientId = Annotated[str, Field(pattern=f"^{CLIENT_ID_PATTERN}$")]
+
+
 class TrainingSection(Section):
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, le=65536)
     weighting: Literal["samples", "uniform"] = Field("samples", description="w_n in aggregation")
+    max_samples_per_client: int | None = Field(
+        None, ge=1, description="weighting by samples: a client counts at most this many samples, "
+        "whatever it declares (default: no cap)")
+    max_weight_share: float | None = Field(
+        0.5, gt=0, le=1, description="no client's weight exceeds this share of the total weight of "
+        "the clients selected for a round (water-filling cap; at 0.5 a round of two clients "
+        "weighs them equally); null or 1 = no cap")
+    client_weights: dict[ClientId, float] = Field(
+        default_factory=dict, description="client id -> pinned weight (> 0), used instead of its "
+        "declared samples; an operator's choice a client cannot change")
+
+    @model_validator(mode="after")
+    def _positive_weights(self) -> TrainingSection:
+        bad = sorted(c for c, w in self.client_weights.items() if not (w > 0 and w < float("inf")))
+        if bad:
+            raise ValueError(f"client_weights must be positive and finite: {bad[:5]}")
+        return self
 
 
 class EvalSection(Section):
     data: Path | None = Field(None, description="evaluation split saved by fedkrso-partition")
     batch_size: int = Field(64, ge=1)
     max_examples: int | None = Field(None, ge=1, description="cap on evaluated examples")
+
+
+MAX_UPDATE_NORM = 1000.0
+TRANSPORT_FIELDS = {"listen", "upload_idle_s", "upload_total_s", "max_connections", "max_connections_per_peer",
+                    "max_pending_connections", "handshake_timeout_s", "connection_idle_s",
+                    "max_streams_per_connection", "max_clients", "join_burst", "join_rate_per_s"}
 
 
 class ServerSection(Section):
@@ -83,11 +110,13 @@ class ServerSection(Section):
         "gets a snapshot; within them it gets the deltas or a snapshot, whichever is smaller"
     )
     max_update_norm: float | None = Field(
-        None, gt=0, description="refuse updates whose L2 norm (over all tensors) exceeds this"
-    )
+        MAX_UPDATE_NORM, gt=0, description="refuse an update whose size exceeds this: the L2 norm of "
+        "the change of the model's weights it implies (method.update_norm, the same space for every "
+        "method). The default is far above every honest update measured (docs/HOSTILE.md: largest "
+        "3.2, FedAvg on MiniLM) and far below what wrecks a model (1e38-valued updates); null = off")
     clip_norm: float | None = Field(
-        None, gt=0, description="scale an update whose L2 norm exceeds this down to it (robust)"
-    )
+        None, gt=0, description="scale an update whose size (as for max_update_norm) exceeds this "
+        "down to it before weighting (robust aggregation); default off")
     aggregation: Literal["mean", "trimmed-mean"] = Field(
         "mean", description="weighted streaming mean, or coordinate-wise trimmed mean (unweighted)"
     )
@@ -103,6 +132,37 @@ class ServerSection(Section):
     checkpoint_every: int = Field(
         5, ge=1, description="rounds between full state checkpoints under <output_dir>/state"
     )
+    # -- hostile clients and networks (docs/HOSTILE.md); none of these shapes a run's results
+    upload_idle_s: float = Field(
+        30.0, gt=0, description="longest wait for the next message of an update stream, the first "
+        "included; a stream silent longer is refused (DEADLINE_EXCEEDED) and its slot freed")
+    upload_total_s: float = Field(
+        600.0, gt=0, description="longest an update stream may take from its first byte to its last, "
+        "waiting for its turn included; keep rounds.deadline_s above it")
+    max_connections: int = Field(
+        1024, ge=1, description="TCP connections held at once (each costs file descriptors); more are "
+        "closed at accept. Lowered at start to what the process's file-descriptor limit allows")
+    max_connections_per_peer: int = Field(
+        64, ge=1, description="TCP connections held at once from one IP address (clients behind one "
+        "NAT share it); more are closed at accept")
+    max_pending_connections: int = Field(
+        128, ge=1, description="connections not yet through their handshake; beyond it the oldest "
+        "pending one is closed to make room (a flood of stalled handshakes cannot lock clients out)")
+    handshake_timeout_s: float = Field(
+        10.0, gt=0, description="a connection must complete its TLS/HTTP2 handshake within this")
+    connection_idle_s: float = Field(
+        300.0, gt=0, description="a connection carrying no byte for this long is closed (clients "
+        "ping every 30 s)")
+    max_streams_per_connection: int = Field(
+        16, ge=4, description="concurrent RPCs on one connection (a client uses at most 4)")
+    max_clients: int = Field(
+        4096, ge=1, description="entries of the client table; when full, clients that left or went "
+        "silent are forgotten first, then a Join of a new id is refused (RESOURCE_EXHAUSTED)")
+    join_burst: int = Field(
+        32, ge=1, description="Joins one IP address may make at once before join_rate_per_s applies")
+    join_rate_per_s: float = Field(
+        2.0, gt=0, description="sustained Joins per second from one IP address; more are refused "
+        "(RESOURCE_EXHAUSTED) and the client retries")
 
 
 class SecuritySection(Section):

@@ -35,3 +35,13 @@ def progress(total: int, desc: str, unit: str = "it"):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None, leave=False)
+
+
+def bounded(value: object, limit: int = 80) -> str:
+    """A string the other side chose, made safe to log or echo: at most ``limit`` characters of
+    its ``repr`` (quotes and escapes included, so control characters stay visible), then the
+    length cut. A 1 MB Leave reason or name costs a log line of ~100 bytes."""
+    text = repr(value) if isinstance(value, str) else repr(str(value))
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"

@@ -6,7 +6,18 @@ software version that client and server exchange, so neither side imports the ot
 
 from __future__ import annotations
 
+import re
+
 VERSION = "0.1.0"
+# A client id: it appears in paths, logs and metrics. ASCII letters, digits, "-" and "_".
+CLIENT_ID_PATTERN = r"[A-Za-z0-9_-]{1,48}"
+
+
+
+def valid_client_id(name: str) -> bool:
+    return re.fullmatch(CLIENT_ID_PATTERN, name) is not None
+
+
 # Initial metadata of Join's answer under open enrolment: the session's bearer token.
 TOKEN_HEADER = "x-fedkrso-token"
 

@@ -7,7 +7,9 @@ Three ways to know a client (``security`` in round.yaml):
   line revokes that client on its next RPC;
 * ``client_id_from_cert``: under mutual TLS the id is the client certificate's subject CN;
 * open enrolment (neither): Join is public and issues a random per-session bearer token for
-  the id ``name``; for loopback and trusted networks only.
+  the id ``name``; a Join under the name of a live client must present that client's current
+  session token (no takeover), and Leave ends the session. For loopback and trusted networks
+  only.
 
 The id always comes from the credential, never from a message body; a caller without a valid
 credential gets UNAUTHENTICATED before any servicer code runs.
@@ -26,15 +28,12 @@ import grpc
 import structlog
 
 from ..common.config import ConfigError, SecuritySection, address_host, is_loopback
-from ..common.protocol import bearer_token
+from ..common.logs import bounded
+from ..common.protocol import bearer_token, valid_client_id
+from .statuses import rewrap
 
 log = structlog.get_logger("fedkrso.server")
 _CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("fedkrso_client", default=None)
-
-
-def valid_client_id(name: str) -> bool:
-    """Ids appear in paths, logs and metrics: letters, digits, ``-`` and ``_``, at most 48."""
-    return 0 < len(name) <= 48 and name.replace("-", "").replace("_", "").isalnum()
 
 
 def current_client() -> str | None:
@@ -87,6 +86,12 @@ class SessionAuth:
 
     def lookup(self, token: str) -> str | None:
         return self._ids.get(token)
+
+    def revoke(self, client_id: str) -> None:
+        """End ``client_id``'s session (it left): its token no longer authenticates."""
+        token = self._tokens.pop(client_id, None)
+        if token is not None:
+            del self._ids[token]
 
 
 class TokenFile:
@@ -158,7 +163,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if self.from_cert:
             names = (context.auth_context() or {}).get("x509_common_name") or []
             cn = names[0].decode(errors="replace") if names else ""
-            return (cn, "") if valid_client_id(cn) else (None, f"no valid client certificate CN ({cn!r})")
+            return (cn, "") if valid_client_id(cn) else (None, f"no valid client certificate CN ({bounded(cn)})")
         token = bearer_token(context.invocation_metadata())
         if token is None:
             return None, "missing bearer token"
@@ -180,27 +185,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _guarded(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         """The same handler, authenticating first (all four streaming shapes)."""
-        if handler.response_streaming:
-            inner = handler.unary_stream or handler.stream_stream
 
-            async def behavior(request, context):
-                await self._authenticate(context, method)
-                async for message in inner(request, context):
-                    yield message
-        else:
-            inner = handler.unary_unary or handler.stream_unary
+        def around(inner: Callable, streaming: bool):
+            if streaming:
+                async def behavior(request, context):
+                    await self._authenticate(context, method)
+                    async for message in inner(request, context):
+                        yield message
+            else:
+                async def behavior(request, context):
+                    await self._authenticate(context, method)
+                    return await inner(request, context)
+            return behavior
 
-            async def behavior(request, context):
-                await self._authenticate(context, method)
-                return await inner(request, context)
-
-        make = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}[
-                    (handler.request_streaming, handler.response_streaming)]
-        return make(behavior, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        return rewrap(handler, around)
 
 
 def check_security(sec: SecuritySection, listen: str) -> None:

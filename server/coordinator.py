@@ -29,8 +29,8 @@ import torch
 
 from ..common.accounting import ConnCounters, SocketMark, Traffic, full_model_bytes, payload_bytes
 from ..common.aggregate import Aggregator, build_aggregator
-from ..common.config import RunConfig
-from ..common.logs import progress
+from ..common.config import TRANSPORT_FIELDS, RunConfig
+from ..common.logs import bounded, progress
 from ..common.methods import build_method
 from ..common.models import load_model, model_fingerprint
 from ..common.tensors import DTYPES
@@ -40,6 +40,7 @@ from .registry import ClientRegistry
 from .results import ServerEvaluator, save_final
 from .rounds import RoundDelta, RoundError, RoundState
 from .state import RunStore, SavedRun, StateError, move_aside, restore_round
+from .weights import RoundWeights
 
 log = structlog.get_logger("fedkrso.server")
 
@@ -47,9 +48,10 @@ log = structlog.get_logger("fedkrso.server")
 def run_identity(cfg: RunConfig) -> str:
     """``<run name>-<hash>`` of every setting that shapes the results. Where the server
     listens, its credentials and its output folder are left out: a restart may move the port or
-    rotate certificates and still resume the same run."""
+    rotate certificates and still resume the same run; so are the transport's limits
+    (``config.TRANSPORT_FIELDS``: timeouts, connection and Join limits)."""
     shaping = cfg.model_dump(mode="json", exclude={"security": True, "run": {"output_dir"},
-                                                     "server": {"listen"}})
+                                                     "server": TRANSPORT_FIELDS})
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
     return f"{cfg.run.name}-{digest}"
 
@@ -91,10 +93,11 @@ class Coordinator:
         self.model_fingerprint = model_fingerprint(self.model)
         self.state_bytes = payload_bytes(self.method.state_parameters(self.model))  # a snapshot's payload
         self.fedavg_bytes = full_model_bytes(self.model)
-        self.registry = registry or ClientRegistry(cfg.run.seed)
+        self.registry = registry or ClientRegistry(cfg.run.seed, max_clients=cfg.server.max_clients)
         self.deadlines = deadlines
         self.evaluate = ServerEvaluator(cfg)
         self.intake = UpdateIntake(self)
+        self.weights = RoundWeights(cfg.training)
         self.completed = 0
         self.deltas: dict[int, RoundDelta] = {}
         self.accepted_digests: dict[tuple[int, str], str] = {}  # (round, client) -> digest
@@ -214,6 +217,7 @@ class Coordinator:
         selected = set(self.registry.select(t, set(), r.clients_per_round))
         rs = RoundState(t, seeds, plan_fp, selected, time.monotonic() + r.deadline_s,
                         aggregator=self._aggregator())
+        self.freeze_weights(rs, selected)
         async with self.fold_lock:
             await self.save_open(rs)
             self.current = rs
@@ -248,9 +252,16 @@ class Coordinator:
         room = self.cfg.rounds.clients_per_round - len(rs.selected)
         fresh = self.registry.select(rs.round, rs.selected | rs.dropped, room)
         rs.selected |= set(fresh)
+        self.freeze_weights(rs, fresh)
         rs.deadline = time.monotonic() + self.cfg.rounds.deadline_s
         log.warning("round_extended", round=rs.round, dropped=sorted(silent), added=fresh,
                     submitted=len(rs.submissions))
+
+    def freeze_weights(self, rs: RoundState, clients) -> None:
+        """Fix the declared shard size, hence the weight (server/weights.py), of newly selected
+        ``clients`` for round ``rs``: a later Join declaring another size does not change it."""
+        for c in clients:
+            rs.declared.setdefault(c, self.registry.get(c).num_samples)
 
     async def _close_round(self, rs: RoundState) -> None:
         rs.closing = True
@@ -304,11 +315,14 @@ class Coordinator:
             await self.wait_change(0.5)
 
     # -- for the service: clients ----------------------------------------------------------------
-    def touch(self, client_id: str) -> None:
-        self.registry.touch(client_id)
+    def touch(self, client_id: str, polling: bool = False) -> None:
+        self.registry.touch(client_id, polling)
 
-    async def join(self, client_id: str, name: str, num_samples: int) -> None:
-        self.registry.join(client_id, name, num_samples)
+    async def join(self, client_id: str, name: str, num_samples: int, software_version: str = "") -> None:
+        """Register ``client_id``; a full client table never forgets the open round's clients."""
+        rs = self.current
+        keep = (rs.selected | set(rs.submissions)) if rs is not None else set()
+        self.registry.join(client_id, name, num_samples, keep, software_version)
         await self.notify()
 
     async def leave(self, client_id: str, reason: str) -> None:
@@ -320,7 +334,7 @@ class Coordinator:
                 rs.dropped.add(client_id)
                 if self.current is rs and not rs.closing:
                     await self.save_open(rs)
-        log.info("client_left", client=client_id, reason=reason)
+        log.info("client_left", client=client_id, reason=bounded(reason))
         await self.notify()
 
     async def finished_stream_sent(self, client_id: str) -> None:

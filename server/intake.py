@@ -16,6 +16,8 @@ import structlog
 import torch
 
 from ..common.accounting import ConnCounters
+from ..common.logs import bounded
+from ..common.tensors import element_size
 from .rounds import RoundError, RoundState, Submission, UpdateReport
 
 if TYPE_CHECKING:
@@ -36,7 +38,7 @@ class UpdateIntake:
         resubmission of an update already accepted (same digest)."""
         c = self.coord
         if run_id != c.run_id:
-            raise RoundError("FAILED_PRECONDITION", f"update for run {run_id!r}, this run is {c.run_id!r}")
+            raise RoundError("FAILED_PRECONDITION", f"update for run {bounded(run_id)}, this run is {c.run_id!r}")
         rs = c.current
         if round_id < c.completed or (rs is None and round_id == c.completed and c.finished):
             prior = c.accepted_digests.get((round_id, client_id))
@@ -57,11 +59,18 @@ class UpdateIntake:
             raise RoundError("PERMISSION_DENIED", f"client is not selected for round {round_id}")
         if rs.closing:
             raise RoundError("FAILED_PRECONDITION", f"round {round_id} is closing; update too late")
-        declared = c.registry.get(client_id).num_samples
+        c.freeze_weights(rs, [client_id])  # a no-op unless restored from an older state format
+        declared = rs.declared[client_id]
         if not 1 <= num_samples <= declared:
             raise RoundError("INVALID_ARGUMENT", f"num_samples={num_samples} outside [1, {declared}] "
-                             "(the shard size declared at join)")
+                             "(the shard size declared when the round selected it)")
         return rs
+
+    def max_update_bytes(self, round_id: int) -> int:
+        """The most tensor bytes an update of round ``round_id`` can carry (wire dtype)."""
+        method, model = self.coord.method, self.coord.model
+        spec = method.update_spec(model, method.round_seeds(round_id))
+        return sum(math.prod(s) for s in spec.values()) * element_size(self.coord.cfg.method.wire_dtype)
 
     def update_spec(self, rs: RoundState) -> tuple[dict[str, tuple[int, ...]], set[str]]:
         """(name -> shape of what an update of ``rs`` may carry, the names it must carry)."""
@@ -78,27 +87,22 @@ class UpdateIntake:
         not measured) and ``down_at_submit`` their downlink count when the upload began: the
         client's wire bytes are measured from its download's mark when both are on the same
         connection, and stay unmeasured (None) when the connection changed (a restart)."""
-        sub = Submission.of(client_id, report)
         for name, t in tensors.items():
             if not torch.isfinite(t).all():
                 raise RoundError("INVALID_ARGUMENT", f"tensor {name!r} has non-finite values")
-        bound = self.coord.cfg.server.max_update_norm
-        if bound is not None:
-            norm = math.sqrt(sum(float(t.double().square().sum()) for t in tensors.values()))
-            if norm > bound:
-                raise RoundError("INVALID_ARGUMENT", f"update L2 norm {norm:.6g} exceeds "
-                                 f"server.max_update_norm={bound:g}")
-        weight = float(sub.num_samples) if self.coord.cfg.training.weighting == "samples" else 1.0
+        norm = await asyncio.to_thread(self._check_values, rs, client_id, tensors, list(report.seeds_used))
         async with self.coord.fold_lock:
             # checked under the lock: concurrent streams of one client must not both fold
             if rs.closing or self.coord.current is not rs:
                 raise RoundError("FAILED_PRECONDITION", f"round {rs.round} closed before the update completed")
+            weight = self.coord.weights.fold_weight(rs, client_id, report.num_samples)
+            sub = Submission.of(client_id, report, weight, norm)
             prior = rs.submissions.get(sub.client_id)
             duplicate = prior is not None
             if duplicate and prior.digest != sub.digest:
                 raise RoundError("ALREADY_EXISTS", f"an update for round {rs.round} was already accepted")
             if not duplicate:
-                await asyncio.to_thread(rs.aggregator.add, tensors, weight)
+                await asyncio.to_thread(rs.aggregator.add, tensors, sub.weight, norm)
                 traffic = rs.traffic_of(sub.client_id)
                 traffic.up_payload, traffic.up_message = up_payload, up_message
                 mark = traffic.download
@@ -117,10 +121,27 @@ class UpdateIntake:
         if duplicate:
             return False
         log.info("update_accepted", round=rs.round, client=sub.client_id, loss=round(sub.loss, 4),
+                 weight=sub.weight, update_norm=round(norm, 6),
                  payload_bytes=up_payload, wire_bytes=rs.traffic[sub.client_id].up_wire,
                  received=len(rs.submissions), selected=len(rs.selected))
         await self.coord.notify()
         return True
+
+    def _check_values(self, rs: RoundState, client_id: str, tensors: dict[str, torch.Tensor],
+                      seeds_used: list[int]) -> float:
+        """Refuse an update outside its client's keyed choices (the method recomputes them from
+        run seed, round and client id) or larger than ``server.max_update_norm``; its size
+        (``method.update_norm``: the norm of the weight change it implies) otherwise."""
+        method, model = self.coord.method, self.coord.model
+        problem = method.keyed_update_problem(model, rs.seeds, rs.round, client_id, tensors, seeds_used)
+        if problem is not None:
+            raise RoundError("INVALID_ARGUMENT", problem)
+        norm = method.update_norm(model, rs.seeds, tensors)
+        bound = self.coord.cfg.server.max_update_norm
+        if not norm <= (math.inf if bound is None else bound):  # NaN (an overflow) is refused too
+            raise RoundError("INVALID_ARGUMENT", f"update norm {norm:.6g} (of the weight change it implies) "
+                             f"exceeds server.max_update_norm={bound:g}")
+        return norm
 
     async def _persist_folds(self, rs: RoundState, fold: int) -> None:
         """Return once the first ``fold`` updates of ``rs`` are on disk: in the open round's

@@ -52,7 +52,8 @@ def round_row(rs: RoundState, state_fingerprint: str, fedavg_bytes: int) -> dict
         "per_client": {
             c: {"uplink_payload_bytes": t.up_payload, "uplink_wire_bytes": t.up_wire,
                 "downlink_payload_bytes": t.down_payload, "downlink_wire_bytes": t.down_wire,
-                "seeds_used": len(s.seeds_used), "loss": s.loss}
+                "seeds_used": len(s.seeds_used), "loss": s.loss, "weight": s.weight,
+                "update_norm": s.update_norm}
             for c, t, s in zip(ids, traffic, subs)
         },
     }

@@ -3,16 +3,23 @@
 Like Flower's client manager, it knows nothing of the transport or of rounds' contents: the
 service registers and touches clients, the coordinator asks it for live clients and for a
 deterministic selection.
+
+Two rules keep a flood of names from taking real clients' places: a client is selectable only
+once it asked for work (a ``StartRound`` poll, ``touch(..., polling=True)``) and while it is
+heard from, so names that only Join are never selected; and the table holds at most
+``max_clients`` entries, forgetting clients that left or went silent first.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import structlog
 
+from ..common.logs import bounded
 from ..common.subspace import stable_seed
 from .rounds import RoundError
 
@@ -28,45 +35,77 @@ class ClientState:
     num_samples: int
     last_seen: float = field(default_factory=time.monotonic)
     active: bool = True
+    polled: bool = False  # asked for work at least once since it joined
     finished_at: float | None = None  # when its FINISHED stream was completely yielded
 
 
 class ClientRegistry:
     """Clients by id, with liveness and selection."""
 
-    def __init__(self, run_seed: int, liveness_s: float = LIVENESS_S):
+    def __init__(self, run_seed: int, liveness_s: float = LIVENESS_S, max_clients: int = 1 << 30):
         self.run_seed = run_seed
         self.liveness_s = liveness_s
+        self.max_clients = max_clients
         self.clients: dict[str, ClientState] = {}
 
-    def join(self, client_id: str, name: str, num_samples: int) -> ClientState:
+    def join(self, client_id: str, name: str, num_samples: int, keep: Collection[str] = (),
+             software_version: str = "") -> ClientState:
+        """Register (or register again) ``client_id``. A new id in a full table first evicts
+        clients that left or went silent, never one in ``keep`` (the open round's)."""
         if num_samples < 1:
             raise RoundError("INVALID_ARGUMENT", "num_samples must be at least 1")
+        if client_id not in self.clients and len(self.clients) >= self.max_clients:
+            self._evict(keep)
         client = ClientState(client_id, name, num_samples)
         self.clients[client_id] = client
-        log.info("client_joined", client=client_id, name=name, samples=num_samples)
+        log.info("client_joined", client=client_id, name=name, samples=num_samples,
+                 software_version=bounded(software_version, 40))
         return client
+
+    def _evict(self, keep: Collection[str]) -> None:
+        """Forget the client that left, or was heard from least recently, outside ``keep`` and
+        not live; RESOURCE_EXHAUSTED when every entry is live or kept."""
+        horizon = time.monotonic() - self.liveness_s
+        gone = [c for c in self.clients.values()
+                if c.client_id not in keep and (not c.active or c.last_seen < horizon)]
+        if not gone:
+            raise RoundError("RESOURCE_EXHAUSTED", f"the client table is full ({self.max_clients} live clients, "
+                             "server.max_clients); try again later")
+        victim = min(gone, key=lambda c: (c.active, c.last_seen))
+        del self.clients[victim.client_id]
+        log.info("client_forgotten", client=victim.client_id, table=len(self.clients))
 
     def leave(self, client_id: str) -> None:
         client = self.clients.get(client_id)
         if client:
             client.active = False
 
-    def touch(self, client_id: str) -> ClientState:
-        """The joined, active client, marked as heard from now; UNAUTHENTICATED otherwise."""
+    def touch(self, client_id: str, polling: bool = False) -> ClientState:
+        """The joined, active client, marked as heard from now (and as asking for work when
+        ``polling``); UNAUTHENTICATED otherwise (it never joined, the server restarted, or it
+        left: it joins again)."""
         client = self.clients.get(client_id)
-        if client is None or not client.active:
+        if client is None:
             raise RoundError("UNAUTHENTICATED", f"client {client_id!r} is not joined")
+        if not client.active:
+            raise RoundError("UNAUTHENTICATED", f"client {client_id!r} left the run; join again to take part")
         client.last_seen = time.monotonic()
+        client.polled = client.polled or polling
         return client
 
     def get(self, client_id: str) -> ClientState:
         return self.clients[client_id]
 
+    def is_live(self, client_id: str) -> bool:
+        """Joined, not left, and heard from within ``liveness_s``."""
+        c = self.clients.get(client_id)
+        return c is not None and c.active and c.last_seen >= time.monotonic() - self.liveness_s
+
     def live(self) -> list[str]:
-        """Active clients heard from within ``liveness_s``, sorted by id."""
+        """Active clients that asked for work and were heard from within ``liveness_s``, by id."""
         horizon = time.monotonic() - self.liveness_s
-        return sorted(c.client_id for c in self.clients.values() if c.active and c.last_seen >= horizon)
+        return sorted(c.client_id for c in self.clients.values()
+                      if c.active and c.polled and c.last_seen >= horizon)
 
     def select(self, round_id: int, exclude: set[str], n: int) -> list[str]:
         """Up to ``n`` live clients not in ``exclude``: a sample seeded by (run seed, round,

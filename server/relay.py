@@ -1,19 +1,85 @@
-"""The byte-counting TCP relay in front of the gRPC port: socket bytes per client connection.
+"""The byte-counting TCP relay in front of the gRPC port: socket bytes per client connection,
+and the first line against connection floods.
 
-The server binds gRPC on a private loopback port and this relay on the public address. Each
-accepted connection opens one upstream connection; gRPC's ``context.peer()`` names that
-upstream socket (``ipv4:127.0.0.1:PORT``), which ``lookup`` maps to the connection's
-``ConnCounters`` (``common/accounting.py``). Under TLS the relay forwards the encrypted bytes,
-which are the bytes on the wire.
+The server binds gRPC on a private loopback port and this relay on the public address.
+gRPC's ``context.peer()`` names the relay's upstream socket (``ipv4:127.0.0.1:PORT``), which
+``lookup`` maps to the connection's ``ConnCounters`` (``common/accounting.py``). Under TLS the
+relay forwards the encrypted bytes, which are the bytes on the wire.
+
+A connection costs what it carries and no more (``RelayLimits``, from ``server.*``):
+
+* at most ``max_connections`` at once and ``max_connections_per_peer`` from one IP address;
+  more are closed as soon as they are accepted (no upstream, no buffer);
+* the upstream connection is opened only when the client sends its first bytes, so an idle
+  TCP connection costs one socket, not three;
+* a connection is *pending* until it completed a handshake round trip (the client spoke
+  again after the server answered: a TLS handshake's client Finished, HTTP/2's SETTINGS
+  acknowledgement). Pending connections must finish within ``handshake_timeout_s``, and
+  beyond ``max_pending_connections`` the oldest pending one is closed for the newest;
+* a connection carrying no byte for ``connection_idle_s`` is closed (clients ping every 30 s).
+
+Refusals are counted (``stats``) and logged as one summary line every few seconds, never one
+line per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 
+import structlog
+
 from ..common.accounting import ConnCounters
+from ..common.config import ServerSection
+
+log = structlog.get_logger("fedkrso.server")
+FDS_PER_CONNECTION = 3  # the accepted socket, the relay's upstream socket, gRPC's end of it
+FD_RESERVE = 256  # files, the model, gRPC's own pipes
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    max_connections: int = 1024
+    max_per_peer: int = 64
+    max_pending: int = 128
+    handshake_s: float = 10.0
+    idle_s: float = 300.0
+
+    @classmethod
+    def of(cls, s: ServerSection) -> RelayLimits:
+        return cls(s.max_connections, s.max_connections_per_peer, s.max_pending_connections,
+                   s.handshake_timeout_s, s.connection_idle_s)
+
+
+def fd_budget() -> int:
+    """Connections this process's file-descriptor limit can hold, after raising the soft limit
+    to the hard one (a connection costs ``FDS_PER_CONNECTION``)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max((soft - FD_RESERVE) // FDS_PER_CONNECTION, 1)
+
+
+@dataclass(eq=False)
+class _Conn:
+    host: str
+    writer: asyncio.StreamWriter
+    accepted: float = field(default_factory=time.monotonic)
+    last: float = field(default_factory=time.monotonic)
+    pending: bool = True
+    server_spoke: bool = False
+    upstream: asyncio.StreamWriter | None = None
+
+    def abort(self) -> None:
+        for w in (self.writer, self.upstream):
+            if w is not None:
+                w.transport.abort()
 
 
 @dataclass
@@ -24,13 +90,19 @@ class CountingRelay:
     listen_port: int
     target_host: str
     target_port: int
+    limits: RelayLimits = field(default_factory=RelayLimits)
     chunk: int = 1 << 16
     conns: dict[int, ConnCounters] = field(default_factory=dict)
+    stats: Counter = field(default_factory=Counter)
     _server: asyncio.base_events.Server | None = None
-    _tasks: set = field(default_factory=set)
+    _live: set[_Conn] = field(default_factory=set)
+    _per_peer: Counter = field(default_factory=Counter)
+    _pending: dict[_Conn, None] = field(default_factory=dict)  # insertion order = accept order
+    _sweeper: asyncio.Task | None = None
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, self.listen_host, self.listen_port)
+        self._server = await asyncio.start_server(self._handle, self.listen_host, self.listen_port, backlog=1024)
+        self._sweeper = asyncio.create_task(self._sweep())
         return self._server.sockets[0].getsockname()[1]
 
     def lookup(self, peer: str) -> ConnCounters | None:
@@ -40,24 +112,86 @@ class CountingRelay:
         except (ValueError, IndexError):
             return None
 
+    @property
+    def open_connections(self) -> int:
+        return len(self._live)
+
+    def _admit(self, host: str, writer: asyncio.StreamWriter) -> _Conn | None:
+        lim = self.limits
+        if len(self._live) >= lim.max_connections:
+            self.stats["refused_total_limit"] += 1
+            return None
+        if self._per_peer[host] >= lim.max_per_peer:
+            self.stats["refused_peer_limit"] += 1
+            return None
+        conn = _Conn(host, writer)
+        self._live.add(conn)
+        self._per_peer[host] += 1
+        self._pending[conn] = None
+        if len(self._pending) > lim.max_pending:
+            oldest = next(iter(self._pending))
+            self._settle(oldest)
+            oldest.abort()
+            self.stats["evicted_pending"] += 1
+        return conn
+
+    def _settle(self, conn: _Conn) -> None:
+        """No longer pending (through its handshake, or closed)."""
+        conn.pending = False
+        self._pending.pop(conn, None)
+
+    def _release(self, conn: _Conn) -> None:
+        self._settle(conn)
+        if conn in self._live:
+            self._live.discard(conn)
+            self._per_peer[conn.host] -= 1
+            if not self._per_peer[conn.host]:
+                del self._per_peer[conn.host]
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        try:
-            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
-        except OSError:
-            writer.close()
+        host = str(peer[0]) if peer else "?"
+        conn = self._admit(host, writer)
+        if conn is None:
+            writer.transport.abort()
             return
-        port = up_writer.get_extra_info("sockname")[1]
-        counters = ConnCounters(client=f"{peer[0]}:{peer[1]}" if peer else "?")
-        self.conns[port] = counters
+        try:
+            first = await reader.read(self.chunk)  # the sweeper closes it past handshake_s
+            if not first:
+                return
+            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
+            conn.upstream = up_writer
+            port = up_writer.get_extra_info("sockname")[1]
+            counters = ConnCounters(client=f"{host}:{peer[1]}")
+            self.conns[port] = counters
+            counters.up += len(first)
+            up_writer.write(first)
+            await self._relay(conn, counters, reader, writer, up_reader, up_writer)
+            counters.open = False
+        except (ConnectionError, OSError):
+            pass
+        except asyncio.CancelledError:  # relay closing: the connection just ends
+            pass
+        finally:
+            self._release(conn)
+            conn.abort()
+        # keep closed connections' counters briefly: a round may still read them
+        if len(self.conns) > 4096:
+            for key in [k for k, c in self.conns.items() if not c.open][:2048]:
+                del self.conns[key]
 
+    async def _relay(self, conn: _Conn, counters: ConnCounters, reader, writer, up_reader, up_writer) -> None:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
             try:
                 while data := await src.read(self.chunk):
+                    conn.last = time.monotonic()
                     if up:
                         counters.up += len(data)
+                        if conn.pending and conn.server_spoke:
+                            self._settle(conn)
                     else:
                         counters.down += len(data)
+                        conn.server_spoke = True
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):
@@ -68,21 +202,37 @@ class CountingRelay:
 
         tasks = [asyncio.create_task(pipe(reader, up_writer, True)),
                  asyncio.create_task(pipe(up_reader, writer, False))]
-        self._tasks.update(tasks)
         try:
             await asyncio.gather(*tasks, return_exceptions=True)
-        except asyncio.CancelledError:  # relay closing: the connection just ends
-            pass
-        self._tasks.difference_update(tasks)
-        counters.open = False
-        # keep closed connections' counters briefly: a round may still read them
-        if len(self.conns) > 4096:
-            for key in [k for k, c in self.conns.items() if not c.open][:2048]:
-                del self.conns[key]
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _sweep(self) -> None:
+        """Close pending connections past ``handshake_s`` and idle ones past ``idle_s``; log
+        what was refused since the last summary."""
+        lim, logged, last_log = self.limits, Counter(), 0.0
+        while True:
+            await asyncio.sleep(min(1.0, lim.handshake_s / 4))
+            now = time.monotonic()
+            for conn in [c for c in self._pending if now - c.accepted > lim.handshake_s]:
+                self._settle(conn)
+                conn.abort()
+                self.stats["handshake_timeouts"] += 1
+            for conn in [c for c in self._live if now - c.last > lim.idle_s]:
+                conn.abort()
+                self.stats["idle_closed"] += 1
+            if self.stats != logged and now - last_log >= 5.0:
+                log.warning("connections_refused", open=len(self._live), pending=len(self._pending),
+                            **{k: v - logged[k] for k, v in self.stats.items()})
+                logged, last_log = Counter(self.stats), now
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self._live):
+            conn.abort()
+        if self._server is not None:
             await self._server.wait_closed()
-        for t in list(self._tasks):
-            t.cancel()

@@ -67,12 +67,14 @@ class Submission:
     peak_rss_bytes: int
     train_state_bytes: int
     seeds_used: list[int]
+    weight: float = 0.0  # what it was folded with (weights.RoundWeights.fold_weight)
+    update_norm: float = 0.0  # the size of the weight change it implies (method.update_norm)
 
     @classmethod
-    def of(cls, client_id: str, report: UpdateReport) -> Submission:
+    def of(cls, client_id: str, report: UpdateReport, weight: float, update_norm: float) -> Submission:
         return cls(client_id, report.digest, report.num_samples, report.loss, report.steps,
                    report.train_seconds, report.peak_rss_bytes, report.train_state_bytes,
-                   list(report.seeds_used))
+                   list(report.seeds_used), weight, update_norm)
 
 
 @dataclass
@@ -85,6 +87,9 @@ class RoundState:
     started: float = field(default_factory=time.monotonic)
     submissions: dict[str, Submission] = field(default_factory=dict)
     dropped: set[str] = field(default_factory=set)
+    # client -> the shard size it declared when the round selected it: its weight in this round
+    # follows from it (server/weights.py) and a later Join cannot change it
+    declared: dict[str, int] = field(default_factory=dict)
     traffic: dict[str, Traffic] = field(default_factory=dict)
     aggregator: Aggregator | None = None
     closing: bool = False

@@ -3,14 +3,19 @@
 A thin adapter: ``auth.AuthInterceptor`` authenticates the caller before a handler runs; each
 handler validates the request, forwards it to the ``Coordinator`` (which alone changes the
 run's state) and streams the answer through ``common.wire``, counting bytes as it goes. Every
-refusal is a precise gRPC status with a structured log event; nothing a client sends can
-change server state unless the whole update validated.
+refusal is a ``RoundError`` that ``statuses.StatusInterceptor`` turns into a precise gRPC status
+with a structured log event; nothing a client sends can change server state unless the whole
+update validated. Update streams are read under ``uploads.UploadGate``'s clocks, turns and
+slots; Joins are rate-limited per IP address (``admission.py``); connections are bounded by
+the relay (``relay.py``) and gRPC's own options (``server_options``). Strings a client chose
+are bounded (``logs.bounded``) wherever they are logged or echoed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator
@@ -22,62 +27,76 @@ from fedkrso.v1 import coordinator_pb2 as pb
 from fedkrso.v1 import coordinator_pb2_grpc as pb_grpc
 
 from ..common.accounting import ConnCounters, message_bytes
-from ..common.protocol import TOKEN_HEADER
+from ..common.config import ServerSection
+from ..common.logs import bounded
+from ..common.protocol import TOKEN_HEADER, bearer_token, valid_client_id
 from ..common.tensors import element_size
 from ..common.wire import TensorAssembler, WireError, update_digest
-from .auth import AuthInterceptor, current_client, server_credentials, valid_client_id
+from .admission import JoinLimiter, peer_host
+from .auth import AuthInterceptor, current_client, server_credentials
 from .coordinator import Assignment, Coordinator
 from .messages import DeltaEncodings, assignment_messages, snapshot_messages
-from .relay import CountingRelay
+from .relay import CountingRelay, RelayLimits, fd_budget
 from .rounds import RoundError, UpdateReport
+from .statuses import StatusInterceptor
+from .uploads import Upload, UploadGate
 
 log = structlog.get_logger("fedkrso.server")
 MAX_POLL_S = 60.0
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
+    """The handlers. A refusal is a ``RoundError`` raised with its status code; the
+    ``StatusInterceptor`` answers it (and anything unexpected) with a precise status."""
+
     def __init__(self, coord: Coordinator, auth: AuthInterceptor, relay: CountingRelay | None = None):
         self.coord = coord
         self.relay = relay
         self.auth = auth
-        self.chunk = coord.cfg.server.max_chunk_bytes
-        self._deltas = DeltaEncodings(self.chunk, coord.cfg.server.snapshot_after_rounds)
+        s = coord.cfg.server
+        self.chunk = s.max_chunk_bytes
+        self._deltas = DeltaEncodings(self.chunk, s.snapshot_after_rounds)
         # every long-poll is released at once when a round opens; each stream's serialized
         # copies sit in gRPC's buffers until its client reads them, so bound the streams
-        self._downloads = asyncio.Semaphore(coord.cfg.server.max_concurrent_downloads)
-        self._uploads = asyncio.Semaphore(coord.cfg.server.max_concurrent_uploads)
+        self._downloads = asyncio.Semaphore(s.max_concurrent_downloads)
+        self.uploads = UploadGate(s.max_concurrent_uploads, s.upload_idle_s, s.upload_total_s)
+        self.joins = JoinLimiter(s.join_burst, s.join_rate_per_s)
 
-    async def _abort(self, context, code: str, message: str, **fields) -> None:
-        log.warning("request_refused", code=code, reason=message, **fields)
-        await context.abort(getattr(grpc.StatusCode, code), message)
-
-    async def _client(self, context) -> str:
+    def _client(self, polling: bool = False) -> str:
         client_id = current_client()  # set by AuthInterceptor, which refused the call otherwise
-        try:
-            self.coord.touch(client_id)
-        except RoundError as err:
-            await self._abort(context, err.code, str(err), client=client_id)
+        self.coord.touch(client_id, polling)
         return client_id
 
     def _counters(self, context) -> ConnCounters | None:
         """Socket counters of the connection this call came on (None without the relay)."""
         return self.relay.lookup(context.peer()) if self.relay else None
 
-    def _run_check(self, run_id: str) -> str | None:
-        return None if run_id == self.coord.run_id else f"run {run_id!r} is not this run ({self.coord.run_id!r})"
+    def _peer_host(self, context) -> str:
+        """The caller's IP address (behind the relay, the one the relay accepted)."""
+        counters = self._counters(context)
+        return peer_host(counters.client if counters is not None else context.peer())
+
+    def _check_run(self, run_id: str) -> None:
+        if run_id != self.coord.run_id:
+            raise RoundError("FAILED_PRECONDITION", f"run {bounded(run_id)} is not this run ({self.coord.run_id!r})")
 
     # -- RPCs ------------------------------------------------------------------------------
     async def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
         """With a credential the id is the credential's and ``name`` only a display name; under
-        open enrolment the id is ``name`` and a new session token replaces the old one."""
+        open enrolment the id is ``name``, and a name whose client is live is taken only with
+        that client's current session token (which a new one then replaces)."""
+        self.joins.admit(self._peer_host(context))
         name = request.name or "client"
         if not valid_client_id(name):
-            await self._abort(context, "INVALID_ARGUMENT", f"invalid client name {name!r}")
+            raise RoundError("INVALID_ARGUMENT", f"invalid client name {bounded(name)}: 1 to 48 ASCII letters, "
+                             "digits, '-' or '_'")
         client_id = current_client()
-        try:
-            await self.coord.join(client_id or name, name, int(request.num_samples))
-        except RoundError as err:
-            await self._abort(context, err.code, str(err))
+        if client_id is None and self.coord.registry.is_live(name):
+            holder = self.auth.sessions.lookup(bearer_token(context.invocation_metadata()) or "")
+            if holder != name:
+                raise RoundError("ALREADY_EXISTS", f"client name {name!r} belongs to a live session; join under "
+                                 "another name, or with that session's token")
+        await self.coord.join(client_id or name, name, int(request.num_samples), request.software_version)
         if client_id is None:
             client_id = name
             await context.send_initial_metadata(((TOKEN_HEADER, self.auth.sessions.enrol(name)),))
@@ -91,14 +110,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         )
 
     async def StartRound(self, request: pb.StartRoundRequest, context) -> AsyncIterator[pb.StartRoundResponse]:
-        client_id = await self._client(context)
-        if problem := self._run_check(request.run_id):
-            await self._abort(context, "FAILED_PRECONDITION", problem, client=client_id)
+        client_id = self._client(polling=True)
+        self._check_run(request.run_id)
         coord = self.coord
         wait = 0.0 if math.isnan(request.wait_seconds) else request.wait_seconds  # NaN stalled the loop
         give_up = time.monotonic() + min(max(wait, 0.0), MAX_POLL_S)
         while True:
-            coord.touch(client_id)
+            coord.touch(client_id, polling=True)  # a Leave meanwhile ends the poll (UNAUTHENTICATED)
             task = coord.assignment(client_id, int(request.have_round))
             if task is not None:
                 break
@@ -127,72 +145,48 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 yield msg
 
     async def SubmitUpdate(self, request_iterator, context) -> pb.SubmitUpdateResponse:
-        client_id = await self._client(context)
-        coord = self.coord
+        """Header, then tensor batches, read under the upload gate's clocks, turns and slots
+        (``uploads.py``); folded only once the whole update validated."""
+        client_id = self._client()
         counters = self._counters(context)
         down_at_submit = counters.down if counters is not None else None  # all of StartRound arrived
-        msg_bytes = 0
-        stream = request_iterator.__aiter__()
-        try:
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            await self._abort(context, "INVALID_ARGUMENT", "empty update stream", client=client_id)
-        msg_bytes += message_bytes(first)
+        upload = self.uploads.open(request_iterator, client_id)
+        first = await upload.next()
+        if first is None:
+            raise RoundError("INVALID_ARGUMENT", "empty update stream")
         if first.WhichOneof("body") != "header":
-            await self._abort(context, "INVALID_ARGUMENT", "update stream must start with a header", client=client_id)
+            raise RoundError("INVALID_ARGUMENT", "update stream must start with a header")
         h = first.header
-        try:
-            rs = coord.intake.check_header(client_id, h.run_id, h.round, h.num_samples, h.update_digest)
-        except RoundError as err:
-            await self._abort(context, err.code, str(err), client=client_id, round=h.round)
-        if rs is None:  # idempotent resubmission: drain and acknowledge, change nothing
-            async for _ in stream:
-                pass
-            log.info("update_duplicate", client=client_id, round=h.round)
-            return pb.SubmitUpdateResponse(accepted=True, duplicate=True, round=h.round)
-        # uploads wait here for a slot, backpressured by HTTP/2 flow control: at most this many
-        # updates are assembled at once, whatever the number of clients sending
-        async with self._uploads:
-            spec, required = coord.intake.update_spec(rs)
-            wire = coord.cfg.method.wire_dtype
-            asm = TensorAssembler(spec, wire, max_bytes=sum(math.prod(s) for s in spec.values()) * element_size(wire))
-            try:
-                async for msg in stream:
-                    msg_bytes += message_bytes(msg)
-                    if msg.WhichOneof("body") != "tensors":
-                        raise WireError("only tensor batches may follow the header")
-                    asm.add(msg.tensors)
-                tensors = asm.finish(required)
-                if len(tensors) != h.num_tensors:
-                    raise WireError(f"header announced {h.num_tensors} tensors, stream carried {len(tensors)}")
-                if update_digest(tensors) != h.update_digest:
-                    raise WireError("update_digest does not match the tensors received")
-            except WireError as err:
-                await self._abort(context, "INVALID_ARGUMENT", str(err), client=client_id, round=h.round)
-            report = UpdateReport(h.update_digest, int(h.num_samples), float(h.loss), int(h.steps),
-                                  float(h.train_seconds), int(h.peak_rss_bytes), int(h.train_state_bytes),
-                                  tuple(h.seeds_used))
-            try:
-                folded = await coord.intake.accept(rs, client_id, report, {k: v.float() for k, v in tensors.items()},
-                                                   asm.payload_bytes, msg_bytes, counters, down_at_submit)
-            except RoundError as err:
-                await self._abort(context, err.code, str(err), client=client_id, round=h.round)
-            if not folded:
+        check_report(h)
+        intake = self.coord.intake
+        intake.check_header(client_id, h.run_id, h.round, h.num_samples, h.update_digest)  # refuse before waiting
+        async with upload.turn():
+            # again: this client's previous stream may have been accepted while this one waited
+            rs = intake.check_header(client_id, h.run_id, h.round, h.num_samples, h.update_digest)
+            if rs is None:  # idempotent resubmission: read it, bounded, change nothing
+                await drain(upload, intake.max_update_bytes(h.round))
                 log.info("update_duplicate", client=client_id, round=h.round)
                 return pb.SubmitUpdateResponse(accepted=True, duplicate=True, round=h.round)
-            return pb.SubmitUpdateResponse(accepted=True, round=h.round, payload_bytes=asm.payload_bytes,
-                                           message_bytes=msg_bytes)
+            async with upload.slot():
+                tensors, asm, msg_bytes = await assemble(upload, h, *intake.update_spec(rs),
+                                                         self.coord.cfg.method.wire_dtype, message_bytes(first))
+                report = UpdateReport(h.update_digest, int(h.num_samples), float(h.loss), int(h.steps),
+                                      float(h.train_seconds), int(h.peak_rss_bytes), int(h.train_state_bytes),
+                                      tuple(h.seeds_used))
+                folded = await intake.accept(rs, client_id, report, {k: v.float() for k, v in tensors.items()},
+                                             asm.payload_bytes, msg_bytes, counters, down_at_submit)
+        if not folded:
+            log.info("update_duplicate", client=client_id, round=h.round)
+            return pb.SubmitUpdateResponse(accepted=True, duplicate=True, round=h.round)
+        return pb.SubmitUpdateResponse(accepted=True, round=h.round, payload_bytes=asm.payload_bytes,
+                                       message_bytes=msg_bytes)
 
     async def GetSnapshot(self, request: pb.GetSnapshotRequest, context):
-        client_id = await self._client(context)
+        client_id = self._client()
         coord = self.coord
-        if problem := self._run_check(request.run_id):
-            await self._abort(context, "FAILED_PRECONDITION", problem, client=client_id)
+        self._check_run(request.run_id)
         async with self._downloads:  # one copy of the state per stream: bounded like deltas
-            try:
-                state, fp = await coord.snapshot(int(request.round))
-            except RoundError as err:
-                await self._abort(context, err.code, str(err), client=client_id)
+            state, fp = await coord.snapshot(int(request.round))
             log.info("snapshot_sent", client=client_id, round=request.round)
             # a snapshot fetched to train the open round is that round's downlink, like deltas
             for msg, payload in snapshot_messages(int(request.round), state, fp, self.chunk):
@@ -201,23 +195,70 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         coord.end_download(client_id)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
-        await self._client(context)
+        self._client()
         return pb.HeartbeatResponse(run_finished=self.coord.finished, current_round=self.coord.completed)
 
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
-        client_id = await self._client(context)
+        client_id = self._client()
         await self.coord.leave(client_id, request.reason or "leave")
+        self.auth.sessions.revoke(client_id)  # open enrolment: the session ends with it
         return pb.LeaveResponse()
 
 
-SERVER_OPTIONS = [
-    # let clients keep idle connections alive with pings, without tripping too_many_pings
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 0),
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-]
+def check_report(h: pb.UpdateHeader) -> None:
+    """The header's reported figures end up in metrics.jsonl: finite, or the update is refused."""
+    for name in ("loss", "train_seconds"):
+        if not math.isfinite(getattr(h, name)):
+            raise RoundError("INVALID_ARGUMENT", f"header {name} is not finite")
+
+
+async def drain(upload: Upload, max_bytes: int) -> None:
+    """Read a duplicate's stream to its end (the client is waiting for the answer) without
+    keeping it, refusing one that carries more tensor bytes than an update can."""
+    seen = 0
+    while (msg := await upload.next()) is not None:
+        seen += sum(len(c.data) for c in msg.tensors.chunks)
+        if seen > max_bytes:
+            raise RoundError("INVALID_ARGUMENT", f"stream exceeds the {max_bytes}-byte limit")
+
+
+async def assemble(upload: Upload, h: pb.UpdateHeader, spec: dict, required: set[str], wire: str,
+                   msg_bytes: int) -> tuple[dict, TensorAssembler, int]:
+    """The update's tensors, checked against ``spec`` as they arrive and against the header
+    at the end; (tensors, the assembler, message bytes of the whole stream)."""
+    asm = TensorAssembler(spec, wire, max_bytes=sum(math.prod(s) for s in spec.values()) * element_size(wire))
+    try:
+        while (msg := await upload.next()) is not None:
+            msg_bytes += message_bytes(msg)
+            if msg.WhichOneof("body") != "tensors":
+                raise WireError("only tensor batches may follow the header")
+            asm.add(msg.tensors)
+        tensors = asm.finish(required)
+        if len(tensors) != h.num_tensors:
+            raise WireError(f"header announced {h.num_tensors} tensors, stream carried {len(tensors)}")
+        if update_digest(tensors) != h.update_digest:
+            raise WireError("update_digest does not match the tensors received")
+    except WireError as err:
+        raise RoundError("INVALID_ARGUMENT", str(err)) from None
+    return tensors, asm, msg_bytes
+
+
+def server_options(s: ServerSection) -> list[tuple[str, int]]:
+    """gRPC's own limits, behind the relay (``relay.py``) or facing clients directly."""
+    return [
+        # let clients keep idle connections alive with pings, without tripping too_many_pings
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        # a peer that stops answering pings is dropped after keepalive_time + timeout; one that
+        # never finishes its handshake, or holds a connection without calls, sooner
+        ("grpc.server_handshake_timeout_ms", int(s.handshake_timeout_s * 1000)),
+        ("grpc.max_connection_idle_ms", int(s.connection_idle_s * 1000)),
+        ("grpc.max_concurrent_streams", s.max_streams_per_connection),
+        ("grpc.max_allowed_incoming_connections", s.max_connections),
+    ]
 
 
 @contextlib.asynccontextmanager
@@ -234,14 +275,21 @@ async def run_server(coord: Coordinator, listen: str | None = None, count_bytes:
     sec = coord.cfg.security
     creds = server_credentials(sec, listen)
     auth = AuthInterceptor(sec)
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[auth])
+    limits = RelayLimits.of(coord.cfg.server)
+    budget = fd_budget()
+    if limits.max_connections > budget:
+        log.warning("max_connections_lowered", configured=limits.max_connections, to=budget,
+                    reason="the process's file-descriptor limit")
+        limits = dataclasses.replace(limits, max_connections=budget)
+    options = server_options(coord.cfg.server.model_copy(update={"max_connections": limits.max_connections}))
+    server = grpc.aio.server(options=options, interceptors=[StatusInterceptor(current_client), auth])
 
     def bind(address: str) -> int:
         return server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
 
     relay = None
     if count_bytes:
-        relay = CountingRelay(host, int(port), "127.0.0.1", bind("127.0.0.1:0"))
+        relay = CountingRelay(host, int(port), "127.0.0.1", bind("127.0.0.1:0"), limits)
     service = CoordinatorService(coord, auth, relay)
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
     if not count_bytes:

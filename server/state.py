@@ -102,7 +102,7 @@ def open_record(rs: RoundState) -> dict:
     return {"round": rs.round, "seeds": list(rs.seeds), "plan_fingerprint": rs.plan_fingerprint,
             "selected": sorted(rs.selected), "dropped": sorted(rs.dropped),
             "deadline_remaining_s": max(rs.deadline - now, 0.0), "elapsed_s": now - rs.started,
-            "submissions": {c: asdict(s) for c, s in rs.submissions.items()},
+            "submissions": {c: asdict(s) for c, s in rs.submissions.items()}, "declared": dict(rs.declared),
             "traffic": {c: t.numbers() for c, t in rs.traffic.items()}}
 
 
@@ -114,6 +114,7 @@ def restore_round(o: dict, tensors: Tensors, fresh_aggregator: Aggregator, min_r
     remaining = max(float(o["deadline_remaining_s"]), min_remaining_s)
     rs = RoundState(o["round"], o["seeds"], o["plan_fingerprint"], set(o["selected"]), now + remaining,
                     started=now - o["elapsed_s"], dropped=set(o["dropped"]))
+    rs.declared = {c: int(n) for c, n in o.get("declared", {}).items()}
     for client_id, numbers in o["traffic"].items():
         rs.traffic[client_id] = Traffic(**numbers)
     for client_id, sub in o["submissions"].items():

@@ -65,6 +65,7 @@ class Simulation:
         coord = self.coord
         for name, p in self.participants.items():
             await coord.join(name, name, p.num_samples)
+            coord.touch(name, polling=True)  # a simulated client is always waiting for work
         loop = asyncio.create_task(coord.run())
         try:
             loop.add_done_callback(lambda _: asyncio.ensure_future(coord.notify()))  # wakes the wait below

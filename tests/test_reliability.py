@@ -38,8 +38,9 @@ def make_server(server_factory) -> Callable[..., InProcServer]:
     """``make_server(server={...}, **rounds)``: an in-process server whose run is long enough
     (50 rounds) never to finish under a test, with ``CHUNK``-byte tensor messages."""
 
-    def make(server: dict | None = None, **rounds) -> InProcServer:
-        return server_factory(rounds={"total": 50, **rounds}, server={"max_chunk_bytes": CHUNK, **(server or {})})
+    def make(server: dict | None = None, training: dict | None = None, **rounds) -> InProcServer:
+        return server_factory(rounds={"total": 50, **rounds}, server={"max_chunk_bytes": CHUNK, **(server or {})},
+                              training=training or {})
 
     return make
 
@@ -56,6 +57,8 @@ class Fake:
         self.md = (("authorization", f"Bearer {self.token}"),)
         self.run_id, self.client_id, self.num_samples = resp.run_id, resp.client_id, num_samples
         self.have = int(resp.current_round)
+        self.seeds_used: list[int] = []
+        self.poll(wait=0)  # asks for work once, as a real client does: selectable from now on
 
     def poll(self, wait: float = 2.0) -> pb.RoundHeader:
         """One long-poll (``wait`` seconds at most, as the server reads it); the header."""
@@ -81,16 +84,22 @@ class Fake:
         return headers[-1]
 
     def update(self, header: pb.RoundHeader, value: float = 0.01) -> dict[str, torch.Tensor]:
+        """A valid update of round ``header``: every tensor this client may send (FedKRSO: the
+        accumulators of the seeds its key draws), filled with ``value``."""
         coord = self.srv.coord
-        spec = coord.method.update_spec(coord.model, list(header.seeds))
-        return {n: torch.full(s, value, dtype=torch.float32) for n, s in spec.items()}
+        seeds = list(header.seeds)
+        spec = coord.method.update_spec(coord.model, seeds)
+        allowed = coord.method.allowed_update_names(coord.model, seeds, header.round, self.client_id)
+        self.seeds_used = [seeds[k] for k in sorted({int(n.split(".")[1]) for n in allowed if n.startswith("acc.")})]
+        return {n: torch.full(s, value, dtype=torch.float32) for n, s in spec.items() if n in allowed}
 
     def messages(self, round_id: int, tensors, num_samples: int | None = None, run_id: str | None = None,
                  digest: str | None = None, dtype: str | None = None) -> list[pb.SubmitUpdateRequest]:
         header = pb.UpdateHeader(
             run_id=self.run_id if run_id is None else run_id, round=round_id,
             num_samples=self.num_samples if num_samples is None else num_samples, loss=0.5, steps=1,
-            num_tensors=len(tensors), update_digest=update_digest(tensors) if digest is None else digest)
+            seeds_used=self.seeds_used, num_tensors=len(tensors),
+            update_digest=update_digest(tensors) if digest is None else digest)
         return [pb.SubmitUpdateRequest(header=header)] + [
             pb.SubmitUpdateRequest(tensors=b) for b in tensor_batches(tensors, dtype, CHUNK)]
 
@@ -99,6 +108,21 @@ class Fake:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def weighted_mean(*updates: tuple[dict[str, torch.Tensor], float]) -> dict[str, torch.Tensor]:
+    """The server's weighted mean of ``(tensors, weight)``: a tensor a client did not send
+    (an accumulator of a seed it did not draw) counts as zero."""
+    names = {n for t, _ in updates for n in t}
+    total = sum(w for _, w in updates)
+    return {n: sum(w * t[n].double() for t, w in updates if n in t) / total for n in names}
+
+
+def assert_round_delta(srv: InProcServer, round_id: int, want: dict[str, torch.Tensor]) -> None:
+    got = srv.coord.deltas[round_id].tensors
+    assert sorted(got) == sorted(want)
+    for name, t in got.items():
+        assert torch.allclose(t.double(), want[name], atol=1e-7), name
 
 
 def complete_round(srv: InProcServer, clients: list[Fake], headers: dict | None = None) -> dict:
@@ -121,8 +145,8 @@ def complete_round(srv: InProcServer, clients: list[Fake], headers: dict | None 
 @pytest.fixture
 def pair(make_server, request):
     """A server (``make_server(**request.param)``) and two joined clients, alice (10 samples)
-    and bob (30)."""
-    srv = make_server(**getattr(request, "param", {}))
+    and bob (30), weighted by samples without a share cap (test_hostile covers the cap)."""
+    srv = make_server(**{"training": {"max_weight_share": None}, **getattr(request, "param", {})})
     a, b = Fake(srv, "alice"), Fake(srv, "bob", num_samples=30)
     yield srv, a, b
     a.close()
@@ -397,10 +421,6 @@ def test_malformed_update_refused_and_round_still_completes(pair, case):
     complete_round(srv, [a, b], {a.client_id: ha, b.client_id: hb})
 
 
-def l2(tensors: dict[str, torch.Tensor]) -> float:
-    return math.sqrt(sum(float(t.double().square().sum()) for t in tensors.values()))
-
-
 @pytest.mark.parametrize("pair", [{"server": {"max_update_norm": 1.0}}], indirect=True)
 def test_update_norm_bound(pair):
     """Over ``server.max_update_norm`` an update is refused and leaves no trace; under it the
@@ -408,16 +428,18 @@ def test_update_norm_bound(pair):
     srv, a, b = pair
     ha, hb = a.wait_train(), b.wait_train()
     big, small = a.update(ha, 1.0), a.update(ha, 1e-3)
-    assert l2(big) > 1.0 > l2(small)
+    size = lambda t: srv.coord.method.update_norm(srv.coord.model, list(ha.seeds), t)  # noqa: E731
+    assert size(big) > 1.0 > size(small)
     code, msg = rpc_error(lambda: a.submit(a.messages(ha.round, big)))
-    assert code == SC.INVALID_ARGUMENT and f"update L2 norm {l2(big):.6g} exceeds server.max_update_norm=1" in msg
+    assert code == SC.INVALID_ARGUMENT, (code, msg)
+    assert f"update norm {size(big):.6g} (of the weight change it implies) exceeds server.max_update_norm=1" in msg
     assert not srv.coord.current.submissions
     resp = a.submit(a.messages(ha.round, small))
     assert resp.accepted and not resp.duplicate
     assert b.submit(b.messages(hb.round, b.update(hb, 1e-3))).accepted
     wait_until(lambda: srv.coord.completed == 1, what="round 0 to close")
-    for name, t in srv.coord.deltas[0].tensors.items():  # the mean of the two small updates only
-        assert torch.allclose(t.float(), torch.full_like(t.float(), 1e-3)), name
+    # the mean of the two small updates only
+    assert_round_delta(srv, 0, weighted_mean((small, a.num_samples), (b.update(hb, 1e-3), b.num_samples)))
 
 
 # -- duplicates -------------------------------------------------------------------------------------
@@ -435,10 +457,8 @@ def test_duplicate_counted_once_and_different_update_refused(pair):
     wait_until(lambda: len(srv.coord.metrics.rows()) == 1, what="round 0 to close and write its row")
     row = srv.coord.metrics.rows()[-1]
     assert sorted(row["clients"]) == sorted([a.client_id, b.client_id])
-    # weighted mean over samples: a counted once -> (10*0.25 + 30*1.0) / 40
-    want = (a.num_samples * 0.25 + b.num_samples * 1.0) / (a.num_samples + b.num_samples)
-    for name, t in srv.coord.deltas[0].tensors.items():
-        assert torch.allclose(t.float(), torch.full_like(t.float(), want)), name
+    # weighted mean over samples: a counted once -> (10*0.25 + 30*1.0) / 40 where both sent
+    assert_round_delta(srv, 0, weighted_mean((ta, a.num_samples), (tb, b.num_samples)))
     complete_round(srv, [a, b])
 
 
@@ -463,9 +483,7 @@ def test_concurrent_identical_submissions_fold_once(pair):
     assert sum(not r.duplicate for r in results) == 1, results
     assert b.submit(b.messages(0, b.update(hb, 1.0))).accepted
     wait_until(lambda: srv.coord.completed == 1, what="round 0 to close")
-    want = (a.num_samples * 0.25 + b.num_samples * 1.0) / (a.num_samples + b.num_samples)
-    for name, t in srv.coord.deltas[0].tensors.items():
-        assert torch.allclose(t.float(), torch.full_like(t.float(), want)), name
+    assert_round_delta(srv, 0, weighted_mean((a.update(ha, 0.25), a.num_samples), (b.update(hb, 1.0), b.num_samples)))
     complete_round(srv, [a, b])
 
 
@@ -559,9 +577,10 @@ def expected_codes(rpc: str, payloads: list[bytes], credential: str, run_id: str
     where the outcome depends on what random bytes decode to."""
     msgs = [_parsed(rpc, p) for p in payloads]
     if rpc != "SubmitUpdate" and msgs[0] is None:
-        return {"UNKNOWN"}  # gRPC refuses a request that does not decode before any handler runs
-    if rpc == "Join":
-        return {"OK", "INVALID_ARGUMENT"}  # open enrolment: whether the decoded name and size are valid
+        return {"INVALID_ARGUMENT"}  # a request that does not decode, refused before any handler runs
+    if rpc == "Join":  # open enrolment: whether the decoded name and size are valid, whether the name is
+        # live already (ALREADY_EXISTS without its session token), whether the Join rate is exceeded
+        return {"OK", "INVALID_ARGUMENT", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED"}
     if credential != "client":
         return {"UNAUTHENTICATED"}
     if rpc == "Heartbeat":
@@ -570,7 +589,7 @@ def expected_codes(rpc: str, payloads: list[bytes], credential: str, run_id: str
         ok = msgs[0].run_id == run_id and (rpc == "StartRound" or msgs[0].round == 0)
         return {"OK"} if ok else {"FAILED_PRECONDITION"}
     if not msgs or msgs[0] is None:
-        return {"INVALID_ARGUMENT"} if not msgs else {"UNKNOWN"}
+        return {"INVALID_ARGUMENT"}
     if msgs[0].WhichOneof("body") != "header":
         return {"INVALID_ARGUMENT"}
     h = msgs[0].header
@@ -579,7 +598,7 @@ def expected_codes(rpc: str, payloads: list[bytes], credential: str, run_id: str
     if not 1 <= h.num_samples <= declared:
         return {"INVALID_ARGUMENT"}
     # a valid header: the tensors refuse (none of these can match the spec and the digest)
-    return {"INVALID_ARGUMENT", "UNKNOWN"} if None in msgs[1:] else {"INVALID_ARGUMENT"}
+    return {"INVALID_ARGUMENT"}
 
 
 def test_fuzz_every_rpc(make_server):
@@ -598,6 +617,7 @@ def test_fuzz_every_rpc(make_server):
     rng = random.Random(1234)
     channel = grpc.insecure_channel(srv.target)
     seen: set[str] = set()
+    undecodable = 0
     for _ in range(400):
         rpc = rng.choice(sorted(RPCS))
         credential = rng.choice(["none", "forged", "client", "client"])  # mostly past authentication
@@ -620,20 +640,24 @@ def test_fuzz_every_rpc(make_server):
             code, details = err.code().name, err.details() or ""
         want = expected_codes(rpc, payloads, credential, valid.run_id, fuzzer.num_samples)
         assert code in want, (rpc, credential, payloads, code, details, want)
-        if code == "UNKNOWN":  # a request that does not decode, never a handler that crashed
-            assert f"Error parsing message with type '{REQUESTS[rpc].DESCRIPTOR.full_name}'" in details, details
+        if "does not decode" in details:  # precise: never UNKNOWN, never a handler that crashed
+            assert details == f"a request message does not decode as {REQUESTS[rpc].DESCRIPTOR.full_name}", details
+            assert None in [_parsed(rpc, p) for p in payloads]
+            undecodable += 1
         if code == "UNAUTHENTICATED":
             assert details == reasons[credential], details
         seen.add(code)
     channel.close()
     # the fuzz reached every layer: decoding, authentication, the handlers' refusals and answers
-    assert {"OK", "UNKNOWN", "UNAUTHENTICATED", "INVALID_ARGUMENT", "FAILED_PRECONDITION"} <= seen, seen
+    assert {"OK", "UNAUTHENTICATED", "INVALID_ARGUMENT", "FAILED_PRECONDITION"} <= seen, seen
+    assert undecodable > 10 and "UNKNOWN" not in seen and "INTERNAL" not in seen
     assert srv.alive() and srv.coord.completed == 0 and not srv.coord.metrics.rows()
     rs = srv.coord.current
     assert rs.round == 0 and rs.selected == {"valid", "fuzzer"} and not rs.submissions and not rs.dropped
-    complete_round(srv, [valid, fuzzer])
-    for name, t in srv.coord.deltas[0].tensors.items():  # the two valid updates (all 0.01), nothing else
-        assert torch.allclose(t.float(), torch.full_like(t.float(), 0.01)), name
+    headers = {c.client_id: c.wait_train() for c in (valid, fuzzer)}
+    complete_round(srv, [valid, fuzzer], headers)
+    # the two valid updates (all 0.01), nothing else; weights capped equal (max_weight_share 0.5)
+    assert_round_delta(srv, 0, weighted_mean(*((c.update(headers[c.client_id]), 1.0) for c in (valid, fuzzer))))
     valid.close()
     fuzzer.close()
 

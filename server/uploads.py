@@ -1,0 +1,110 @@
+"""Reading update streams so that a stalled or greedy client costs nobody else their round.
+
+Each ``SubmitUpdate`` stream is read through an ``Upload`` of the service's ``UploadGate``:
+
+* clocks: every message, the first included, must arrive within ``server.upload_idle_s`` of
+  the previous one, and the whole stream within ``server.upload_total_s`` of its start
+  (waiting for its turn included); a stream past either is refused with DEADLINE_EXCEEDED;
+* one upload per client at a time (``turn``): a client's second concurrent stream waits for
+  the first to end (then is usually a duplicate), at most ``MAX_WAITING`` of them, beyond
+  which RESOURCE_EXHAUSTED. It never takes a slot, so N streams of one client hold one;
+* ``server.max_concurrent_uploads`` slots (``slot``) bound the updates assembled at once.
+  A slot is taken only after the header validated and the client's turn came, and is
+  released on every exit path (an ``async with``): a refusal, a timeout, a cancelled call.
+
+So a client that opens more streams than there are slots and stalls holds one slot for at
+most ``upload_idle_s`` (silent) or ``upload_total_s`` (trickling), and only colluding
+selected clients at least as many as the slots can make others wait, at most that long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from .rounds import RoundError
+
+MAX_WAITING = 4  # streams of one client waiting for its turn (an honest client retries one)
+
+
+class UploadGate:
+    """Per-client turns, global slots and the clocks of every update stream."""
+
+    def __init__(self, slots: int, idle_s: float, total_s: float):
+        self.idle_s = idle_s
+        self.total_s = total_s
+        self._slots = asyncio.Semaphore(slots)
+        self._turns: dict[str, asyncio.Lock] = {}
+        self._queued: dict[str, int] = {}  # streams holding or waiting for a client's turn
+
+    def open(self, stream: AsyncIterator, client_id: str) -> Upload:
+        """Start the clocks of one stream of ``client_id``."""
+        return Upload(self, stream.__aiter__(), client_id)
+
+
+class Upload:
+    """One update stream under the gate's limits (module docstring)."""
+
+    def __init__(self, gate: UploadGate, stream, client_id: str):
+        self.gate = gate
+        self.stream = stream
+        self.client_id = client_id
+        loop = asyncio.get_running_loop()
+        self._clock = loop.time
+        self.deadline = loop.time() + gate.total_s
+
+    def _left(self) -> float:
+        return self.deadline - self._clock()
+
+    async def next(self):
+        """The next message, or None at the end of the stream; DEADLINE_EXCEEDED when it does
+        not come within ``upload_idle_s`` or the stream's total time is used up."""
+        wait = min(self.gate.idle_s, self._left())
+        try:
+            return await asyncio.wait_for(self.stream.__anext__(), max(wait, 0.0))
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            if self._left() <= 0:
+                raise RoundError("DEADLINE_EXCEEDED", f"update stream took longer than "
+                                 f"server.upload_total_s={self.gate.total_s:g} s") from None
+            raise RoundError("DEADLINE_EXCEEDED", f"no message of the update stream for "
+                             f"server.upload_idle_s={self.gate.idle_s:g} s") from None
+
+    async def _acquire(self, waiter, what: str) -> None:
+        try:
+            await asyncio.wait_for(waiter, max(self._left(), 0.0))
+        except TimeoutError:
+            raise RoundError("DEADLINE_EXCEEDED", f"update stream waited for {what} longer than "
+                             f"server.upload_total_s={self.gate.total_s:g} s") from None
+
+    @contextlib.asynccontextmanager
+    async def turn(self):
+        """This client's only upload in progress, for the ``async with`` block."""
+        gate, cid = self.gate, self.client_id
+        if gate._queued.get(cid, 0) > MAX_WAITING:
+            raise RoundError("RESOURCE_EXHAUSTED", f"client {cid!r} already has {MAX_WAITING + 1} update streams "
+                             "open; one is read at a time")
+        lock = gate._turns.setdefault(cid, asyncio.Lock())
+        gate._queued[cid] = gate._queued.get(cid, 0) + 1
+        try:
+            await self._acquire(lock.acquire(), "its client's previous stream to end")
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            gate._queued[cid] -= 1
+            if not gate._queued[cid]:
+                del gate._queued[cid]
+                gate._turns.pop(cid, None)
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        """One of ``max_concurrent_uploads`` slots, for the ``async with`` block."""
+        await self._acquire(self.gate._slots.acquire(), "an upload slot")
+        try:
+            yield
+        finally:
+            self.gate._slots.release()
