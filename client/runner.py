@@ -3,14 +3,15 @@
 What a client does in a round (catch up, check fingerprints, train, build the update and its
 digest) is ``common.participant.Participant``; this module is its transport: the channel,
 retries and re-joins, the long-poll, streaming deltas, snapshots and updates, and heartbeats.
-Everything the server streams is checked against what the participant expects (names,
-shapes, dtype, total size) before it is kept or applied.
+Everything the server sends is checked (``streams.py``) against what the participant expects
+(names, shapes, dtype, rounds, seeds, total size) before it is kept or applied; a server that
+breaks the protocol makes the client stop with ``ClientError`` (exit 3), never allocate
+without bound or apply a malformed delta.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 import resource
 import threading
@@ -24,15 +25,16 @@ import structlog
 from fedkrso.v1 import coordinator_pb2 as pb
 from fedkrso.v1 import coordinator_pb2_grpc as pb_grpc
 
-from ..common.config import RunConfig, address_host, is_loopback
+from ..common.config import address_host, is_loopback
 from ..common.data import load_split
-from ..common.logs import progress
+from ..common.logs import bounded, progress
 from ..common.participant import Participant, PreparedUpdate, Shared
 from ..common.protocol import TOKEN_HEADER, VERSION, bearer
-from ..common.tensors import element_size
-from ..common.wire import TensorAssembler, WireError
+from ..common.wire import WireError
+from .streams import ClientError, RoundReader, SnapshotReader, check_join
 
 log = structlog.get_logger("fedkrso.client")
+RETRY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),  # >= the server's min_recv_ping_interval (10 s)
     ("grpc.keepalive_timeout_ms", 20_000),
@@ -40,11 +42,6 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.enable_retries", 1),
 ]
-
-
-class ClientError(RuntimeError):
-    """A condition under which the client must not go on (e.g. a different base model, a
-    malformed stream from the server)."""
 
 
 class CredentialRefused(RuntimeError):
@@ -84,11 +81,6 @@ class Report:
     deltas_applied: int = 0
 
 
-def _spec_bytes(spec: dict[str, tuple[int, ...]], dtype: str) -> int:
-    """The most bytes tensors of ``spec`` can hold in ``dtype``: a stream's allocation bound."""
-    return sum(math.prod(shape) for shape in spec.values()) * element_size(dtype)
-
-
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -120,8 +112,9 @@ class FedClient:
         self._stop = threading.Event()
 
     # -- RPC plumbing --------------------------------------------------------------------
-    def _call(self, fn, *args, rejoin: bool = True, **kwargs):
-        """Call with exponential backoff and jitter on UNAVAILABLE (server restart, network),
+    def _call(self, fn, *args, rejoin: bool = True, retry: frozenset = RETRY, **kwargs):
+        """Call with exponential backoff and jitter on the codes of ``retry`` (UNAVAILABLE: a
+        server restart, the network; RESOURCE_EXHAUSTED: the server asks to come back later),
         for up to ``reconnect_seconds``.
 
         UNAUTHENTICATED means the server lost this client (a restart: its session token or its
@@ -136,25 +129,31 @@ class FedClient:
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.UNAUTHENTICATED:
                     if not rejoin or rejoined:
-                        raise CredentialRefused(err.details()) from None
-                    log.warning("session_lost", reason=err.details())
+                        raise CredentialRefused(bounded(err.details(), 200)) from None
+                    log.warning("session_lost", reason=bounded(err.details()))
                     self._enrol()
                     rejoined = True
                     continue
-                if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= give_up:
+                if err.code() not in retry or time.monotonic() >= give_up:
                     raise
                 attempt += 1
                 rejoined = False  # a new outage may need a new join
-                log.warning("server_unavailable", retry_in=round(delay, 2), attempt=attempt)
+                log.warning("server_busy" if err.code() != grpc.StatusCode.UNAVAILABLE else "server_unavailable",
+                            code=err.code().name, reason=bounded(err.details()), retry_in=round(delay, 2),
+                            attempt=attempt)
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 30.0)
 
     # -- lifecycle -------------------------------------------------------------------------
     def _enrol(self) -> pb.JoinResponse:
         """Join: with a fixed credential the server names the id; under open enrolment it
-        answers with a session token in the initial metadata, used from then on."""
+        answers with a session token in the initial metadata, used from then on. A name held
+        by a live session (ALREADY_EXISTS: this client's earlier process, not yet timed out)
+        is retried like an outage."""
         resp, call = self._call(self.stub.Join.with_call, pb.JoinRequest(
-            name=self.opts.name, num_samples=len(self.dataset), software_version=VERSION), rejoin=False)
+            name=self.opts.name, num_samples=len(self.dataset), software_version=VERSION), rejoin=False,
+            retry=RETRY | {grpc.StatusCode.ALREADY_EXISTS}, timeout=60)
+        cfg = check_join(resp)
         token = dict(call.initial_metadata()).get(TOKEN_HEADER)
         if token:
             self.metadata = bearer(token)
@@ -165,13 +164,12 @@ class FedClient:
         self.model_fingerprint = resp.model_fingerprint
         self.client_id, self.run_id = resp.client_id, resp.run_id
         self.report.client_id = resp.client_id
+        self.cfg, self.chunk = cfg, resp.max_chunk_bytes
         return resp
 
     def join(self) -> None:
         self.dataset = load_split(self.opts.data)
         resp = self._enrol()
-        self.cfg = RunConfig.model_validate_json(resp.config_json)
-        self.chunk = resp.max_chunk_bytes
         structlog.contextvars.bind_contextvars(client=self.client_id)
         log.info("joined", run_id=self.run_id, method=self.cfg.method.name, samples=len(self.dataset))
         spec = self.opts.model or self.cfg.model.name
@@ -223,37 +221,19 @@ class FedClient:
                 pass  # the main loop handles unavailability with backoff
 
     def _poll(self):
-        """One long-poll: the header and the deltas streamed after it, each assembled against
-        the spec the participant expects (names, shapes, wire dtype, at most that many bytes),
-        and no more deltas than the header announced."""
-        wire = self.cfg.method.wire_dtype
+        """One long-poll: the header and the deltas streamed after it, checked and assembled
+        by a ``RoundReader`` against what the participant expects."""
 
         def call(metadata):
             stream = self.stub.StartRound(pb.StartRoundRequest(
                 run_id=self.run_id, have_round=self.have, wait_seconds=self.opts.poll_seconds),
                 metadata=metadata, timeout=self.opts.poll_seconds + 600)
-            header, deltas = None, []
-            try:
-                for msg in stream:
-                    kind = msg.WhichOneof("body")
-                    if kind == "header" and header is None:
-                        header = msg.header
-                    elif kind == "delta" and header is not None and len(deltas) < header.num_deltas:
-                        spec = self.participant.delta_spec(list(msg.delta.seeds))
-                        deltas.append((msg.delta, TensorAssembler(spec, wire, max_bytes=_spec_bytes(spec, wire))))
-                    elif kind == "tensors" and deltas:
-                        deltas[-1][1].add(msg.tensors)
-                    else:
-                        raise ClientError(f"unexpected {kind!r} message in the round stream")
-            except WireError as err:
-                raise ClientError(f"malformed round delta from the server: {err}") from None
-            if header is None:
-                raise ClientError("the server's round stream carried no header")
-            if len(deltas) != header.num_deltas:
-                raise ClientError(f"the server announced {header.num_deltas} deltas and sent {len(deltas)}")
-            return header, deltas
+            reader = RoundReader(self.participant, self.cfg.method.wire_dtype)
+            for msg in stream:
+                reader.add(msg)
+            return reader.finish()
 
-        return self._call(lambda metadata: call(metadata))
+        return self._call(call)
 
     def _catch_up(self, header: pb.RoundHeader, deltas) -> None:
         self.phase = "catching_up"
@@ -269,20 +249,19 @@ class FedClient:
         self.report.have_round, self.report.state_fingerprint = self.have, fp
 
     def _load_snapshot(self, round_id: int) -> None:
-        spec = self.participant.state_spec()
-        wire = None  # a snapshot travels in the state's own dtype
+        timeout = 600 + self.participant.state_bytes() / 1e6  # at least 1 MB/s
 
-        def fetch(metadata) -> TensorAssembler:
-            asm = TensorAssembler(spec, wire, max_bytes=_spec_bytes(spec, "float64"))
+        def fetch(metadata) -> SnapshotReader:
+            reader = SnapshotReader(self.participant, round_id)
             for msg in self.stub.GetSnapshot(pb.GetSnapshotRequest(run_id=self.run_id, round=round_id),
-                                             metadata=metadata):
-                if msg.WhichOneof("body") == "tensors":
-                    asm.add(msg.tensors)
-            return asm
+                                             metadata=metadata, timeout=timeout):
+                reader.add(msg)
+            if reader.header is None:
+                raise ClientError(f"the snapshot stream of round {round_id} carried no header")
+            return reader
 
         try:
-            asm = self._call(fetch)
-            tensors = asm.finish(set(spec))
+            tensors = self._call(fetch).asm.finish(set(self.participant.state_spec()))
         except WireError as err:
             raise ClientError(f"malformed snapshot of round {round_id}: {err}") from None
         except grpc.RpcError as err:
@@ -313,7 +292,7 @@ class FedClient:
             resp = self._call(send)
         except grpc.RpcError as err:
             if err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED):
-                log.warning("update_refused", round=update.round, code=err.code().name, reason=err.details())
+                log.warning("update_refused", round=update.round, code=err.code().name, reason=bounded(err.details()))
                 return
             raise
         log.info("update_submitted", round=update.round, loss=round(update.loss, 4), payload_bytes=resp.payload_bytes,

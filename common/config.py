@@ -35,7 +35,7 @@ class RunSection(Section):
 class ModelSection(Section):
     name: str = Field(..., description="alias (minilm, smollm2), local folder or hub id")
     task: Task = "sequence-classification"
-    num_labels: int = Field(2, ge=1)
+    num_labels: int = Field(2, ge=1, le=100_000)
     labels: list[str] | None = Field(None, description="label names, index = class id")
     max_length: int = Field(128, ge=8, le=8192)
 
@@ -96,6 +96,7 @@ class EvalSection(Section):
     max_examples: int | None = Field(None, ge=1, description="cap on evaluated examples")
 
 
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 1024, 3 << 20  # messages stay far below gRPC's 4 MB limit
 MAX_UPDATE_NORM = 1000.0
 TRANSPORT_FIELDS = {"listen", "upload_idle_s", "upload_total_s", "max_connections", "max_connections_per_peer",
                     "max_pending_connections", "handshake_timeout_s", "connection_idle_s",
@@ -104,7 +105,7 @@ TRANSPORT_FIELDS = {"listen", "upload_idle_s", "upload_total_s", "max_connection
 
 class ServerSection(Section):
     listen: str = Field("127.0.0.1:50051", description="host:port to bind")
-    max_chunk_bytes: int = Field(1 << 20, ge=1024, le=3 << 20, description="stream chunk size")
+    max_chunk_bytes: int = Field(1 << 20, ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES, description="stream chunk size")
     snapshot_after_rounds: int = Field(
         8, ge=1, description="round deltas kept in memory for catch-up: a client further behind "
         "gets a snapshot; within them it gets the deltas or a snapshot, whichever is smaller"

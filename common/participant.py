@@ -28,6 +28,7 @@ from torch import nn
 
 from fedkrso.v1 import coordinator_pb2 as pb
 
+from .accounting import payload_bytes
 from .config import RunConfig
 from .data import batches
 from .methods import Method, build_method
@@ -134,6 +135,10 @@ class Participant:
     def state_spec(self) -> dict[str, tuple[int, ...]]:
         """Names and shapes of a snapshot: every tensor a round changes."""
         return {k: tuple(v.shape) for k, v in self.method.state_parameters(self.model).items()}
+
+    def state_bytes(self) -> int:
+        """Bytes of that state in its own dtypes: what a snapshot carries."""
+        return payload_bytes(self.method.state_parameters(self.model))
 
     def apply_delta(self, round_id: int, seeds: list[int], tensors: dict[str, torch.Tensor]) -> None:
         if round_id != self.have:

@@ -25,7 +25,7 @@ from .base import DeltaMethod, MethodConfig, out_in, target_linears
 class Config(MethodConfig):
     name: Literal["fedavg"] = "fedavg"
     lr: float = Field(3e-5, gt=0, description="Adam learning rate of every trained weight")
-    steps: int = Field(16, ge=1, description="local Adam steps per round")
+    steps: int = Field(16, ge=1, le=100_000, description="local Adam steps per round")
     train_biases: bool = Field(True, description="train the target Linears' biases too")
     train_embeddings: bool = Field(True, description="train (and send) every nn.Embedding table: "
                                    "full fine-tuning; false = only what FedKRSO can reach")

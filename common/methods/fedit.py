@@ -34,8 +34,8 @@ ADAPTER = "default"
 class Config(MethodConfig):
     name: Literal["fedit"] = "fedit"
     lr: float = Field(3e-4, gt=0, description="Adam learning rate of the LoRA factors")
-    steps: int = Field(16, ge=1, description="local Adam steps per round")
-    rank: int = Field(8, ge=1, description="r_L: LoRA rank")
+    steps: int = Field(16, ge=1, le=100_000, description="local Adam steps per round")
+    rank: int = Field(8, ge=1, le=4096, description="r_L: LoRA rank")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r")
 
     def local_steps(self) -> int:

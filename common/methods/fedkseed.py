@@ -39,9 +39,9 @@ from .fedavg import linear_parameters
 class Config(MethodConfig):
     name: Literal["fedkseed"] = "fedkseed"
     lr: float = Field(3e-7, gt=0, description="constant zeroth-order learning rate")
-    k: int = Field(4096, ge=1, description="K: candidate seeds, fixed for the whole run")
+    k: int = Field(4096, ge=1, le=65536, description="K: candidate seeds, fixed for the whole run")
     eps: float = Field(5e-4, gt=0, description="perturbation scale of the two forward passes")
-    steps: int = Field(200, ge=1, description="zeroth-order steps per round")
+    steps: int = Field(200, ge=1, le=1_000_000, description="zeroth-order steps per round")
     train_biases: bool = Field(True, description="perturb the target Linears' biases too")
     zo_dense: bool = Field(True, description="tune the dense-trainables zeroth-order too")
 

@@ -57,14 +57,14 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 class Config(MethodConfig):
     name: Literal["fedtt"] = "fedtt"
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of the TT cores")
-    steps: int = Field(16, ge=1, description="local Adam steps per round")
+    steps: int = Field(16, ge=1, le=100_000, description="local Adam steps per round")
     adapter_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_ADAPTER_MODULES),
         description="regexes over module names: adapters go after these modules' outputs",
     )
-    bottleneck: int = Field(64, ge=1, description="m: adapter width (h -> m -> h)")
-    tt_rank: int = Field(5, ge=1, description="TT rank between consecutive cores")
-    cores: int = Field(3, ge=2, description="cores per TT matrix (factors of h and of m)")
+    bottleneck: int = Field(64, ge=1, le=65536, description="m: adapter width (h -> m -> h)")
+    tt_rank: int = Field(5, ge=1, le=1024, description="TT rank between consecutive cores")
+    cores: int = Field(3, ge=2, le=16, description="cores per TT matrix (factors of h and of m)")
     activation: Literal["relu", "gelu", "silu"] = "relu"
 
     def local_steps(self) -> int:
