@@ -1,6 +1,6 @@
 """Transport security and client credentials against real gRPC servers on loopback.
 
-Certificates are made per module with the ``openssl`` CLI: a CA, a server certificate for
+Certificates are made once per module (``tests/pki.py``): a CA, a server certificate for
 ``localhost`` only (so clients dialing 127.0.0.1 override the TLS name), a client certificate
 with CN ``hospital-1``, and a second, unrelated CA. Servers run in-process (conftest's
 ``server_factory``, with the byte-counting relay in front, as in production), and one test runs
@@ -10,7 +10,6 @@ real ``fedkrso-server`` / ``fedkrso-client`` processes over TLS with a tokens fi
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import grpc
 import pytest
 
 from conftest import InProcServer, round_config, rpc_error, run_cluster, write_round_yaml
+from pki import make_pki, server_tls, write_tokens
 from fedkrso.client.runner import ClientOptions, CredentialRefused, FedClient
 from fedkrso.common.config import ConfigError, parse_config
 from fedkrso.server.coordinator import Coordinator
@@ -32,36 +32,9 @@ NAME = (("grpc.ssl_target_name_override", "localhost"),)
 
 
 # -- certificates ----------------------------------------------------------------------------
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _ca(d: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-days", "2", "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.crt",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign",
-             cwd=d)
-
-
-def _leaf(d: Path, name: str, cn: str, ext: str, serial: int) -> None:
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-subj", f"/CN={cn}", "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
-    (d / f"{name}.ext").write_text(f"basicConstraints=CA:FALSE\n{ext}\n")
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-set_serial",
-             str(serial), "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt",
-             cwd=d)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not installed: the tests make their certificates with it")
-    d = tmp_path_factory.mktemp("pki")
-    _ca(d, "ca")
-    _ca(d, "other")
-    _leaf(d, "server", "fedkrso-server", "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost", 1)
-    _leaf(d, "client", "hospital-1", "extendedKeyUsage=clientAuth", 2)
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"), [("client", "hospital-1")])
 
 
 @pytest.fixture
@@ -88,15 +61,6 @@ def join(s: pb_grpc.CoordinatorStub, name: str = "alice", token: str | None = No
 
 def heartbeat(s: pb_grpc.CoordinatorStub, token: str) -> pb.HeartbeatResponse:
     return s.Heartbeat(pb.HeartbeatRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=10)
-
-
-def server_tls(pki: Path, **extra) -> dict:
-    return {"tls_cert": str(pki / "server.crt"), "tls_key": str(pki / "server.key"), **extra}
-
-
-def write_tokens(path: Path, tokens: dict[str, str]) -> Path:
-    path.write_text("# client_id token\n" + "".join(f"{cid} {tok}\n" for cid, tok in tokens.items()))
-    return path
 
 
 # -- TLS -------------------------------------------------------------------------------------
@@ -180,25 +144,43 @@ def test_client_with_a_refused_token_exits_4(serve, pki, tmp_path, shards):
 
 # -- open enrolment --------------------------------------------------------------------------
 def test_open_enrolment_rejoin_keeps_the_id_and_kills_the_old_token(serve):
+    """A live name is taken again only with its current session token (the same client
+    re-joining), which the new token then replaces; without it, ALREADY_EXISTS: no takeover."""
     srv = serve({})
     s = stub(srv)
     first, call = join(s, name="carol")
     old = dict(call.initial_metadata())["x-fedkrso-token"]
     heartbeat(s, old)
-    again, call = join(s, name="carol")
+    code, details = rpc_error(lambda: join(s, name="carol"))
+    assert code == SC.ALREADY_EXISTS and "'carol' belongs to a live session" in details
+    code, details = rpc_error(lambda: join(s, name="carol", token="forged"))
+    assert code == SC.ALREADY_EXISTS
+    heartbeat(s, old)  # the refused takeovers changed nothing
+    again, call = join(s, name="carol", token=old)
     new = dict(call.initial_metadata())["x-fedkrso-token"]
     assert first.client_id == again.client_id == "carol" and new != old
     assert rpc_error(lambda: heartbeat(s, old)) == (SC.UNAUTHENTICATED, "unknown or revoked token")
     heartbeat(s, new)
 
 
+def test_open_enrolment_name_is_free_again_once_its_client_left(serve):
+    srv = serve({})
+    s = stub(srv)
+    token = dict(join(s, name="frank")[1].initial_metadata())["x-fedkrso-token"]
+    s.Leave(pb.LeaveRequest(reason="done"), metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+    assert rpc_error(lambda: heartbeat(s, token)) == (SC.UNAUTHENTICATED, "unknown or revoked token")
+    assert join(s, name="frank")[0].client_id == "frank"
+
+
 def test_client_rejoins_when_its_session_token_is_lost(serve, tmp_path):
+    """The server forgets the client's session (here: its Leave, as after a restart): the
+    client's next call is UNAUTHENTICATED, it joins again under its name and goes on."""
     srv = serve({})
     client = FedClient(ClientOptions(server=srv.target, data=tmp_path, name="dave"))
     client.dataset = range(10)
     client._enrol()
-    join(stub(srv), name="dave")  # as after a server restart: the client's token is no longer valid
     before = client.metadata
+    client.stub.Leave(pb.LeaveRequest(), metadata=before, timeout=10)
     assert client._call(client.stub.Heartbeat, pb.HeartbeatRequest(), timeout=10).current_round == 0
     assert client.metadata != before and client.client_id == "dave"
     client.channel.close()

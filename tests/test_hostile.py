@@ -1,0 +1,392 @@
+"""Hostile clients against a real server, under every credential mode (issue 12).
+
+The main test is a table: each row an attack an authenticated client ("mallory") makes on a
+real ``fedkrso-server`` process while two honest ``fedkrso-client`` processes run the job,
+the status the attack must get, and what must still hold. It runs once per credential mode
+(open enrolment, a tokens file over TLS, mutual TLS with the id from the certificate's CN).
+After every row of a mode: the run completes, every honest update of every round is accepted
+(none dropped, none lost), mallory's weight stays bounded (``max_weight_share``, or pinned
+under the tokens file), no flooded name is ever selected, and the server's log holds no line
+a client inflated and no UNKNOWN or crashed handler.
+
+Smaller in-process tests (conftest's ``InProcServer``) cover what a process adds nothing to:
+a Leave during the same client's own long-poll, and the bound of the client table.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from conftest import finish_cluster, log_events, round_config, wait_until, write_round_yaml
+from pki import make_pki, server_tls, write_tokens
+from fedkrso.bench.launch import Cluster
+from fedkrso.common.config import parse_config
+from fedkrso.common.methods import build_method
+from fedkrso.common.models import load_model
+from fedkrso.common.protocol import TOKEN_HEADER, bearer
+from fedkrso.common.wire import tensor_batches, update_digest
+from fedkrso.v1 import coordinator_pb2 as pb
+from fedkrso.v1 import coordinator_pb2_grpc as pb_grpc
+
+MODES = ["open", "tokens", "mtls"]
+HONEST = ["shard0", "shard1"]
+DECLARED = 10**9  # what mallory claims its shard holds
+MB = 1 << 20
+STALLS = 6  # SubmitUpdate streams per stall batch: more than the 2 upload slots and the turn queue
+
+
+# -- who connects how ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    names = [*HONEST, "mallory", "eve"]
+    return make_pki(tmp_path_factory.mktemp("pki"), [(n, n) for n in names])
+
+
+@dataclass
+class Credentials:
+    """How a party proves who it is in one credential mode."""
+
+    mode: str
+    pki: Path
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def security(self, tmp: Path) -> dict:
+        if self.mode == "open":
+            return {}
+        if self.mode == "tokens":
+            self.tokens = {n: f"{n}-token-{'x' * 40}" for n in [*HONEST, "mallory", "eve"]}
+            return server_tls(self.pki, tokens_file=str(write_tokens(tmp / "tokens.txt", self.tokens)))
+        return server_tls(self.pki, client_ca=str(self.pki / "ca.crt"), client_id_from_cert=True)
+
+    def client_args(self, name: str, tmp: Path) -> list[str]:
+        """Flags of a real ``fedkrso-client`` named ``name``."""
+        if self.mode == "open":
+            return []
+        args = ["--ca", str(self.pki / "ca.crt"), "--server-name", "localhost"]
+        if self.mode == "tokens":
+            (tmp / f"{name}.token").write_text(self.tokens[name])
+            return [*args, "--token-file", str(tmp / f"{name}.token")]
+        return [*args, "--cert", str(self.pki / f"{name}.crt"), "--key", str(self.pki / f"{name}.key")]
+
+    def channel(self, target: str, name: str) -> tuple[grpc.Channel, tuple]:
+        """A channel of ``name`` and the metadata its calls carry (open enrolment: none yet)."""
+        if self.mode == "open":
+            return grpc.insecure_channel(target), ()
+        key_pair = {} if self.mode == "tokens" else {
+            "private_key": (self.pki / f"{name}.key").read_bytes(),
+            "certificate_chain": (self.pki / f"{name}.crt").read_bytes()}
+        creds = grpc.ssl_channel_credentials((self.pki / "ca.crt").read_bytes(), **key_pair)
+        channel = grpc.secure_channel(target, creds, options=(("grpc.ssl_target_name_override", "localhost"),))
+        return channel, bearer(self.tokens[name]) if self.mode == "tokens" else ()
+
+
+def status(call: Callable[[], object]) -> tuple[str, str]:
+    """(status code name, details) of an RPC; ("OK", "") when it succeeds."""
+    try:
+        call()
+        return "OK", ""
+    except grpc.RpcError as err:
+        return err.code().name, err.details() or ""
+
+
+# -- the attacker ---------------------------------------------------------------------------------
+class Attacker:
+    """A client built from the .proto that lies: mallory, with the run's method and model, so
+    it can make updates the server's spec accepts and then break one rule at a time."""
+
+    def __init__(self, creds: Credentials, target: str, cfg: dict, name: str = "mallory"):
+        self.creds, self.name = creds, name
+        self.channel, self.md = creds.channel(target, name)
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        rc = parse_config(cfg)
+        self.method = build_method(rc.method, rc.run.seed)
+        self.model = load_model(rc.model.name, rc.model.task, rc.model.num_labels, rc.run.seed)
+        self.method.prepare(self.model)
+        self.run_id, self.client_id = "", name
+
+    def join(self, name: str | None = None, num_samples: int = DECLARED, version: str = "") -> pb.JoinResponse:
+        resp, call = self.stub.Join.with_call(pb.JoinRequest(name=name or self.name, num_samples=num_samples,
+                                                             software_version=version), metadata=self.md, timeout=20)
+        token = dict(call.initial_metadata()).get(TOKEN_HEADER)
+        if token:
+            self.md = bearer(token)
+        self.run_id, self.client_id = resp.run_id, resp.client_id
+        return resp
+
+    def poll(self, wait: float = 5.0, run_id: str | None = None) -> pb.RoundHeader:
+        stream = self.stub.StartRound(pb.StartRoundRequest(run_id=self.run_id if run_id is None else run_id,
+                                                           wait_seconds=wait), metadata=self.md, timeout=wait + 30)
+        return [m.header for m in stream if m.WhichOneof("body") == "header"][0]
+
+    def poll_train(self) -> pb.RoundHeader:
+        give_up = time.monotonic() + 120
+        while (header := self.poll()).status != pb.ROUND_STATUS_TRAIN:
+            assert time.monotonic() < give_up, "mallory was never selected"
+        return header
+
+    def update(self, h: pb.RoundHeader, value: float = 1e-4, stray: bool = False) -> dict[str, torch.Tensor]:
+        """An update of every tensor mallory may send (``stray``: plus an accumulator of a
+        seed index its key did not draw), all ``value``."""
+        seeds = list(h.seeds)
+        spec = self.method.update_spec(self.model, seeds)
+        allowed = self.method.allowed_update_names(self.model, seeds, h.round, self.client_id)
+        if stray:
+            drawn = {int(n.split(".")[1]) for n in allowed if n.startswith("acc.")}
+            k = min(set(range(len(seeds))) - drawn)
+            allowed |= {n for n in spec if n.startswith(f"acc.{k}.")}
+        return {n: torch.full(s, value) for n, s in spec.items() if n in allowed}
+
+    def messages(self, h: pb.RoundHeader, tensors, num_samples: int = DECLARED) -> list[pb.SubmitUpdateRequest]:
+        seeds = list(h.seeds)
+        used = sorted({int(n.split(".")[1]) for n in tensors if n.startswith("acc.")})
+        header = pb.UpdateHeader(run_id=self.run_id, round=h.round, num_samples=num_samples, loss=0.5, steps=1,
+                                 seeds_used=[seeds[k] for k in used], num_tensors=len(tensors),
+                                 update_digest=update_digest(tensors))
+        return [pb.SubmitUpdateRequest(header=header),
+                *(pb.SubmitUpdateRequest(tensors=b) for b in tensor_batches(tensors, None, 1 << 16))]
+
+    def submit(self, msgs) -> tuple[str, str]:
+        return status(lambda: self.stub.SubmitUpdate(iter(msgs), metadata=self.md, timeout=60))
+
+    def stalled(self, first: list, stop: threading.Event) -> grpc.Future:
+        """A SubmitUpdate stream that sends ``first`` and then nothing until ``stop``."""
+        def requests():
+            yield from first
+            stop.wait(60)
+
+        return self.stub.SubmitUpdate.future(requests(), metadata=self.md, timeout=60)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def code_of(future: grpc.Future) -> str:
+    try:
+        future.result()
+        return "OK"
+    except grpc.RpcError as err:
+        return err.code().name
+
+
+@dataclass
+class World:
+    """What the rows act on and record."""
+
+    cluster: Cluster
+    attacker: Attacker
+    header: pb.RoundHeader
+    honest: list
+    notes: dict = field(default_factory=dict)
+
+
+# -- the rows: (attack, what it does -> observed status, expected statuses, what must still hold) ----
+def stalled_uploads(w: World) -> set[str]:
+    """More SubmitUpdate streams than upload slots, each stalling after a valid header, batch
+    after batch, while the honest clients (stopped until the stall saturates) train and upload."""
+    a, h = w.attacker, w.header
+    first = a.messages(h, a.update(h))[:1]
+    stop, codes, saturated = threading.Event(), set(), threading.Event()
+
+    def attack() -> None:
+        while not stop.is_set():
+            batch = [a.stalled(first, stop) for _ in range(STALLS)]
+            for f in batch:
+                code = code_of(f)
+                if not stop.is_set():  # once stopped, the streams end early: incomplete updates
+                    codes.add(code)
+                if code == "RESOURCE_EXHAUSTED":  # the turn queue is full: the stall is in place
+                    saturated.set()
+
+    thread = threading.Thread(target=attack, daemon=True)
+    thread.start()
+    wait_until(saturated.is_set, 30, "the stalled streams to fill mallory's turn queue")
+    w.notes["stall_saturated"] = time.time()
+    for p in w.honest:
+        p.popen.send_signal(signal.SIGCONT)
+    wait_until(lambda: {e["client"] for e in accepted(w.cluster, 0)} >= set(HONEST), 120,
+               "both honest updates of round 0, while mallory stalls")
+    w.notes["stall_ended"] = time.time()
+    stop.set()
+    thread.join(60)
+    return codes
+
+
+def silent_stream(w: World) -> str:
+    stop = threading.Event()
+    code = code_of(w.attacker.stalled([], stop))
+    stop.set()
+    return code
+
+
+def takeover(w: World) -> str:
+    """Join under an honest client's name: no session token for it (open enrolment); with a
+    credential, the name is only a display name and the id stays mallory's."""
+    code, _ = status(lambda: w.attacker.join(name="shard0"))
+    assert code != "OK" or w.attacker.client_id == "mallory"
+    return code
+
+
+def huge_name(w: World) -> str:
+    code, details = status(lambda: w.attacker.join(name="x" * MB))
+    assert len(details) < 300, len(details)
+    return code
+
+
+def rejoin_inflated(w: World) -> str:
+    """Join again in the middle of the round declaring 1000 x more samples, with a 1 MB
+    software_version; the round's weight was frozen when mallory was selected."""
+    return status(lambda: w.attacker.join(num_samples=DECLARED * 1000, version="v" * MB))[0]
+
+
+def huge_run_id(w: World) -> str:
+    code, details = status(lambda: w.attacker.poll(wait=0, run_id="r" * MB))
+    assert len(details) < 300, len(details)
+    return code
+
+
+def inflated_header(w: World) -> str:
+    a, h = w.attacker, w.header
+    return a.submit(a.messages(h, a.update(h), num_samples=DECLARED * 1000))[0]
+
+
+def stray_seed(w: World) -> str:
+    a, h = w.attacker, w.header
+    code, details = a.submit(a.messages(h, a.update(h, stray=True)))
+    assert "did not draw" in details, details
+    return code
+
+
+def huge_values(w: World) -> str:
+    a, h = w.attacker, w.header
+    code, details = a.submit(a.messages(h, a.update(h, value=1e38)))
+    assert "exceeds server.max_update_norm" in details, details
+    return code
+
+
+def valid_update(w: World) -> str:
+    a, h = w.attacker, w.header
+    return a.submit(a.messages(h, a.update(h)))[0]
+
+
+def join_flood(w: World) -> dict[str, int]:
+    """1000 Joins from one address within seconds (open enrolment: 1000 names)."""
+    a, counts = w.attacker, {}
+    for i in range(1000):
+        request = pb.JoinRequest(name=f"flood-{i}" if a.creds.mode == "open" else a.name, num_samples=10)
+        code, _ = status(lambda: a.stub.Join(request, metadata=a.md, timeout=20))
+        counts[code] = counts.get(code, 0) + 1
+    return counts
+
+
+def huge_leave_reason(w: World) -> str:
+    a = w.attacker
+    return status(lambda: a.stub.Leave(pb.LeaveRequest(run_id=a.run_id, reason="r" * MB), metadata=a.md, timeout=20))[0]
+
+
+@dataclass
+class Attack:
+    name: str
+    run: Callable[[World], object]
+    expect: Callable[[object, str], bool]
+    holds: str
+
+
+def one_of(*codes: str) -> Callable[[object, str], bool]:
+    return lambda got, mode: got in codes
+
+
+ATTACKS = [
+    Attack("stalled uploads (6 streams > 2 slots)", stalled_uploads,
+           lambda got, mode: got == {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"},
+           "honest uploads accepted while the stall held"),
+    Attack("stream that never sends a message", silent_stream, one_of("DEADLINE_EXCEEDED"), "slot freed"),
+    Attack("Join under an honest client's name", takeover,
+           lambda got, mode: got == ("ALREADY_EXISTS" if mode == "open" else "OK"), "no takeover"),
+    Attack("Join with a 1 MB name", huge_name, one_of("INVALID_ARGUMENT"), "details < 300 chars"),
+    Attack("re-join mid-round declaring 1000x samples, 1 MB version", rejoin_inflated, one_of("OK"),
+           "round weight unchanged"),
+    Attack("StartRound with a 1 MB run id", huge_run_id, one_of("FAILED_PRECONDITION"), "details < 300 chars"),
+    Attack("update header claiming 1000x its declared samples", inflated_header, one_of("INVALID_ARGUMENT"),
+           "nothing folded"),
+    Attack("accumulator of a seed index not drawn", stray_seed, one_of("INVALID_ARGUMENT"), "nothing folded"),
+    Attack("update of 1e38-valued tensors", huge_values, one_of("INVALID_ARGUMENT"), "nothing folded"),
+    Attack("mallory's own valid update", valid_update, one_of("OK"), "weight capped / pinned"),
+    Attack("1000 Joins within seconds", join_flood,
+           lambda got, mode: got.get("RESOURCE_EXHAUSTED", 0) >= 900 and got.get("OK", 0) <= 40,
+           "no flooded name selected"),
+    Attack("Leave with a 1 MB reason", huge_leave_reason, one_of("OK"), "log line bounded"),
+]
+
+
+def accepted(cluster: Cluster, round_id: int) -> list[dict]:
+    return [e for e in log_events(cluster.server.text(), "update_accepted") if e["round"] == round_id]
+
+
+def stamp(event: dict) -> float:
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_attack_table_against_a_real_server(mode, tiny_bert, shards, pki, tmp_path):
+    creds = Credentials(mode, pki)
+    out = tmp_path / "out"
+    cfg = round_config(
+        tiny_bert, out, rounds={"total": 2, "clients_per_round": 3, "min_clients": 2, "deadline_s": 120,
+                                "start_timeout_s": 120},
+        server={"max_concurrent_uploads": 2, "upload_idle_s": 2, "upload_total_s": 6, "join_burst": 8,
+                "join_rate_per_s": 2},
+        training={"client_weights": {"mallory": 1.0}} if mode == "tokens" else {},
+        security=creds.security(tmp_path))
+    cluster = Cluster(tmp_path)
+    outcomes = []
+    try:
+        cluster.start_server(write_round_yaml(tmp_path / "round.yaml", cfg))
+        honest = [cluster.start_client(shards / f"shard{i}", name, creds.client_args(name, tmp_path))
+                  for i, name in enumerate(HONEST)]
+        attacker = Attacker(creds, f"127.0.0.1:{cluster.port}", cfg)
+        attacker.join()
+        header = attacker.poll_train()  # round 0 opened: the honest clients are selected too
+        for p in honest:  # hold them until the stall is in place
+            p.popen.send_signal(signal.SIGSTOP)
+        world = World(cluster, attacker, header, honest)
+        for attack in ATTACKS:
+            got = attack.run(world)
+            outcomes.append((attack.name, got, attack.holds))
+            assert attack.expect(got, mode), (mode, attack.name, got)
+        run = finish_cluster(cluster, out, timeout=180)
+        attacker.close()
+    finally:
+        for p in cluster.clients:
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGCONT)
+        cluster.stop()
+    print(f"\n{mode}:", *(f"  {name:58} {got!s:42} {holds}" for name, got, holds in outcomes), sep="\n")
+
+    rows = run.rows
+    assert [r["round"] for r in rows] == [0, 1]
+    for r in rows:  # no honest update lost, no honest client dropped, no flooded name anywhere
+        assert set(HONEST) <= set(r["clients"]) and not set(HONEST) & set(r["dropped"]), r["round"]
+        assert not any(c.startswith("flood-") for c in r["clients"] + r["dropped"])
+    weights = {c: v["weight"] for c, v in rows[0]["per_client"].items()}
+    assert set(weights) == {*HONEST, "mallory"}
+    if mode == "tokens":  # pinned by the operator: mallory's claims do not matter
+        assert weights["mallory"] == 1.0
+    else:  # frozen at selection (the re-join changed nothing) and capped at half the round
+        assert weights["mallory"] / sum(weights.values()) <= 0.5 + 1e-9
+    # honest updates were accepted while mallory's stalled streams held its turn and a slot
+    during = [stamp(e) for e in accepted(cluster, 0) if e["client"] in HONEST]
+    assert any(world.notes["stall_saturated"] <= t <= world.notes["stall_ended"] for t in during), during
+    text = cluster.server.text()
+    assert max(len(line) for line in text.splitlines()) < 4096  # 1 MB names and reasons stay out
+    assert "rpc_failed" not in text and "UNKNOWN" not in text
