@@ -15,7 +15,9 @@ A connection costs what it carries and no more (``RelayLimits``, from ``server.*
 * a connection is *pending* until it completed a handshake round trip (the client spoke
   again after the server answered: a TLS handshake's client Finished, HTTP/2's SETTINGS
   acknowledgement). Pending connections must finish within ``handshake_timeout_s``, and
-  beyond ``max_pending_connections`` the oldest pending one is closed for the newest;
+  beyond ``max_pending_connections`` one pending connection is closed for the newest: the
+  oldest of the address holding the most, so a flood from many addresses evicts itself
+  before it evicts a client's single handshake;
 * a connection carrying no byte for ``connection_idle_s`` is closed (clients ping every 30 s).
 
 Refusals are counted (``stats``) and logged as one summary line every few seconds, never one
@@ -27,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+import socket
+import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -69,17 +73,30 @@ def fd_budget() -> int:
 @dataclass(eq=False)
 class _Conn:
     host: str
-    writer: asyncio.StreamWriter
+    sock: socket.socket
     accepted: float = field(default_factory=time.monotonic)
     last: float = field(default_factory=time.monotonic)
     pending: bool = True
     server_spoke: bool = False
+    closed: bool = False
+    writer: asyncio.StreamWriter | None = None
     upstream: asyncio.StreamWriter | None = None
 
     def abort(self) -> None:
+        """Close both sides now (a raw socket not yet handed to a transport included)."""
+        self.closed = True
+        if self.writer is None:
+            self.sock.close()
         for w in (self.writer, self.upstream):
             if w is not None:
                 w.transport.abort()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a RST: no FIN handshake, no TIME_WAIT; the descriptor is free at once."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 @dataclass
@@ -94,16 +111,41 @@ class CountingRelay:
     chunk: int = 1 << 16
     conns: dict[int, ConnCounters] = field(default_factory=dict)
     stats: Counter = field(default_factory=Counter)
-    _server: asyncio.base_events.Server | None = None
+    _sock: socket.socket | None = None
+    _acceptor: asyncio.Task | None = None
     _live: set[_Conn] = field(default_factory=set)
     _per_peer: Counter = field(default_factory=Counter)
-    _pending: dict[_Conn, None] = field(default_factory=dict)  # insertion order = accept order
+    _pending: dict[str, dict[_Conn, None]] = field(default_factory=dict)  # host -> its pending, oldest first
+    _pending_count: int = 0
     _sweeper: asyncio.Task | None = None
+    _tasks: set[asyncio.Task] = field(default_factory=set)
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, self.listen_host, self.listen_port, backlog=1024)
+        family = socket.AF_INET6 if ":" in self.listen_host else socket.AF_INET
+        self._sock = socket.create_server((self.listen_host, self.listen_port), family=family, backlog=1024)
+        self._sock.setblocking(False)
+        self._acceptor = asyncio.create_task(self._accept())
         self._sweeper = asyncio.create_task(self._sweep())
-        return self._server.sockets[0].getsockname()[1]
+        return self._sock.getsockname()[1]
+
+    async def _accept(self) -> None:
+        """Accept one connection at a time and admit it or reset it on the spot, so a refused
+        connection never holds a descriptor past its accept."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, peer = await loop.sock_accept(self._sock)
+            except OSError:  # out of descriptors (EMFILE): let closing connections free some
+                self.stats["accept_errors"] += 1
+                await asyncio.sleep(0.05)
+                continue
+            conn = self._admit(str(peer[0]), sock)
+            if conn is None:
+                _reset(sock)
+            else:
+                task = asyncio.create_task(self._handle(conn, peer))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     def lookup(self, peer: str) -> ConnCounters | None:
         """Counters for a gRPC peer string such as ``ipv4:127.0.0.1:54321``."""
@@ -116,7 +158,7 @@ class CountingRelay:
     def open_connections(self) -> int:
         return len(self._live)
 
-    def _admit(self, host: str, writer: asyncio.StreamWriter) -> _Conn | None:
+    def _admit(self, host: str, sock: socket.socket) -> _Conn | None:
         lim = self.limits
         if len(self._live) >= lim.max_connections:
             self.stats["refused_total_limit"] += 1
@@ -124,21 +166,32 @@ class CountingRelay:
         if self._per_peer[host] >= lim.max_per_peer:
             self.stats["refused_peer_limit"] += 1
             return None
-        conn = _Conn(host, writer)
+        conn = _Conn(host, sock)
         self._live.add(conn)
         self._per_peer[host] += 1
-        self._pending[conn] = None
-        if len(self._pending) > lim.max_pending:
-            oldest = next(iter(self._pending))
-            self._settle(oldest)
-            oldest.abort()
-            self.stats["evicted_pending"] += 1
+        self._pending.setdefault(host, {})[conn] = None
+        self._pending_count += 1
+        if self._pending_count > lim.max_pending:
+            heaviest = max(self._pending.values(), key=len)
+            self._drop(next(iter(heaviest)), "evicted_pending")
         return conn
+
+    def _drop(self, conn: _Conn, why: str) -> None:
+        """Close ``conn`` now and stop counting it at once (its task ends a moment later)."""
+        self._release(conn)
+        conn.abort()
+        self.stats[why] += 1
 
     def _settle(self, conn: _Conn) -> None:
         """No longer pending (through its handshake, or closed)."""
+        if not conn.pending:
+            return
         conn.pending = False
-        self._pending.pop(conn, None)
+        mine = self._pending[conn.host]
+        del mine[conn]
+        self._pending_count -= 1
+        if not mine:
+            del self._pending[conn.host]
 
     def _release(self, conn: _Conn) -> None:
         self._settle(conn)
@@ -148,21 +201,21 @@ class CountingRelay:
             if not self._per_peer[conn.host]:
                 del self._per_peer[conn.host]
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        host = str(peer[0]) if peer else "?"
-        conn = self._admit(host, writer)
-        if conn is None:
-            writer.transport.abort()
-            return
+    async def _handle(self, conn: _Conn, peer: tuple) -> None:
         try:
+            if conn.closed:  # evicted before it was served
+                return
+            reader, writer = await asyncio.open_connection(sock=conn.sock)
+            conn.writer = writer
+            if conn.closed:
+                return
             first = await reader.read(self.chunk)  # the sweeper closes it past handshake_s
-            if not first:
+            if not first or conn.closed:
                 return
             up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
             conn.upstream = up_writer
             port = up_writer.get_extra_info("sockname")[1]
-            counters = ConnCounters(client=f"{host}:{peer[1]}")
+            counters = ConnCounters(client=f"{conn.host}:{peer[1]}")
             self.conns[port] = counters
             counters.up += len(first)
             up_writer.write(first)
@@ -215,24 +268,21 @@ class CountingRelay:
         while True:
             await asyncio.sleep(min(1.0, lim.handshake_s / 4))
             now = time.monotonic()
-            for conn in [c for c in self._pending if now - c.accepted > lim.handshake_s]:
-                self._settle(conn)
-                conn.abort()
-                self.stats["handshake_timeouts"] += 1
+            for conn in [c for mine in self._pending.values() for c in mine if now - c.accepted > lim.handshake_s]:
+                self._drop(conn, "handshake_timeouts")
             for conn in [c for c in self._live if now - c.last > lim.idle_s]:
-                conn.abort()
-                self.stats["idle_closed"] += 1
+                self._drop(conn, "idle_closed")
             if self.stats != logged and now - last_log >= 5.0:
-                log.warning("connections_refused", open=len(self._live), pending=len(self._pending),
+                log.warning("connections_refused", open=len(self._live), pending=self._pending_count,
                             **{k: v - logged[k] for k, v in self.stats.items()})
                 logged, last_log = Counter(self.stats), now
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._acceptor, self._sweeper, *self._tasks):
+            if task is not None:
+                task.cancel()
         for conn in list(self._live):
             conn.abort()
-        if self._server is not None:
-            await self._server.wait_closed()
+        if self._sock is not None:
+            self._sock.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -243,9 +243,11 @@ async def assemble(upload: Upload, h: pb.UpdateHeader, spec: dict, required: set
     return tensors, asm, msg_bytes
 
 
-def server_options(s: ServerSection) -> list[tuple[str, int]]:
-    """gRPC's own limits, behind the relay (``relay.py``) or facing clients directly."""
-    return [
+def server_options(s: ServerSection, behind_relay: bool) -> list[tuple[str, int]]:
+    """gRPC's own limits, behind the relay (``relay.py``, which admits connections) or facing
+    clients directly (then gRPC caps the connections too)."""
+    cap = [] if behind_relay else [("grpc.max_allowed_incoming_connections", s.max_connections)]
+    return cap + [
         # let clients keep idle connections alive with pings, without tripping too_many_pings
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
@@ -257,7 +259,6 @@ def server_options(s: ServerSection) -> list[tuple[str, int]]:
         ("grpc.server_handshake_timeout_ms", int(s.handshake_timeout_s * 1000)),
         ("grpc.max_connection_idle_ms", int(s.connection_idle_s * 1000)),
         ("grpc.max_concurrent_streams", s.max_streams_per_connection),
-        ("grpc.max_allowed_incoming_connections", s.max_connections),
     ]
 
 
@@ -281,7 +282,8 @@ async def run_server(coord: Coordinator, listen: str | None = None, count_bytes:
         log.warning("max_connections_lowered", configured=limits.max_connections, to=budget,
                     reason="the process's file-descriptor limit")
         limits = dataclasses.replace(limits, max_connections=budget)
-    options = server_options(coord.cfg.server.model_copy(update={"max_connections": limits.max_connections}))
+    options = server_options(coord.cfg.server.model_copy(update={"max_connections": limits.max_connections}),
+                             behind_relay=count_bytes)
     server = grpc.aio.server(options=options, interceptors=[StatusInterceptor(current_client), auth])
 
     def bind(address: str) -> int:

@@ -15,6 +15,7 @@ a Leave during the same client's own long-poll, and the bound of the client tabl
 
 from __future__ import annotations
 
+import concurrent.futures
 import signal
 import threading
 import time
@@ -27,7 +28,8 @@ import grpc
 import pytest
 import torch
 
-from conftest import finish_cluster, log_events, round_config, wait_until, write_round_yaml
+from conftest import finish_cluster, log_events, metric_rows, round_config, wait_until, write_round_yaml
+from flood import PARTIAL_CLIENT_HELLO, Flood, Usage
 from pki import make_pki, server_tls, write_tokens
 from fedkrso.bench.launch import Cluster
 from fedkrso.common.config import parse_config
@@ -320,10 +322,10 @@ ATTACKS = [
            "nothing folded"),
     Attack("accumulator of a seed index not drawn", stray_seed, one_of("INVALID_ARGUMENT"), "nothing folded"),
     Attack("update of 1e38-valued tensors", huge_values, one_of("INVALID_ARGUMENT"), "nothing folded"),
-    Attack("mallory's own valid update", valid_update, one_of("OK"), "weight capped / pinned"),
     Attack("1000 Joins within seconds", join_flood,
            lambda got, mode: got.get("RESOURCE_EXHAUSTED", 0) >= 900 and got.get("OK", 0) <= 40,
            "no flooded name selected"),
+    Attack("mallory's own valid update", valid_update, one_of("OK"), "weight capped / pinned"),
     Attack("Leave with a 1 MB reason", huge_leave_reason, one_of("OK"), "log line bounded"),
 ]
 
@@ -390,3 +392,87 @@ def test_attack_table_against_a_real_server(mode, tiny_bert, shards, pki, tmp_pa
     text = cluster.server.text()
     assert max(len(line) for line in text.splitlines()) < 4096  # 1 MB names and reasons stay out
     assert "rpc_failed" not in text and "UNKNOWN" not in text
+
+
+# -- in-process: what a server process adds nothing to --------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_leave_during_the_clients_own_long_poll_ends_it_with_a_precise_status(mode, server_factory, pki, tmp_path):
+    """eve long-polls (not selected: the round waits for a second client) and leaves meanwhile:
+    her poll ends UNAUTHENTICATED saying she left, never UNKNOWN with a Python class name."""
+    creds = Credentials(mode, pki)
+    srv = server_factory(security=creds.security(tmp_path), rounds={"clients_per_round": 2, "min_clients": 2})
+    eve = Attacker(creds, srv.target, srv.cfg.model_dump(mode="json"), name="eve")
+    eve.join(num_samples=10)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        polled = pool.submit(status, lambda: eve.poll(wait=30))
+        pending = lambda: srv.coord.registry.get("eve").polled and not polled.done()  # noqa: E731
+        wait_until(pending, what="eve's long-poll to reach the server")
+        leave = status(lambda: eve.stub.Leave(pb.LeaveRequest(run_id=eve.run_id), metadata=eve.md, timeout=10))
+        assert leave == ("OK", "")
+        assert polled.result(timeout=30) == ("UNAUTHENTICATED", "client 'eve' left the run; join again to take part")
+    assert srv.alive()
+    eve.close()
+
+
+def test_client_table_is_bounded_and_forgets_who_left_first(server_factory):
+    """``server.max_clients`` entries: a new name in a full table of live clients is refused
+    (RESOURCE_EXHAUSTED); once one leaves, its entry is the one forgotten."""
+    srv = server_factory(server={"max_clients": 4, "join_burst": 100})
+    channel = grpc.insecure_channel(srv.target)
+    stub = pb_grpc.CoordinatorStub(channel)
+    tokens = {}
+    for i in range(4):
+        _, call = stub.Join.with_call(pb.JoinRequest(name=f"c{i}", num_samples=10), timeout=10)
+        tokens[f"c{i}"] = bearer(dict(call.initial_metadata())[TOKEN_HEADER])
+    code, details = status(lambda: stub.Join(pb.JoinRequest(name="c4", num_samples=10), timeout=10))
+    assert code == "RESOURCE_EXHAUSTED" and "client table is full" in details
+    stub.Leave(pb.LeaveRequest(), metadata=tokens["c2"], timeout=10)
+    assert stub.Join(pb.JoinRequest(name="c4", num_samples=10), timeout=10).client_id == "c4"
+    assert sorted(srv.coord.registry.clients) == ["c0", "c1", "c3", "c4"]
+    channel.close()
+
+
+# -- connection floods before authentication ---------------------------------------------------------
+FLOODS = [("open", b"", "idle TCP connections"), ("tokens", PARTIAL_CLIENT_HELLO, "stalled TLS handshakes")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("mode", "payload", "what"), FLOODS, ids=["idle-tcp", "stalled-tls"])
+def test_connection_flood_costs_bounded_and_honest_clients_go_on(mode, payload, what, tiny_bert, shards, pki,
+                                                                 tmp_path):
+    """Thousands of connections from 40 loopback addresses for seconds (each address up to 100
+    at once, every one the server closes opened again), with the server's default limits,
+    while two honest clients run the job and a new client joins mid-flood: the run completes
+    with every honest update, the newcomer's Join succeeds, and the server's descriptors and
+    memory stay within what the limits allow (``max_pending_connections`` x 3 descriptors)."""
+    creds = Credentials(mode, pki)
+    out = tmp_path / "out"
+    cfg = round_config(tiny_bert, out, rounds={"total": 6, "start_timeout_s": 120}, security=creds.security(tmp_path))
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_server(write_round_yaml(tmp_path / "round.yaml", cfg))
+        for i, name in enumerate(HONEST):
+            cluster.start_client(shards / f"shard{i}", name, creds.client_args(name, tmp_path))
+        wait_until(lambda: len(accepted(cluster, 0)) == 2, 120, "round 0's honest updates")
+        usage = Usage(cluster.server.popen.pid)
+        rss0, fds0 = usage.sample()
+        rows_before = len(metric_rows(out))
+        with usage, Flood(cluster.port, payload=payload) as flood:
+            wait_until(lambda: flood.attempts >= 2000, 60, "2000 flood connections")
+            newcomer = Attacker(creds, f"127.0.0.1:{cluster.port}", cfg, name="eve")
+            newcomer.join(num_samples=10)  # a new client gets in during the flood
+            flood.wait()
+            rows_during = len(metric_rows(out)) - rows_before
+        newcomer.close()
+        run = finish_cluster(cluster, out, timeout=180)
+    finally:
+        cluster.stop()
+    print(f"\nflood of {what}: {flood.attempts} connections ({flood.peak_open} open at once at most, "
+          f"{flood.closed_by_server} closed by the server); server RSS {rss0 / MB:.0f} -> peak {usage.rss_peak / MB:.0f} "
+          f"MiB, open fds {fds0} -> peak {usage.fds_peak}; rounds closed during the flood: {rows_during}")
+    assert flood.attempts >= 3000 and flood.closed_by_server >= 2000
+    assert rows_during >= 1, "the flood must overlap the run"
+    assert [r["round"] for r in run.rows] == list(range(6))
+    assert all(set(HONEST) == set(r["clients"]) and not r["dropped"] for r in run.rows)
+    assert usage.fds_peak - fds0 <= 3 * 128 + 64  # default max_pending_connections, 3 fds each at most
+    assert usage.rss_peak - rss0 < 200 * MB
