@@ -68,7 +68,7 @@ def check_join(resp: pb.JoinResponse) -> RunConfig:
     except (ValidationError, json.JSONDecodeError, ValueError) as err:
         first = err.errors()[0] if isinstance(err, ValidationError) else {"loc": (), "msg": str(err)}
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ClientError(f"the server's run configuration does not validate: {bounded(where, 60)}: "
+        raise ClientError(f"the server's run configuration does not validate at {bounded(where, 60)}: "
                           f"{bounded(first['msg'], 120)}") from None
 
 

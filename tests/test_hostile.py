@@ -4,10 +4,14 @@ The main test is a table: each row an attack an authenticated client ("mallory")
 real ``fedkrso-server`` process while two honest ``fedkrso-client`` processes run the job,
 the status the attack must get, and what must still hold. It runs once per credential mode
 (open enrolment, a tokens file over TLS, mutual TLS with the id from the certificate's CN).
+The first row is a connection flood before authentication (``tests/flood.py``: thousands of
+connections from 40 loopback addresses, idle TCP or stalled TLS handshakes) that goes on
+under the rows after it, with the server's resident memory and open descriptors sampled.
 After every row of a mode: the run completes, every honest update of every round is accepted
-(none dropped, none lost), mallory's weight stays bounded (``max_weight_share``, or pinned
-under the tokens file), no flooded name is ever selected, and the server's log holds no line
-a client inflated and no UNKNOWN or crashed handler.
+(none dropped, none lost) while the flood and the stalled uploads were on, mallory's weight
+stays bounded (``max_weight_share``, or pinned under the tokens file), no flooded name is ever
+selected, the server's descriptors and memory stay within its limits, and its log holds no
+line a client inflated and no UNKNOWN or crashed handler.
 
 Smaller in-process tests (conftest's ``InProcServer``) cover what a process adds nothing to:
 a Leave during the same client's own long-poll, and the bound of the client table.
@@ -185,13 +189,42 @@ class World:
     """What the rows act on and record."""
 
     cluster: Cluster
+    cfg: dict
     attacker: Attacker
     header: pb.RoundHeader
     honest: list
     notes: dict = field(default_factory=dict)
+    flood: Flood | None = None
+    usage: Usage | None = None
+
+    def end_flood(self) -> None:
+        if self.flood is not None:
+            self.flood.wait()
+            self.flood.__exit__(None, None, None)
+            self.usage.__exit__(None, None, None)
+            self.notes["flood_ended"] = time.time()
 
 
 # -- the rows: (attack, what it does -> observed status, expected statuses, what must still hold) ----
+def connection_flood(w: World) -> str:
+    """Thousands of connections before any authentication, from 40 loopback addresses (each
+    up to 100 at once, every one the server closes opened again) for 8 s, with the server's
+    default connection limits: idle TCP (open enrolment) or TLS handshakes stalled after the
+    first bytes (TLS modes). It runs on through the rows that follow; a new client joins
+    in the middle of it."""
+    w.usage = Usage(w.cluster.server.popen.pid)
+    w.notes["rss0"], w.notes["fds0"] = w.usage.sample()
+    payload = b"" if w.attacker.creds.mode == "open" else PARTIAL_CLIENT_HELLO
+    w.flood = Flood(w.cluster.port, payload=payload).__enter__()
+    w.usage.__enter__()
+    w.notes["flood_started"] = time.time()
+    wait_until(lambda: w.flood.attempts >= 2000, 60, "2000 flood connections")
+    newcomer = Attacker(w.attacker.creds, f"127.0.0.1:{w.cluster.port}", w.cfg, name="eve")
+    code = status(lambda: newcomer.join(num_samples=10))[0]
+    newcomer.close()
+    return code
+
+
 def stalled_uploads(w: World) -> set[str]:
     """More SubmitUpdate streams than upload slots, each stalling after a valid header, batch
     after batch, while the honest clients (stopped until the stall saturates) train and upload."""
@@ -308,6 +341,8 @@ def one_of(*codes: str) -> Callable[[object, str], bool]:
 
 
 ATTACKS = [
+    Attack("connection flood (>= 3000 from 40 addresses, 8 s)", connection_flood, one_of("OK"),
+           "a new client joins mid-flood; descriptors bounded"),
     Attack("stalled uploads (6 streams > 2 slots)", stalled_uploads,
            lambda got, mode: got == {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"},
            "honest uploads accepted while the stall held"),
@@ -361,11 +396,14 @@ def test_attack_table_against_a_real_server(mode, tiny_bert, shards, pki, tmp_pa
         header = attacker.poll_train()  # round 0 opened: the honest clients are selected too
         for p in honest:  # hold them until the stall is in place
             p.popen.send_signal(signal.SIGSTOP)
-        world = World(cluster, attacker, header, honest)
-        for attack in ATTACKS:
-            got = attack.run(world)
-            outcomes.append((attack.name, got, attack.holds))
-            assert attack.expect(got, mode), (mode, attack.name, got)
+        world = World(cluster, cfg, attacker, header, honest)
+        try:
+            for attack in ATTACKS:
+                got = attack.run(world)
+                outcomes.append((attack.name, got, attack.holds))
+                assert attack.expect(got, mode), (mode, attack.name, got)
+        finally:
+            world.end_flood()
         run = finish_cluster(cluster, out, timeout=180)
         attacker.close()
     finally:
@@ -373,7 +411,11 @@ def test_attack_table_against_a_real_server(mode, tiny_bert, shards, pki, tmp_pa
             if p.popen.poll() is None:
                 p.popen.send_signal(signal.SIGCONT)
         cluster.stop()
+    flood, usage, notes = world.flood, world.usage, world.notes
     print(f"\n{mode}:", *(f"  {name:58} {got!s:42} {holds}" for name, got, holds in outcomes), sep="\n")
+    print(f"  flood: {flood.attempts} connections, {flood.peak_open} open at once at most, {flood.closed_by_server} "
+          f"closed by the server; server RSS {notes['rss0'] / MB:.0f} -> peak {usage.rss_peak / MB:.0f} MiB, open "
+          f"fds {notes['fds0']} -> peak {usage.fds_peak}")
 
     rows = run.rows
     assert [r["round"] for r in rows] == [0, 1]
@@ -386,9 +428,15 @@ def test_attack_table_against_a_real_server(mode, tiny_bert, shards, pki, tmp_pa
         assert weights["mallory"] == 1.0
     else:  # frozen at selection (the re-join changed nothing) and capped at half the round
         assert weights["mallory"] / sum(weights.values()) <= 0.5 + 1e-9
-    # honest updates were accepted while mallory's stalled streams held its turn and a slot
+    # honest updates were accepted while mallory's stalled streams held its turn and a slot, and
+    # while the flood ran, whose cost the default limits bound: max_pending_connections (128)
+    # connections of at most 3 descriptors each, a few MB of memory
     during = [stamp(e) for e in accepted(cluster, 0) if e["client"] in HONEST]
-    assert any(world.notes["stall_saturated"] <= t <= world.notes["stall_ended"] for t in during), during
+    assert any(notes["stall_saturated"] <= t <= notes["stall_ended"] for t in during), during
+    assert any(notes["flood_started"] <= t <= notes["flood_ended"] for t in during), during
+    assert flood.attempts >= 3000 and flood.closed_by_server >= 2000
+    assert usage.fds_peak - notes["fds0"] <= 3 * 128 + 64
+    assert usage.rss_peak - notes["rss0"] < 200 * MB
     text = cluster.server.text()
     assert max(len(line) for line in text.splitlines()) < 4096  # 1 MB names and reasons stay out
     assert "rpc_failed" not in text and "UNKNOWN" not in text
@@ -430,49 +478,3 @@ def test_client_table_is_bounded_and_forgets_who_left_first(server_factory):
     assert stub.Join(pb.JoinRequest(name="c4", num_samples=10), timeout=10).client_id == "c4"
     assert sorted(srv.coord.registry.clients) == ["c0", "c1", "c3", "c4"]
     channel.close()
-
-
-# -- connection floods before authentication ---------------------------------------------------------
-FLOODS = [("open", b"", "idle TCP connections"), ("tokens", PARTIAL_CLIENT_HELLO, "stalled TLS handshakes")]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("mode", "payload", "what"), FLOODS, ids=["idle-tcp", "stalled-tls"])
-def test_connection_flood_costs_bounded_and_honest_clients_go_on(mode, payload, what, tiny_bert, shards, pki,
-                                                                 tmp_path):
-    """Thousands of connections from 40 loopback addresses for seconds (each address up to 100
-    at once, every one the server closes opened again), with the server's default limits,
-    while two honest clients run the job and a new client joins mid-flood: the run completes
-    with every honest update, the newcomer's Join succeeds, and the server's descriptors and
-    memory stay within what the limits allow (``max_pending_connections`` x 3 descriptors)."""
-    creds = Credentials(mode, pki)
-    out = tmp_path / "out"
-    cfg = round_config(tiny_bert, out, rounds={"total": 6, "start_timeout_s": 120}, security=creds.security(tmp_path))
-    cluster = Cluster(tmp_path)
-    try:
-        cluster.start_server(write_round_yaml(tmp_path / "round.yaml", cfg))
-        for i, name in enumerate(HONEST):
-            cluster.start_client(shards / f"shard{i}", name, creds.client_args(name, tmp_path))
-        wait_until(lambda: len(accepted(cluster, 0)) == 2, 120, "round 0's honest updates")
-        usage = Usage(cluster.server.popen.pid)
-        rss0, fds0 = usage.sample()
-        rows_before = len(metric_rows(out))
-        with usage, Flood(cluster.port, payload=payload) as flood:
-            wait_until(lambda: flood.attempts >= 2000, 60, "2000 flood connections")
-            newcomer = Attacker(creds, f"127.0.0.1:{cluster.port}", cfg, name="eve")
-            newcomer.join(num_samples=10)  # a new client gets in during the flood
-            flood.wait()
-            rows_during = len(metric_rows(out)) - rows_before
-        newcomer.close()
-        run = finish_cluster(cluster, out, timeout=180)
-    finally:
-        cluster.stop()
-    print(f"\nflood of {what}: {flood.attempts} connections ({flood.peak_open} open at once at most, "
-          f"{flood.closed_by_server} closed by the server); server RSS {rss0 / MB:.0f} -> peak {usage.rss_peak / MB:.0f} "
-          f"MiB, open fds {fds0} -> peak {usage.fds_peak}; rounds closed during the flood: {rows_during}")
-    assert flood.attempts >= 3000 and flood.closed_by_server >= 2000
-    assert rows_during >= 1, "the flood must overlap the run"
-    assert [r["round"] for r in run.rows] == list(range(6))
-    assert all(set(HONEST) == set(r["clients"]) and not r["dropped"] for r in run.rows)
-    assert usage.fds_peak - fds0 <= 3 * 128 + 64  # default max_pending_connections, 3 fds each at most
-    assert usage.rss_peak - rss0 < 200 * MB
