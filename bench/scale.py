@@ -43,7 +43,9 @@ def write_config(path: Path, model: Path, out: Path, n: int, rounds: int, method
         "method": method,
         "rounds": {"total": rounds, "clients_per_round": n, "min_clients": n, "deadline_s": 300,
                    "start_timeout_s": 300},
-        "server": {"listen": "127.0.0.1:0"},
+        # every client of the pool comes from one address: lift the per-address limits to N
+        "server": {"listen": "127.0.0.1:0", "max_connections_per_peer": n + 16, "join_burst": n,
+                   "max_connections": max(1024, 2 * n)},
     }
     path.write_text(yaml.safe_dump(cfg))
     return path

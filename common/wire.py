@@ -15,8 +15,9 @@ import torch
 
 from fedkrso.v1 import tensor_pb2
 
+from .logs import bounded
 from .subspace import fingerprint
-from .tensors import CodecError, decode, element_size, encode
+from .tensors import MAX_DIMS, CodecError, decode, element_size, encode
 
 class WireError(ValueError):
     """A tensor stream that does not match what was expected."""
@@ -85,36 +86,39 @@ class TensorAssembler:
 
     def _add_chunk(self, chunk: tensor_pb2.TensorChunk) -> None:
         name = chunk.name
+        label = bounded(name)  # names and dtypes come from the other side: bounded in messages
         if chunk.offset == 0:
             if name in self._meta:
-                raise WireError(f"tensor {name!r} sent twice")
+                raise WireError(f"tensor {label} sent twice")
+            if len(chunk.shape) > MAX_DIMS:
+                raise WireError(f"tensor {label} has {len(chunk.shape)} dimensions (at most {MAX_DIMS})")
             shape = tuple(int(s) for s in chunk.shape)
             if self.spec is not None:
                 if name not in self.spec:
-                    raise WireError(f"unexpected tensor {name!r}")
+                    raise WireError(f"unexpected tensor {label}")
                 if shape != tuple(self.spec[name]):
-                    raise WireError(f"tensor {name!r} has shape {list(shape)}, expected {list(self.spec[name])}")
+                    raise WireError(f"tensor {label} has shape {list(shape)}, expected {list(self.spec[name])}")
             if self.dtype is not None and chunk.dtype != self.dtype:
-                raise WireError(f"tensor {name!r} has dtype {chunk.dtype!r}, expected {self.dtype!r}")
+                raise WireError(f"tensor {label} has dtype {bounded(chunk.dtype, 20)}, expected {self.dtype!r}")
             try:
                 itemsize = element_size(chunk.dtype)
             except KeyError:
-                raise WireError(f"tensor {name!r} has unknown dtype {chunk.dtype!r}") from None
+                raise WireError(f"tensor {label} has unknown dtype {bounded(chunk.dtype, 20)}") from None
             if any(s < 0 for s in shape):
-                raise WireError(f"tensor {name!r} has a negative dimension")
+                raise WireError(f"tensor {label} has a negative dimension")
             numel = 1
             for s in shape:
                 numel *= s
             self._meta[name] = (chunk.dtype, shape, numel * itemsize)
             self._parts[name] = bytearray()
         elif name not in self._meta:
-            raise WireError(f"chunk of {name!r} at offset {chunk.offset} before its first chunk")
+            raise WireError(f"chunk of {label} at offset {chunk.offset} before its first chunk")
         _, _, size = self._meta[name]
         buf = self._parts[name]
         if chunk.offset != len(buf):
-            raise WireError(f"tensor {name!r}: chunk offset {chunk.offset}, expected {len(buf)}")
+            raise WireError(f"tensor {label}: chunk offset {chunk.offset}, expected {len(buf)}")
         if len(buf) + len(chunk.data) > size:
-            raise WireError(f"tensor {name!r}: more bytes than its shape holds ({size})")
+            raise WireError(f"tensor {label}: more bytes than its shape holds ({size})")
         if self.payload_bytes + len(chunk.data) > self.max_bytes:
             raise WireError(f"stream exceeds the {self.max_bytes}-byte limit")
         buf += chunk.data

@@ -87,6 +87,14 @@ class SessionAuth:
     def lookup(self, token: str) -> str | None:
         return self._ids.get(token)
 
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def retain(self, client_ids) -> None:
+        """Forget the sessions of every id not in ``client_ids`` (the client table forgot them)."""
+        for client_id in [c for c in self._tokens if c not in client_ids]:
+            self.revoke(client_id)
+
     def revoke(self, client_id: str) -> None:
         """End ``client_id``'s session (it left): its token no longer authenticates."""
         token = self._tokens.pop(client_id, None)

@@ -20,9 +20,7 @@ import asyncio
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import structlog
 import torch
@@ -38,7 +36,7 @@ from .metrics import MetricsWriter, round_row
 from .intake import UpdateIntake
 from .registry import ClientRegistry
 from .results import ServerEvaluator, save_final
-from .rounds import RoundDelta, RoundError, RoundState
+from .rounds import Assignment, RoundDelta, RoundError, RoundState
 from .state import RunStore, SavedRun, StateError, move_aside, restore_round
 from .weights import RoundWeights
 
@@ -54,22 +52,6 @@ def run_identity(cfg: RunConfig) -> str:
                                                      "server": TRANSPORT_FIELDS})
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
     return f"{cfg.run.name}-{digest}"
-
-
-@dataclass
-class Assignment:
-    """What a polling client is told: train the open round, or the run is over; in both cases
-    how to reach the target state first (deltas, a snapshot, or nothing)."""
-
-    status: Literal["train", "finished"]
-    round: int
-    target_round: int
-    state_fingerprint: str
-    catch_up: Literal["none", "deltas", "snapshot"]
-    deltas: list[RoundDelta] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
-    plan_fingerprint: str = ""
-    deadline_unix: float = 0.0
 
 
 class Coordinator:

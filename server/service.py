@@ -34,10 +34,10 @@ from ..common.tensors import element_size
 from ..common.wire import TensorAssembler, WireError, update_digest
 from .admission import JoinLimiter, peer_host
 from .auth import AuthInterceptor, current_client, server_credentials
-from .coordinator import Assignment, Coordinator
+from .coordinator import Coordinator
 from .messages import DeltaEncodings, assignment_messages, snapshot_messages
 from .relay import CountingRelay, RelayLimits, fd_budget
-from .rounds import RoundError, UpdateReport
+from .rounds import Assignment, RoundError, UpdateReport
 from .statuses import StatusInterceptor
 from .uploads import Upload, UploadGate
 
@@ -99,7 +99,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         await self.coord.join(client_id or name, name, int(request.num_samples), request.software_version)
         if client_id is None:
             client_id = name
-            await context.send_initial_metadata(((TOKEN_HEADER, self.auth.sessions.enrol(name)),))
+            sessions = self.auth.sessions
+            await context.send_initial_metadata(((TOKEN_HEADER, sessions.enrol(name)),))
+            if len(sessions) > len(self.coord.registry.clients):  # some were forgotten: so are their sessions
+                sessions.retain(self.coord.registry.clients)
         return pb.JoinResponse(
             client_id=client_id,
             run_id=self.coord.run_id,

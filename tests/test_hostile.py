@@ -32,7 +32,7 @@ import grpc
 import pytest
 import torch
 
-from conftest import finish_cluster, log_events, metric_rows, round_config, wait_until, write_round_yaml
+from conftest import finish_cluster, log_events, round_config, wait_until, write_round_yaml
 from flood import PARTIAL_CLIENT_HELLO, Flood, Usage
 from pki import make_pki, server_tls, write_tokens
 from fedkrso.bench.launch import Cluster

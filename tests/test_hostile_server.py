@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest

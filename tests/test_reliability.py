@@ -10,7 +10,6 @@ update is still accepted and the round closes.
 from __future__ import annotations
 
 import concurrent.futures
-import math
 import random
 import signal
 import threading
