@@ -113,7 +113,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         )
 
     async def StartRound(self, request: pb.StartRoundRequest, context) -> AsyncIterator[pb.StartRoundResponse]:
-        client_id = self._client(polling=True)
+        client_id = self._client()
         self._check_run(request.run_id)
         coord = self.coord
         wait = 0.0 if math.isnan(request.wait_seconds) else request.wait_seconds  # NaN stalled the loop

@@ -20,6 +20,7 @@ a Leave during the same client's own long-poll, and the bound of the client tabl
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import signal
 import threading
 import time
@@ -152,14 +153,15 @@ class Attacker:
             allowed |= {n for n in spec if n.startswith(f"acc.{k}.")}
         return {n: torch.full(s, value) for n, s in spec.items() if n in allowed}
 
-    def messages(self, h: pb.RoundHeader, tensors, num_samples: int = DECLARED) -> list[pb.SubmitUpdateRequest]:
+    def messages(self, h: pb.RoundHeader, tensors, num_samples: int = DECLARED,
+                 chunk: int = 1 << 16) -> list[pb.SubmitUpdateRequest]:
         seeds = list(h.seeds)
         used = sorted({int(n.split(".")[1]) for n in tensors if n.startswith("acc.")})
         header = pb.UpdateHeader(run_id=self.run_id, round=h.round, num_samples=num_samples, loss=0.5, steps=1,
                                  seeds_used=[seeds[k] for k in used], num_tensors=len(tensors),
                                  update_digest=update_digest(tensors))
         return [pb.SubmitUpdateRequest(header=header),
-                *(pb.SubmitUpdateRequest(tensors=b) for b in tensor_batches(tensors, None, 1 << 16))]
+                *(pb.SubmitUpdateRequest(tensors=b) for b in tensor_batches(tensors, None, chunk))]
 
     def submit(self, msgs) -> tuple[str, str]:
         return status(lambda: self.stub.SubmitUpdate(iter(msgs), metadata=self.md, timeout=60))
@@ -478,3 +480,54 @@ def test_client_table_is_bounded_and_forgets_who_left_first(server_factory):
     assert stub.Join(pb.JoinRequest(name="c4", num_samples=10), timeout=10).client_id == "c4"
     assert sorted(srv.coord.registry.clients) == ["c0", "c1", "c3", "c4"]
     channel.close()
+
+
+def test_trickling_upload_is_cut_at_its_total_time_and_frees_the_only_slot(server_factory):
+    """With one upload slot, mallory trickles a valid update (a message every 0.4 s: never
+    idle for ``upload_idle_s``) past ``upload_total_s``; bob's upload, waiting for the slot
+    meanwhile, is accepted once mallory's stream is cut."""
+    srv = server_factory(server={"max_concurrent_uploads": 1, "upload_idle_s": 1, "upload_total_s": 3,
+                                 "max_chunk_bytes": 1024})
+    cfg = srv.cfg.model_dump(mode="json")
+    mallory, bob = (Attacker(Credentials("open", Path()), srv.target, cfg, name) for name in ("mallory", "bob"))
+    for c in (mallory, bob):
+        c.join(num_samples=10)
+        c.poll(wait=0)
+    hm, hb = mallory.poll_train(), bob.poll_train()
+    slow = mallory.messages(hm, mallory.update(hm), num_samples=10, chunk=512)
+    assert len(slow) * 0.4 > 3 * 1.5, "the trickle must outlast upload_total_s"
+    sent = threading.Event()
+
+    def trickle():
+        for i, m in enumerate(slow):
+            if i == 1:
+                sent.set()  # the header went through: mallory holds its turn and the slot
+            yield m
+            time.sleep(0.4)  # the attack's pace, not a synchronisation
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        cut = pool.submit(status, lambda: mallory.stub.SubmitUpdate(trickle(), metadata=mallory.md, timeout=30))
+        assert sent.wait(10)
+        assert bob.submit(bob.messages(hb, bob.update(hb), num_samples=10)) == ("OK", "")
+        code, details = cut.result(timeout=30)
+    assert code == "DEADLINE_EXCEEDED" and "server.upload_total_s=3" in details, details
+    assert set(srv.coord.current.submissions) == {"bob"}
+    for c in (mallory, bob):
+        c.close()
+
+
+def test_weights_are_frozen_capped_and_pinned():
+    """``share_cap`` water-fills: no weight above the share of the total; below 1/n every
+    client counts the same. ``frozen`` takes a pin first, then the samples cap."""
+    from fedkrso.common.config import TrainingSection
+    from fedkrso.server.weights import RoundWeights, share_cap
+
+    assert share_cap([40, 40], 0.5) == math.inf  # already within: golden runs are unchanged
+    assert share_cap([10, 30], 0.5) == 10
+    cap = share_cap([1, 1, 1, 100], 0.5)
+    assert cap == 3 and cap / (3 + cap) == 0.5
+    assert share_cap([5, 7, 9], 0.2) == 5  # 3 clients cannot each hold at most 20 %: all equal
+    assert share_cap([5, 1e12], None) == math.inf
+    w = RoundWeights(TrainingSection(max_samples_per_client=100, client_weights={"pinned": 2.5}))
+    assert (w.frozen("a", 50), w.frozen("b", 10**9), w.frozen("pinned", 10**9)) == (50, 100, 2.5)
+    assert RoundWeights(TrainingSection(weighting="uniform")).frozen("a", 10**9) == 1.0
