@@ -181,7 +181,7 @@ class Coordinator:
         give_up = time.monotonic() + r.start_timeout_s
         with progress(total=r.clients_per_round, desc="clients joined", unit="client") as bar:
             while True:
-                n = len(self.registry.live())
+                n = len(self.registry.selectable())
                 bar.update(min(n, bar.total) - bar.n)
                 if n >= r.clients_per_round or (n >= r.min_clients and time.monotonic() >= give_up):
                     return
@@ -191,8 +191,8 @@ class Coordinator:
 
     async def _run_round(self, t: int) -> None:
         r = self.cfg.rounds
-        while len(self.registry.live()) < r.min_clients:
-            log.warning("round_waiting_for_quorum", round=t, live=len(self.registry.live()))
+        while len(self.registry.selectable()) < r.min_clients:
+            log.warning("round_waiting_for_quorum", round=t, live=len(self.registry.selectable()))
             await self.wait_change(5.0)
         seeds = self.method.round_seeds(t)
         plan_fp = await asyncio.to_thread(self.method.plan_fingerprint, self.model, seeds)

@@ -102,15 +102,18 @@ class ClientRegistry:
         return c is not None and c.active and c.last_seen >= time.monotonic() - self.liveness_s
 
     def live(self) -> list[str]:
-        """Active clients that asked for work and were heard from within ``liveness_s``, by id."""
+        """Active clients heard from within ``liveness_s``, by id."""
         horizon = time.monotonic() - self.liveness_s
-        return sorted(c.client_id for c in self.clients.values()
-                      if c.active and c.polled and c.last_seen >= horizon)
+        return sorted(c.client_id for c in self.clients.values() if c.active and c.last_seen >= horizon)
+
+    def selectable(self) -> list[str]:
+        """Live clients that asked for work: the ones a round may select and count on."""
+        return [c for c in self.live() if self.clients[c].polled]
 
     def select(self, round_id: int, exclude: set[str], n: int) -> list[str]:
-        """Up to ``n`` live clients not in ``exclude``: a sample seeded by (run seed, round,
-        how many are excluded), so a replacement draw differs from the first one."""
-        pool = [c for c in self.live() if c not in exclude]
+        """Up to ``n`` selectable clients not in ``exclude``: a sample seeded by (run seed,
+        round, how many are excluded), so a replacement draw differs from the first one."""
+        pool = [c for c in self.selectable() if c not in exclude]
         rng = random.Random(stable_seed("select", self.run_seed, round_id, len(exclude)))
         return sorted(rng.sample(pool, min(n, len(pool))))
 

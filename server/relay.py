@@ -9,7 +9,8 @@ relay forwards the encrypted bytes, which are the bytes on the wire.
 A connection costs what it carries and no more (``RelayLimits``, from ``server.*``):
 
 * at most ``max_connections`` at once and ``max_connections_per_peer`` from one IP address;
-  more are closed as soon as they are accepted (no upstream, no buffer);
+  more are reset as soon as they are accepted (the relay accepts one connection at a time,
+  so a refused one never holds a descriptor past its accept);
 * the upstream connection is opened only when the client sends its first bytes, so an idle
   TCP connection costs one socket, not three;
 * a connection is *pending* until it completed a handshake round trip (the client spoke
@@ -153,10 +154,6 @@ class CountingRelay:
             return self.conns.get(int(peer.rsplit(":", 1)[1]))
         except (ValueError, IndexError):
             return None
-
-    @property
-    def open_connections(self) -> int:
-        return len(self._live)
 
     def _admit(self, host: str, sock: socket.socket) -> _Conn | None:
         lim = self.limits

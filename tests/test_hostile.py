@@ -432,12 +432,13 @@ def test_attack_table_against_a_real_server(mode, tiny_bert, shards, pki, tmp_pa
         assert weights["mallory"] / sum(weights.values()) <= 0.5 + 1e-9
     # honest updates were accepted while mallory's stalled streams held its turn and a slot, and
     # while the flood ran, whose cost the default limits bound: max_pending_connections (128)
-    # connections of at most 3 descriptors each, a few MB of memory
+    # connections of at most 3 descriptors each (plus the ones gRPC has yet to close), a few
+    # tens of MB of memory
     during = [stamp(e) for e in accepted(cluster, 0) if e["client"] in HONEST]
     assert any(notes["stall_saturated"] <= t <= notes["stall_ended"] for t in during), during
     assert any(notes["flood_started"] <= t <= notes["flood_ended"] for t in during), during
     assert flood.attempts >= 3000 and flood.closed_by_server >= 2000
-    assert usage.fds_peak - notes["fds0"] <= 3 * 128 + 64
+    assert usage.fds_peak - notes["fds0"] <= 3 * 128 + 192  # + honest connections, gRPC's closes in flight
     assert usage.rss_peak - notes["rss0"] < 200 * MB
     text = cluster.server.text()
     assert max(len(line) for line in text.splitlines()) < 4096  # 1 MB names and reasons stay out
