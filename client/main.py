@@ -1,7 +1,8 @@
 """``fedkrso-client --server host:50051 --data shard3``: one federated client process.
 
 Exit codes: 0 run finished, 2 missing file or bad flags, 3 refused to go on (different base
-model, inconsistent state), 4 an RPC failed for good or the server refused the credential.
+model, inconsistent state, a server that breaks the protocol: client/streams.py), 4 an RPC
+failed for good or the server refused the credential.
 """
 
 from __future__ import annotations
