@@ -1,4 +1,6 @@
-"""Evaluation of a model on a saved split: loss and accuracy, or perplexity for a causal LM.
+"""Evaluation of a model on a saved split: loss plus the task's metrics (``common/metrics.py``:
+accuracy, F1, Matthews correlation for classification; Pearson and Spearman for regression),
+or perplexity for a causal LM.
 
 The loss is recomputed here with ``reduction="sum"`` instead of read from ``model(...).loss``
 (a per-batch mean), so the reported mean is exact however the rows fall into batches: per
@@ -10,32 +12,32 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
 
 from .data import encode
+from .metrics import classification_metrics, regression_metrics
 from .models import Task
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def _sums(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> tuple[float, int, int]:
-    """(summed loss, loss terms, correct predictions) of one batch."""
+def _loss(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> tuple[float, int]:
+    """(summed loss, loss terms) of one batch."""
     logits = logits.float()
     if task == "causal-lm":
-        # Token t predicts token t+1; padding was set to -100 and is ignored.
+        # Token t predicts token t+1; padding (and any prompt) was set to -100 and is ignored.
         target = labels[:, 1:]
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(),
                                ignore_index=-100, reduction="sum")
-        return loss.item(), int((target != -100).sum()), 0
+        return loss.item(), int((target != -100).sum())
     if labels.is_floating_point():
-        loss = F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")
-        return loss.item(), len(labels), 0
-    loss = F.cross_entropy(logits, labels, reduction="sum")
-    return loss.item(), len(labels), int((logits.argmax(-1) == labels).sum())
+        return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum").item(), len(labels)
+    return F.cross_entropy(logits, labels, reduction="sum").item(), len(labels)
 
 
 def evaluate(
@@ -49,27 +51,34 @@ def evaluate(
 ) -> dict[str, float]:
     """Metrics of ``model`` on the first ``max_examples`` rows of ``dataset``, in order.
 
-    Returns ``eval_loss`` (mean per example, or per token for a causal LM), ``eval_examples``,
-    and ``eval_accuracy`` for classification or ``eval_perplexity`` (exp of the token loss)
-    plus ``eval_tokens`` for a causal LM. Regression reports the mean squared error as loss.
-    The model's train/eval mode is restored afterwards."""
+    Returns ``eval_loss`` (mean per example, or per token for a causal LM) and
+    ``eval_examples``; for classification ``eval_accuracy``, ``eval_mcc`` and, with two
+    classes, ``eval_f1``; for regression (loss: mean squared error) ``eval_pearson`` and
+    ``eval_spearman``; for a causal LM ``eval_perplexity`` (exp of the token loss) and
+    ``eval_tokens``. The model's train/eval mode is restored afterwards."""
     n = len(dataset) if max_examples is None else min(max_examples, len(dataset))
     if n == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, terms, correct, regression = 0.0, 0, 0, False
+    total, terms = 0.0, 0
+    predictions: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
     try:
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 batch = encode(dataset[start : min(start + batch_size, n)], tokenizer, task,
                                max_length)
                 labels = batch.pop("labels").to(device)
-                regression = labels.is_floating_point()
                 logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-                loss, count, right = _sums(logits, labels, task)
-                total, terms, correct = total + loss, terms + count, correct + right
+                loss, count = _loss(logits, labels, task)
+                total, terms = total + loss, terms + count
+                if task != "causal-lm":
+                    regression = labels.is_floating_point()
+                    pred = logits.float().squeeze(-1) if regression else logits.argmax(-1)
+                    predictions.append(pred.cpu().numpy())
+                    targets.append(labels.cpu().numpy())
     finally:
         model.train(was_training)
     mean = total / max(terms, 1)
@@ -77,6 +86,11 @@ def evaluate(
     if task == "causal-lm":
         metrics["eval_perplexity"] = math.exp(mean) if mean < 709 else math.inf  # exp overflows
         metrics["eval_tokens"] = terms
-    elif not regression:
-        metrics["eval_accuracy"] = correct / n
+        return metrics
+    pred, gold = np.concatenate(predictions), np.concatenate(targets)
+    if np.issubdtype(gold.dtype, np.floating):
+        scores = regression_metrics(pred, gold)
+    else:
+        scores = classification_metrics(pred, gold, num_labels=logits.shape[-1])
+    metrics.update({f"eval_{k}": v for k, v in scores.items()})
     return metrics

@@ -241,15 +241,17 @@ class Coordinator:
         await self._close_round(rs)
 
     def _replace_silent(self, rs: RoundState) -> None:
-        """Deadline passed without quorum: drop the silent, select others, extend."""
-        silent = rs.selected - set(rs.submissions)
-        rs.selected -= silent
-        rs.dropped |= silent
-        room = self.cfg.rounds.clients_per_round - len(rs.selected)
+        """Deadline passed without quorum: replace the silent by fresh live clients where there
+        are any and extend. A silent client with no replacement stays selected: dropping it
+        would leave the round nobody to wait for (a slow start is not a death)."""
+        silent = self.registry.by_staleness(rs.selected - set(rs.submissions))
+        room = self.cfg.rounds.clients_per_round - len(rs.submissions)
         fresh = self.registry.select(rs.round, rs.selected | rs.dropped, room)
-        rs.selected |= set(fresh)
+        dropped = silent[:len(fresh)]  # the longest unheard first
+        rs.selected = (rs.selected - set(dropped)) | set(fresh)
+        rs.dropped |= set(dropped)
         rs.deadline = time.monotonic() + self.cfg.rounds.deadline_s
-        log.warning("round_extended", round=rs.round, dropped=sorted(silent), added=fresh,
+        log.warning("round_extended", round=rs.round, dropped=dropped, added=fresh,
                     submitted=len(rs.submissions))
 
     async def _close_round(self, rs: RoundState) -> None:

@@ -75,6 +75,10 @@ class ClientRegistry:
         rng = random.Random(stable_seed("select", self.run_seed, round_id, len(exclude)))
         return sorted(rng.sample(pool, min(n, len(pool))))
 
+    def by_staleness(self, ids: set[str]) -> list[str]:
+        """``ids``, the longest unheard from first (unknown ids first of all)."""
+        return sorted(ids, key=lambda c: (self.clients[c].last_seen if c in self.clients else -1.0, c))
+
     def mark_finished(self, client_id: str) -> None:
         client = self.clients.get(client_id)
         if client:

@@ -690,3 +690,23 @@ def test_late_joiner_catches_up_to_final_state(tmp_path, tiny_bert, shards):
     report = run.reports["shard2"]  # holds the final state, like shard0 and shard1 (finish_cluster)
     assert report["have_round"] == 8
     assert report["snapshots"] >= 1  # it joined 2+ rounds behind, past the one delta kept
+
+
+def test_a_silent_client_is_replaced_at_the_deadline_and_kept_when_nobody_can_replace_it(server_factory):
+    """Past the deadline without quorum the coordinator swaps a silent client for a fresh live
+    one (the longest unheard first); with nobody to swap in it keeps waiting for the silent
+    one instead of dropping it (dropping it would leave the round nobody to wait for)."""
+    srv = server_factory(rounds={"total": 2, "clients_per_round": 2, "min_clients": 2, "deadline_s": 1.5})
+    a, b = Fake(srv, "alice"), Fake(srv, "bob")
+    header = a.wait_train()  # alice is heard from; bob never polls
+    rs = srv.coord.current
+    first_deadline = rs.deadline
+    wait_until(lambda: rs.deadline > first_deadline, 20, "the deadline to pass and extend the round")
+    assert rs.selected == {"alice", "bob"} and not rs.dropped  # nobody to replace them: both kept
+    carol = Fake(srv, "carol")
+    wait_until(lambda: "carol" in rs.selected, 20, "carol to replace a silent client")
+    assert rs.dropped == {"bob"} and rs.selected == {"alice", "carol"}
+    row = complete_round(srv, [a, carol], {"alice": header, "carol": carol.wait_train()})
+    assert row["clients"] == ["alice", "carol"] and row["dropped"] == ["bob"]
+    for f in (a, b, carol):
+        f.close()

@@ -102,6 +102,7 @@ class GlueTask:
     hub_text: str = "sentence"
     hub_pair: str | None = None
     hub_dev: str = "validation"
+    metric: str = "accuracy"  # what GLUE reports for the task (common/metrics.py)
 
     @property
     def kind(self) -> Literal["classification", "regression"]:
@@ -111,11 +112,11 @@ class GlueTask:
 
 _PAIR = {"hub_text": "sentence1", "hub_pair": "sentence2"}
 GLUE_TASKS: dict[str, GlueTask] = {
-    "cola": GlueTask("CoLA", 3, None, 1, ("unacceptable", "acceptable"), header=False),
+    "cola": GlueTask("CoLA", 3, None, 1, ("unacceptable", "acceptable"), header=False, metric="mcc"),
     "sst2": GlueTask("SST-2", "sentence", None, "label", ("negative", "positive")),
     "mrpc": GlueTask("MRPC", "#1 String", "#2 String", "Quality",
-                     ("not_equivalent", "equivalent"), **_PAIR),
-    "stsb": GlueTask("STS-B", "sentence1", "sentence2", "score", None, **_PAIR),
+                     ("not_equivalent", "equivalent"), metric="f1", **_PAIR),
+    "stsb": GlueTask("STS-B", "sentence1", "sentence2", "score", None, metric="pearson", **_PAIR),
     "rte": GlueTask("RTE", "sentence1", "sentence2", "label",
                     ("entailment", "not_entailment"), **_PAIR),
     "wnli": GlueTask("WNLI", "sentence1", "sentence2", "label",
@@ -123,7 +124,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
     "qnli": GlueTask("QNLI", "question", "sentence", "label", ("entailment", "not_entailment"),
                      hub_text="question", hub_pair="sentence"),
     "qqp": GlueTask("QQP", "question1", "question2", "is_duplicate",
-                    ("not_duplicate", "duplicate"), hub_text="question1", hub_pair="question2"),
+                    ("not_duplicate", "duplicate"), hub_text="question1", hub_pair="question2", metric="f1"),
     "mnli": GlueTask("MNLI", "sentence1", "sentence2", "gold_label",
                      ("entailment", "neutral", "contradiction"), dev_file="dev_matched.tsv",
                      hub_text="premise", hub_pair="hypothesis", hub_dev="validation_matched"),
