@@ -238,8 +238,10 @@ class FedClient:
                     kind = msg.WhichOneof("body")
                     if kind == "header" and header is None:
                         header = msg.header
+                        if header.status == pb.ROUND_STATUS_TRAIN:
+                            self.participant.seeds(list(header.seeds))  # keeps seeds sent once
                     elif kind == "delta" and header is not None and len(deltas) < header.num_deltas:
-                        spec = self.participant.delta_spec(list(msg.delta.seeds))
+                        spec = self.participant.delta_spec(self.participant.seeds(list(msg.delta.seeds)))
                         deltas.append((msg.delta, TensorAssembler(spec, wire, max_bytes=_spec_bytes(spec, wire))))
                     elif kind == "tensors" and deltas:
                         deltas[-1][1].add(msg.tensors)
@@ -261,7 +263,7 @@ class FedClient:
             self._load_snapshot(header.snapshot_round)
         for dh, asm in deltas:
             try:
-                self.participant.apply_delta(dh.round, list(dh.seeds), asm.finish())
+                self.participant.apply_delta(dh.round, self.participant.seeds(list(dh.seeds)), asm.finish())
             except WireError as err:
                 raise ClientError(f"malformed delta of round {dh.round}: {err}") from None
             self.report.deltas_applied += 1
@@ -294,7 +296,7 @@ class FedClient:
         log.info("snapshot_loaded", round=round_id)
 
     def _train_and_submit(self, header: pb.RoundHeader) -> None:
-        seeds = list(header.seeds)
+        seeds = self.participant.seeds(list(header.seeds))
         self.participant.check_plan(header.round, seeds, header.plan_fingerprint)
         self.phase = "training"
         log.info("training", round=header.round, steps=self.cfg.method.local_steps())

@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .methods import METHODS
+from .methods import METHODS, Method, OptimizerConfig, build_method
 from .models import Task
 
 MethodSection = Annotated[
@@ -67,6 +67,9 @@ class RoundsSection(Section):
 class TrainingSection(Section):
     batch_size: int = Field(16, ge=1)
     weighting: Literal["samples", "uniform"] = Field("samples", description="w_n in aggregation")
+    optimizer: OptimizerConfig = Field(
+        default_factory=OptimizerConfig,
+        description="AdamW weight decay, lr warmup and schedule, gradient clipping: one setting for every method")
 
 
 class EvalSection(Section):
@@ -152,6 +155,10 @@ class RunConfig(Section):
     eval: EvalSection = EvalSection()
     server: ServerSection = ServerSection()
     security: SecuritySection = SecuritySection()
+
+    def build_method(self) -> Method:
+        """The run's method, with its optimizer setting and schedule length."""
+        return build_method(self.method, self.run.seed, self.training.optimizer, self.rounds.total)
 
 
 def address_host(address: str) -> str:

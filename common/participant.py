@@ -30,7 +30,7 @@ from fedkrso.v1 import coordinator_pb2 as pb
 
 from .config import RunConfig
 from .data import batches
-from .methods import Method, build_method
+from .methods import Method
 from .models import load_model, load_tokenizer, model_fingerprint
 from .subspace import stable_seed
 from .tensors import DTYPES
@@ -85,7 +85,7 @@ class Shared:
     def load(cls, cfg: RunConfig, model_spec: str | None = None) -> Shared:
         m = cfg.model
         spec = model_spec or m.name
-        method = build_method(cfg.method, cfg.run.seed)
+        method = cfg.build_method()
         model = load_model(spec, m.task, m.num_labels, cfg.run.seed)
         method.prepare(model)
         return cls(model, load_tokenizer(spec), method)
@@ -107,6 +107,7 @@ class Participant:
         self.dataset = dataset
         self.shared = shared
         self.have = 0  # rounds applied: the participant holds W^have
+        self.fixed_seeds: list[int] = []  # a method with run-long seeds sends them once
 
     @property
     def model(self) -> nn.Module:
@@ -127,13 +128,24 @@ class Participant:
             raise ParticipantError(f"base model {spec!r} differs from the server's (fingerprint "
                                    f"{fp[:12]} != {server_fingerprint[:12]}); refusing to train")
 
+    def seeds(self, sent: list[int]) -> list[int]:
+        """The seeds of a round header or delta: those sent, or, for a method whose seeds are
+        fixed for the run (sent once, to a client holding none), the ones kept from then."""
+        if self.method.seeds_per_round:
+            return list(sent)
+        if sent:
+            self.fixed_seeds = list(sent)
+        if not self.fixed_seeds:
+            raise ParticipantError("the server sent no seeds and none were received before")
+        return self.fixed_seeds
+
     def delta_spec(self, seeds: list[int]) -> dict[str, tuple[int, ...]]:
         """Names and shapes a round delta with ``seeds`` may carry (a mean of updates)."""
         return self.method.update_spec(self.model, seeds)
 
     def state_spec(self) -> dict[str, tuple[int, ...]]:
-        """Names and shapes of a snapshot: every tensor a round changes."""
-        return {k: tuple(v.shape) for k, v in self.method.state_parameters(self.model).items()}
+        """Names and shapes of a snapshot (the method's ``snapshot_tensors``)."""
+        return self.method.snapshot_spec(self.model)
 
     def apply_delta(self, round_id: int, seeds: list[int], tensors: dict[str, torch.Tensor]) -> None:
         if round_id != self.have:
@@ -151,7 +163,7 @@ class Participant:
         spec = self.state_spec()
         if set(tensors) != set(spec) or any(tuple(t.shape) != spec[k] for k, t in tensors.items()):
             raise ParticipantError(f"snapshot of round {round_id} does not fit this model")
-        self.method.restore(self.model, tensors)
+        self.method.load_snapshot(self.model, tensors)
         self.have = round_id
 
     def verify(self, target_round: int, state_fingerprint: str) -> str:

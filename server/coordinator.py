@@ -27,11 +27,10 @@ from typing import Literal
 import structlog
 import torch
 
-from ..common.accounting import ConnCounters, SocketMark, Traffic, full_model_bytes, payload_bytes
+from ..common.accounting import ConnCounters, SocketMark, Traffic, full_model_bytes, payload_bytes, seeds_bytes
 from ..common.aggregate import Aggregator, build_aggregator
 from ..common.config import RunConfig
 from ..common.logs import progress
-from ..common.methods import build_method
 from ..common.models import load_model, model_fingerprint
 from ..common.tensors import DTYPES
 from .metrics import MetricsWriter, round_row
@@ -68,6 +67,7 @@ class Assignment:
     seeds: list[int] = field(default_factory=list)
     plan_fingerprint: str = ""
     deadline_unix: float = 0.0
+    seeds_in_deltas: bool = True  # False: fixed seeds the client already holds (not resent)
 
 
 class Coordinator:
@@ -84,12 +84,12 @@ class Coordinator:
         self.out = Path(cfg.run.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.run_id = run_identity(cfg)
-        self.method = build_method(cfg.method, cfg.run.seed)
+        self.method = cfg.build_method()
         self.model = load_model(cfg.model.name, cfg.model.task, cfg.model.num_labels, cfg.run.seed)
         self.method.prepare(self.model)
         self.model.eval()
         self.model_fingerprint = model_fingerprint(self.model)
-        self.state_bytes = payload_bytes(self.method.state_parameters(self.model))  # a snapshot's payload
+        self.state_bytes = payload_bytes(self.method.snapshot_tensors(self.model))  # a snapshot's payload
         self.fedavg_bytes = full_model_bytes(self.model)
         self.registry = registry or ClientRegistry(cfg.run.seed)
         self.deadlines = deadlines
@@ -135,6 +135,7 @@ class Coordinator:
                 self._check_rebuilt(r + 1, delta.state_fingerprint)
             if r >= keep:
                 self.deltas[r] = delta
+        self.method.load_plan_state(saved.plan_state)  # decided before the checkpoint too
         self.completed = saved.completed
         self.state_fingerprints = dict(saved.state_fingerprints)
         self.accepted_digests = dict(saved.accepted_digests)
@@ -268,7 +269,7 @@ class Coordinator:
             checkpoint = self.method.snapshot(self.model) if due else None
             digests = {c: s.digest for c, s in rs.submissions.items()}
             await asyncio.to_thread(self.store.commit_round, rs.round, rs.seeds, canonical, fp, digests, row,
-                                    checkpoint)
+                                    checkpoint, self.method.plan_state())
         rs.committed.set()
         self.deltas[rs.round] = RoundDelta(rs.round, rs.seeds, canonical, fp)
         # catch-up keeps the last snapshot_after_rounds deltas in memory (all are on disk);
@@ -343,9 +344,13 @@ class Coordinator:
         else:
             return None
         mode, deltas = self.catch_up_plan(have)
-        a = Assignment(status, round_id, self.completed, self.state_fingerprints[self.completed], mode, deltas)
+        # a method whose seeds are fixed for the run sends them once, to a client holding none
+        seeds_travel = self.method.seeds_per_round or have == 0
+        a = Assignment(status, round_id, self.completed, self.state_fingerprints[self.completed], mode, deltas,
+                       seeds_in_deltas=self.method.seeds_per_round)
         if status == "train":
-            a.seeds, a.plan_fingerprint = list(rs.seeds), rs.plan_fingerprint
+            a.seeds = list(rs.seeds) if seeds_travel else []
+            a.plan_fingerprint = rs.plan_fingerprint
             a.deadline_unix = time.time() + (rs.deadline - time.monotonic())
         return a
 
@@ -356,7 +361,9 @@ class Coordinator:
         if have > self.completed or any(r not in self.deltas for r in range(have, self.completed)):
             return "snapshot", []
         deltas = [self.deltas[r] for r in range(have, self.completed)]
-        if sum(d.payload_bytes for d in deltas) > self.state_bytes:  # whichever is smaller
+        seeds = self.method.seeds_per_round  # fixed seeds are not resent with deltas
+        cost = sum(payload_bytes(d.tensors) + (seeds_bytes(len(d.seeds)) if seeds else 0) for d in deltas)
+        if cost > self.state_bytes:  # whichever is smaller
             return "snapshot", []
         return "deltas", deltas
 
@@ -402,4 +409,4 @@ class Coordinator:
             if round_id != self.completed:
                 raise RoundError("FAILED_PRECONDITION",
                                  f"snapshot of round {round_id} unavailable; current is {self.completed}")
-            return self.method.snapshot(self.model), self.state_fingerprints[self.completed]
+            return self.method.snapshot_tensors(self.model), self.state_fingerprints[self.completed]

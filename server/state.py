@@ -5,7 +5,8 @@ every file is written atomically (``atomic_write``: tmp file, fsync, ``os.replac
 the folder), so a crash at any instant leaves either the old or the new version of a file:
 
 - ``manifest.json``: run_id, completed rounds, each round's seeds and state fingerprint, the
-  accepted update digests, the latest checkpoint, and the metrics row of the last completed
+  accepted update digests, the latest checkpoint, the method's plan state (what it decided
+  from earlier rounds, e.g. FedTT+'s frozen cores), and the metrics row of the last completed
   round (``last_row``: written into metrics.jsonl only after its evaluation, so a crash in
   between must not lose it). Writing it is the commit point of a round.
 - ``round-RRRRRR.safetensors``: round R's aggregated delta in the wire dtype, byte for byte
@@ -132,6 +133,7 @@ class SavedRun:
     accepted_digests: dict[tuple[int, str], str]
     checkpoint_round: int
     last_row: dict | None
+    plan_state: dict
     open_round: dict | None
     open_tensors: Tensors
 
@@ -182,6 +184,7 @@ class RunStore:
             accepted_digests={(int(r), c): d for r, by in m["accepted_digests"].items() for c, d in by.items()},
             checkpoint_round=m["checkpoint"]["round"] if m["checkpoint"] else 0,
             last_row=m["last_row"],
+            plan_state=m.get("plan_state", {}),
             open_round=open_round,
             open_tensors=open_tensors,
         )
@@ -203,7 +206,8 @@ class RunStore:
             write_json(self.manifest_path, self.manifest)
 
     def commit_round(self, round_id: int, seeds: list[int], delta: Tensors, state_fingerprint: str,
-                     digests: dict[str, str], row: dict, checkpoint: Tensors | None) -> None:
+                     digests: dict[str, str], row: dict, checkpoint: Tensors | None,
+                     plan_state: dict | None = None) -> None:
         """Round ``round_id`` closed: its delta (and a checkpoint when one is due), then the
         manifest that makes it count, then drop the open round it replaces."""
         with self._lock:
@@ -219,6 +223,7 @@ class RunStore:
             m["state_fingerprints"][str(round_id + 1)] = state_fingerprint
             m["accepted_digests"][str(round_id)] = dict(digests)
             m["last_row"] = row
+            m["plan_state"] = plan_state or {}
             write_json(self.manifest_path, m)
             if checkpoint is not None and previous:
                 (self.root / previous["file"]).unlink(missing_ok=True)

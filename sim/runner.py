@@ -100,8 +100,9 @@ class Simulation:
             del state
         coord.end_download(client_id)
         p.have = task.target_round  # the shared model is already at the target state
-        p.check_plan(task.round, task.seeds, task.plan_fingerprint)
-        update = await asyncio.to_thread(p.train, task.round, task.seeds)
+        seeds = p.seeds(task.seeds)
+        p.check_plan(task.round, seeds, task.plan_fingerprint)
+        update = await asyncio.to_thread(p.train, task.round, seeds)
         up_message = sum(message_bytes(m) for m in update.requests(coord.run_id, _peak_rss_bytes(),
                                                                     self.cfg.server.max_chunk_bytes))
         rs = coord.intake.check_header(client_id, coord.run_id, task.round, update.num_samples, update.digest)

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..subspace import fingerprint
 from ..tensors import element_size
+from .optim import OptimizerConfig, Optimization
 
 WireDtype = Literal["float32", "bfloat16", "float16"]
 
@@ -63,6 +64,8 @@ class MethodConfig(BaseModel):
         description="regexes over module names whose parameters are trained densely and sent whole",
     )
     train_norms: bool = Field(True, description="LayerNorm/RMSNorm weights and biases are dense")
+    train_biases: bool = Field(True, description="the target Linears' biases are trained too (dense, "
+                               "sent whole), as full fine-tuning trains them")
     wire_dtype: WireDtype = Field("float32", description="dtype of tensors on the wire")
 
     def local_steps(self) -> int:
@@ -112,13 +115,18 @@ def target_linears(model: nn.Module, patterns: list[str]) -> dict[str, nn.Module
     return {n: m for n, m in model.named_modules() if is_linear(m) and _matches(n, patterns)}
 
 
-def dense_parameters(model: nn.Module, cfg: MethodConfig) -> dict[str, nn.Parameter]:
-    """Parameters trained densely: the task head(s) and, if enabled, every norm."""
+def dense_parameters(model: nn.Module, cfg: MethodConfig, biases: bool | None = None) -> dict[str, nn.Parameter]:
+    """Parameters trained densely: the task head(s), every norm (``train_norms``) and the target
+    Linears' biases (``biases``, default ``cfg.train_biases``), in model order."""
+    biases = cfg.train_biases if biases is None else biases
     out: dict[str, nn.Parameter] = {}
     for mname, module in model.named_modules():
+        prefix = f"{mname}." if mname else ""
         if _matches(mname, cfg.dense_modules) or (cfg.train_norms and is_norm(module)):
             for pname, p in module.named_parameters(recurse=False):
-                out[f"{mname}.{pname}" if mname else pname] = p
+                out[prefix + pname] = p
+        elif biases and is_linear(module) and module.bias is not None and _matches(mname, cfg.target_modules):
+            out[prefix + "bias"] = module.bias
     return out
 
 
@@ -150,9 +158,15 @@ class Method(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]]
 
-    def __init__(self, cfg: MethodConfig, run_seed: int):
+    # False: the round's seeds are fixed for the whole run (FedKSeed's candidates) and travel
+    # once, to a client that has none yet, rather than in every round header and delta
+    seeds_per_round: ClassVar[bool] = True
+
+    def __init__(self, cfg: MethodConfig, run_seed: int, optimizer: OptimizerConfig | None = None,
+                 total_rounds: int = 1):
         self.cfg = cfg
         self.run_seed = run_seed
+        self.optim = Optimization(optimizer or OptimizerConfig(), cfg.local_steps(), total_rounds)
 
     # -- both sides --------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
@@ -164,6 +178,14 @@ class Method(ABC):
 
     def round_seeds(self, round_id: int) -> list[int]:
         return []
+
+    def plan_state(self) -> dict:
+        """What the method decided from earlier rounds and needs for the next ones (JSON): the
+        coordinator saves it with each round, so a restart resumes it. Empty for most."""
+        return {}
+
+    def load_plan_state(self, state: dict) -> None:
+        """Take back a ``plan_state`` saved before a restart."""
 
     def plan_fingerprint(self, model: nn.Module, seeds: list[int]) -> str:
         """Proof that a party rebuilt the round's random objects (subspaces, directions)."""
@@ -187,6 +209,19 @@ class Method(ABC):
         state = self.state_parameters(model)
         for k, v in snapshot.items():
             state[k].copy_(v)
+
+    def snapshot_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What a snapshot download carries to take a client to the current state; by default
+        the whole state (a method whose state has a compact form overrides both this and
+        ``load_snapshot``)."""
+        return self.snapshot(model)
+
+    def load_snapshot(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        self.restore(model, tensors)
+
+    def snapshot_spec(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of ``snapshot_tensors`` (what a client accepts as a snapshot)."""
+        return {k: tuple(v.shape) for k, v in self.state_parameters(model).items()}
 
     @abstractmethod
     def trainable_count(self, model: nn.Module) -> int:
@@ -248,9 +283,7 @@ class Method(ABC):
         return dense_parameters(model, self.cfg)
 
     def dense_optimizer(self, params: dict[str, nn.Parameter]) -> torch.optim.Optimizer | None:
-        if not params:
-            return None
-        return torch.optim.Adam(list(params.values()), lr=self.cfg.dense_lr or self.cfg.lr)
+        return self.optim.adamw([(params.values(), self.cfg.dense_lr or self.cfg.lr)])
 
     @staticmethod
     def dense_spec(dense: dict[str, nn.Parameter]) -> dict[str, tuple[int, ...]]:
@@ -280,29 +313,35 @@ class DeltaMethod(Method):
     round, with ``lr`` for the method's own parameters and ``dense_lr`` for the dense ones."""
 
     @abstractmethod
-    def trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """The method's own trained parameters by name (dense-trainables are added apart)."""
+    def trainable(self, model: nn.Module, seeds: list[int] | None = None) -> dict[str, nn.Parameter]:
+        """The method's own parameters trained in a round with ``seeds``, or with ``None`` every
+        one it may train in some round (dense-trainables are added apart); ``seeds`` matter only
+        where a round's plan picks the parameters (FedTT+)."""
 
-    def own(self, model: nn.Module) -> dict[str, nn.Parameter]:
+    def own(self, model: nn.Module, seeds: list[int] | None = None) -> dict[str, nn.Parameter]:
         """``trainable`` minus any parameter a dense pattern also claims (sent once, as dense)."""
         dense = self.dense(model)
-        return {n: p for n, p in self.trainable(model).items() if n not in dense}
+        return {n: p for n, p in self.trainable(model, seeds).items() if n not in dense}
+
+    def every_own(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """Every parameter the method may train in some round (its whole changing state)."""
+        return self.own(model, None)
 
     def prepare(self, model: nn.Module) -> None:
         super().prepare(model)
-        for p in self.own(model).values():
+        for p in self.every_own(model).values():
             p.requires_grad_(True)
 
     def state_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        state: dict[str, torch.Tensor] = dict(self.own(model))
+        state: dict[str, torch.Tensor] = dict(self.every_own(model))
         state.update(self.dense(model))
         return state
 
     def trainable_count(self, model: nn.Module) -> int:
-        return sum(p.numel() for p in (self.own(model) | self.dense(model)).values())
+        return sum(p.numel() for p in (self.own(model, self.round_seeds(0)) | self.dense(model)).values())
 
     def update_spec(self, model: nn.Module, seeds: list[int]) -> dict[str, tuple[int, ...]]:
-        spec = {f"delta.{n}": tuple(p.shape) for n, p in self.own(model).items()}
+        spec = {f"delta.{n}": tuple(p.shape) for n, p in self.own(model, seeds).items()}
         spec.update(self.dense_spec(self.dense(model)))
         return spec
 
@@ -315,20 +354,19 @@ class DeltaMethod(Method):
         client_key: str,
     ) -> LocalUpdate:
         model.train()
-        own, dense = self.own(model), self.dense(model)
+        own, dense = self.own(model, seeds), self.dense(model)
+        for name, p in self.every_own(model).items():
+            p.requires_grad_(name in own)  # a round's plan may leave some of them out
         start = {n: p.detach().clone() for n, p in (own | dense).items()}
-        groups = [{"params": list(own.values()), "lr": self.cfg.lr}]
-        if dense:
-            groups.append({"params": list(dense.values()), "lr": self.cfg.dense_lr or self.cfg.lr})
-        opt = torch.optim.Adam(groups)
+        opt = self.optim.adamw([(own.values(), self.cfg.lr), (dense.values(), self.cfg.dense_lr or self.cfg.lr)])
         losses: list[float] = []
         peak_state = 0
-        for _ in range(self.cfg.local_steps()):
+        for j in range(self.cfg.local_steps()):
             loss = forward_loss(model, next(batches))
             loss.backward()
-            opt.step()
+            self.optim.step([opt], round_id, j)
             peak_state = max(peak_state, train_state_bytes(opt))
-            opt.zero_grad(set_to_none=True)
+            self.optim.zero_grad([opt])
             losses.append(loss.item())
         tensors = {f"delta.{n}": (p.detach() - start[n]).float() for n, p in own.items()}
         tensors.update(self.dense_deltas(dense, start))

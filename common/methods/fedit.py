@@ -84,7 +84,7 @@ class FedIT(DeltaMethod):
             a.copy_((init * 2 - 1) * bound)
             layer.lora_B[ADAPTER].weight.zero_()
 
-    def trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
+    def trainable(self, model: nn.Module, seeds: list[int] | None = None) -> dict[str, nn.Parameter]:
         kinds = ("lora_A", "lora_B") if self.train_a else ("lora_B",)
         out: dict[str, nn.Parameter] = {}
         for name, layer in lora_layers(model).items():

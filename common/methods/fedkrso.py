@@ -8,8 +8,11 @@ autograd Function, ``y = x W^T + bias + (x P^T) B^T``, that keeps only the r-col
 grad_W ever existing, and ``grad_x = g W + (g B) P``.
 
 Choices the paper leaves open (each a config field): K fresh seeds per round; a seed drawn
-uniformly per interval from a client RNG keyed by (run seed, round, client); B and its Adam
-state reset every interval; the dense-trainables keep one Adam state for the whole round.
+uniformly per interval from a client RNG keyed by (run seed, round, client); B and its AdamW
+state reset every interval; the dense-trainables (head, norms and, with ``train_biases`` as
+in full fine-tuning, the projected layers' biases) keep one AdamW state for the whole round.
+Both follow the run's one optimizer setting (``training.optimizer``: decay, schedule,
+clipping).
 """
 
 from __future__ import annotations
@@ -220,18 +223,14 @@ class FedKRSO(Method):
         losses: list[float] = []
         peak_state = 0
         try:
-            for k in self.seed_choices(round_id, client_key):
-                b_opt = torch.optim.Adam(adapter.start(seeds[k]), lr=self.cfg.lr)
-                for _ in range(self.cfg.interval_steps):
+            for i, k in enumerate(self.seed_choices(round_id, client_key)):
+                b_opt = self.optim.adamw([(adapter.start(seeds[k]), self.cfg.lr)])
+                for j in range(self.cfg.interval_steps):
                     loss = forward_loss(model, next(batches))
                     loss.backward()
-                    b_opt.step()
-                    if dense_opt:
-                        dense_opt.step()
+                    self.optim.step([b_opt, dense_opt], round_id, i * self.cfg.interval_steps + j)
                     peak_state = max(peak_state, train_state_bytes(b_opt, dense_opt))
-                    b_opt.zero_grad(set_to_none=True)
-                    if dense_opt:
-                        dense_opt.zero_grad(set_to_none=True)
+                    self.optim.zero_grad([b_opt, dense_opt])
                     losses.append(loss.item())
                 for name, b in adapter.merge().items():
                     key = f"acc.{k}.{name}"
