@@ -1,11 +1,13 @@
 """The bench YAML (``bench/sst2.yaml``): what to partition, which model, which methods and
-learning rates, and the ``--quick`` preset. Validated by pydantic, so a typo in a long
-benchmark's config fails at load time, not hours in."""
+learning rates, how many seeds, and the ``--quick`` preset; and the protocol YAML
+(``bench/quality.yaml``): a base bench config and the blocks (tasks, partitions, methods)
+that vary it. Validated by pydantic, so a typo in a long benchmark's config fails at load
+time, not hours in."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -83,7 +85,21 @@ class QuickSpec(Strict):
 
 class BenchConfig(Strict):
     name: str = Field("bench", pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
+                             description="repetitions: each seed is the run seed and the partition seed")
+    sweep_seeds: int = Field(1, ge=1, description="the lr sweep runs on the first N seeds")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="training rows held out as the validation "
+                                "split the lr sweep is scored on (never the reported eval split); 0 "
+                                "scores the sweep on the eval split, which reports a biased number")
+    select_by: Literal["final", "last3"] = Field("last3", description="sweep score: the final round's "
+                                                 "metric or the mean of the last three rounds'")
+    metric: str | None = Field(None, description="the metric to report and select by; None: the task's "
+                               "own (GLUE's for GLUE tasks, else accuracy / Pearson), loss for a causal LM")
+    runner: Literal["sim", "processes"] = Field("sim", description="sim: fedkrso-sim, every client in one "
+                                                "process; processes: a server and a client process per shard")
+    threads: int = Field(1, ge=1, description="torch threads of a simulated run")
+    optimizer: dict[str, Any] = Field(default_factory=dict,
+                                      description="training.optimizer of every run (one setting for all methods)")
     output_dir: Path | None = Field(None, description="default results/<name>")
     data: DataSpec = DataSpec()
     model: ModelSpec = ModelSpec()
@@ -132,3 +148,48 @@ def load_bench_config(path: str | Path) -> BenchConfig:
         lines = [f"{path}: {err.error_count()} invalid field(s)"]
         lines += [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
         raise SystemExit("\n".join(lines)) from None
+
+
+class ProtocolBlock(BaseModel):
+    """One bench of a protocol: a name, what it is for, and the base config's fields it changes."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    purpose: str = ""
+
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ProtocolConfig(Strict):
+    """A protocol (``bench/quality.yaml``): benches sharing one base config."""
+
+    name: str = Field("quality", pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    base: dict[str, Any]
+    blocks: list[ProtocolBlock] = Field(min_length=1)
+
+    def bench(self, block: ProtocolBlock) -> BenchConfig:
+        """The block's bench config: the base with the block's fields over it (sections such as
+        ``data`` and ``model`` merged key by key, ``methods`` replaced whole)."""
+        merged = dict(self.base)
+        for key, value in block.overrides().items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        merged["name"] = block.name
+        return BenchConfig.model_validate(merged)
+
+
+def load_protocol(path: str | Path) -> ProtocolConfig:
+    data = yaml.safe_load(Path(path).read_text())
+    try:
+        protocol = ProtocolConfig.model_validate(data)
+        for block in protocol.blocks:
+            protocol.bench(block)
+    except ValidationError as err:
+        lines = [f"{path}: {err.error_count()} invalid field(s)"]
+        lines += [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        raise SystemExit("\n".join(lines)) from None
+    return protocol
