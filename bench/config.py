@@ -156,6 +156,7 @@ class ProtocolBlock(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     purpose: str = ""
+    lrs_from: str | None = Field(None, description="take each method's lr from this block's selection")
 
     def overrides(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
