@@ -17,12 +17,8 @@ with the same config resumes from there.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import structlog
 import torch
@@ -37,37 +33,10 @@ from .metrics import MetricsWriter, round_row
 from .intake import UpdateIntake
 from .registry import ClientRegistry
 from .results import ServerEvaluator, save_final
-from .rounds import RoundDelta, RoundError, RoundState
-from .state import RunStore, SavedRun, StateError, move_aside, restore_round
+from .rounds import Assignment, RoundDelta, RoundError, RoundState
+from .state import RunStore, SavedRun, StateError, move_aside, restore_round, run_identity
 
 log = structlog.get_logger("fedkrso.server")
-
-
-def run_identity(cfg: RunConfig) -> str:
-    """``<run name>-<hash>`` of every setting that shapes the results. Where the server
-    listens, its credentials and its output folder are left out: a restart may move the port or
-    rotate certificates and still resume the same run."""
-    shaping = cfg.model_dump(mode="json", exclude={"security": True, "run": {"output_dir"},
-                                                     "server": {"listen"}})
-    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{cfg.run.name}-{digest}"
-
-
-@dataclass
-class Assignment:
-    """What a polling client is told: train the open round, or the run is over; in both cases
-    how to reach the target state first (deltas, a snapshot, or nothing)."""
-
-    status: Literal["train", "finished"]
-    round: int
-    target_round: int
-    state_fingerprint: str
-    catch_up: Literal["none", "deltas", "snapshot"]
-    deltas: list[RoundDelta] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
-    plan_fingerprint: str = ""
-    deadline_unix: float = 0.0
-    seeds_in_deltas: bool = True  # False: fixed seeds the client already holds (not resent)
 
 
 class Coordinator:

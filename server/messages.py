@@ -16,7 +16,7 @@ from fedkrso.v1 import coordinator_pb2 as pb
 
 from ..common.accounting import payload_bytes, seeds_bytes
 from ..common.wire import tensor_batches
-from .coordinator import Assignment
+from .rounds import Assignment
 from .rounds import RoundDelta
 
 CATCH_UP = {"none": pb.CATCH_UP_NONE, "deltas": pb.CATCH_UP_DELTAS, "snapshot": pb.CATCH_UP_SNAPSHOT}

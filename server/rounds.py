@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -104,3 +105,20 @@ class RoundState:
     def traffic_of(self, client_id: str) -> Traffic:
         """The client's traffic meter of this round, created on first use."""
         return self.traffic.setdefault(client_id, Traffic())
+
+
+@dataclass
+class Assignment:
+    """What a polling client is told: train the open round, or the run is over; in both cases
+    how to reach the target state first (deltas, a snapshot, or nothing)."""
+
+    status: Literal["train", "finished"]
+    round: int
+    target_round: int
+    state_fingerprint: str
+    catch_up: Literal["none", "deltas", "snapshot"]
+    deltas: list[RoundDelta] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    plan_fingerprint: str = ""
+    deadline_unix: float = 0.0
+    seeds_in_deltas: bool = True  # False: fixed seeds the client already holds (not resent)

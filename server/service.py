@@ -26,10 +26,10 @@ from ..common.protocol import TOKEN_HEADER
 from ..common.tensors import element_size
 from ..common.wire import TensorAssembler, WireError, update_digest
 from .auth import AuthInterceptor, current_client, server_credentials, valid_client_id
-from .coordinator import Assignment, Coordinator
+from .coordinator import Coordinator
 from .messages import DeltaEncodings, assignment_messages, snapshot_messages
 from .relay import CountingRelay
-from .rounds import RoundError, UpdateReport
+from .rounds import Assignment, RoundError, UpdateReport
 
 log = structlog.get_logger("fedkrso.server")
 MAX_POLL_S = 60.0

@@ -24,6 +24,7 @@ the folder), so a crash at any instant leaves either the old or the new version 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -39,11 +40,22 @@ from safetensors.torch import save as dump_tensors
 
 from ..common.accounting import Traffic
 from ..common.aggregate import Aggregator, aggregator_from_state
+from ..common.config import RunConfig
 from .rounds import RoundState, Submission
 
 log = structlog.get_logger("fedkrso.server")
 FORMAT = 2  # 2: the open round's traffic is its own record (every client, not only submitters)
 Tensors = dict[str, torch.Tensor]
+
+
+def run_identity(cfg: RunConfig) -> str:
+    """``<run name>-<hash>`` of every setting that shapes the results. Where the server
+    listens, its credentials and its output folder are left out: a restart may move the port or
+    rotate certificates and still resume the same run."""
+    shaping = cfg.model_dump(mode="json", exclude={"security": True, "run": {"output_dir"},
+                                                     "server": {"listen"}})
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{cfg.run.name}-{digest}"
 
 
 class StateError(RuntimeError):
