@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="results folder (default: output_dir or results/<name>[-quick])")
     p.add_argument("--methods", help="comma-separated subset of the config's methods")
     p.add_argument("--rounds", type=int, help="override rounds")
+    p.add_argument("--sim", action="store_true",
+                   help="run each job in one fedkrso-sim process (same weights; socket bytes not measured)")
     p.add_argument("--report-only", metavar="DIR",
                    help="rewrite DIR/results.md and the plot from DIR/results.json, running nothing")
     args = p.parse_args(argv)
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg.sweep_rounds = min(cfg.sweep_rounds, args.rounds)
     out = Path(args.out) if args.out else (cfg.output_dir or Path("results") / (cfg.name + ("-quick" if args.quick else "")))
     command = "fedkrso-bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = run_bench(cfg, out.resolve(), command, log=lambda s: print(s, flush=True))
+    report = run_bench(cfg, out.resolve(), command, log=lambda s: print(s, flush=True), sim=args.sim)
     print((out / "results.md").read_text())
     print(f"fedkrso-bench: {len(report['results'])} method(s) in {report['runtime_s']:.0f} s; "
           f"results in {out}")

@@ -30,7 +30,10 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylabel("eval loss" if causal else "eval accuracy (%)")
     ax.set_title(f"{report['name']}: {report['data_source']}, {report['model']}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:  # fedkrso-bench --sim: no socket, so no wire bytes to plot against
+        ax.text(0.5, 0.5, "no wire bytes measured (fedkrso-sim)", transform=ax.transAxes, ha="center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,7 @@ import yaml
 
 from ..common.config import parse_config
 from .config import BenchConfig, MethodSpec
-from .launch import Cluster
+from .launch import Cluster, child_env
 from .plot import plot
 from .report import fmt_acc, fmt_bytes, render, score, summarise, sweep_entry, targets
 
@@ -34,16 +36,19 @@ def partition(cfg: BenchConfig, out: Path) -> dict:
         print(f"glue_dir {glue_dir} not found: GLUE comes from the hub", flush=True)
         glue_dir = None
     src = load_source(d.source, glue_dir=glue_dir, text_column=d.text_column,
-                      text_pair_column=d.text_pair_column, label_column=d.label_column)
+                      text_pair_column=d.text_pair_column, label_column=d.label_column,
+                      prompt_column=d.prompt_column, response_column=d.response_column)
     part = make_partition(src, cfg.clients, source=d.source, alpha=cfg.alpha, seed=cfg.seed,
                           eval_fraction=d.eval_fraction, min_size=d.min_size,
-                          max_examples=d.max_examples, max_eval=d.max_eval)
+                          max_examples=d.max_examples, max_eval=d.max_eval,
+                          client_eval_fraction=d.client_eval_fraction)
     save_partition(part, out)
     return read_partition_info(out)
 
 
 def round_yaml(cfg: BenchConfig, method: dict, rounds: int, data: Path, out: Path, run_name: str,
                num_labels: int) -> dict:
+    extra = {} if cfg.instruction is None else {"instruction": dict(cfg.instruction)}
     return {
         "run": {"name": run_name, "seed": cfg.seed, "output_dir": str(out)},
         "model": {"name": cfg.model.name, "task": cfg.model.task, "num_labels": num_labels,
@@ -53,14 +58,17 @@ def round_yaml(cfg: BenchConfig, method: dict, rounds: int, data: Path, out: Pat
                    "min_clients": cfg.clients_per_round, "deadline_s": cfg.deadline_s,
                    "start_timeout_s": 900.0},
         "training": {"batch_size": cfg.batch_size},
-        "eval": {"data": str(data / "eval"), "batch_size": cfg.eval_batch_size},
+        **extra,
+        "eval": {"data": str(data / "eval"), "batch_size": cfg.eval_batch_size,
+                 "client_every": cfg.client_eval_every},
         "server": {"listen": "127.0.0.1:0"},
     }
 
 
 def run_one(cfg: BenchConfig, method: dict, rounds: int, data: Path, workdir: Path,
-            num_labels: int) -> list[dict]:
-    """One real federated job (server + ``cfg.clients`` client processes); its metrics rows."""
+            num_labels: int, sim: bool = False) -> list[dict]:
+    """One real federated job (server + ``cfg.clients`` client processes), or with ``sim``
+    one ``fedkrso-sim`` process holding them all (no socket bytes); its metrics rows."""
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
@@ -69,6 +77,8 @@ def run_one(cfg: BenchConfig, method: dict, rounds: int, data: Path, workdir: Pa
     parse_config(rc, "generated round.yaml")  # fail here, not in a child process
     config = workdir / "round.yaml"
     config.write_text(yaml.safe_dump(rc, sort_keys=False))
+    if sim:
+        return _simulate(config, data, workdir, cfg.run_timeout_s)
     cluster = Cluster(workdir)
     try:
         cluster.start_server(config)
@@ -88,6 +98,17 @@ def run_one(cfg: BenchConfig, method: dict, rounds: int, data: Path, workdir: Pa
                 pass
     finally:
         cluster.stop()
+    path = workdir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _simulate(config: Path, data: Path, workdir: Path, timeout: float) -> list[dict]:
+    with (workdir / "sim.log").open("w") as log:
+        code = subprocess.run([sys.executable, "-m", "fedkrso.sim.main", "--config", str(config), "--data-root",
+                               str(data), "--log-json"], stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+                              timeout=timeout).returncode
+    if code != 0:
+        raise RuntimeError(f"fedkrso-sim exited {code}:\n{(workdir / 'sim.log').read_text()[-3000:]}")
     path = workdir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -137,9 +158,10 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def run_bench(cfg: BenchConfig, out: Path, command: str = "fedkrso-bench",
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, sim: bool = False) -> dict:
     """The whole bench of ``cfg`` under ``out``: partition, analytic state, every method's
-    sweep and final run; the report that results.json holds."""
+    sweep and final run (``sim``: each in one fedkrso-sim process); the report that
+    results.json holds."""
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
@@ -174,7 +196,8 @@ def run_bench(cfg: BenchConfig, out: Path, command: str = "fedkrso-bench",
             for lr in lrs:
                 tag = f"{spec.tag}-lr{lr:g}-sweep"
                 t0 = time.monotonic()
-                rows = run_one(cfg, method_section(spec, lr), cfg.sweep_rounds, data, out / "runs" / tag, num_labels)
+                rows = run_one(cfg, method_section(spec, lr), cfg.sweep_rounds, data, out / "runs" / tag, num_labels,
+                               sim)
                 s = summarise(spec.tag, lr, rows, st, None)
                 log(f"  sweep {spec.tag} lr={lr:g}: acc {fmt_acc(s['final_accuracy'])} loss "
                     f"{s['final_eval_loss']} ({time.monotonic() - t0:.0f} s)")
@@ -189,7 +212,7 @@ def run_bench(cfg: BenchConfig, out: Path, command: str = "fedkrso-bench",
             tag = f"{spec.tag}-lr{chosen_lr:g}" if chosen_lr is not None else spec.tag
             t0 = time.monotonic()
             chosen_rows = run_one(cfg, method_section(spec, chosen_lr), cfg.rounds, data,
-                                  out / "runs" / tag, num_labels)
+                                  out / "runs" / tag, num_labels, sim)
             log(f"  run {spec.tag} lr={chosen_lr}: {time.monotonic() - t0:.0f} s")
         if len(lrs) == 1:
             report["sweep"].append(sweep_entry(summarise(spec.tag, chosen_lr, chosen_rows, st, None),

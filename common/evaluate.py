@@ -1,8 +1,12 @@
-"""Evaluation of a model on a saved split: loss and accuracy, or perplexity for a causal LM.
+"""Evaluation of a model on a tokenised split: loss and accuracy, or perplexity for a causal LM.
 
 The loss is recomputed here with ``reduction="sum"`` instead of read from ``model(...).loss``
 (a per-batch mean), so the reported mean is exact however the rows fall into batches: per
-example for classification and regression, per predicted token for a causal LM.
+example for classification and regression, per predicted token for a causal LM (the response
+tokens alone for instruction rows, whose prompt labels are -100).
+
+The server evaluates its eval split with it; a client evaluates its held-out rows with it and
+reports ``client_metrics`` (the same figures under their wire names) in its update.
 """
 
 from __future__ import annotations
@@ -12,14 +16,12 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 from torch import nn
 
-from .data import encode
 from .models import Task
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from .data import Tokens
 
 
 def _sums(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> tuple[float, int, int]:
@@ -40,20 +42,18 @@ def _sums(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> tuple[float
 
 def evaluate(
     model: nn.Module,
-    dataset: Dataset,
-    tokenizer: PreTrainedTokenizerBase,
-    task: Task,
-    max_length: int,
+    tokens: Tokens,
     batch_size: int,
     max_examples: int | None = None,
 ) -> dict[str, float]:
-    """Metrics of ``model`` on the first ``max_examples`` rows of ``dataset``, in order.
+    """Metrics of ``model`` on the first ``max_examples`` rows of ``tokens``, in order.
 
     Returns ``eval_loss`` (mean per example, or per token for a causal LM), ``eval_examples``,
     and ``eval_accuracy`` for classification or ``eval_perplexity`` (exp of the token loss)
     plus ``eval_tokens`` for a causal LM. Regression reports the mean squared error as loss.
     The model's train/eval mode is restored afterwards."""
-    n = len(dataset) if max_examples is None else min(max_examples, len(dataset))
+    task = tokens.task
+    n = len(tokens) if max_examples is None else min(max_examples, len(tokens))
     if n == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     device = next(model.parameters()).device
@@ -63,8 +63,7 @@ def evaluate(
     try:
         with torch.inference_mode():
             for start in range(0, n, batch_size):
-                batch = encode(dataset[start : min(start + batch_size, n)], tokenizer, task,
-                               max_length)
+                batch = tokens.batch(list(range(start, min(start + batch_size, n))))
                 labels = batch.pop("labels").to(device)
                 regression = labels.is_floating_point()
                 logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
@@ -80,3 +79,24 @@ def evaluate(
     elif not regression:
         metrics["eval_accuracy"] = correct / n
     return metrics
+
+
+# -- what a client reports -------------------------------------------------------------------
+# A client sends ``evaluate``'s figures under their names without ``eval_``: the example count
+# travels as its own field and perplexity is left to the server, which derives it from the
+# combined loss (a mean of perplexities is not the perplexity of the mean loss).
+
+
+def client_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """``evaluate``'s figures as a client reports them (see above)."""
+    return {k.removeprefix("eval_"): float(v) for k, v in metrics.items()
+            if k not in ("eval_examples", "eval_perplexity")}
+
+
+def client_metric_names(task: Task, num_labels: int) -> frozenset[str]:
+    """The names ``client_metrics`` gives for a task, which are all a server accepts from a
+    client: ``loss`` and ``tokens`` for a causal LM, ``loss`` for regression (one label),
+    ``loss`` and ``accuracy`` for classification."""
+    if task == "causal-lm":
+        return frozenset({"loss", "tokens"})
+    return frozenset({"loss"}) if num_labels == 1 else frozenset({"loss", "accuracy"})

@@ -128,6 +128,55 @@ def test_bench_causal_lm_reports_loss_and_perplexity(tmp_path):
     assert "final ppl" in text and "| fedkrso |" in text
 
 
+def test_instruction_bench_in_the_simulator_with_client_evaluation(tmp_path, tiny_models):
+    """Prompt/response rows from a JSON-lines file on a tiny LLaMA, each job one fedkrso-sim
+    process (--sim): response-token loss from the server and from the clients' held-out rows."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"q": f"what follows {i}", "a": f"{i + 1} follows {i}"}) + "\n"
+                            for i in range(80)))
+    cfg = {
+        "name": "tiny-instruct",
+        "data": {"source": f"jsonl:{path}", "glue_dir": None, "prompt_column": "q", "response_column": "a",
+                 "max_examples": 60, "max_eval": 12, "min_size": 10, "client_eval_fraction": 0.2},
+        "model": {"name": str(tiny_models("llama")), "task": "causal-lm", "max_length": 24},
+        "instruction": {"template": "plain", "prompt_format": "Q: {prompt}\nA:"}, "client_eval_every": 1,
+        "clients": 2, "alpha": None, "clients_per_round": 2, "rounds": 2, "sweep_rounds": 2, "batch_size": 8,
+        "methods": [{"name": "fedkrso", "k": 2, "rank": 2, "intervals": 1, "interval_steps": 2, "lrs": [3e-3]}],
+    }
+    config = tmp_path / "bench.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    main(["--config", str(config), "--out", str(tmp_path / "results"), "--sim"])
+    run = tmp_path / "results" / "runs" / "fedkrso-lr0.003"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert yaml.safe_load((run / "round.yaml").read_text())["instruction"]["prompt_format"] == "Q: {prompt}\nA:"
+    assert [r["client_eval_state"] for r in rows] == [0, 1] and all(r["uplink_wire_bytes"] is None for r in rows)
+    report = json.loads((tmp_path / "results" / "results.json").read_text())
+    for r in rows:
+        assert r["client_eval_perplexity"] == pytest.approx(math.exp(r["client_eval_loss"]))
+        assert math.isfinite(r["eval_loss"]) and r["eval_examples"] == report["eval_rows"] == 8  # 10% of 80
+
+
+def test_packaged_bench_configs_make_valid_round_yaml(tmp_path):
+    """Every bench YAML shipped in bench/ (and its quick preset) writes round.yaml files the
+    server accepts."""
+    from pathlib import Path
+
+    from fedkrso.bench.config import load_bench_config
+    from fedkrso.bench.runner import method_section, round_yaml
+    from fedkrso.common.config import parse_config
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "bench").glob("*.yaml"))
+    assert any(c.name == "smollm2-headlines.yaml" for c in configs)
+    for path in configs:
+        if path.name == "demo.yaml":  # a round.yaml itself, not a bench config
+            continue
+        for cfg in (load_bench_config(path), load_bench_config(path).apply_quick()):
+            for m in cfg.methods:
+                rc = round_yaml(cfg, method_section(m, (m.lrs or [None])[0]), cfg.rounds, tmp_path, tmp_path,
+                                "check", cfg.model.num_labels or 2)
+                parse_config(rc, str(path))
+
+
 def test_report_only_rewrites_the_table_from_results_json(tmp_path):
     """--report-only re-renders results.md (with the last-3 mean column) and the plot from a
     results.json without running anything."""
