@@ -82,21 +82,22 @@ def evaluate(
 
 
 # -- what a client reports -------------------------------------------------------------------
-# A client sends ``evaluate``'s figures under their names without ``eval_``: the example count
-# travels as its own field and perplexity is left to the server, which derives it from the
-# combined loss (a mean of perplexities is not the perplexity of the mean loss).
-
-
-def client_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """``evaluate``'s figures as a client reports them (see above)."""
-    return {k.removeprefix("eval_"): float(v) for k, v in metrics.items()
-            if k not in ("eval_examples", "eval_perplexity")}
+# A client sends ``evaluate``'s figures under their names without ``eval_``, those of
+# ``client_metric_names`` only: the example count travels as its own field and perplexity is
+# left to the server, which derives it from the combined loss (a mean of perplexities is not
+# the perplexity of the mean loss).
 
 
 def client_metric_names(task: Task, num_labels: int) -> frozenset[str]:
-    """The names ``client_metrics`` gives for a task, which are all a server accepts from a
-    client: ``loss`` and ``tokens`` for a causal LM, ``loss`` for regression (one label),
-    ``loss`` and ``accuracy`` for classification."""
+    """What a client reports for a task, and all a server accepts from one: ``loss`` and
+    ``tokens`` for a causal LM, ``loss`` for regression (one label), ``loss`` and ``accuracy``
+    for classification."""
     if task == "causal-lm":
         return frozenset({"loss", "tokens"})
     return frozenset({"loss"}) if num_labels == 1 else frozenset({"loss", "accuracy"})
+
+
+def client_metrics(metrics: dict[str, float], task: Task, num_labels: int) -> dict[str, float]:
+    """``evaluate``'s figures as a client reports them (see above)."""
+    names = client_metric_names(task, num_labels)
+    return {k.removeprefix("eval_"): float(v) for k, v in metrics.items() if k.removeprefix("eval_") in names}

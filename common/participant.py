@@ -196,7 +196,8 @@ class Participant:
         if not e.client_due(round_id) or self.eval_tokens is None:
             return {}, 0
         metrics = evaluate(self.model, self.eval_tokens, e.batch_size, e.max_examples)
-        return client_metrics(metrics), int(metrics["eval_examples"])
+        m = self.cfg.model
+        return client_metrics(metrics, m.task, m.num_labels), int(metrics["eval_examples"])
 
     def train(self, round_id: int, seeds: list[int], tick: Callable[[], None] | None = None) -> PreparedUpdate:
         """Local training for round ``round_id`` from W^have, after evaluating W^have when

@@ -78,6 +78,19 @@ def test_check_accepts_the_task_metrics_and_no_evaluation(tiny_bert):
         client_eval.check(causal, 3, report([("loss", 2.0), ("tokens", 4.5)], 5), declared_eval=5)
 
 
+def test_a_client_reports_only_the_names_a_server_accepts():
+    """``evaluate``'s figures under their wire names, the task's only: a figure evaluate may
+    add (an F1) stays home instead of getting the whole update refused."""
+    from fedkrso.common.evaluate import client_metric_names, client_metrics
+
+    figures = {"eval_loss": 0.5, "eval_examples": 9, "eval_accuracy": 0.75, "eval_f1": 0.5}
+    assert client_metrics(figures, "sequence-classification", 2) == {"loss": 0.5, "accuracy": 0.75}
+    causal = {"eval_loss": 2.0, "eval_examples": 4, "eval_perplexity": 7.39, "eval_tokens": 40}
+    assert client_metrics(causal, "causal-lm", 2) == {"loss": 2.0, "tokens": 40.0}
+    assert set(client_metrics(figures, "sequence-classification", 2)) == client_metric_names(
+        "sequence-classification", 2)
+
+
 def test_combine_weights_by_examples_and_a_causal_loss_by_tokens():
     def sub(name, figures, examples):
         return Submission(name, "d", 10, 0.1, 1, 0.0, 0, 0, [], figures, examples)
