@@ -22,13 +22,18 @@ class Strict(BaseModel):
 
 
 class DataSpec(Strict):
-    source: str = Field("glue:SST-2", description="bbc, glue:<TASK>, csv:<path>, jsonl:<path>, hub:<name>")
+    source: str = Field("glue:SST-2", description="bbc, bbc-headlines, glue:<TASK>, csv:<path>, json:<path>, "
+                        "jsonl:<path>, parquet:<path>, hub:<name>")
     glue_dir: Path | None = Field(Path("../shared/data/glue"),
                                   description="local GLUE folder (relative paths: to the repo); "
                                               "the hub is used when it is absent")
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
+    prompt_column: str | None = Field(None, description="with response_column: instruction rows")
+    response_column: str | None = None
+    client_eval_fraction: float = Field(0.0, ge=0, lt=1, description="held out of each shard for its "
+                                        "client's own evaluation (client_eval_every)")
     max_examples: int | None = Field(4000, ge=1, description="cap on training rows (all clients)")
     max_eval: int | None = Field(500, ge=1, description="cap on eval rows")
     eval_fraction: float = Field(0.1, gt=0, lt=1)
@@ -115,6 +120,9 @@ class BenchConfig(Strict):
     poll_seconds: float = Field(20.0, gt=0, description="client long-poll length")
     target_accuracy: float | None = Field(None, gt=0, le=1,
                                           description="accuracy for the bytes-to-target column")
+    instruction: dict[str, Any] | None = Field(None, description="round.yaml's instruction section "
+                                               "(template, prompt_format) for prompt/response data")
+    client_eval_every: int = Field(0, ge=0, description="round.yaml's eval.client_every (0: server eval only)")
     methods: list[MethodSpec] = Field(min_length=1)
     quick: QuickSpec = QuickSpec()
 

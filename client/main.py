@@ -23,6 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server", required=True, help="coordinator address host:port")
     p.add_argument("--data", required=True, help="shard name (e.g. shard3) or path of a saved split")
     p.add_argument("--data-root", default=".", help="folder holding the shards (fedkrso-partition --out)")
+    p.add_argument("--eval-data", help="held-out split this client evaluates the global model on when the "
+                   "run's eval.client_every asks (default: <data>/eval, written by fedkrso-partition)")
     p.add_argument("--model", help="local copy of the base model (default: the run's model spec)")
     p.add_argument("--name", help="display name (default: the shard name)")
     p.add_argument("--report", help="write a JSON report (rounds, final state fingerprint) here")
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         data = Path(args.data_root) / args.data
     path = _optional_path
     name = args.name or Path(args.data).name
-    opts = ClientOptions(server=args.server, data=data, model=args.model, name=name,
+    opts = ClientOptions(server=args.server, data=data, eval_data=path(args.eval_data), model=args.model, name=name,
                          poll_seconds=args.poll_seconds, report=path(args.report), ca=path(args.ca),
                          cert=path(args.cert), key=path(args.key), token_file=path(args.token_file),
                          insecure=args.insecure, server_name=args.server_name,

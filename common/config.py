@@ -73,9 +73,34 @@ class TrainingSection(Section):
 
 
 class EvalSection(Section):
-    data: Path | None = Field(None, description="evaluation split saved by fedkrso-partition")
+    data: Path | None = Field(None, description="the server's evaluation split (saved by fedkrso-partition); "
+                              "None: the server does not evaluate")
     batch_size: int = Field(64, ge=1)
-    max_examples: int | None = Field(None, ge=1, description="cap on evaluated examples")
+    max_examples: int | None = Field(None, ge=1, description="cap on evaluated examples (server and clients)")
+    client_every: int = Field(
+        0, ge=0, description="clients selected for a round t with t % client_every == 0 evaluate the model "
+        "they caught up to (W^t) on their own held-out rows (<shard>/eval) and report it; 0 = never")
+
+    def client_due(self, round_id: int) -> bool:
+        """Whether the clients of round ``round_id`` evaluate (``client_every``)."""
+        return self.client_every > 0 and round_id % self.client_every == 0
+
+
+class InstructionSection(Section):
+    """How prompt/response rows (a causal LM's instruction data) become tokens; the loss and
+    the evaluation cover the response tokens only (README, "Instruction tuning")."""
+
+    template: Literal["plain", "chat"] = Field(
+        "plain", description="plain: prompt_format, then the response and end-of-sequence; chat: the "
+        "tokenizer's chat template, a user turn holding prompt_format and the assistant's response")
+    prompt_format: str = Field(
+        "{prompt}\n", description="text of the prompt, with the row's prompt in place of {prompt}")
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> InstructionSection:
+        if self.prompt_format.count("{prompt}") != 1:
+            raise ValueError("prompt_format must contain {prompt} exactly once")
+        return self
 
 
 class ServerSection(Section):
@@ -152,6 +177,7 @@ class RunConfig(Section):
     method: MethodSection
     rounds: RoundsSection = RoundsSection()
     training: TrainingSection = TrainingSection()
+    instruction: InstructionSection = InstructionSection()
     eval: EvalSection = EvalSection()
     server: ServerSection = ServerSection()
     security: SecuritySection = SecuritySection()
@@ -159,6 +185,14 @@ class RunConfig(Section):
     def build_method(self) -> Method:
         """The run's method, with its optimizer setting and schedule length."""
         return build_method(self.method, self.run.seed, self.training.optimizer, self.rounds.total)
+
+    def token_format(self):
+        """How this run's rows become tokens (``common.data.TokenFormat``): the same on the
+        server and every client."""
+        from .data import TokenFormat
+
+        return TokenFormat(self.model.task, self.model.max_length, self.instruction.template,
+                           self.instruction.prompt_format)
 
 
 def address_host(address: str) -> str:

@@ -279,8 +279,8 @@ class Coordinator:
     def touch(self, client_id: str) -> None:
         self.registry.touch(client_id)
 
-    async def join(self, client_id: str, name: str, num_samples: int) -> None:
-        self.registry.join(client_id, name, num_samples)
+    async def join(self, client_id: str, name: str, num_samples: int, eval_samples: int = 0) -> None:
+        self.registry.join(client_id, name, num_samples, eval_samples)
         await self.notify()
 
     async def leave(self, client_id: str, reason: str) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 import structlog
 
 from ..common.accounting import Traffic, round_traffic
-from .rounds import RoundState
+from .client_eval import combine as combine_client_eval
+from .rounds import RoundState, Submission
 
 log = structlog.get_logger("fedkrso.server")
 
@@ -27,13 +28,25 @@ COLUMNS = [
     ("train loss", "train_loss", "{:.4f}"),
     ("eval loss", "eval_loss", "{:.4f}"),
     ("eval acc", "eval_accuracy", "{:.4f}"),
+    ("eval ppl", "eval_perplexity", "{:.2f}"),
+    ("client loss", "client_eval_loss", "{:.4f}"),
+    ("client acc", "client_eval_accuracy", "{:.4f}"),
+    ("client ppl", "client_eval_perplexity", "{:.2f}"),
     ("secs", "round_seconds", "{:.1f}"),
 ]
 
 
+def _client_figures(s: Submission) -> dict:
+    figures = {"loss": s.loss}
+    if s.eval_examples:  # its evaluation of W^round (client_eval.py)
+        figures.update({f"eval_{k}": v for k, v in s.eval.items()}, eval_examples=s.eval_examples)
+    return figures
+
+
 def round_row(rs: RoundState, state_fingerprint: str, fedavg_bytes: int) -> dict:
-    """One metrics.jsonl object without its evaluation: traffic summed over the aggregated
-    clients (``accounting.round_traffic``) and per client, losses, client figures."""
+    """One metrics.jsonl object without the server's evaluation: traffic summed over the
+    aggregated clients (``accounting.round_traffic``) and per client, losses, client figures,
+    and the clients' own evaluation of W^round when they made one (``client_eval.combine``)."""
     ids = sorted(rs.submissions)
     traffic = [rs.traffic.get(c, Traffic()) for c in ids]
     subs = [rs.submissions[c] for c in ids]
@@ -49,10 +62,11 @@ def round_row(rs: RoundState, state_fingerprint: str, fedavg_bytes: int) -> dict
         "client_train_state_bytes": max((s.train_state_bytes for s in subs), default=0),
         "round_seconds": time.monotonic() - rs.started,
         "state_fingerprint": state_fingerprint,
+        **combine_client_eval(rs.round, subs),
         "per_client": {
             c: {"uplink_payload_bytes": t.up_payload, "uplink_wire_bytes": t.up_wire,
                 "downlink_payload_bytes": t.down_payload, "downlink_wire_bytes": t.down_wire,
-                "seeds_used": len(s.seeds_used), "loss": s.loss}
+                "seeds_used": len(s.seeds_used), **_client_figures(s)}
             for c, t, s in zip(ids, traffic, subs)
         },
     }

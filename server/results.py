@@ -16,26 +16,24 @@ log = structlog.get_logger("fedkrso.server")
 
 
 class ServerEvaluator:
-    """Evaluates the global model on ``eval.data`` (loaded once, on first use); no
-    evaluation split configured means no evaluation."""
+    """Evaluates the global model on ``eval.data`` (loaded and tokenised once, on first
+    use); no evaluation split configured means no server evaluation (clients may still
+    evaluate on their own rows: ``client_eval.py``)."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self._data = None
-        self._tokenizer = None
+        self._tokens = None
 
     def __call__(self, model: nn.Module) -> dict:
         if self.cfg.eval.data is None:
             return {}
-        from ..common.data import load_split
+        from ..common.data import load_split, tokenize
         from ..common.evaluate import evaluate
 
-        if self._data is None:
-            self._data = load_split(self.cfg.eval.data)
-            self._tokenizer = load_tokenizer(self.cfg.model.name)
-        m = self.cfg.model
-        return evaluate(model, self._data, self._tokenizer, m.task, m.max_length,
-                        self.cfg.eval.batch_size, self.cfg.eval.max_examples)
+        if self._tokens is None:
+            tokenizer = load_tokenizer(self.cfg.model.name)
+            self._tokens = tokenize(load_split(self.cfg.eval.data), tokenizer, self.cfg.token_format())
+        return evaluate(model, self._tokens, self.cfg.eval.batch_size, self.cfg.eval.max_examples)
 
 
 def save_final(cfg: RunConfig, method: Method, model: nn.Module, out: Path, state_fingerprint: str) -> Path:

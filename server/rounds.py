@@ -52,6 +52,8 @@ class UpdateReport:
     peak_rss_bytes: int
     train_state_bytes: int
     seeds_used: tuple[int, ...]
+    eval_metrics: tuple[tuple[str, float], ...] = ()  # the client's evaluation of W^round, if due
+    eval_examples: int = 0
 
 
 @dataclass
@@ -68,12 +70,14 @@ class Submission:
     peak_rss_bytes: int
     train_state_bytes: int
     seeds_used: list[int]
+    eval: dict[str, float] = field(default_factory=dict)  # validated (``client_eval.check``)
+    eval_examples: int = 0
 
     @classmethod
     def of(cls, client_id: str, report: UpdateReport) -> Submission:
         return cls(client_id, report.digest, report.num_samples, report.loss, report.steps,
                    report.train_seconds, report.peak_rss_bytes, report.train_state_bytes,
-                   list(report.seeds_used))
+                   list(report.seeds_used), dict(report.eval_metrics), report.eval_examples)
 
 
 @dataclass

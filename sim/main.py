@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     print(format_table(rows), flush=True)
-    summary = {k: rows[-1].get(k) for k in ("round", "eval_accuracy", "eval_loss")} if rows else {}
+    keys = ("round", "eval_accuracy", "eval_loss", "eval_perplexity", "client_eval_accuracy", "client_eval_loss",
+            "client_eval_perplexity")
+    summary = {k: rows[-1][k] for k in keys if k in rows[-1]} if rows else {}
     print(json.dumps({"run_id": sim.coord.run_id, "output_dir": str(sim.coord.out), "clients": len(sim.participants),
                       "seconds": round(time.monotonic() - started, 1), **summary}), flush=True)
     sys.exit(0)
