@@ -148,14 +148,21 @@ class BenchConfig(Strict):
         return cfg
 
 
+class BenchConfigError(ValueError):
+    """A bench YAML that is missing or does not validate; the message names every bad field."""
+
+
 def load_bench_config(path: str | Path) -> BenchConfig:
-    data = yaml.safe_load(Path(path).read_text())
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise BenchConfigError(f"{path}: {err}") from None
     try:
         return BenchConfig.model_validate(data)
     except ValidationError as err:
         lines = [f"{path}: {err.error_count()} invalid field(s)"]
         lines += [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-        raise SystemExit("\n".join(lines)) from None
+        raise BenchConfigError("\n".join(lines)) from None
 
 
 class ProtocolBlock(BaseModel):
@@ -200,5 +207,5 @@ def load_protocol(path: str | Path) -> ProtocolConfig:
     except ValidationError as err:
         lines = [f"{path}: {err.error_count()} invalid field(s)"]
         lines += [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-        raise SystemExit("\n".join(lines)) from None
+        raise BenchConfigError("\n".join(lines)) from None
     return protocol

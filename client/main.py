@@ -1,7 +1,7 @@
 """``fedkrso-client --server host:50051 --data shard3``: one federated client process.
 
-Exit codes: 0 run finished, 2 missing file or bad flags, 3 refused to go on (different base
-model, inconsistent state), 4 an RPC failed for good or the server refused the credential.
+Joins the run, loads the base model, then trains the rounds it is selected for until the
+server ends the run.
 """
 
 from __future__ import annotations
@@ -10,16 +10,20 @@ import argparse
 import sys
 from pathlib import Path
 
-import grpc
 import structlog
 
 from ..common import logs
+from ..common.cli import fail, parser, require_file
 
 log = structlog.get_logger("fedkrso.client")
+PROG = "fedkrso-client"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fedkrso-client", description=__doc__)
+    p = parser(PROG, __doc__, {0: "the run finished", 2: "bad flags, a missing shard or credential file",
+                               3: "refused to go on (a different base model, inconsistent state)",
+                               4: "an RPC failed for good, or the server refused the credential",
+                               130: "interrupted"})
     p.add_argument("--server", required=True, help="coordinator address host:port")
     p.add_argument("--data", required=True, help="shard name (e.g. shard3) or path of a saved split")
     p.add_argument("--data-root", default=".", help="folder holding the shards (fedkrso-partition --out)")
@@ -54,16 +58,22 @@ def _optional_path(value: str | None) -> Path | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    data = Path(args.data)
+    if not data.is_absolute() and not data.exists():
+        data = Path(args.data_root) / args.data
+    if not data.is_dir():
+        fail(PROG, f"data not found: {data} (a shard written by fedkrso-partition)")
+    for flag in ("ca", "cert", "key", "token_file"):
+        if getattr(args, flag):
+            require_file(PROG, getattr(args, flag), f"--{flag.replace('_', '-')}")
     logs.configure(args.log_level, args.log_json)
+    import grpc
     import torch
 
     from ..common.participant import ParticipantError
     from .runner import ClientError, ClientOptions, CredentialRefused, FedClient
 
     torch.set_num_threads(args.threads)
-    data = Path(args.data)
-    if not data.is_absolute() and not data.exists():
-        data = Path(args.data_root) / args.data
     path = _optional_path
     name = args.name or Path(args.data).name
     opts = ClientOptions(server=args.server, data=data, eval_data=path(args.eval_data), model=args.model, name=name,
@@ -83,8 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         log.error("rpc_failed", code=err.code().name, details=err.details())
         sys.exit(4)
     except FileNotFoundError as err:
-        log.error("missing_file", error=str(err))
-        sys.exit(2)
+        fail(PROG, err)
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(0)

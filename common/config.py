@@ -21,6 +21,9 @@ MethodSection = Annotated[
 ]
 
 
+Tracker = Literal["tensorboard", "csv", "wandb", "mlflow", "plot"]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -29,6 +32,15 @@ class RunSection(Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$", description="run name (in paths)")
     seed: int = Field(0, ge=0, description="run seed: round seeds, client RNGs, head init")
     output_dir: Path = Field(Path("runs/run"), description="metrics, checkpoints, final model")
+    report_to: list[Tracker] = Field(
+        default_factory=list, description="where each metrics row goes besides metrics.jsonl: "
+        "tensorboard, csv, wandb (offline), mlflow (file store), plot (metrics.png); server/trackers.py")
+
+    @model_validator(mode="after")
+    def _trackers_once(self) -> RunSection:
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError(f"report_to names a tracker twice: {self.report_to}")
+        return self
 
 
 class ModelSection(Section):
@@ -229,8 +241,17 @@ def parse_config(data: dict, source: str = "config") -> RunConfig:
         raise ConfigError(format_errors(source, err)) from None
 
 
+def check_inputs(cfg: RunConfig) -> None:
+    """``ConfigError`` now, before a model loads, for an input folder the run would miss later
+    (``eval.data``, read after the first round)."""
+    if cfg.eval.data is not None and not Path(cfg.eval.data).is_dir():
+        raise ConfigError(f"eval.data: no evaluation split at {cfg.eval.data} (write it with fedkrso-partition)")
+
+
 def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

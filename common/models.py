@@ -98,6 +98,27 @@ def model_fingerprint(model: nn.Module) -> str:
     return fingerprint(sorted((k, v) for k, v in state.items() if v.is_floating_point()))
 
 
+def base_identity(spec: str, model: nn.Module) -> dict:
+    """Which base model a run started from: the spec, where it came from (``package``: an
+    offline alias, with its distribution and version as the revision; ``local``: a folder or a
+    .gguf file; ``hub``: a hub id, with the commit transformers loaded when it knows it) and
+    ``model_fingerprint`` of the loaded (and prepared) model, the identity checked on rebuild."""
+    from importlib import metadata
+
+    revision = None
+    if spec in ALIASES:
+        source = "package"
+        module = ALIASES[spec][0]
+        for dist in metadata.packages_distributions().get(module, []):
+            revision = f"{dist}=={metadata.version(dist)}"
+    elif Path(resolve(spec)[0]).exists():
+        source = "local"
+    else:
+        source = "hub"
+        revision = getattr(getattr(model, "config", None), "_commit_hash", None)
+    return {"name": spec, "source": source, "revision": revision, "model_fingerprint": model_fingerprint(model)}
+
+
 def build_tiny(family: str, out_dir: str | os.PathLike, num_labels: int = 2, seed: int = 0,
                hidden: int = 32, layers: int = 2) -> Path:
     """Write a tiny randomly initialised model of ``family`` plus a tokenizer to ``out_dir``.

@@ -1,4 +1,9 @@
-"""``fedkrso-server --config round.yaml``: run one federated job and exit when it is done."""
+"""``fedkrso-server --config round.yaml``: run one federated job and exit when it is done.
+
+The run's metrics go to <run.output_dir>/metrics.jsonl (and to run.report_to's trackers), its
+state to <run.output_dir>/state (a restart with the same config resumes it), the final model
+to <run.output_dir>/final; fedkrso-export rebuilds the model after any round.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +17,16 @@ from pathlib import Path
 import structlog
 
 from ..common import logs
-from ..common.config import ConfigError, load_config
-from .metrics import format_table
+from ..common.cli import fail, parser, require_file
 
 log = structlog.get_logger("fedkrso.server")
+PROG = "fedkrso-server"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fedkrso-server", description=__doc__)
+    p = parser(PROG, __doc__, {0: "the run finished", 2: "bad flags; a missing or invalid config, input "
+                               "file or credential; saved state of another run or that does not replay",
+                               130: "interrupted"})
     p.add_argument("--config", required=True, help="round.yaml")
     p.add_argument("--listen", help="host:port to bind (overrides server.listen; port 0 = any)")
     p.add_argument("--output-dir", help="overrides run.output_dir")
@@ -35,11 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    from ..common.config import check_inputs, load_config
     from .auth import check_security
     from .coordinator import Coordinator
+    from .metrics import format_table
     from .service import run_server
 
     cfg = load_config(args.config)
+    check_inputs(cfg)
     if args.output_dir:
         cfg.run.output_dir = Path(args.output_dir)
     if args.insecure:
@@ -63,17 +73,18 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    require_file(PROG, args.config, "config")
     logs.configure(args.log_level, args.log_json)
     import torch
 
+    from ..common.config import ConfigError
     from .state import StateError
 
     torch.set_num_threads(args.threads)
     try:
         sys.exit(asyncio.run(serve(args)))
     except (ConfigError, StateError) as err:
-        print(f"fedkrso-server: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(PROG, err)
     except KeyboardInterrupt:
         sys.exit(130)
 

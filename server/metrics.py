@@ -116,14 +116,16 @@ class MetricsWriter:
     def has(self, round_id: int) -> bool:
         return round_id in self.rounds
 
-    def write(self, row: dict) -> None:
+    def write(self, row: dict) -> bool:
+        """Append ``row``; False (and nothing written) when its round is already there."""
         if self.has(row["round"]):
-            return
+            return False
         with self.path.open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.rounds.add(row["round"])
+        return True
 
     def rows(self) -> list[dict]:
         if not self.path.exists():
@@ -131,19 +133,39 @@ class MetricsWriter:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
+def _cell(row: dict, key: str, fmt: str) -> str:
+    v = row.get(key)
+    if key == "clients" and isinstance(v, list):
+        v = len(v)
+    return "-" if v is None else fmt.format(v)
+
+
 def format_table(rows: list[dict]) -> str:
     """A fixed-width table of the per-round metrics."""
     cols = [(h, k, f) for h, k, f in COLUMNS if any(k in r for r in rows)]
     cells = [[h for h, _, _ in cols]]
-    for r in rows:
-        line = []
-        for _, key, fmt in cols:
-            v = r.get(key)
-            if key == "clients" and isinstance(v, list):
-                v = len(v)
-            line.append("-" if v is None else fmt.format(v))
-        cells.append(line)
+    cells += [[_cell(r, key, fmt) for _, key, fmt in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     out = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+class RowPrinter:
+    """``format_table``'s table one row at a time, for printing each round as it closes: the
+    header comes with the first row, whose fields choose the columns and (with room to grow)
+    their widths."""
+
+    def __init__(self) -> None:
+        self.cols: list[tuple[str, str, str]] = []
+        self.widths: list[int] = []
+
+    def lines(self, row: dict) -> list[str]:
+        out = []
+        if not self.cols:
+            self.cols = [(h, k, f) for h, k, f in COLUMNS if k in row]
+            self.widths = [max(len(h), len(_cell(row, k, f)) + 2) for h, k, f in self.cols]
+            out.append("  ".join(h.rjust(w) for (h, _, _), w in zip(self.cols, self.widths)))
+            out.append("  ".join("-" * w for w in self.widths))
+        out.append("  ".join(_cell(row, k, f).rjust(w) for (_, k, f), w in zip(self.cols, self.widths)))
+        return out

@@ -36,19 +36,22 @@ class ServerEvaluator:
         return evaluate(model, self._tokens, self.cfg.eval.batch_size, self.cfg.eval.max_examples)
 
 
-def save_final(cfg: RunConfig, method: Method, model: nn.Module, out: Path, state_fingerprint: str) -> Path:
-    """save_pretrained into ``<out>/final`` (plus adapters.safetensors if any) and the final
-    state fingerprint beside it."""
-    from safetensors.torch import save_file
-
-    path = out / "final"
+def write_model(cfg: RunConfig, method: Method, model: nn.Module, path: Path) -> Path:
+    """A folder plain transformers loads: ``save_pretrained`` of ``method.export(model)``, the
+    tokenizer, and ``adapters.safetensors`` for what the plain model cannot hold (FedTT; its
+    loader is ``fedkrso.common.methods.fedtt.load_adapters``). ``<run>/final`` and
+    ``fedkrso-export`` both write with this."""
     method.export(model).save_pretrained(path)
     try:
         load_tokenizer(cfg.model.name).save_pretrained(path)
     except (OSError, ValueError) as err:  # tokenizer is a convenience, not the result
         log.warning("tokenizer_not_saved", error=str(err))
-    extra = method.export_extra(model)
-    if extra:
-        save_file({k: v.contiguous() for k, v in extra.items()}, str(path / "adapters.safetensors"))
+    method.save_extras(model, path)
+    return path
+
+
+def save_final(cfg: RunConfig, method: Method, model: nn.Module, out: Path, state_fingerprint: str) -> Path:
+    """``write_model`` into ``<out>/final`` and the final state fingerprint beside it."""
+    path = write_model(cfg, method, model, out / "final")
     (out / "final_state_fingerprint.txt").write_text(state_fingerprint + "\n")
     return path

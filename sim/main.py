@@ -4,8 +4,6 @@ One client per ``shardN`` folder under ``--data-root`` (as written by fedkrso-pa
 same coordinator, client-side round and message accounting as a distributed run; metrics,
 state and the final model go where ``run.output_dir`` says, as for ``fedkrso-server``.
 Socket bytes are not measured (``*_wire_bytes`` is null).
-
-Exit codes: 0 the run finished, 2 a bad config, flag or missing data.
 """
 
 from __future__ import annotations
@@ -18,12 +16,14 @@ import time
 from pathlib import Path
 
 from ..common import logs
-from ..common.config import ConfigError, load_config
+from ..common.cli import fail, parser, require_dir, require_file
+
+PROG = "fedkrso-sim"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fedkrso-sim", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(PROG, __doc__, {0: "the run finished", 2: "bad flags; a missing or invalid config or data; "
+                               "saved state that cannot be resumed", 130: "interrupted"})
     p.add_argument("--config", required=True, help="round.yaml")
     p.add_argument("--data-root", required=True, help="folder holding shard0..shardN-1 (fedkrso-partition --out)")
     p.add_argument("--output-dir", help="overrides run.output_dir")
@@ -37,9 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    require_file(PROG, args.config, "config")
+    require_dir(PROG, args.data_root, "data root")
     logs.configure(args.log_level, args.log_json)
     import torch
 
+    from ..common.config import ConfigError, check_inputs, load_config
     from ..server.metrics import format_table
     from ..server.state import StateError
     from .runner import Simulation
@@ -47,14 +50,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     try:
         cfg = load_config(args.config)
+        check_inputs(cfg)
         if args.output_dir:
             cfg.run.output_dir = Path(args.output_dir)
         started = time.monotonic()
         sim = Simulation(cfg, Path(args.data_root), fresh=not args.resume)
         rows = asyncio.run(sim.run())
     except (ConfigError, StateError, FileNotFoundError) as err:
-        print(f"fedkrso-sim: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(PROG, err)
     except KeyboardInterrupt:
         sys.exit(130)
     print(format_table(rows), flush=True)

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import structlog
 
+from ..cli import fail, parser
 from .labels import DataSourceError
 from .partition import PartitionInfo, make_partition, save_partition
 from .sources import SOURCES_HELP, load_source
+
+PROG = "fedkrso-partition"
 
 log = structlog.get_logger(__name__)
 
@@ -34,10 +37,10 @@ def summary_table(info: PartitionInfo) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fedkrso-partition",
-        description="Split a dataset into federated client shards plus an eval split.",
-    )
+    p = parser(PROG, "Split a dataset into federated client shards plus an eval split, written under --out "
+               "as shard0..N-1 and eval (datasets.save_to_disk) with partition.json.",
+               {0: "written", 2: "bad flags; a missing, unreadable or unusable source; --out already holds a "
+                "partition"})
     p.add_argument("--source", default="bbc", help=SOURCES_HELP)
     p.add_argument("--glue-dir", type=Path,
                    help="local GLUE folder (without it glue:<TASK> loads from the hub)")
@@ -91,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
             client_eval_fraction=args.client_eval_fraction,
         )
         save_partition(part, args.out)
-    except (DataSourceError, ValueError, FileExistsError) as err:
-        raise SystemExit(f"fedkrso-partition: {err}") from None
+    except (DataSourceError, ValueError, FileExistsError, FileNotFoundError) as err:
+        fail(PROG, err)
     print(summary_table(part.info))
 
 

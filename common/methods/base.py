@@ -12,7 +12,9 @@ A method is one module under ``fedkrso.common.methods`` with the same shape:
 * ``upload_bytes_formula(model, n_seeds_used)``: the closed-form payload of one upload, which
   tests compare with the bytes actually encoded;
 * ``export(model)`` / ``export_extra(model)``: a plain transformers model for
-  ``save_pretrained`` plus any tensors it cannot hold (FedTT's adapters), saved beside it.
+  ``save_pretrained`` plus any tensors it cannot hold (FedTT's adapters), which
+  ``save_extras`` writes beside it as ``adapters.safetensors`` (the method's config in the
+  file's metadata, so a loader such as ``fedtt.load_adapters`` needs nothing else).
 
 Uploads are *changes* (accumulators, weight deltas, per-seed scalars), so the server's job is
 the same for every method: a weighted mean of named tensors (``StreamingAggregator``), where a
@@ -21,10 +23,12 @@ tensor a client did not send counts as zero (a FedKRSO seed it never drew).
 
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
@@ -36,6 +40,8 @@ from ..tensors import element_size
 from .optim import OptimizerConfig, Optimization
 
 WireDtype = Literal["float32", "bfloat16", "float16"]
+EXTRAS_FILE = "adapters.safetensors"
+EXTRAS_FORMAT = "fedkrso-adapters/1"
 
 # Linear-like modules inside the repeated transformer blocks (BERT `layer.N`, LLaMA `layers.N`,
 # GPT-2 `h.N`, T5/others `block.N`).
@@ -254,6 +260,20 @@ class Method(ABC):
         """Trained tensors the plain model cannot hold (adapters that do not merge into the
         base weights), saved with safetensors next to ``export(model)``; empty by default."""
         return {}
+
+    def save_extras(self, model: nn.Module, folder: Path) -> Path | None:
+        """Write ``export_extra(model)`` to ``folder/adapters.safetensors``, with the format,
+        the method's name and its config as JSON in the safetensors metadata; None (and no
+        file) when the method has nothing beyond the plain model."""
+        from safetensors.torch import save_file
+
+        extra = self.export_extra(model)
+        if not extra:
+            return None
+        path = Path(folder) / EXTRAS_FILE
+        meta = {"format": EXTRAS_FORMAT, "method": self.name, "config": json.dumps(self.cfg.model_dump(mode="json"))}
+        save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(path), metadata=meta)
+        return path
 
     def upload_bytes_formula(self, model: nn.Module, n_seeds_used: int = 0) -> int:
         """Payload bytes of one client's upload in closed form (tensor data, no framing).
