@@ -113,13 +113,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def _train_rounds(args, shard, tokens, tokenizer, task, names) -> None:
     from ..common.config import parse_config
-    from ..common.methods import build_method
     from ..common.models import load_model
 
     steps = args.steps // 2
     cfg = parse_config({"model": {"name": args.model, "num_labels": len(names)},
                         "method": {"name": "fedkrso", "k": 4, "rank": 8, "intervals": 2, "interval_steps": steps}})
-    method = build_method(cfg.method, 0)
+    method = cfg.build_method()
     model = load_model(args.model, task, len(names), 0)
     method.prepare(model)
     seeds = method.round_seeds(0)

@@ -25,7 +25,7 @@ import structlog
 from torch import nn
 
 from ..common.config import ConfigError, RunConfig, load_config, parse_config
-from ..common.methods import Method, build_method
+from ..common.methods import Method
 from ..common.models import base_identity, load_model
 from .results import write_model
 from .state import RunStore, StateError, rebuild, run_identity, shaping_config
@@ -54,7 +54,7 @@ class Rebuilt:
 def load_base(cfg: RunConfig, model: str | None = None) -> tuple[Method, nn.Module, dict]:
     """The run's method and its base model as every party loads it (``model`` overrides where
     the base model is read from, as ``fedkrso-client --model`` does), with its identity."""
-    method = build_method(cfg.method, cfg.run.seed)
+    method = cfg.build_method()
     base = load_model(model or cfg.model.name, cfg.model.task, cfg.model.num_labels, cfg.run.seed)
     method.prepare(base)
     base.eval()
