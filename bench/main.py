@@ -22,7 +22,10 @@ import json
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_CONFIG, load_bench_config
+from pydantic import ValidationError
+
+from ..common.precision import DTYPE_NAMES
+from .config import DEFAULT_CONFIG, ModelSpec, load_bench_config
 from .runner import run_bench, write_report
 
 
@@ -34,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="results folder (default: output_dir or results/<name>[-quick])")
     p.add_argument("--methods", help="comma-separated subset of the config's methods")
     p.add_argument("--rounds", type=int, help="override rounds")
+    p.add_argument("--device", help="model.device of every run: cpu, cuda, cuda:N, mps, auto (overrides the config)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="model.dtype of every run (overrides the config)")
     p.add_argument("--report-only", metavar="DIR",
                    help="rewrite DIR/results.md and the plot from DIR/results.json, running nothing")
     args = p.parse_args(argv)
@@ -52,6 +57,12 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             raise SystemExit(f"fedkrso-bench: methods not in the config: {sorted(unknown)}")
         cfg.methods = [m for m in cfg.methods if m.tag in keep]
+    if args.device or args.dtype:
+        try:
+            cfg.model = ModelSpec.model_validate(cfg.model.model_dump() | {
+                k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v})
+        except ValidationError as err:
+            raise SystemExit(f"fedkrso-bench: --device {args.device!r}: {err.errors()[0]['msg']}") from None
     if args.rounds:
         cfg.rounds = args.rounds
         cfg.sweep_rounds = min(cfg.sweep_rounds, args.rounds)

@@ -67,6 +67,8 @@ def summarise(name: str, lr: float | None, rows: list[dict], state: dict, target
         "total_wire_bytes": cum[-1] if cum else 0,
         "wire_bytes_to_target": to_target,
         "client_peak_rss_bytes": max((r.get("client_peak_rss_bytes") or 0 for r in rows), default=0),
+        "client_accelerator_peak_bytes": max((r.get("client_accelerator_peak_bytes") or 0 for r in rows),
+                                             default=0),
         "train_state_bytes": measured_state or state.get("state_bytes"),
         "train_state_source": "measured" if measured_state else "analytic",
         "trainable_parameters": state.get("trainable_parameters"),

@@ -47,7 +47,7 @@ def round_yaml(cfg: BenchConfig, method: dict, rounds: int, data: Path, out: Pat
     return {
         "run": {"name": run_name, "seed": cfg.seed, "output_dir": str(out)},
         "model": {"name": cfg.model.name, "task": cfg.model.task, "num_labels": num_labels,
-                  "max_length": cfg.model.max_length},
+                  "max_length": cfg.model.max_length, "device": cfg.model.device, "dtype": cfg.model.dtype},
         "method": method,
         "rounds": {"total": rounds, "clients_per_round": cfg.clients_per_round,
                    "min_clients": cfg.clients_per_round, "deadline_s": cfg.deadline_s,

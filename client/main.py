@@ -1,7 +1,12 @@
 """``fedkrso-client --server host:50051 --data shard3``: one federated client process.
 
-Exit codes: 0 run finished, 2 missing file or bad flags, 3 refused to go on (different base
-model, inconsistent state), 4 an RPC failed for good or the server refused the credential.
+Exit codes: 0 run finished, 2 missing file, bad flags or a device that is not there, 3 refused
+to go on (different base model, inconsistent state), 4 an RPC failed for good or the server
+refused the credential.
+
+``--device`` / ``--dtype`` (or FEDKRSO_DEVICE / FEDKRSO_DTYPE) choose where and in which
+precision this client trains; without them it follows the run's ``model.device`` and
+``model.dtype``. Any choice agrees with the server's state (common/precision.py).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import grpc
 import structlog
 
 from ..common import logs
+from ..common.precision import PlacementError, add_placement_args, resolve_device
 
 log = structlog.get_logger("fedkrso.client")
 
@@ -36,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reconnect-seconds", type=float, default=300.0,
                    help="how long to keep retrying an unreachable server (rides out a restart)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 per process on small hosts)")
+    add_placement_args(p)
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-json", action="store_true", default=None)
     args = p.parse_args(argv)
@@ -68,8 +75,10 @@ def main(argv: list[str] | None = None) -> None:
                          poll_seconds=args.poll_seconds, report=path(args.report), ca=path(args.ca),
                          cert=path(args.cert), key=path(args.key), token_file=path(args.token_file),
                          insecure=args.insecure, server_name=args.server_name,
-                         reconnect_seconds=args.reconnect_seconds)
+                         reconnect_seconds=args.reconnect_seconds, device=args.device, dtype=args.dtype)
     try:
+        if args.device:
+            resolve_device(args.device)  # a device that is not there fails before joining
         FedClient(opts).run()
     except CredentialRefused as err:
         log.error("credential_refused", client=name, reason=str(err))
@@ -82,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(4)
     except FileNotFoundError as err:
         log.error("missing_file", error=str(err))
+        sys.exit(2)
+    except PlacementError as err:
+        log.error("bad_placement", error=str(err))
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -17,6 +17,7 @@ from torch import nn
 
 from .data import encode
 from .models import Task
+from .precision import placement_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -56,7 +57,8 @@ def evaluate(
     n = len(dataset) if max_examples is None else min(max_examples, len(dataset))
     if n == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    device = next(model.parameters()).device
+    placement = placement_of(model)
+    device = placement.device
     was_training = model.training
     model.eval()
     total, terms, correct, regression = 0.0, 0, 0, False
@@ -67,7 +69,8 @@ def evaluate(
                                max_length)
                 labels = batch.pop("labels").to(device)
                 regression = labels.is_floating_point()
-                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+                with placement.autocast():
+                    logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
                 loss, count, right = _sums(logits, labels, task)
                 total, terms, correct = total + loss, terms + count, correct + right
     finally:

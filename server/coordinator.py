@@ -20,9 +20,8 @@ import asyncio
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+import weakref
 from pathlib import Path
-from typing import Literal
 
 import structlog
 import torch
@@ -31,64 +30,51 @@ from ..common.accounting import ConnCounters, SocketMark, Traffic, full_model_by
 from ..common.aggregate import Aggregator, build_aggregator
 from ..common.config import RunConfig
 from ..common.logs import progress
-from ..common.methods import build_method
-from ..common.models import load_model, model_fingerprint
+from ..common.participant import Shared
+from ..common.precision import Placement
 from ..common.tensors import DTYPES
 from .metrics import MetricsWriter, round_row
 from .intake import UpdateIntake
 from .registry import ClientRegistry
 from .results import ServerEvaluator, save_final
-from .rounds import RoundDelta, RoundError, RoundState
+from .rounds import Assignment, RoundDelta, RoundError, RoundState, StateCopy
 from .state import RunStore, SavedRun, StateError, move_aside, restore_round
 
 log = structlog.get_logger("fedkrso.server")
 
 
 def run_identity(cfg: RunConfig) -> str:
-    """``<run name>-<hash>`` of every setting that shapes the results. Where the server
-    listens, its credentials and its output folder are left out: a restart may move the port or
-    rotate certificates and still resume the same run."""
+    """``<run name>-<hash>`` of every setting that shapes the results. Left out: where the
+    server listens, its credentials and output folder (a restart may move the port or rotate
+    certificates), ``model.device`` and ``model.dtype`` (each party's own; the state is float32
+    on all, common/precision.py) and an unset ``model.revision`` (older run ids still hold)."""
     shaping = cfg.model_dump(mode="json", exclude={"security": True, "run": {"output_dir"},
-                                                     "server": {"listen"}})
+                                                     "server": {"listen"}, "model": {"device", "dtype"}})
+    if shaping["model"].get("revision") is None:
+        shaping["model"].pop("revision", None)
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
     return f"{cfg.run.name}-{digest}"
-
-
-@dataclass
-class Assignment:
-    """What a polling client is told: train the open round, or the run is over; in both cases
-    how to reach the target state first (deltas, a snapshot, or nothing)."""
-
-    status: Literal["train", "finished"]
-    round: int
-    target_round: int
-    state_fingerprint: str
-    catch_up: Literal["none", "deltas", "snapshot"]
-    deltas: list[RoundDelta] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
-    plan_fingerprint: str = ""
-    deadline_unix: float = 0.0
 
 
 class Coordinator:
     """The state of one federated run on the server."""
 
     def __init__(self, cfg: RunConfig, fresh: bool = False, *, registry: ClientRegistry | None = None,
-                 deadlines: bool = True):
-        """Load the base model and, unless ``fresh``, resume the saved state of this run_id
-        from ``<output_dir>/state`` (``StateError`` if it belongs to another run or does not
-        replay to its recorded fingerprints). The in-process simulator passes a registry in
-        which clients stay live and turns ``deadlines`` off: it trains clients one after the
-        other and every selected client always submits."""
+                 deadlines: bool = True, placement: Placement | None = None):
+        """Load the base model (on ``placement``, default round.yaml's ``model.device`` and
+        ``model.dtype``; one copy, common/precision.py) and, unless ``fresh``, resume the
+        saved state of this run_id from ``<output_dir>/state`` (``StateError`` if it belongs
+        to another run or does not replay to its recorded fingerprints). The in-process
+        simulator passes a registry in which clients stay live and turns ``deadlines`` off: it
+        trains clients one after the other and every selected client always submits."""
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.run_id = run_identity(cfg)
-        self.method = build_method(cfg.method, cfg.run.seed)
-        self.model = load_model(cfg.model.name, cfg.model.task, cfg.model.num_labels, cfg.run.seed)
-        self.method.prepare(self.model)
+        self.shared = Shared.load(cfg, placement=placement)
+        self.method, self.model = self.shared.method, self.shared.model
         self.model.eval()
-        self.model_fingerprint = model_fingerprint(self.model)
+        self.model_fingerprint = self.shared.identity
         self.state_bytes = payload_bytes(self.method.state_parameters(self.model))  # a snapshot's payload
         self.fedavg_bytes = full_model_bytes(self.model)
         self.registry = registry or ClientRegistry(cfg.run.seed)
@@ -102,6 +88,7 @@ class Coordinator:
         self.current: RoundState | None = None
         self.finished = False
         self._last_row: dict | None = None
+        self._snapshot_copy: tuple[int, weakref.ref] = (-1, lambda: None)  # round, its shared copy
         self.changed = asyncio.Condition()
         self.model_lock = asyncio.Lock()
         self.fold_lock = asyncio.Lock()
@@ -395,9 +382,17 @@ class Coordinator:
                 await self.save_open(rs)
 
     async def snapshot(self, round_id: int) -> tuple[dict[str, torch.Tensor], str]:
-        """A copy of the state after ``round_id`` rounds (the current one) and its fingerprint."""
+        """A copy of the state after ``round_id`` rounds (the current one) and its fingerprint.
+
+        One copy per round, shared by every stream that serves it and freed when the last of
+        them lets go (a weak reference): for a billion-parameter model, 32 concurrent
+        snapshot downloads must not mean 32 copies of the state."""
         async with self.model_lock:
             if round_id != self.completed:
                 raise RoundError("FAILED_PRECONDITION",
                                  f"snapshot of round {round_id} unavailable; current is {self.completed}")
-            return self.method.snapshot(self.model), self.state_fingerprints[self.completed]
+            state = self._snapshot_copy[1]() if self._snapshot_copy[0] == round_id else None
+            if state is None:
+                state = StateCopy(self.method.snapshot(self.model))
+                self._snapshot_copy = (round_id, weakref.ref(state))
+            return state, self.state_fingerprints[self.completed]

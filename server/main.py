@@ -13,6 +13,7 @@ import structlog
 
 from ..common import logs
 from ..common.config import ConfigError, load_config
+from ..common.precision import PlacementError, add_placement_args, resolve_placement
 from .metrics import format_table
 
 log = structlog.get_logger("fedkrso.server")
@@ -29,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true",
                    help="move saved state of an earlier run aside (<output_dir>/previous-*) instead of resuming")
     p.add_argument("--threads", type=int, default=1, help="torch threads for aggregation/eval")
+    add_placement_args(p)
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-json", action="store_true", default=None, help="JSON logs even on a terminal")
     return p.parse_args(argv)
@@ -45,7 +47,9 @@ async def serve(args: argparse.Namespace) -> int:
     if args.insecure:
         cfg.security.insecure = True
     check_security(cfg.security, args.listen or cfg.server.listen)  # before the model loads
-    coord = await asyncio.to_thread(Coordinator, cfg, args.fresh)
+    # this process's device and dtype; cfg keeps round.yaml's, which clients receive as defaults
+    placement = resolve_placement(cfg.model.device, cfg.model.dtype, args.device, args.dtype)
+    coord = await asyncio.to_thread(Coordinator, cfg, args.fresh, placement=placement)
     async with run_server(coord, args.listen) as port:
         log.info("server_listening", port=port, run_id=coord.run_id)
         if args.port_file:
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     try:
         sys.exit(asyncio.run(serve(args)))
-    except (ConfigError, StateError) as err:
+    except (ConfigError, StateError, PlacementError) as err:
         print(f"fedkrso-server: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

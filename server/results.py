@@ -32,7 +32,7 @@ class ServerEvaluator:
 
         if self._data is None:
             self._data = load_split(self.cfg.eval.data)
-            self._tokenizer = load_tokenizer(self.cfg.model.name)
+            self._tokenizer = load_tokenizer(self.cfg.model.name, self.cfg.model.revision)
         m = self.cfg.model
         return evaluate(model, self._data, self._tokenizer, m.task, m.max_length,
                         self.cfg.eval.batch_size, self.cfg.eval.max_examples)
@@ -46,7 +46,7 @@ def save_final(cfg: RunConfig, method: Method, model: nn.Module, out: Path, stat
     path = out / "final"
     method.export(model).save_pretrained(path)
     try:
-        load_tokenizer(cfg.model.name).save_pretrained(path)
+        load_tokenizer(cfg.model.name, cfg.model.revision).save_pretrained(path)
     except (OSError, ValueError) as err:  # tokenizer is a convenience, not the result
         log.warning("tokenizer_not_saved", error=str(err))
     extra = method.export_extra(model)

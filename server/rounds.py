@@ -1,4 +1,5 @@
-"""The records of a run's rounds: an open round, an accepted submission, a closed round's delta.
+"""The records of a run's rounds: an open round, an accepted submission, a closed round's delta,
+what a polling client is told (``Assignment``) and a shared snapshot of the state.
 
 Plain data with no I/O: the coordinator (``coordinator.py``) changes them, the persistence
 layer (``state.py``) writes and reads them, the metrics row (``metrics.py``) summarises them.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -51,6 +53,7 @@ class UpdateReport:
     peak_rss_bytes: int
     train_state_bytes: int
     seeds_used: tuple[int, ...]
+    accelerator_peak_bytes: int = 0
 
 
 @dataclass
@@ -67,12 +70,13 @@ class Submission:
     peak_rss_bytes: int
     train_state_bytes: int
     seeds_used: list[int]
+    accelerator_peak_bytes: int = 0  # absent from open rounds saved before it existed
 
     @classmethod
     def of(cls, client_id: str, report: UpdateReport) -> Submission:
         return cls(client_id, report.digest, report.num_samples, report.loss, report.steps,
                    report.train_seconds, report.peak_rss_bytes, report.train_state_bytes,
-                   list(report.seeds_used))
+                   list(report.seeds_used), report.accelerator_peak_bytes)
 
 
 @dataclass
@@ -104,3 +108,23 @@ class RoundState:
     def traffic_of(self, client_id: str) -> Traffic:
         """The client's traffic meter of this round, created on first use."""
         return self.traffic.setdefault(client_id, Traffic())
+
+
+@dataclass
+class Assignment:
+    """What a polling client is told: train the open round, or the run is over; in both cases
+    how to reach the target state first (deltas, a snapshot, or nothing)."""
+
+    status: Literal["train", "finished"]
+    round: int
+    target_round: int
+    state_fingerprint: str
+    catch_up: Literal["none", "deltas", "snapshot"]
+    deltas: list[RoundDelta] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    plan_fingerprint: str = ""
+    deadline_unix: float = 0.0
+
+
+class StateCopy(dict):
+    """A snapshot's tensors (a dict that can be weakly referenced)."""

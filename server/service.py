@@ -171,7 +171,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 await self._abort(context, "INVALID_ARGUMENT", str(err), client=client_id, round=h.round)
             report = UpdateReport(h.update_digest, int(h.num_samples), float(h.loss), int(h.steps),
                                   float(h.train_seconds), int(h.peak_rss_bytes), int(h.train_state_bytes),
-                                  tuple(h.seeds_used))
+                                  tuple(h.seeds_used), int(h.accelerator_peak_bytes))
             try:
                 folded = await coord.intake.accept(rs, client_id, report, {k: v.float() for k, v in tensors.items()},
                                                    asm.payload_bytes, msg_bytes, counters, down_at_submit)

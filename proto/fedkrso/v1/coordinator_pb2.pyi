@@ -111,7 +111,7 @@ class StartRoundResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[RoundHeader, _Mapping]] = ..., delta: _Optional[_Union[DeltaHeader, _Mapping]] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorBatch, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("run_id", "round", "num_samples", "loss", "steps", "seeds_used", "num_tensors", "update_digest", "train_seconds", "peak_rss_bytes", "train_state_bytes")
+    __slots__ = ("run_id", "round", "num_samples", "loss", "steps", "seeds_used", "num_tensors", "update_digest", "train_seconds", "peak_rss_bytes", "train_state_bytes", "accelerator_peak_bytes")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class UpdateHeader(_message.Message):
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRAIN_STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     num_samples: int
@@ -134,7 +135,8 @@ class UpdateHeader(_message.Message):
     train_seconds: float
     peak_rss_bytes: int
     train_state_bytes: int
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., loss: _Optional[float] = ..., steps: _Optional[int] = ..., seeds_used: _Optional[_Iterable[int]] = ..., num_tensors: _Optional[int] = ..., update_digest: _Optional[str] = ..., train_seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., train_state_bytes: _Optional[int] = ...) -> None: ...
+    accelerator_peak_bytes: int
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., loss: _Optional[float] = ..., steps: _Optional[int] = ..., seeds_used: _Optional[_Iterable[int]] = ..., num_tensors: _Optional[int] = ..., update_digest: _Optional[str] = ..., train_seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., train_state_bytes: _Optional[int] = ..., accelerator_peak_bytes: _Optional[int] = ...) -> None: ...
 
 class SubmitUpdateRequest(_message.Message):
     __slots__ = ("header", "tensors")
