@@ -5,11 +5,18 @@ round, FedKRSO against full fine-tuning (docs/BENCH.md, "A 1.1B LLaMA-shaped mod
 
 1. Builds TinyLlama-1.1B's shape from a config (random weights, bfloat16 safetensors, no
    download) and plain text shards (``bench/llama.py``).
-2. FedKRSO, measured whole: for each client dtype, a real run of one ``fedkrso-server``
-   (``--server-dtype``, float32 by default: a CPU server holds one float32 copy) and one
-   ``fedkrso-client`` process for 2 rounds, batch 1, ``--seq-len`` tokens, K=4, r=8, one
-   interval of 2 steps. The server's peak RSS is its VmHWM sampled until it exits, the
-   client's the peak RSS it reports in its update; the bytes are the metrics rows'.
+2. FedKRSO, measured party by party: for each client dtype, the client's round 0 and then
+   the server's, each alone in a fresh process (``bench/large_party``: the code of
+   ``fedkrso-client`` and of the coordinator, without the transport), so the machine holds one
+   copy of the model at a time: batch 1, ``--seq-len`` tokens, K=4, r=8, one interval of 2
+   steps. The client trains, builds its update, applies the round's delta and fingerprints the
+   state; the server (``--server-dtype``, float32 by default: one float32 copy) applies the
+   same delta, must reach the same fingerprint, and writes its checkpoint and the final
+   model. Peak RSS is each process's VmHWM (it counts the checkpoint's mapped pages, page
+   cache the kernel can reclaim); the anonymous RSS, sampled, leaves them out. The bytes are
+   the update's and the delta's payload and the update's gRPC messages. (A real
+   ``fedkrso-server`` with a ``fedkrso-client`` needs both at once; ``bench/gpu_check.py``
+   runs that on a larger machine, and the test suite on tiny models.)
 3. Full fine-tuning cannot be run whole on this machine (about 18 GB for Adam alone in the
    client; the FedAvg client and server about 26 and 26 GB more): its figures at 1.1B are the
    closed forms of ``bench/llama.analytic``, checked against arms measured at reduced depth:
@@ -25,6 +32,8 @@ Writes ``large.json`` and ``large.md`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -32,7 +41,9 @@ from pathlib import Path
 
 import psutil
 
-from .llama import Shape, analytic, federated_run, llama_model, text_shards, write_report
+from .launch import child_env
+from .llama import Shape, analytic, llama_model, text_shards, write_report, write_round_yaml
+from .scale import RssSampler
 from .llama_arms import measure
 
 GIB = 2**30
@@ -46,34 +57,41 @@ def mb(n: float | None) -> str:
     return "n/a" if n is None else f"{n / 1e6:,.2f} MB"
 
 
-def fedkrso_runs(args, shape: Shape, out: Path) -> list[dict]:
+def party(role: str, config: Path, out: Path, extra: list[str]) -> dict:
+    """``bench/large_party`` in a fresh process, its anonymous RSS sampled from outside."""
+    cmd = [sys.executable, "-m", "fedkrso.bench.large_party", role, "--config", str(config), "--out", str(out), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    sampler = RssSampler(proc.pid, every=0.2)
+    sampler.start()
+    stdout, stderr = proc.communicate(timeout=7200)
+    sampler.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{role} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1]) | {"peak_anon": sampler.peak_anon}
+
+
+def fedkrso_parties(args, shape: Shape, out: Path) -> list[dict]:
+    """For each client dtype: the client's round, then the server's, one process at a time."""
     model = llama_model(out / f"model-{shape.layers}", shape)
     data = text_shards(out / "text", clients=1)
     method = {"name": "fedkrso", "k": args.k, "rank": args.rank, "intervals": 1, "interval_steps": 2, "lr": 1e-4}
-    runs = []
+    config = write_round_yaml(out / "round", model, method, clients=1, rounds=1, batch=1, max_length=args.seq_len)
     a = analytic(shape, args.k, args.rank)
+    runs = []
     for dtype in args.client_dtypes.split(","):
-        # the closed forms plus half a GiB of runtime per process; the checkpoint's mapped
-        # pages are page cache the kernel can reclaim, not counted
-        need = 1.25 * (a["fedkrso_server_fp32"] + a["fedkrso_client_bf16" if dtype == "bfloat16"
-                                                    else "fedkrso_client_fp32"] + GIB)
-        if psutil.virtual_memory().available < need:
-            print(f"FedKRSO run with a {dtype} client skipped: {gib(need)} not available", flush=True)
+        need = 1.25 * (a["fedkrso_client_bf16" if dtype == "bfloat16" else "fedkrso_client_fp32"] + GIB)
+        if psutil.virtual_memory().available < max(need, 1.25 * (a["fedkrso_server_fp32"] + GIB)):
+            print(f"FedKRSO parties with a {dtype} client skipped: {gib(need)} not available", flush=True)
             continue
-        print(f"FedKRSO run: server {args.server_dtype}, client {dtype}", flush=True)
-        res = federated_run(out / f"run-fedkrso-{dtype}", model, data, method, clients=1, rounds=2, batch=1,
-                            max_length=args.seq_len, server_args=["--dtype", args.server_dtype],
-                            client_args=["--dtype", dtype])
-        runs.append({
-            "client_dtype": dtype, "server_dtype": args.server_dtype, "seconds": res.seconds,
-            "server_peak_rss": res.server_peak_rss, "server_peak_anon": res.server_peak_anon,
-            "client_peak_rss": max(r["client_peak_rss_bytes"] for r in res.rows),
-            "server_bytes": res.placed["server"].get("bytes"), "client_bytes": res.placed["shard0"].get("bytes"),
-            "rounds": [{k: r.get(k) for k in ("round", "uplink_payload_bytes_per_client",
-                                              "uplink_wire_bytes_per_client", "downlink_payload_bytes_per_client",
-                                              "downlink_wire_bytes_per_client", "client_train_seconds",
-                                              "round_seconds", "client_train_state_bytes")} for r in res.rows],
-        })
+        work = out / f"fedkrso-{dtype}"
+        print(f"FedKRSO client ({dtype}), alone", flush=True)
+        c = party("client", config, work / "client", ["--data", str(data / "shard0"), "--dtype", dtype])
+        print(f"FedKRSO server ({args.server_dtype}), alone", flush=True)
+        srv = party("server", config, work / "server", ["--delta", str(work / "client" / "delta.safetensors"),
+                                                       "--dtype", args.server_dtype])
+        if srv["state_fingerprint"] != c["state_fingerprint"]:
+            raise RuntimeError(f"the {dtype} client and the {args.server_dtype} server disagree on the state")
+        runs.append({"client_dtype": dtype, "server_dtype": args.server_dtype, "client": c, "server": srv})
     return runs
 
 
@@ -112,24 +130,25 @@ def render(report: dict) -> str:
              f"{s['heads']} heads ({s['kv_heads']} KV), vocab {s['vocab']}: {a['parameters']:,} parameters",
              "", "| party | measured peak RSS | closed form (weights + training state) |", "|---|---|---|"]
     for run in report["fedkrso_runs"]:
-        cd = run["client_dtype"]
-        lines.append(f"| FedKRSO server ({run['server_dtype']}, with a {cd} client) | {gib(run['server_peak_rss'])} "
-                     f"(anonymous {gib(run['server_peak_anon'])}) | {gib(a['fedkrso_server_fp32'])} |")
-        lines.append(f"| FedKRSO client ({cd}) | {gib(run['client_peak_rss'])} | "
+        c, srv, cd = run["client"], run["server"], run["client_dtype"]
+        lines.append(f"| FedKRSO client ({cd}) | {gib(c['peak_rss'])} (anonymous {gib(c['peak_anon'])}) | "
                      f"{gib(a['fedkrso_client_bf16' if cd == 'bfloat16' else 'fedkrso_client_fp32'])} |")
+        lines.append(f"| FedKRSO server ({run['server_dtype']}), after that client | {gib(srv['peak_rss'])} "
+                     f"(anonymous {gib(srv['peak_anon'])}) | {gib(a['fedkrso_server_fp32'])} |")
     fft = report["arms"].get("fft", {})
     lines.append(f"| FFT (Adam) training, float32 masters | {gib(fft.get('extrapolated_peak_rss'))} extrapolated "
                  f"| {gib(a['fft_arm_fp32'])} |")
     lines.append(f"| FedAvg client (FFT + start copy + snapshot) | not run | {gib(a['fedavg_client_fp32'])} |")
     lines.append(f"| FedAvg server | not run | {gib(a['fedavg_server_fp32'])} |")
-    lines += ["", "| round | FedKRSO up payload | up wire | down payload | down wire | FedAvg up = down (closed form) |",
-              "|---|---|---|---|---|---|"]
-    for r in (report["fedkrso_runs"] or [{"rounds": []}])[0]["rounds"]:
-        lines.append(f"| {r['round']} | {mb(r['uplink_payload_bytes_per_client'])} | {mb(r['uplink_wire_bytes_per_client'])}"
-                     f" | {mb(r['downlink_payload_bytes_per_client'])} | {mb(r['downlink_wire_bytes_per_client'])} | "
-                     f"{mb(a['fedavg_uplink'])} |")
-    lines += ["", f"closed-form FedKRSO uplink {mb(a['fedkrso_uplink'])}, downlink after a round "
-              f"{mb(a['fedkrso_downlink'])} (one seed drawn)", "", "| arm | layers | peak RSS | RSS loaded | step |",
+    lines += ["", "| client | up payload | up messages | down payload (next round) | train (2 steps) | "
+              "same state as the server |", "|---|---|---|---|---|---|"]
+    for run in report["fedkrso_runs"]:
+        c = run["client"]
+        lines.append(f"| FedKRSO, {run['client_dtype']} | {mb(c['uplink_payload_bytes'])} | "
+                     f"{mb(c['uplink_message_bytes'])} | {mb(c['downlink_payload_bytes'])} | "
+                     f"{c['train_seconds']:.1f} s | {c['state_fingerprint'][:12]} = server |")
+    lines += ["", f"closed forms: FedKRSO uplink {mb(a['fedkrso_uplink'])}, downlink after a round "
+              f"{mb(a['fedkrso_downlink'])} (one seed drawn); FedAvg {mb(a['fedavg_uplink'])} each way", "", "| arm | layers | peak RSS | RSS loaded | step |",
               "|---|---|---|---|---|"]
     for arm, entry in report["arms"].items():
         for n, p in entry["points"].items():
@@ -163,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     report = {"command": "python -m fedkrso.bench.large " + " ".join(sys.argv[1:] if argv is None else argv),
               "shape": asdict(shape), "analytic": analytic(shape, args.k, args.rank),
-              "fedkrso_runs": [] if args.skip_runs else fedkrso_runs(args, shape, out),
+              "fedkrso_runs": [] if args.skip_runs else fedkrso_parties(args, shape, out),
               "arms": {} if args.skip_arms else reduced_arms(args, shape, out)}
     report["seconds"] = time.monotonic() - started
     write_report(out, "large", report, render)

@@ -112,12 +112,10 @@ class RunResult:
     seconds: float
 
 
-def federated_run(workdir: Path, model: Path, data: Path, method: dict, *, clients: int, rounds: int,
-                  batch: int, max_length: int, server_args: list[str], client_args: list[str],
-                  timeout: float = 3600.0) -> RunResult:
-    """A real run: one ``fedkrso-server`` and ``clients`` ``fedkrso-client`` processes on
-    loopback, every client in every round, no evaluation; every process must exit 0 and
-    every client end at the server's final state fingerprint."""
+def write_round_yaml(workdir: Path, model: Path, method: dict, *, clients: int, rounds: int, batch: int,
+                     max_length: int, timeout: float = 3600.0) -> Path:
+    """``<workdir>/round.yaml`` of a causal-LM run of ``model``: every client in every round, no
+    evaluation, no checkpoint before the end."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = {
         "run": {"name": "large", "seed": 0, "output_dir": str(workdir / "out")},
@@ -131,6 +129,17 @@ def federated_run(workdir: Path, model: Path, data: Path, method: dict, *, clien
     parse_config(cfg, "generated round.yaml")
     config = workdir / "round.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return config
+
+
+def federated_run(workdir: Path, model: Path, data: Path, method: dict, *, clients: int, rounds: int,
+                  batch: int, max_length: int, server_args: list[str], client_args: list[str],
+                  timeout: float = 3600.0) -> RunResult:
+    """A real run: one ``fedkrso-server`` and ``clients`` ``fedkrso-client`` processes on
+    loopback, every client in every round, no evaluation; every process must exit 0 and
+    every client end at the server's final state fingerprint."""
+    config = write_round_yaml(workdir, model, method, clients=clients, rounds=rounds, batch=batch,
+                              max_length=max_length, timeout=timeout)
     cluster = Cluster(workdir)
     started = time.monotonic()
     try:

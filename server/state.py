@@ -28,13 +28,14 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import structlog
 import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as dump_tensors
+from safetensors.torch import load_file as load_tensor_file
+from safetensors.torch import save_file as save_tensor_file
 
 from ..common.accounting import Traffic
 from ..common.aggregate import Aggregator, aggregator_from_state
@@ -50,14 +51,17 @@ class StateError(RuntimeError):
     the recorded fingerprints); the message says what to do."""
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, never a
-    torn one: the data is fsynced in a tmp file before the rename, the folder after it."""
+def atomic_write(path: Path, data: bytes | Callable[[Path], None]) -> None:
+    """Replace ``path`` with ``data`` (bytes, or a function that writes the file it is given)
+    so that a crash leaves the old or the new file, never a torn one: the data is fsynced in a
+    tmp file before the rename, the folder after it."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        if callable(data):
+            data(tmp)
+        else:
+            tmp.write_bytes(data)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -75,11 +79,14 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def write_tensors(path: Path, tensors: Tensors) -> None:
-    atomic_write(path, dump_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+    """Straight from the tensors to the file (``save_file`` writes each tensor's memory as it
+    is): a checkpoint of a billion-parameter state is not first built as bytes in memory."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_tensor_file(tensors, str(tmp)))
 
 
 def read_tensors(path: Path) -> Tensors:
-    return load_tensors(path.read_bytes())
+    return load_tensor_file(str(path))
 
 
 def move_aside(out: Path) -> Path | None:

@@ -120,7 +120,7 @@ def word_csv(path: Path, rows: int, words: Sequence[str], length: int, seed: int
 def shards(tmp_path_factory) -> Path:
     """A tiny csv source partitioned into 3 shards (``shard0``..``shard2``) by the
     ``fedkrso-partition`` command's own code."""
-    from fedkrso.common.data import main as partition
+    from fedkrso.common.data.cli import main as partition
 
     root = tmp_path_factory.mktemp("shards")
     src = word_csv(root / "d.csv", 90, "good bad film plot actor boring great awful story music".split(), 8)

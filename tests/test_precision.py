@@ -340,3 +340,28 @@ def test_bench_passes_device_and_dtype_to_every_run(tmp_path):
     assert (rc.model.device, rc.model.dtype) == ("cuda:1", "bfloat16")
     with pytest.raises(ValueError, match="device"):
         ModelSpec(device="gpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a CUDA device")
+def test_a_device_that_is_not_there_is_a_bad_flag(tiny_bert, tmp_path):
+    """fedkrso-server and fedkrso-client refuse a missing device with exit status 2 and a
+    message naming it, before loading anything or joining."""
+    import subprocess
+    import sys
+
+    from conftest import round_config, write_round_yaml
+    from fedkrso.bench.launch import child_env
+
+    config = write_round_yaml(tmp_path / "round.yaml", round_config(tiny_bert, tmp_path / "out"))
+    runs = {
+        "server": [sys.executable, "-m", "fedkrso.server.main", "--config", str(config), "--device", "cuda"],
+        "client": [sys.executable, "-m", "fedkrso.client.main", "--server", "127.0.0.1:1", "--data",
+                   str(tmp_path), "--device", "cuda:1"],
+    }
+    for role, cmd in runs.items():
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env())
+        assert proc.returncode == 2, (role, proc.stdout[-2000:], proc.stderr[-2000:])
+        assert "no CUDA device" in proc.stdout + proc.stderr, role
+    env = child_env({"FEDKRSO_DEVICE": "cuda"})
+    proc = subprocess.run(runs["server"][:-2], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
