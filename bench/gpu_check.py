@@ -84,6 +84,10 @@ def gb(n: float | None) -> str:
     return "n/a" if n is None else f"{n / 1e9:.2f} GB"
 
 
+def mb(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 1e6:,.2f} MB"
+
+
 def render(report: dict) -> str:
     a = report["args"]
     lines = [f"# GPU check: {report['model']}", "",
@@ -110,8 +114,8 @@ def render(report: dict) -> str:
                   "| client train | round |", "|---|---|---|---|---|---|---|"]
         for r in fed["rounds"]:
             lines.append(f"| {r['round']} | {gb(r['client_accelerator_peak_bytes'] or None)} | "
-                         f"{gb(r['client_peak_rss_bytes'])} | {gb(r['uplink_payload_bytes_per_client'])} | "
-                         f"{gb(r['downlink_payload_bytes_per_client'])} | {r['client_train_seconds']:.1f} s | "
+                         f"{gb(r['client_peak_rss_bytes'])} | {mb(r['uplink_payload_bytes_per_client'])} | "
+                         f"{mb(r['downlink_payload_bytes_per_client'])} | {r['client_train_seconds']:.1f} s | "
                          f"{r['round_seconds']:.1f} s |")
     return "\n".join(lines) + "\n"
 

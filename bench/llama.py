@@ -81,9 +81,24 @@ def llama_model(out: Path, shape: Shape, seed: int = 0) -> Path:
     if marker.exists() and json.loads(marker.read_text()) == asdict(shape):
         return out
     build_llama(out, hidden=shape.hidden, layers=shape.layers, intermediate=shape.intermediate,
-                heads=shape.heads, kv_heads=shape.kv_heads, vocab=shape.vocab, seed=seed)
+                heads=shape.heads, kv_heads=shape.kv_heads, vocab=shape.vocab, seed=seed,
+                tokenizer=word_tokenizer())
     marker.write_text(json.dumps(asdict(shape)))
     return out
+
+
+def word_tokenizer():
+    """A word-level tokenizer of ``WORDS`` (one id per word, whitespace split), built here:
+    the generated text needs no more, and the measurement needs no tokenizer package."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+    vocab = {w: i for i, w in enumerate(special + sorted(set(WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   bos_token="[BOS]", eos_token="[EOS]")
 
 
 def text_shards(out: Path, clients: int, rows: int = 64, words: int = 600, seed: int = 0) -> Path:

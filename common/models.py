@@ -155,24 +155,28 @@ def build_tiny(family: str, out_dir: str | os.PathLike, num_labels: int = 2, see
 
 def build_llama(out_dir: str | os.PathLike, *, hidden: int = 2048, layers: int = 22, intermediate: int = 5632,
                 heads: int = 32, kv_heads: int = 4, vocab: int = 32000, dtype: torch.dtype = torch.bfloat16,
-                seed: int = 0) -> Path:
+                seed: int = 0, tokenizer=None) -> Path:
     """Write a randomly initialised LLaMA-shaped causal LM, saved in ``dtype`` like the
     checkpoints on the hub, plus a tokenizer, to ``out_dir``: nothing to download.
 
     The defaults are TinyLlama-1.1B's shape (1,100,048,384 parameters, LM head untied). The
     weights are drawn directly in ``dtype`` (no float32 copy first), from a seeded CPU RNG.
-    The tokenizer is MiniLM's (30,522 ids, all below ``vocab``)."""
+    The tokenizer is ``tokenizer`` or else MiniLM's (30,522 ids); its ids must be below ``vocab``."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer("minilm")
+    if len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} ids, more than vocab={vocab}")
     config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                          max_position_embeddings=2048, tie_word_embeddings=False,
-                         pad_token_id=0, bos_token_id=101, eos_token_id=102)
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     out = Path(out_dir)
     model.save_pretrained(out)
     del model
-    load_tokenizer("minilm").save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out

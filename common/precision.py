@@ -185,7 +185,7 @@ def place(model: nn.Module, placement: Placement, keep_float32: Iterable[torch.T
     for p in model.parameters():  # each tensor once, even when tied
         if id(p) in masters:
             module = masters[id(p)]
-            setattr_master(module, p.detach().to("cpu", torch.float32, copy=True))
+            _set_master(module, p.detach().to("cpu", torch.float32, copy=True))
             p.data = p.data.to(placement.device, placement.dtype)
         elif p.is_floating_point():
             target = torch.float32 if (id(p) in keep or p.requires_grad) else placement.dtype
@@ -200,7 +200,7 @@ def place(model: nn.Module, placement: Placement, keep_float32: Iterable[torch.T
     return model
 
 
-def setattr_master(module: nn.Module, tensor: torch.Tensor) -> None:
+def _set_master(module: nn.Module, tensor: torch.Tensor) -> None:
     """A plain attribute, not a buffer: the master is not part of ``state_dict``."""
     module.__dict__[MASTER] = tensor
 

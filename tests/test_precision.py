@@ -365,3 +365,30 @@ def test_a_device_that_is_not_there_is_a_bad_flag(tiny_bert, tmp_path):
     env = child_env({"FEDKRSO_DEVICE": "cuda"})
     proc = subprocess.run(runs["server"][:-2], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_end_to_end(tmp_path):
+    """The prepared GPU measurement, dry: CPU, a tiny LLaMA, one arm and the federated run of a
+    server and 2 clients; its report carries the figures a GPU run fills in."""
+    import subprocess
+    import sys
+
+    from fedkrso.bench.launch import child_env
+
+    out = tmp_path / "gpu"
+    proc = subprocess.run([sys.executable, "-m", "fedkrso.bench.gpu_check", "--out", str(out), "--dry-run",
+                           "--arms", "fedkrso,fft", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=600, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["args"]["device"] == "cpu" and set(report["arms"]) == {"fedkrso", "fft"}
+    for arm in report["arms"].values():
+        assert arm["placement"] == "cpu/bfloat16" and arm["peak_rss"] >= arm["loaded_rss"] > 0
+        assert len(arm["step_seconds"]) == 2 and arm["accelerator_peak_bytes"] == 0
+    assert report["arms"]["fedkrso"]["trainable"] < report["arms"]["fft"]["trainable"]
+    fed = report["federated"]
+    assert [r["round"] for r in fed["rounds"]] == [0]
+    assert set(fed["rounds"][0]["per_client_accelerator_peak_bytes"]) == {"shard0", "shard1"}
+    assert {p["placement"] for p in fed["placed"].values()} == {"cpu/float32", "cpu/bfloat16"}
+    assert "| fedkrso |" in (out / "gpu_check.md").read_text()
