@@ -106,11 +106,15 @@ def _drop_gguf_quantizer(model: nn.Module) -> None:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """Fingerprint of every floating parameter and buffer: the base-model identity checked at
-    join. Taken right after ``load_model``, at the checkpoint's precision, before a method
-    prepares the model or a party casts it: the same on every party whatever its dtype."""
+    """Fingerprint of the values of every floating parameter and buffer: the base-model
+    identity checked at join. Taken right after ``load_model``, before a method prepares the
+    model or a party casts it, so it is the same on every party whatever its dtype; half
+    precision tensors are hashed as their (exact) float32 values, so a float32 copy of a
+    bfloat16 checkpoint is the same model, and a bfloat16 copy of a float32 one is not."""
+    half = (torch.bfloat16, torch.float16)
     state = model.state_dict()
-    return fingerprint(sorted((k, v) for k, v in state.items() if v.is_floating_point()))
+    return fingerprint(sorted((k, v.float() if v.dtype in half else v) for k, v in state.items()
+                              if v.is_floating_point()))
 
 
 def build_tiny(family: str, out_dir: str | os.PathLike, num_labels: int = 2, seed: int = 0,

@@ -210,6 +210,16 @@ def test_a_bfloat16_checkpoint_loads_at_its_precision_and_places_without_roundin
                            model.model.layers[0].self_attn.q_proj.weight.float())
         assert (q.weight.dtype, m.lm_head.weight.dtype) == (dt, dt)
     assert states[torch.float32] == states[torch.bfloat16]
+    # the identity is of values: a float32 copy of the checkpoint is the same model, a
+    # bfloat16 copy of a float32 model is not
+    upcast = load_model(str(path), "causal-lm").float()
+    upcast.save_pretrained(tmp_path / "fp32")
+    again = load_model(str(tmp_path / "fp32"), "causal-lm")
+    assert again.lm_head.weight.dtype == torch.float32
+    assert model_fingerprint(again) == model_fingerprint(model)
+    with torch.no_grad():
+        again.lm_head.weight.add_(torch.finfo(torch.float32).eps)  # float32 values off the bfloat16 grid
+    assert model_fingerprint(again) != model_fingerprint(again.to(torch.bfloat16))
 
 
 # -- the fused layer in bfloat16 -----------------------------------------------------------------
