@@ -54,7 +54,7 @@ def round_yaml(cfg: BenchConfig, cell: Cell, data: Path, out: Path, num_labels: 
     rc = {
         "run": {"name": cell.tag, "seed": cell.seed, "output_dir": str(out)},
         "model": {"name": cfg.model.name, "task": cfg.model.task, "num_labels": num_labels,
-                  "max_length": cfg.model.max_length},
+                  "max_length": cfg.model.max_length, "device": cfg.model.device, "dtype": cfg.model.dtype},
         "method": method_section(cell.spec, cell.lr),
         "rounds": {"total": cell.rounds, "clients_per_round": cfg.clients_per_round,
                    "min_clients": cfg.clients_per_round, "deadline_s": cfg.deadline_s, "start_timeout_s": 900.0},

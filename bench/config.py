@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..common.precision import DEVICE_PATTERN
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_CONFIG = HERE / "sst2.yaml"
@@ -52,6 +54,8 @@ class ModelSpec(Strict):
     task: str = "sequence-classification"
     num_labels: int | None = Field(None, ge=1, description="None: from the partition's labels")
     max_length: int = Field(128, ge=8)
+    device: str = Field("cpu", pattern=DEVICE_PATTERN, description="model.device of every run")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model.dtype of every run")
 
 
 class MethodSpec(BaseModel):

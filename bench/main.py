@@ -27,8 +27,11 @@ import json
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from ..common.cli import fail, parser, require_file
-from .config import DEFAULT_CONFIG, BenchConfigError, load_bench_config
+from ..common.precision import DTYPE_NAMES
+from .config import DEFAULT_CONFIG, BenchConfigError, ModelSpec, load_bench_config
 
 PROG = "fedkrso-bench"
 
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runner", choices=["sim", "processes"], help="override runner")
     p.add_argument("--protocol", metavar="YAML", help="run a protocol (blocks of benches) and write QUALITY.md")
     p.add_argument("--blocks", help="with --protocol: comma-separated subset of its blocks")
+    p.add_argument("--device", help="model.device of every run: cpu, cuda, cuda:N, mps, auto (overrides the config)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="model.dtype of every run (overrides the config)")
     p.add_argument("--report-only", metavar="DIR",
                    help="rewrite DIR/results.md and the plot from DIR/results.json, running nothing")
     args = p.parse_args(argv)
@@ -86,6 +91,18 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             fail(PROG, f"methods not in the config: {sorted(unknown)}")
         cfg.methods = [m for m in cfg.methods if m.tag in keep]
+    if args.device or args.dtype:
+        try:
+            cfg.model = ModelSpec.model_validate(cfg.model.model_dump() | {
+                k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v})
+        except ValidationError as err:
+            raise SystemExit(f"fedkrso-bench: --device {args.device!r}: {err.errors()[0]['msg']}") from None
+    if args.device or args.dtype:
+        try:
+            cfg.model = ModelSpec.model_validate(cfg.model.model_dump() | {
+                k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v})
+        except ValidationError as err:
+            fail(PROG, f"--device {args.device!r}: {err.errors()[0]['msg']}")
     if args.rounds:
         cfg.rounds = args.rounds
         cfg.sweep_rounds = min(cfg.sweep_rounds, args.rounds)

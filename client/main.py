@@ -2,6 +2,10 @@
 
 Joins the run, loads the base model, then trains the rounds it is selected for until the
 server ends the run.
+
+``--device`` / ``--dtype`` (or FEDKRSO_DEVICE / FEDKRSO_DTYPE) choose where and in which
+precision this client trains; without them it follows the run's ``model.device`` and
+``model.dtype``. Any choice agrees with the server's state (common/precision.py).
 """
 
 from __future__ import annotations
@@ -14,13 +18,15 @@ import structlog
 
 from ..common import logs
 from ..common.cli import fail, parser, require_file
+from ..common.precision import PlacementError, add_placement_args, resolve_device
 
 log = structlog.get_logger("fedkrso.client")
 PROG = "fedkrso-client"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = parser(PROG, __doc__, {0: "the run finished", 2: "bad flags, a missing shard or credential file",
+    p = parser(PROG, __doc__, {0: "the run finished", 2: "bad flags, a missing shard or credential file, a "
+                               "device that is not there",
                                3: "refused to go on (a different base model, inconsistent state)",
                                4: "an RPC failed for good, or the server refused the credential",
                                130: "interrupted"})
@@ -42,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reconnect-seconds", type=float, default=300.0,
                    help="how long to keep retrying an unreachable server (rides out a restart)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 per process on small hosts)")
+    add_placement_args(p)
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-json", action="store_true", default=None)
     args = p.parse_args(argv)
@@ -80,8 +87,10 @@ def main(argv: list[str] | None = None) -> None:
                          poll_seconds=args.poll_seconds, report=path(args.report), ca=path(args.ca),
                          cert=path(args.cert), key=path(args.key), token_file=path(args.token_file),
                          insecure=args.insecure, server_name=args.server_name,
-                         reconnect_seconds=args.reconnect_seconds)
+                         reconnect_seconds=args.reconnect_seconds, device=args.device, dtype=args.dtype)
     try:
+        if args.device:
+            resolve_device(args.device)  # a device that is not there fails before joining
         FedClient(opts).run()
     except CredentialRefused as err:
         log.error("credential_refused", client=name, reason=str(err))
@@ -93,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         log.error("rpc_failed", code=err.code().name, details=err.details())
         sys.exit(4)
     except FileNotFoundError as err:
+        fail(PROG, err)
+    except PlacementError as err:
         fail(PROG, err)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -28,6 +28,7 @@ from ..common.config import RunConfig, address_host, is_loopback
 from ..common.data import load_client_eval, load_split
 from ..common.logs import progress
 from ..common.participant import Participant, PreparedUpdate, Shared
+from ..common.precision import resolve_placement
 from ..common.protocol import TOKEN_HEADER, VERSION, bearer
 from ..common.tensors import element_size
 from ..common.wire import TensorAssembler, WireError
@@ -73,6 +74,8 @@ class ClientOptions:
     token_file: Path | None = None
     insecure: bool = False
     server_name: str | None = None
+    device: str | None = None  # overrides the run's model.device (None: FEDKRSO_DEVICE, then the run's)
+    dtype: str | None = None  # overrides the run's model.dtype (None: FEDKRSO_DTYPE, then the run's)
 
 
 @dataclass
@@ -180,7 +183,9 @@ class FedClient:
         structlog.contextvars.bind_contextvars(client=self.client_id)
         log.info("joined", run_id=self.run_id, method=self.cfg.method.name, samples=len(self.dataset))
         spec = self.opts.model or self.cfg.model.name
-        self.participant = Participant(self.cfg, self.opts.name, self.dataset, Shared.load(self.cfg, spec),
+        m = self.cfg.model
+        placement = resolve_placement(m.device, m.dtype, self.opts.device, self.opts.dtype)
+        self.participant = Participant(self.cfg, self.opts.name, self.dataset, Shared.load(self.cfg, spec, placement),
                                        self.eval_dataset)
         self.participant.check_base(resp.model_fingerprint, spec)
 

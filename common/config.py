@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .methods import METHODS, Method, OptimizerConfig, build_method
 from .models import Task
+from .precision import DEVICE_PATTERN
 
 MethodSection = Annotated[
     Union[tuple(cls.Config for cls in METHODS.values())],  # noqa: UP007 - built from the registry
@@ -49,6 +50,14 @@ class ModelSection(Section):
     num_labels: int = Field(2, ge=1)
     labels: list[str] | None = Field(None, description="label names, index = class id")
     max_length: int = Field(128, ge=8, le=8192)
+    revision: str | None = Field(
+        None, description="hub revision (branch, tag or commit) of a hub id; None = the default branch")
+    device: str = Field(
+        "cpu", pattern=DEVICE_PATTERN, description="where each party computes: auto (cuda, else mps, "
+        "else cpu), cpu, cuda, cuda:N or mps; each process may override it (--device, FEDKRSO_DEVICE)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="compute dtype and dtype of never-changing frozen weights; the state "
+        "a round changes stays float32 (common/precision.py); per process: --dtype, FEDKRSO_DTYPE")
 
     @model_validator(mode="after")
     def _labels_match(self) -> ModelSection:

@@ -23,6 +23,7 @@ from torch import nn
 
 from .metrics import classification_metrics, regression_metrics
 from .models import Task
+from .precision import placement_of
 
 if TYPE_CHECKING:
     from .data import Tokens
@@ -59,7 +60,8 @@ def evaluate(
     n = len(tokens) if max_examples is None else min(max_examples, len(tokens))
     if n == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    device = next(model.parameters()).device
+    placement = placement_of(model)
+    device = placement.device
     was_training = model.training
     model.eval()
     total, terms = 0.0, 0
@@ -70,7 +72,8 @@ def evaluate(
             for start in range(0, n, batch_size):
                 batch = tokens.batch(list(range(start, min(start + batch_size, n))))
                 labels = batch.pop("labels").to(device)
-                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+                with placement.autocast():
+                    logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
                 loss, count = _loss(logits, labels, task)
                 total, terms = total + loss, terms + count
                 if task != "causal-lm":

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import structlog
 import torch
 from torch import nn
 
@@ -38,9 +39,13 @@ from .data import batches, tokenize
 from .evaluate import client_metrics, evaluate
 from .methods import Method
 from .models import load_model, load_tokenizer, model_fingerprint
+from .precision import Placement, bytes_by_dtype, peak_bytes, placement_of, reset_peak, resolve_placement
 from .subspace import stable_seed
 from .tensors import DTYPES
 from .wire import tensor_batches, update_digest
+
+
+log = structlog.get_logger("fedkrso.participant")
 
 
 class ParticipantError(RuntimeError):
@@ -63,6 +68,7 @@ class PreparedUpdate:
     train_state_bytes: int = 0
     eval_metrics: dict[str, float] = field(default_factory=dict)  # of W^round, on held-out rows
     eval_examples: int = 0  # 0: the client did not evaluate this round
+    accelerator_peak_bytes: int = 0  # peak allocated on the party's accelerator while training
 
     def header(self, run_id: str, peak_rss_bytes: int) -> pb.UpdateHeader:
         """The UpdateHeader that opens this update's SubmitUpdate stream."""
@@ -72,7 +78,7 @@ class PreparedUpdate:
             train_seconds=self.train_seconds, peak_rss_bytes=peak_rss_bytes,
             train_state_bytes=self.train_state_bytes,
             eval_metrics=[pb.EvalMetric(name=k, value=v) for k, v in sorted(self.eval_metrics.items())],
-            eval_examples=self.eval_examples)
+            eval_examples=self.eval_examples, accelerator_peak_bytes=self.accelerator_peak_bytes)
 
     def requests(self, run_id: str, peak_rss_bytes: int, chunk: int) -> Iterator[pb.SubmitUpdateRequest]:
         """The SubmitUpdate stream: the header, then the tensors in batches of <= ``chunk`` bytes."""
@@ -83,21 +89,30 @@ class PreparedUpdate:
 
 @dataclass
 class Shared:
-    """The base model, its tokenizer and the method object, prepared once. Several simulated
-    participants may share one (they differ only in data and in the state they train)."""
+    """The base model, its tokenizer and the method object, prepared and placed once. Several
+    simulated participants may share one (they differ only in data and in the state they
+    train). ``identity`` is the base model's fingerprint as loaded (``model_fingerprint``)."""
 
     model: nn.Module
     tokenizer: object
     method: Method
+    identity: str = ""
 
     @classmethod
-    def load(cls, cfg: RunConfig, model_spec: str | None = None) -> Shared:
+    def load(cls, cfg: RunConfig, model_spec: str | None = None, placement: Placement | None = None) -> Shared:
+        """Load the base model on the CPU at its checkpoint's precision, fingerprint it,
+        prepare it for the method, then place it (precision rule, device): one copy of the
+        model at any time. ``placement`` defaults to round.yaml's device and dtype."""
         m = cfg.model
         spec = model_spec or m.name
+        placement = placement or resolve_placement(m.device, m.dtype)
         method = cfg.build_method()
-        model = load_model(spec, m.task, m.num_labels, cfg.run.seed)
+        model = load_model(spec, m.task, m.num_labels, cfg.run.seed, revision=m.revision)
+        identity = model_fingerprint(model)
         method.prepare(model)
-        return cls(model, load_tokenizer(spec), method)
+        method.place(model, placement)
+        log.info("model_placed", model=spec, placement=str(placement), bytes=bytes_by_dtype(model))
+        return cls(model, load_tokenizer(spec, m.revision), method, identity)
 
 
 def _counted(items: Iterator, tick: Callable[[], None] | None) -> Iterator:
@@ -142,7 +157,7 @@ class Participant:
 
     # -- catching up ---------------------------------------------------------------------------
     def check_base(self, server_fingerprint: str, spec: str) -> None:
-        fp = model_fingerprint(self.model)
+        fp = self.shared.identity
         if fp != server_fingerprint:
             raise ParticipantError(f"base model {spec!r} differs from the server's (fingerprint "
                                    f"{fp[:12]} != {server_fingerprint[:12]}); refusing to train")
@@ -216,23 +231,26 @@ class Participant:
         due; the model is back at W^have after."""
         t, run_seed = self.cfg.training, self.cfg.run.seed
         eval_metrics, eval_examples = self.evaluate(round_id)
-        snapshot = self.method.snapshot(self.model)
+        placement = placement_of(self.model)
+        snapshot = self.method.training_snapshot(self.model)
         data = batches(self.tokens, t.batch_size, seed=stable_seed("batches", run_seed, round_id, self.key))
         started = time.perf_counter()
         was_training = self.model.training
+        reset_peak(placement.device)
         try:
-            with torch.random.fork_rng(devices=[]):
+            with placement.fork_rng():
                 # dropout: the same update whenever it is (re)trained
                 torch.manual_seed(stable_seed("dropout", run_seed, round_id, self.key) % (2**63))
                 update = self.method.train_round(self.model, _counted(data, tick), round_id, seeds, self.key)
+            accelerator_peak = peak_bytes(placement.device)
         finally:
             self.method.restore(self.model, snapshot)
             self.model.train(was_training)
         train_seconds = time.perf_counter() - started
         wire = DTYPES[self.cfg.method.wire_dtype]
-        tensors = {k: v.to(wire) for k, v in update.tensors.items()}
+        tensors = {k: v.detach().to(wire).cpu() for k, v in update.tensors.items()}  # canonical bytes
         return PreparedUpdate(round=round_id, tensors=tensors, digest=update_digest(tensors),
                               num_samples=self.num_samples, loss=update.loss, steps=update.steps,
                               seeds_used=list(update.seeds_used), train_seconds=train_seconds,
                               train_state_bytes=update.train_state_bytes, eval_metrics=eval_metrics,
-                              eval_examples=eval_examples)
+                              eval_examples=eval_examples, accelerator_peak_bytes=accelerator_peak)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from pathlib import Path
 
 import structlog
@@ -28,13 +29,15 @@ from ..common.accounting import ConnCounters, SocketMark, Traffic, full_model_by
 from ..common.aggregate import Aggregator, build_aggregator
 from ..common.config import RunConfig
 from ..common.logs import progress
-from ..common.models import base_identity, load_model
+from ..common.models import base_identity
+from ..common.participant import Shared
+from ..common.precision import Placement
 from ..common.tensors import DTYPES
 from .metrics import MetricsWriter, round_row
 from .intake import UpdateIntake
 from .registry import ClientRegistry
 from .results import ServerEvaluator, save_final
-from .rounds import Assignment, RoundDelta, RoundError, RoundState
+from .rounds import Assignment, RoundDelta, RoundError, RoundState, StateCopy
 from .state import RunStore, SavedRun, move_aside, rebuild, restore_round, run_identity, shaping_config
 from .trackers import Trackers
 
@@ -45,23 +48,23 @@ class Coordinator:
     """The state of one federated run on the server."""
 
     def __init__(self, cfg: RunConfig, fresh: bool = False, *, registry: ClientRegistry | None = None,
-                 deadlines: bool = True):
-        """Load the base model and, unless ``fresh``, resume the saved state of this run_id
-        from ``<output_dir>/state`` (``StateError`` if it belongs to another run or does not
-        replay to its recorded fingerprints). The in-process simulator passes a registry in
-        which clients stay live and turns ``deadlines`` off: it trains clients one after the
-        other and every selected client always submits."""
+                 deadlines: bool = True, placement: Placement | None = None):
+        """Load the base model (on ``placement``, default round.yaml's ``model.device`` and
+        ``model.dtype``; one copy, common/precision.py) and, unless ``fresh``, resume the
+        saved state of this run_id from ``<output_dir>/state`` (``StateError`` if it belongs
+        to another run or does not replay to its recorded fingerprints). The in-process
+        simulator passes a registry in which clients stay live and turns ``deadlines`` off: it
+        trains clients one after the other and every selected client always submits."""
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.run_id = run_identity(cfg)
         self.trackers = Trackers(cfg.run.report_to, self.out, self.run_id, shaping_config(cfg))  # fails fast
-        self.method = cfg.build_method()
-        self.model = load_model(cfg.model.name, cfg.model.task, cfg.model.num_labels, cfg.run.seed)
-        self.method.prepare(self.model)
+        self.shared = Shared.load(cfg, placement=placement)
+        self.method, self.model = self.shared.method, self.shared.model
         self.model.eval()
-        self.base = base_identity(cfg.model.name, self.model)
-        self.model_fingerprint = self.base["model_fingerprint"]
+        self.base = base_identity(cfg.model.name, self.model, self.shared.identity)
+        self.model_fingerprint = self.shared.identity
         self.state_bytes = payload_bytes(self.method.snapshot_tensors(self.model))  # a snapshot's payload
         self.fedavg_bytes = full_model_bytes(self.model)
         self.registry = registry or ClientRegistry(cfg.run.seed)
@@ -75,6 +78,7 @@ class Coordinator:
         self.current: RoundState | None = None
         self.finished = False
         self._last_row: dict | None = None
+        self._snapshot_copy: tuple[int, weakref.ref] = (-1, lambda: None)  # round, its shared copy
         self.changed = asyncio.Condition()
         self.model_lock = asyncio.Lock()
         self.fold_lock = asyncio.Lock()
@@ -368,9 +372,17 @@ class Coordinator:
                 await self.save_open(rs)
 
     async def snapshot(self, round_id: int) -> tuple[dict[str, torch.Tensor], str]:
-        """A copy of the state after ``round_id`` rounds (the current one) and its fingerprint."""
+        """A copy of the state after ``round_id`` rounds (the current one) and its fingerprint.
+
+        One copy per round, shared by every stream that serves it and freed when the last of
+        them lets go (a weak reference): for a billion-parameter model, 32 concurrent
+        snapshot downloads must not mean 32 copies of the state."""
         async with self.model_lock:
             if round_id != self.completed:
                 raise RoundError("FAILED_PRECONDITION",
                                  f"snapshot of round {round_id} unavailable; current is {self.completed}")
-            return self.method.snapshot_tensors(self.model), self.state_fingerprints[self.completed]
+            state = self._snapshot_copy[1]() if self._snapshot_copy[0] == round_id else None
+            if state is None:
+                state = StateCopy(self.method.snapshot_tensors(self.model))
+                self._snapshot_copy = (round_id, weakref.ref(state))
+            return state, self.state_fingerprints[self.completed]

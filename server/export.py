@@ -26,7 +26,8 @@ from torch import nn
 
 from ..common.config import ConfigError, RunConfig, load_config, parse_config
 from ..common.methods import Method
-from ..common.models import base_identity, load_model
+from ..common.models import base_identity, load_model, model_fingerprint
+from ..common.precision import resolve_placement
 from .results import write_model
 from .state import RunStore, StateError, rebuild, run_identity, shaping_config
 
@@ -55,10 +56,13 @@ def load_base(cfg: RunConfig, model: str | None = None) -> tuple[Method, nn.Modu
     """The run's method and its base model as every party loads it (``model`` overrides where
     the base model is read from, as ``fedkrso-client --model`` does), with its identity."""
     method = cfg.build_method()
-    base = load_model(model or cfg.model.name, cfg.model.task, cfg.model.num_labels, cfg.run.seed)
+    base = load_model(model or cfg.model.name, cfg.model.task, cfg.model.num_labels, cfg.run.seed,
+                      revision=cfg.model.revision)
+    identity = model_fingerprint(base)  # as loaded, before the method prepares it (as every party)
     method.prepare(base)
+    method.place(base, resolve_placement("cpu", "float32"))  # the float32 state every party agrees on
     base.eval()
-    return method, base, base_identity(cfg.model.name, base)
+    return method, base, base_identity(cfg.model.name, base, identity)
 
 
 def check_base(recorded: dict | None, loaded: dict, refusal: str) -> None:

@@ -32,7 +32,8 @@ def report_of(h: pb.UpdateHeader) -> UpdateReport:
     simulator's one reading of it); the evaluation part is checked by ``check_eval``."""
     return UpdateReport(h.update_digest, int(h.num_samples), float(h.loss), int(h.steps), float(h.train_seconds),
                         int(h.peak_rss_bytes), int(h.train_state_bytes), tuple(h.seeds_used),
-                        tuple((m.name, float(m.value)) for m in h.eval_metrics), int(h.eval_examples))
+                        tuple((m.name, float(m.value)) for m in h.eval_metrics), int(h.eval_examples),
+                        int(h.accelerator_peak_bytes))
 
 
 class UpdateIntake:
@@ -42,7 +43,7 @@ class UpdateIntake:
         self.coord = coord
 
     def check_header(self, client_id: str, run_id: str, round_id: int, num_samples: int,
-                            digest: str) -> RoundState | None:
+                     digest: str) -> RoundState | None:
         """Validate an update header. Returns the open round, or None for an idempotent
         resubmission of an update already accepted (same digest)."""
         c = self.coord

@@ -18,6 +18,7 @@ import structlog
 
 from ..common import logs
 from ..common.cli import fail, parser, require_file
+from ..common.precision import PlacementError, add_placement_args, resolve_placement
 
 log = structlog.get_logger("fedkrso.server")
 PROG = "fedkrso-server"
@@ -36,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true",
                    help="move saved state of an earlier run aside (<output_dir>/previous-*) instead of resuming")
     p.add_argument("--threads", type=int, default=1, help="torch threads for aggregation/eval")
+    add_placement_args(p)
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-json", action="store_true", default=None, help="JSON logs even on a terminal")
     return p.parse_args(argv)
@@ -55,7 +57,9 @@ async def serve(args: argparse.Namespace) -> int:
     if args.insecure:
         cfg.security.insecure = True
     check_security(cfg.security, args.listen or cfg.server.listen)  # before the model loads
-    coord = await asyncio.to_thread(Coordinator, cfg, args.fresh)
+    # this process's device and dtype; cfg keeps round.yaml's, which clients receive as defaults
+    placement = resolve_placement(cfg.model.device, cfg.model.dtype, args.device, args.dtype)
+    coord = await asyncio.to_thread(Coordinator, cfg, args.fresh, placement=placement)
     async with run_server(coord, args.listen) as port:
         log.info("server_listening", port=port, run_id=coord.run_id)
         if args.port_file:
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     try:
         sys.exit(asyncio.run(serve(args)))
-    except (ConfigError, StateError) as err:
+    except (ConfigError, StateError, PlacementError) as err:
         fail(PROG, err)
     except KeyboardInterrupt:
         sys.exit(130)

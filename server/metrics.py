@@ -60,13 +60,15 @@ def round_row(rs: RoundState, state_fingerprint: str, fedavg_bytes: int) -> dict
         "client_train_seconds": max((s.train_seconds for s in subs), default=0.0),
         "client_peak_rss_bytes": max((s.peak_rss_bytes for s in subs), default=0),
         "client_train_state_bytes": max((s.train_state_bytes for s in subs), default=0),
+        "client_accelerator_peak_bytes": max((s.accelerator_peak_bytes for s in subs), default=0),
         "round_seconds": time.monotonic() - rs.started,
         "state_fingerprint": state_fingerprint,
         **combine_client_eval(rs.round, subs),
         "per_client": {
             c: {"uplink_payload_bytes": t.up_payload, "uplink_wire_bytes": t.up_wire,
                 "downlink_payload_bytes": t.down_payload, "downlink_wire_bytes": t.down_wire,
-                "seeds_used": len(s.seeds_used), **_client_figures(s)}
+                "seeds_used": len(s.seeds_used), "accelerator_peak_bytes": s.accelerator_peak_bytes,
+                **_client_figures(s)}
             for c, t, s in zip(ids, traffic, subs)
         },
     }

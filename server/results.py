@@ -31,7 +31,7 @@ class ServerEvaluator:
         from ..common.evaluate import evaluate
 
         if self._tokens is None:
-            tokenizer = load_tokenizer(self.cfg.model.name)
+            tokenizer = load_tokenizer(self.cfg.model.name, self.cfg.model.revision)
             self._tokens = tokenize(load_split(self.cfg.eval.data), tokenizer, self.cfg.token_format())
         return evaluate(model, self._tokens, self.cfg.eval.batch_size, self.cfg.eval.max_examples)
 
@@ -43,7 +43,7 @@ def write_model(cfg: RunConfig, method: Method, model: nn.Module, path: Path) ->
     ``fedkrso-export`` both write with this."""
     method.export(model).save_pretrained(path)
     try:
-        load_tokenizer(cfg.model.name).save_pretrained(path)
+        load_tokenizer(cfg.model.name, cfg.model.revision).save_pretrained(path)
     except (OSError, ValueError) as err:  # tokenizer is a convenience, not the result
         log.warning("tokenizer_not_saved", error=str(err))
     method.save_extras(model, path)

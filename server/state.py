@@ -41,7 +41,8 @@ from pathlib import Path
 import structlog
 import torch
 from safetensors.torch import load as load_tensors
-from safetensors.torch import save as dump_tensors
+from safetensors.torch import load_file as load_tensor_file
+from safetensors.torch import save_file as save_tensor_file
 from torch import nn
 
 from ..common.accounting import Traffic
@@ -71,11 +72,16 @@ class StateError(RuntimeError):
 
 
 def shaping_config(cfg: RunConfig) -> dict:
-    """Every setting that shapes the results, as JSON. Where the server listens, its
-    credentials, its output folder and where metrics are reported are left out: a restart may
-    move the port, rotate certificates or add a tracker and still resume the same run."""
-    return cfg.model_dump(mode="json", exclude={"security": True, "run": {"output_dir", "report_to"},
-                                                 "server": {"listen"}})
+    """Every setting that shapes the results, as JSON. Left out: where the server listens, its
+    credentials, its output folder and where metrics are reported (a restart may move the
+    port, rotate certificates or add a tracker and still resume the same run),
+    ``model.device`` and ``model.dtype`` (each party's own; the state is float32 on all,
+    common/precision.py) and an unset ``model.revision`` (older run ids still hold)."""
+    shaping = cfg.model_dump(mode="json", exclude={"security": True, "run": {"output_dir", "report_to"},
+                                                    "server": {"listen"}, "model": {"device", "dtype"}})
+    if shaping["model"].get("revision") is None:
+        shaping["model"].pop("revision", None)
+    return shaping
 
 
 def run_identity(cfg: RunConfig | dict) -> str:
@@ -85,14 +91,17 @@ def run_identity(cfg: RunConfig | dict) -> str:
     return f"{shaping['run']['name']}-{digest}"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, never a
-    torn one: the data is fsynced in a tmp file before the rename, the folder after it."""
+def atomic_write(path: Path, data: bytes | Callable[[Path], None]) -> None:
+    """Replace ``path`` with ``data`` (bytes, or a function that writes the file it is given)
+    so that a crash leaves the old or the new file, never a torn one: the data is fsynced in a
+    tmp file before the rename, the folder after it."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        if callable(data):
+            data(tmp)
+        else:
+            tmp.write_bytes(data)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -110,11 +119,14 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def write_tensors(path: Path, tensors: Tensors) -> None:
-    atomic_write(path, dump_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+    """Straight from the tensors to the file (``save_file`` writes each tensor's memory as it
+    is): a checkpoint of a billion-parameter state is not first built as bytes in memory."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_tensor_file(tensors, str(tmp)))
 
 
 def read_tensors(path: Path) -> Tensors:
-    return load_tensors(path.read_bytes())
+    return load_tensor_file(str(path))
 
 
 def move_aside(out: Path) -> Path | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..common import logs
 from ..common.cli import fail, parser, require_dir, require_file
+from ..common.precision import PlacementError, add_placement_args, resolve_placement
 
 PROG = "fedkrso-sim"
 
@@ -30,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="resume saved state of this run instead of starting over")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (a distributed client uses 1: the same count gives the same weights)")
+    add_placement_args(p)
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-json", action="store_true", default=None)
     return p.parse_args(argv)
@@ -53,10 +55,11 @@ def main(argv: list[str] | None = None) -> None:
         check_inputs(cfg)
         if args.output_dir:
             cfg.run.output_dir = Path(args.output_dir)
+        placement = resolve_placement(cfg.model.device, cfg.model.dtype, args.device, args.dtype)
         started = time.monotonic()
-        sim = Simulation(cfg, Path(args.data_root), fresh=not args.resume)
+        sim = Simulation(cfg, Path(args.data_root), fresh=not args.resume, placement=placement)
         rows = asyncio.run(sim.run())
-    except (ConfigError, StateError, FileNotFoundError) as err:
+    except (ConfigError, StateError, PlacementError, FileNotFoundError) as err:
         fail(PROG, err)
     except KeyboardInterrupt:
         sys.exit(130)

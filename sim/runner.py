@@ -25,8 +25,8 @@ import structlog
 from ..common.accounting import message_bytes, payload_bytes
 from ..common.config import RunConfig
 from ..common.data import load_client_eval, load_split
-from ..common.models import load_tokenizer
-from ..common.participant import Participant, Shared
+from ..common.participant import Participant
+from ..common.precision import Placement
 from ..server.coordinator import Coordinator
 from ..server.intake import report_of
 from ..server.messages import DeltaEncodings, assignment_messages, snapshot_messages
@@ -52,11 +52,13 @@ def _peak_rss_bytes() -> int:
 class Simulation:
     """One run of ``cfg`` with a client per shard of ``data_root``."""
 
-    def __init__(self, cfg: RunConfig, data_root: Path, fresh: bool = True):
+    def __init__(self, cfg: RunConfig, data_root: Path, fresh: bool = True, placement: Placement | None = None):
+        """``placement``: the one device and dtype of the coordinator's model, on which every
+        simulated client trains (default: round.yaml's)."""
         self.cfg = cfg
         registry = ClientRegistry(cfg.run.seed, liveness_s=math.inf)
-        self.coord = Coordinator(cfg, fresh=fresh, registry=registry, deadlines=False)
-        shared = Shared(self.coord.model, load_tokenizer(cfg.model.name), self.coord.method)
+        self.coord = Coordinator(cfg, fresh=fresh, registry=registry, deadlines=False, placement=placement)
+        shared = self.coord.shared
         self.participants = {name: Participant(cfg, name, load_split(path), shared, load_client_eval(path))
                              for name, path in shard_folders(Path(data_root)).items()}
         self.deltas = DeltaEncodings(cfg.server.max_chunk_bytes, cfg.server.snapshot_after_rounds)

@@ -4,6 +4,8 @@ A method is one module under ``fedkrso.common.methods`` with the same shape:
 
 * ``Config``: a pydantic model of its knobs (``name`` is the discriminator in round.yaml);
 * ``prepare(model)``: freeze, inject adapters, mark dense-trainables (identical on every party);
+* ``place(model, placement)``: the precision rule of ``common.precision`` (state and trainables
+  float32, frozen weights in the party's dtype), then onto the party's device;
 * ``round_seeds(round)``: the seeds the server hands out for a round (may be empty);
 * ``train_round(...)``: a client's local training, returning named upload tensors;
 * ``update_spec(model, seeds)``: the names and shapes an upload may carry (validation, bytes);
@@ -35,6 +37,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from ..precision import Placement, place, placement_of
 from ..subspace import fingerprint
 from ..tensors import element_size
 from .optim import OptimizerConfig, Optimization
@@ -154,8 +157,12 @@ def train_state_bytes(*optimizers: torch.optim.Optimizer | None) -> int:
 
 
 def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's own loss on a batch that carries ``labels``."""
-    return model(**batch).loss
+    """The model's own loss (float32) on a batch that carries ``labels``, computed on the
+    model's device under its placement's autocast (common/precision.py, rule 4)."""
+    placement = placement_of(model)
+    batch = {k: v.to(placement.device, non_blocking=True) for k, v in batch.items()}
+    with placement.autocast():
+        return model(**batch).loss.float()
 
 
 class Method(ABC):
@@ -204,14 +211,31 @@ class Method(ABC):
     def state_fingerprint(self, model: nn.Module) -> str:
         return fingerprint(sorted(self.state_parameters(model).items()))
 
+    def mastered(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Modules whose weight is state but, under a low-precision dtype, is computed with a
+        copy in that dtype beside a float32 host master (common/precision.py, rule 5)."""
+        return {}
+
+    def place(self, model: nn.Module, placement: Placement) -> nn.Module:
+        """The precision rule on a prepared model: the state (and every trainable) float32,
+        ``mastered`` weights a float32 host master plus a compute copy, every other weight in
+        the placement's dtype; all of it on the placement's device."""
+        return place(model, placement, self.state_parameters(model).values(), self.mastered(model).values())
+
     def snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """A copy of the state a round changes, so a client can return to W^t after training."""
-        return {k: v.detach().clone() for k, v in self.state_parameters(model).items()}
+        """A copy of the state a round changes, in host memory (a GPU party does not hold its
+        state twice on the device)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.state_parameters(model).items()}
+
+    def training_snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What a client must copy to return to W^t after local training: the state training
+        can change (all of it, unless a method knows better)."""
+        return self.snapshot(model)
 
     @torch.no_grad()
     def restore(self, model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
         """Put back a ``snapshot`` (or any tensors of the same names and shapes: a checkpoint,
-        a downloaded state), bit for bit."""
+        a downloaded state, a ``training_snapshot``), bit for bit."""
         state = self.state_parameters(model)
         for k, v in snapshot.items():
             state[k].copy_(v)
@@ -310,8 +334,18 @@ class Method(ABC):
         return {f"dense.{n}": tuple(p.shape) for n, p in dense.items()}
 
     @staticmethod
-    def dense_deltas(dense: dict[str, nn.Parameter], start: dict[str, torch.Tensor]):
-        return {f"dense.{n}": (p.detach() - start[n]).float() for n, p in dense.items()}
+    def start_values(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """Copies of ``params`` before training, in host memory (the deltas are taken there)."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+
+    @staticmethod
+    def deltas(params: dict[str, nn.Parameter], start: dict[str, torch.Tensor], prefix: str):
+        """``<prefix><name>``: trained - start, float32, in host memory."""
+        return {f"{prefix}{n}": (p.detach().cpu() - start[n]).float() for n, p in params.items()}
+
+    @classmethod
+    def dense_deltas(cls, dense: dict[str, nn.Parameter], start: dict[str, torch.Tensor]):
+        return cls.deltas(dense, start, "dense.")
 
     @staticmethod
     @torch.no_grad()
@@ -377,7 +411,7 @@ class DeltaMethod(Method):
         own, dense = self.own(model, seeds), self.dense(model)
         for name, p in self.every_own(model).items():
             p.requires_grad_(name in own)  # a round's plan may leave some of them out
-        start = {n: p.detach().clone() for n, p in (own | dense).items()}
+        start = self.start_values(own | dense)
         opt = self.optim.adamw([(own.values(), self.cfg.lr), (dense.values(), self.cfg.dense_lr or self.cfg.lr)])
         losses: list[float] = []
         peak_state = 0
@@ -388,7 +422,7 @@ class DeltaMethod(Method):
             peak_state = max(peak_state, train_state_bytes(opt))
             self.optim.zero_grad([opt])
             losses.append(loss.item())
-        tensors = {f"delta.{n}": (p.detach() - start[n]).float() for n, p in own.items()}
+        tensors = self.deltas(own, start, "delta.")
         tensors.update(self.dense_deltas(dense, start))
         return LocalUpdate(tensors=tensors, loss=sum(losses) / len(losses), steps=len(losses),
                            train_state_bytes=peak_state)

@@ -113,7 +113,7 @@ class StartRoundResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[RoundHeader, _Mapping]] = ..., delta: _Optional[_Union[DeltaHeader, _Mapping]] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorBatch, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("run_id", "round", "num_samples", "loss", "steps", "seeds_used", "num_tensors", "update_digest", "train_seconds", "peak_rss_bytes", "train_state_bytes", "eval_metrics", "eval_examples")
+    __slots__ = ("run_id", "round", "num_samples", "loss", "steps", "seeds_used", "num_tensors", "update_digest", "train_seconds", "peak_rss_bytes", "train_state_bytes", "eval_metrics", "eval_examples", "accelerator_peak_bytes")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class UpdateHeader(_message.Message):
     TRAIN_STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     EVAL_METRICS_FIELD_NUMBER: _ClassVar[int]
     EVAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     num_samples: int
@@ -140,7 +141,8 @@ class UpdateHeader(_message.Message):
     train_state_bytes: int
     eval_metrics: _containers.RepeatedCompositeFieldContainer[EvalMetric]
     eval_examples: int
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., loss: _Optional[float] = ..., steps: _Optional[int] = ..., seeds_used: _Optional[_Iterable[int]] = ..., num_tensors: _Optional[int] = ..., update_digest: _Optional[str] = ..., train_seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., train_state_bytes: _Optional[int] = ..., eval_metrics: _Optional[_Iterable[_Union[EvalMetric, _Mapping]]] = ..., eval_examples: _Optional[int] = ...) -> None: ...
+    accelerator_peak_bytes: int
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., loss: _Optional[float] = ..., steps: _Optional[int] = ..., seeds_used: _Optional[_Iterable[int]] = ..., num_tensors: _Optional[int] = ..., update_digest: _Optional[str] = ..., train_seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., train_state_bytes: _Optional[int] = ..., eval_metrics: _Optional[_Iterable[_Union[EvalMetric, _Mapping]]] = ..., eval_examples: _Optional[int] = ..., accelerator_peak_bytes: _Optional[int] = ...) -> None: ...
 
 class EvalMetric(_message.Message):
     __slots__ = ("name", "value")
