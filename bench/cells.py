@@ -3,8 +3,9 @@ of rounds and evaluated on one split, run once and kept.
 
 A cell's result (the metrics rows, its wall time and peak memory) is written atomically to
 ``<out>/cells/<tag>/cell.json`` when the run ends; a bench started again loads finished cells
-instead of running them, so a long protocol can be stopped and resumed over several sittings
-(a cell cut off mid-run is run again from its start).
+instead of running them, so a long protocol can be stopped and resumed over several sittings.
+A finished cell is reused only when its round.yaml is exactly the one the bench would write
+now (any changed setting runs it again), and a cell cut off mid-run is run from its start.
 
 Runs go through ``fedkrso-sim`` (every client in one process, the default) or a real server
 and one client process per shard (``runner: processes``, socket bytes measured).
@@ -73,13 +74,14 @@ def run_cell(cfg: BenchConfig, cell: Cell, data: Path, out: Path, num_labels: in
     """The cell's result, from ``<out>/cells/<tag>/cell.json`` when it finished before."""
     workdir = out / "cells" / cell.tag
     done = workdir / "cell.json"
-    if done.exists():
+    config = workdir / "round.yaml"
+    wanted = round_yaml(cfg, cell, data, workdir, num_labels)
+    if done.exists() and yaml.safe_load(config.read_text()) == wanted:
         return json.loads(done.read_text())
     if workdir.exists():
-        shutil.rmtree(workdir)  # cut off mid-run: start it again
+        shutil.rmtree(workdir)  # cut off mid-run, or run with other settings: start it again
     workdir.mkdir(parents=True)
-    config = workdir / "round.yaml"
-    config.write_text(yaml.safe_dump(round_yaml(cfg, cell, data, workdir, num_labels), sort_keys=False))
+    config.write_text(yaml.safe_dump(wanted, sort_keys=False))
     started = time.monotonic()
     if cfg.runner == "sim":
         _simulate(cfg, config, data, workdir)

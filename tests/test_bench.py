@@ -94,6 +94,13 @@ def test_bench_seeds_sweep_on_validation_statistics_and_resume(tmp_path, tiny_be
     again = run(tmp_path, bench_config(tmp_path, tiny_bert))
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/cell.json")} == stamps
     assert again["results"] == report["results"]
+    # a changed setting runs the cells it touches again, and only those
+    changed = bench_config(tmp_path, tiny_bert)
+    changed["methods"][1]["steps"] = 3
+    run(tmp_path, changed)
+    now = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/cell.json")}
+    rerun = {p.parent.name for p in now if now[p] != stamps[p]}
+    assert rerun == {p.parent.name for p in now if p.parent.name.startswith("fedavg")} and len(rerun) == 2
 
 
 def test_bench_on_real_processes_measures_the_wire(tmp_path, tiny_bert):
