@@ -134,23 +134,30 @@ class FedIT(DeltaMethod):
     @torch.no_grad()
     def save_peft_adapter(self, model: nn.Module, folder: Path) -> Path:
         """Write ``model``'s adapter as a PEFT LoRA adapter folder (PEFT's own
-        ``save_pretrained``): the trained A and B of every target, and the modules holding
-        dense-trainables as ``modules_to_save``, so the base checkpoint plus this folder
+        ``save_pretrained``): the trained A and B of every target, the targets' trained biases
+        as PEFT's ``lora_only`` biases, and the other modules holding dense-trainables as
+        ``modules_to_save``, so the base checkpoint plus this folder
         (``PeftModel.from_pretrained(base, folder)``) is the fine-tuned model."""
         from peft import LoraConfig, get_peft_model
 
         layers = lora_layers(model)
-        dense_modules = sorted({n.rpartition(".")[0] for n in self.dense(model)})
-        both = [m for m in dense_modules if any(m == t or m.startswith(t + ".") for t in layers)]
-        if both:
-            raise ValueError(f"modules both LoRA targets and dense-trainables cannot be a PEFT adapter: {both[:3]}")
+
+        def in_target(name: str) -> bool:
+            return any(name == t or name.startswith(t + ".") for t in layers)
+
+        dense = self.dense(model)
+        inside = [n for n in dense if in_target(n.rpartition(".")[0])]
+        if any(not n.endswith(".bias") for n in inside):
+            raise ValueError(f"LoRA targets' weights cannot also be dense-trainables in a PEFT adapter: {inside[:3]}")
         config = LoraConfig(
             r=self.cfg.rank,
             lora_alpha=self.cfg.alpha,
             lora_dropout=0.0,
             target_modules=list(layers),
             fan_in_fan_out=any(is_conv1d(layer.get_base_layer()) for layer in layers.values()),
-            modules_to_save=dense_modules or None,
+            # the targets' trained biases (train_biases) travel as PEFT's own "lora_only" biases
+            bias="lora_only" if inside else "none",
+            modules_to_save=sorted({n.rpartition(".")[0] for n in dense if n not in inside}) or None,
         )
         with torch.random.fork_rng(devices=[]):  # PEFT draws A from the global RNG; overwritten below
             peft_model = get_peft_model(self._without_lora(model, merge=False), config)
