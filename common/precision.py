@@ -11,7 +11,7 @@ The precision rule that makes that hold (README, "Devices and precision"):
 
 1. **The state is float32 on every party.** ``Method.state_parameters`` (every tensor a round
    delta changes, plus the seeded frozen parts of adapters) is float32 whatever the party's
-   dtype. It starts as the checkpoint's own values, upcast exactly (a checkpoint always loads
+   dtype; the one wider tensor is FedKSeed's per-candidate sums, float64 on every party. It starts as the checkpoint's own values, upcast exactly (a checkpoint always loads
    at its own precision, on the CPU, so new heads are drawn alike everywhere). Round deltas
    are computed canonically: FedKRSO's ``sum_k Abar_k P_k`` and FedKSeed's ``sum_k g_k z_k``
    on the CPU in float32 in a fixed order, every other method's mean delta arrives as bytes;

@@ -21,6 +21,7 @@ from fedkrso.common.aggregate import StreamingAggregator
 from fedkrso.common.config import parse_config
 from fedkrso.common.methods import build_method
 from fedkrso.common.methods.fedkrso import SubspaceAdapter
+from fedkrso.common.methods.fedkseed import CUMULATIVE
 from fedkrso.common.models import build_llama, load_model, model_fingerprint
 from fedkrso.common.precision import (Placement, PlacementError, dtype_of, master, placement_of,
                                       resolve_device, resolve_placement)
@@ -111,7 +112,8 @@ def test_round_yaml_fields_and_run_identity(tiny_bert, tmp_path):
 def test_state_and_trainables_float32_frozen_in_the_dtype(tiny_llama, name):
     meth, model, _ = party(tiny_llama, METHODS[name], torch.bfloat16)
     state = meth.state_parameters(model)
-    assert all(t.dtype == torch.float32 for t in state.values())  # rule 1
+    wide = {"fedkseed": {CUMULATIVE}}.get(name, set())  # FedKSeed's per-candidate sums: float64
+    assert all(t.dtype == (torch.float64 if k in wide else torch.float32) for k, t in state.items())  # rule 1
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # rule 2
     state_ids = {id(t) for t in state.values()}
     frozen = [p for p in model.parameters() if not p.requires_grad and id(p) not in state_ids]
@@ -343,10 +345,11 @@ def test_bench_passes_device_and_dtype_to_every_run(tmp_path):
     """``fedkrso-bench --device/--dtype`` (the bench YAML's model section) reach the round.yaml
     of every run, which validates them."""
     from fedkrso.bench.config import BenchConfig, ModelSpec
-    from fedkrso.bench.runner import round_yaml
+    from fedkrso.bench.cells import Cell, round_yaml
 
     cfg = BenchConfig(methods=[{"name": "fedkrso"}], model=ModelSpec(device="cuda:1", dtype="bfloat16"))
-    rc = parse_config(round_yaml(cfg, {"name": "fedkrso"}, 1, tmp_path, tmp_path / "out", "r", 2))
+    cell = Cell(spec=cfg.methods[0], lr=1e-3, seed=1, rounds=1, split="val")
+    rc = parse_config(round_yaml(cfg, cell, tmp_path, tmp_path / "out", 2))
     assert (rc.model.device, rc.model.dtype) == ("cuda:1", "bfloat16")
     with pytest.raises(ValueError, match="device"):
         ModelSpec(device="gpu")
