@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/fedkrso/v1/*.proto)
 DEMO_DIR ?= runs/demo
 
-.PHONY: install proto demo test bench bench-quick clean
+.PHONY: install proto demo test bench bench-quick quality clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/fedkrso-bench --config bench/sst2.yaml --quick
+
+# The quality protocol behind docs/QUALITY.md (hours on 2 cores; run it again to resume).
+quality: $(STAMP)
+	$(BIN)/fedkrso-bench --protocol bench/quality.yaml --out results/quality
 
 clean:
 	rm -rf runs results .pytest_cache

@@ -1,14 +1,18 @@
 """The bench YAML (``bench/sst2.yaml``): what to partition, which model, which methods and
-learning rates, and the ``--quick`` preset. Validated by pydantic, so a typo in a long
-benchmark's config fails at load time, not hours in."""
+learning rates, how many seeds, and the ``--quick`` preset; and the protocol YAML
+(``bench/quality.yaml``): a base bench config and the blocks (tasks, partitions, methods)
+that vary it. Validated by pydantic, so a typo in a long benchmark's config fails at load
+time, not hours in."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..common.precision import DEVICE_PATTERN
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -20,13 +24,18 @@ class Strict(BaseModel):
 
 
 class DataSpec(Strict):
-    source: str = Field("glue:SST-2", description="bbc, glue:<TASK>, csv:<path>, jsonl:<path>, hub:<name>")
+    source: str = Field("glue:SST-2", description="bbc, bbc-headlines, glue:<TASK>, csv:<path>, json:<path>, "
+                        "jsonl:<path>, parquet:<path>, hub:<name>")
     glue_dir: Path | None = Field(Path("../shared/data/glue"),
                                   description="local GLUE folder (relative paths: to the repo); "
                                               "the hub is used when it is absent")
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
+    prompt_column: str | None = Field(None, description="with response_column: instruction rows")
+    response_column: str | None = None
+    client_eval_fraction: float = Field(0.0, ge=0, lt=1, description="held out of each shard for its "
+                                        "client's own evaluation (client_eval_every)")
     max_examples: int | None = Field(4000, ge=1, description="cap on training rows (all clients)")
     max_eval: int | None = Field(500, ge=1, description="cap on eval rows")
     eval_fraction: float = Field(0.1, gt=0, lt=1)
@@ -45,6 +54,8 @@ class ModelSpec(Strict):
     task: str = "sequence-classification"
     num_labels: int | None = Field(None, ge=1, description="None: from the partition's labels")
     max_length: int = Field(128, ge=8)
+    device: str = Field("cpu", pattern=DEVICE_PATTERN, description="model.device of every run")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model.dtype of every run")
 
 
 class MethodSpec(BaseModel):
@@ -83,7 +94,21 @@ class QuickSpec(Strict):
 
 class BenchConfig(Strict):
     name: str = Field("bench", pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
+                             description="repetitions: each seed is the run seed and the partition seed")
+    sweep_seeds: int = Field(1, ge=1, description="the lr sweep runs on the first N seeds")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="training rows held out as the validation "
+                                "split the lr sweep is scored on (never the reported eval split); 0 "
+                                "scores the sweep on the eval split, which reports a biased number")
+    select_by: Literal["final", "last3"] = Field("last3", description="sweep score: the final round's "
+                                                 "metric or the mean of the last three rounds'")
+    metric: str | None = Field(None, description="the metric to report and select by; None: the task's "
+                               "own (GLUE's for GLUE tasks, else accuracy / Pearson), loss for a causal LM")
+    runner: Literal["sim", "processes"] = Field("sim", description="sim: fedkrso-sim, every client in one "
+                                                "process; processes: a server and a client process per shard")
+    threads: int = Field(1, ge=1, description="torch threads of a simulated run")
+    optimizer: dict[str, Any] = Field(default_factory=dict,
+                                      description="training.optimizer of every run (one setting for all methods)")
     output_dir: Path | None = Field(None, description="default results/<name>")
     data: DataSpec = DataSpec()
     model: ModelSpec = ModelSpec()
@@ -99,6 +124,9 @@ class BenchConfig(Strict):
     poll_seconds: float = Field(20.0, gt=0, description="client long-poll length")
     target_accuracy: float | None = Field(None, gt=0, le=1,
                                           description="accuracy for the bytes-to-target column")
+    instruction: dict[str, Any] | None = Field(None, description="round.yaml's instruction section "
+                                               "(template, prompt_format) for prompt/response data")
+    client_eval_every: int = Field(0, ge=0, description="round.yaml's eval.client_every (0: server eval only)")
     methods: list[MethodSpec] = Field(min_length=1)
     quick: QuickSpec = QuickSpec()
 
@@ -124,11 +152,64 @@ class BenchConfig(Strict):
         return cfg
 
 
+class BenchConfigError(ValueError):
+    """A bench YAML that is missing or does not validate; the message names every bad field."""
+
+
 def load_bench_config(path: str | Path) -> BenchConfig:
-    data = yaml.safe_load(Path(path).read_text())
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise BenchConfigError(f"{path}: {err}") from None
     try:
         return BenchConfig.model_validate(data)
     except ValidationError as err:
         lines = [f"{path}: {err.error_count()} invalid field(s)"]
         lines += [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-        raise SystemExit("\n".join(lines)) from None
+        raise BenchConfigError("\n".join(lines)) from None
+
+
+class ProtocolBlock(BaseModel):
+    """One bench of a protocol: a name, what it is for, and the base config's fields it changes."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    purpose: str = ""
+    lrs_from: str | None = Field(None, description="take each method's lr from this block's selection")
+
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ProtocolConfig(Strict):
+    """A protocol (``bench/quality.yaml``): benches sharing one base config."""
+
+    name: str = Field("quality", pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    base: dict[str, Any]
+    blocks: list[ProtocolBlock] = Field(min_length=1)
+
+    def bench(self, block: ProtocolBlock) -> BenchConfig:
+        """The block's bench config: the base with the block's fields over it (sections such as
+        ``data`` and ``model`` merged key by key, ``methods`` replaced whole)."""
+        merged = dict(self.base)
+        for key, value in block.overrides().items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        merged["name"] = block.name
+        return BenchConfig.model_validate(merged)
+
+
+def load_protocol(path: str | Path) -> ProtocolConfig:
+    data = yaml.safe_load(Path(path).read_text())
+    try:
+        protocol = ProtocolConfig.model_validate(data)
+        for block in protocol.blocks:
+            protocol.bench(block)
+    except ValidationError as err:
+        lines = [f"{path}: {err.error_count()} invalid field(s)"]
+        lines += [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        raise BenchConfigError("\n".join(lines)) from None
+    return protocol

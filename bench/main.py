@@ -1,63 +1,123 @@
 """``fedkrso-bench --config bench/sst2.yaml [--quick]``: compare federated methods end to end.
 
-For every method of the config (and every learning rate of its sweep) the bench writes a
-round.yaml and runs a *real* federated job: one ``fedkrso-server`` process and one
-``fedkrso-client`` process per shard, talking gRPC on loopback (``bench.launch.Cluster``).
-All runs share one Dirichlet partition of the data (written once). Unselected clients just
-long-poll the server, so many clients fit on a small host.
+For every method of the config the bench writes a round.yaml per run and runs it through the
+in-process simulator (``fedkrso-sim``: the coordinator, client round and byte accounting of a
+distributed run, every client in one process; ``--runner processes`` starts a real server and
+one client process per shard instead). Each seed of ``seeds`` is a repetition with its own run
+seed and partition seed.
 
-Learning-rate sweep: when a method lists several ``lrs``, each is run for ``sweep_rounds``
-rounds and the best one (highest final eval accuracy; lowest eval loss for a causal LM) is
-then run for the full ``rounds`` (the sweep run is reused when ``sweep_rounds == rounds``).
+Learning-rate sweep: when a method lists several ``lrs``, each runs ``sweep_rounds`` rounds on
+the first ``sweep_seeds`` seeds, scored on a validation split carved from the training rows
+(never on the reported split); the best then runs ``rounds`` rounds on every seed, scored on
+the eval split. The report gives the task's own metric per method (mean and std over seeds of
+the final, best and last-3 values), paired differences to FedAvg and FedIT with 95%
+intervals, and the answers to the questions the bench exists for.
 
-Output under ``<output_dir>`` (default ``results/<name>``): ``results.md`` (the table, the
-sweep table and the three targets with pass/fail), ``results.json``, ``accuracy_vs_bytes.png``
-and one folder per run (round.yaml, metrics.jsonl, server and client logs).
+Finished runs are kept (``<out>/cells/*/cell.json``) and not run again: a stopped bench resumes.
+``--protocol bench/quality.yaml`` runs several benches (blocks of one base config) and writes
+their combined report (``QUALITY.md``, ``quality.json``).
+
+Output under ``<output_dir>`` (default ``results/<name>``): ``results.md``, ``results.json``,
+``metric_vs_bytes.png``, ``data/seed*/`` and one folder per run under ``cells/``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_CONFIG, load_bench_config
-from .runner import run_bench, write_report
+from pydantic import ValidationError
+
+from ..common.cli import fail, parser, require_file
+from ..common.precision import DTYPE_NAMES
+from .config import DEFAULT_CONFIG, BenchConfigError, ModelSpec, load_bench_config
+
+PROG = "fedkrso-bench"
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="fedkrso-bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(PROG, __doc__, {0: "every run finished and the report is written",
+                               1: "a run failed (its server or a client exited non-zero)",
+                               2: "bad flags; a missing or invalid bench config or results folder"})
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="bench YAML")
     p.add_argument("--quick", action="store_true", help="apply the config's quick preset")
     p.add_argument("--out", help="results folder (default: output_dir or results/<name>[-quick])")
     p.add_argument("--methods", help="comma-separated subset of the config's methods")
     p.add_argument("--rounds", type=int, help="override rounds")
+    p.add_argument("--seeds", help="override seeds, comma-separated")
+    p.add_argument("--runner", choices=["sim", "processes"], help="override runner")
+    p.add_argument("--protocol", metavar="YAML", help="run a protocol (blocks of benches) and write QUALITY.md")
+    p.add_argument("--blocks", help="with --protocol: comma-separated subset of its blocks")
+    p.add_argument("--device", help="model.device of every run: cpu, cuda, cuda:N, mps, auto (overrides the config)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="model.dtype of every run (overrides the config)")
     p.add_argument("--report-only", metavar="DIR",
                    help="rewrite DIR/results.md and the plot from DIR/results.json, running nothing")
     args = p.parse_args(argv)
     if args.report_only:
         out = Path(args.report_only)
-        write_report(json.loads((out / "results.json").read_text()), out)
+        results = require_file(PROG, out / "results.json", "bench results")
+        from .runner import write_report
+
+        write_report(json.loads(results.read_text()), out)
         print((out / "results.md").read_text())
         return
 
-    cfg = load_bench_config(args.config)
+    if args.protocol:
+        from .protocol import run_protocol
+
+        require_file(PROG, args.protocol, "protocol")
+        out = Path(args.out or "results/quality").resolve()
+        command = "fedkrso-bench " + " ".join(sys.argv[1:] if argv is None else argv)
+        try:
+            run_protocol(Path(args.protocol), out, args.blocks.split(",") if args.blocks else None, command)
+        except BenchConfigError as err:
+            fail(PROG, err)
+        except RuntimeError as err:  # a run failed; its log tail is in the message
+            fail(PROG, err, 1)
+        print((out / "QUALITY.md").read_text())
+        return
+
+    require_file(PROG, args.config, "bench config")
+    try:
+        cfg = load_bench_config(args.config)
+    except BenchConfigError as err:
+        fail(PROG, err)
     if args.quick:
         cfg = cfg.apply_quick()
     if args.methods:
         keep = args.methods.split(",")
         unknown = set(keep) - {m.tag for m in cfg.methods}
         if unknown:
-            raise SystemExit(f"fedkrso-bench: methods not in the config: {sorted(unknown)}")
+            fail(PROG, f"methods not in the config: {sorted(unknown)}")
         cfg.methods = [m for m in cfg.methods if m.tag in keep]
+    if args.device or args.dtype:
+        try:
+            cfg.model = ModelSpec.model_validate(cfg.model.model_dump() | {
+                k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v})
+        except ValidationError as err:
+            raise SystemExit(f"fedkrso-bench: --device {args.device!r}: {err.errors()[0]['msg']}") from None
+    if args.device or args.dtype:
+        try:
+            cfg.model = ModelSpec.model_validate(cfg.model.model_dump() | {
+                k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v})
+        except ValidationError as err:
+            fail(PROG, f"--device {args.device!r}: {err.errors()[0]['msg']}")
     if args.rounds:
         cfg.rounds = args.rounds
         cfg.sweep_rounds = min(cfg.sweep_rounds, args.rounds)
+    if args.seeds:
+        cfg.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.runner:
+        cfg.runner = args.runner
     out = Path(args.out) if args.out else (cfg.output_dir or Path("results") / (cfg.name + ("-quick" if args.quick else "")))
     command = "fedkrso-bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = run_bench(cfg, out.resolve(), command, log=lambda s: print(s, flush=True))
+    from .runner import run_bench
+
+    try:
+        report = run_bench(cfg, out.resolve(), command, log=lambda s: print(s, flush=True))
+    except RuntimeError as err:  # a server or client of a run failed; its log tail is in the message
+        fail(PROG, err, 1)
     print((out / "results.md").read_text())
     print(f"fedkrso-bench: {len(report['results'])} method(s) in {report['runtime_s']:.0f} s; "
           f"results in {out}")

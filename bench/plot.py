@@ -1,9 +1,11 @@
-"""``accuracy_vs_bytes.png``: every method's eval accuracy (eval loss for a causal LM) against
-the cumulative bytes on the wire, from a bench report (results.json)."""
+"""``metric_vs_bytes.png``: every method's metric against the cumulative bytes its run sent,
+the mean over seeds as a line and the spread (min to max) as a band, from a bench report."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from .report import points
 
 
 def plot(report: dict, path: Path) -> None:
@@ -14,23 +16,30 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    causal = report["causal"]
+    metric, scale = report["metric"], points(report["metric"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s in report["results"]:
-        pts = [(c["cumulative_wire_bytes"], c["eval_loss"] if causal else c["eval_accuracy"])
-               for c in s["curve"]]
-        pts = [(x, y) for x, y in pts if x and y is not None]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] * (1 if causal else 100) for p in pts], marker="o",
-                    label=f"{s['method']} (lr {s['lr']:g})")
-    if report.get("target_accuracy") and not causal:
-        ax.axhline(100 * report["target_accuracy"], color="grey", linestyle="--", linewidth=1, label="target")
+    for name, entry in report["results"].items():
+        curves = [s["curve"] for s in entry["seeds"].values()]
+        rounds = min(len(c) for c in curves) if curves else 0
+        xs, mid, low, high = [], [], [], []
+        for i in range(rounds):
+            values = [c[i]["metric"] for c in curves if c[i]["metric"] is not None]
+            if not values:
+                continue
+            xs.append(sum(c[i]["cumulative_bytes"] for c in curves) / len(curves))
+            mid.append(scale * sum(values) / len(values))
+            low.append(scale * min(values))
+            high.append(scale * max(values))
+        if xs:
+            line, = ax.plot(xs, mid, marker="o", markersize=3, label=f"{name} (lr {entry['lr']:g})")
+            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
     ax.set_xscale("log")
-    ax.set_xlabel("cumulative bytes on the wire (uplink + downlink, all clients)")
-    ax.set_ylabel("eval loss" if causal else "eval accuracy (%)")
-    ax.set_title(f"{report['name']}: {report['data_source']}, {report['model']}")
+    ax.set_xlabel("cumulative bytes sent (payload, uplink + downlink, all clients)")
+    ax.set_ylabel(f"{metric}" + (" (x100)" if scale == 100 else ""))
+    ax.set_title(f"{report['name']}: {report['data_source']}, {report['model']}, seeds {report['seeds']}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -26,9 +26,10 @@ from fedkrso.v1 import coordinator_pb2 as pb
 from fedkrso.v1 import coordinator_pb2_grpc as pb_grpc
 
 from ..common.config import address_host, is_loopback
-from ..common.data import load_split
+from ..common.data import load_client_eval, load_split
 from ..common.logs import bounded, progress
 from ..common.participant import Participant, PreparedUpdate, Shared
+from ..common.precision import resolve_placement
 from ..common.protocol import TOKEN_HEADER, VERSION, bearer
 from ..common.wire import WireError
 from .streams import ClientError, RoundReader, SnapshotReader, check_join
@@ -57,6 +58,7 @@ class _SnapshotMoved(Exception):
 class ClientOptions:
     server: str
     data: Path
+    eval_data: Path | None = None  # held-out rows (default: <data>/eval when it exists)
     model: str | None = None
     name: str = "client"
     poll_seconds: float = 20.0
@@ -69,6 +71,8 @@ class ClientOptions:
     token_file: Path | None = None
     insecure: bool = False
     server_name: str | None = None
+    device: str | None = None  # overrides the run's model.device (None: FEDKRSO_DEVICE, then the run's)
+    dtype: str | None = None  # overrides the run's model.dtype (None: FEDKRSO_DTYPE, then the run's)
 
 
 @dataclass
@@ -107,6 +111,7 @@ class FedClient:
         self.run_id = ""
         self.model_fingerprint = ""
         self.participant: Participant | None = None
+        self.dataset = self.eval_dataset = None  # the shard and its held-out rows, read at join
         self.report = Report()
         self.phase = "joining"
         self._stop = threading.Event()
@@ -151,7 +156,8 @@ class FedClient:
         by a live session (ALREADY_EXISTS: this client's earlier process, not yet timed out)
         is retried like an outage."""
         resp, call = self._call(self.stub.Join.with_call, pb.JoinRequest(
-            name=self.opts.name, num_samples=len(self.dataset), software_version=VERSION), rejoin=False,
+            name=self.opts.name, num_samples=len(self.dataset), software_version=VERSION,
+            eval_samples=0 if self.eval_dataset is None else len(self.eval_dataset)), rejoin=False,
             retry=RETRY | {grpc.StatusCode.ALREADY_EXISTS}, timeout=60)
         cfg = check_join(resp)
         token = dict(call.initial_metadata()).get(TOKEN_HEADER)
@@ -169,11 +175,16 @@ class FedClient:
 
     def join(self) -> None:
         self.dataset = load_split(self.opts.data)
+        o = self.opts
+        self.eval_dataset = load_split(o.eval_data) if o.eval_data else load_client_eval(o.data)
         resp = self._enrol()
         structlog.contextvars.bind_contextvars(client=self.client_id)
         log.info("joined", run_id=self.run_id, method=self.cfg.method.name, samples=len(self.dataset))
         spec = self.opts.model or self.cfg.model.name
-        self.participant = Participant(self.cfg, self.client_id, self.dataset, Shared.load(self.cfg, spec))
+        m = self.cfg.model
+        placement = resolve_placement(m.device, m.dtype, self.opts.device, self.opts.dtype)
+        self.participant = Participant(self.cfg, self.client_id, self.dataset, Shared.load(self.cfg, spec, placement),
+                                       self.eval_dataset)
         self.participant.check_base(resp.model_fingerprint, spec)
 
     @property
@@ -241,7 +252,7 @@ class FedClient:
             self._load_snapshot(header.snapshot_round)
         for dh, asm in deltas:
             try:
-                self.participant.apply_delta(dh.round, list(dh.seeds), asm.finish())
+                self.participant.apply_delta(dh.round, self.participant.seeds(list(dh.seeds)), asm.finish())
             except WireError as err:
                 raise ClientError(f"malformed delta of round {dh.round}: {err}") from None
             self.report.deltas_applied += 1
@@ -273,7 +284,7 @@ class FedClient:
         log.info("snapshot_loaded", round=round_id)
 
     def _train_and_submit(self, header: pb.RoundHeader) -> None:
-        seeds = list(header.seeds)
+        seeds = self.participant.seeds(list(header.seeds))
         self.participant.check_plan(header.round, seeds, header.plan_fingerprint)
         self.phase = "training"
         log.info("training", round=header.round, steps=self.cfg.method.local_steps())
@@ -296,7 +307,8 @@ class FedClient:
                 return
             raise
         log.info("update_submitted", round=update.round, loss=round(update.loss, 4), payload_bytes=resp.payload_bytes,
-                 duplicate=resp.duplicate, train_seconds=round(update.train_seconds, 2))
+                 duplicate=resp.duplicate, train_seconds=round(update.train_seconds, 2),
+                 eval={k: round(v, 4) for k, v in update.eval_metrics.items()} or None)
 
     def _write_report(self) -> None:
         if self.opts.report:

@@ -9,7 +9,8 @@ apply a malformed delta. So, before anything is kept:
   from the client's own to the target, in order, each with the seeds the method derives for
   its round, each assembled against the participant's spec, all of them together no larger
   than the state a snapshot would carry (the server sends deltas only when they are smaller);
-  a TRAIN header names the seeds of its round (``RoundReader``);
+  a TRAIN header names the seeds of its round, or none where the method's seeds are fixed for
+  the run and the client holds them already (``RoundReader``);
 * a snapshot stream is one header for the round asked, then at most the state's own bytes,
   in at most as many messages as that takes (``SnapshotReader``).
 
@@ -28,7 +29,7 @@ from fedkrso.v1 import coordinator_pb2 as pb
 
 from ..common.config import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, RunConfig
 from ..common.logs import bounded
-from ..common.participant import Participant
+from ..common.participant import Participant, ParticipantError
 from ..common.protocol import valid_client_id
 from ..common.tensors import element_size
 from ..common.wire import TensorAssembler, WireError
@@ -111,8 +112,7 @@ class RoundReader:
         _fingerprint(h.state_fingerprint, "state fingerprint")
         if h.status == pb.ROUND_STATUS_TRAIN:
             _fingerprint(h.plan_fingerprint, "plan fingerprint")
-            if list(h.seeds) != self.p.method.round_seeds(h.round):
-                raise ClientError(f"the server's seeds for round {h.round} are not the ones this run derives")
+            self._check_seeds(list(h.seeds), h.round, "the server's seeds for round")
         lacking = h.target_round - self.p.have
         if h.catch_up == pb.CATCH_UP_DELTAS and h.num_deltas != lacking:
             raise ClientError(f"the server announced {h.num_deltas} deltas; from round {self.p.have} to "
@@ -123,13 +123,22 @@ class RoundReader:
             raise ClientError(f"snapshot of round {h.snapshot_round} announced for target {h.target_round}")
         return h
 
+    def _check_seeds(self, sent: list[int], round_id: int, what: str) -> list[int]:
+        """The seeds of ``round_id``: those sent, which must be the ones the run derives for
+        it; for a method whose seeds are fixed for the run, none sent means the ones kept
+        since they were (``Participant.seeds``)."""
+        if (sent or self.p.method.seeds_per_round) and sent != self.p.method.round_seeds(round_id):
+            raise ClientError(f"{what} {round_id} are not the ones this run derives")
+        try:
+            return self.p.seeds(sent)
+        except ParticipantError as err:
+            raise ClientError(str(err)) from None
+
     def _start_delta(self, dh: pb.DeltaHeader) -> None:
         expected = self.p.have + len(self.deltas)
         if dh.round != expected:
             raise ClientError(f"the server sent the delta of round {dh.round}, expected round {expected}")
-        seeds = list(dh.seeds)
-        if seeds != self.p.method.round_seeds(dh.round):
-            raise ClientError(f"the delta of round {dh.round} names seeds this run does not derive for it")
+        seeds = self._check_seeds(list(dh.seeds), dh.round, "the seeds of the delta of round")
         spec = self.p.delta_spec(seeds)
         limit = min(spec_bytes(spec, self.wire), max(self._budget, 0))
         self.deltas.append((dh, TensorAssembler(spec, self.wire, max_bytes=limit)))

@@ -4,7 +4,8 @@ No gRPC here: the service (``service.py``) validates requests and forwards them 
 methods under "for the service"; it never touches the state below. The coordinator's
 collaborators each hold one concept: the client registry (``registry.py``: join, leave,
 liveness, selection), the round records (``rounds.py``), persistence (``state.py``), the
-metrics row (``metrics.py``), evaluation and the final model (``results.py``). All state
+metrics row (``metrics.py``) and where else it goes (``trackers.py``: ``run.report_to``),
+evaluation and the final model (``results.py``). All state
 lives on one asyncio loop; heavy work (aggregation, applying deltas, evaluation) runs in a
 worker thread while ``model_lock`` or ``fold_lock`` is held.
 
@@ -17,63 +18,55 @@ with the same config resumes from there.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import time
+import weakref
 from pathlib import Path
 
 import structlog
 import torch
 
-from ..common.accounting import ConnCounters, SocketMark, Traffic, full_model_bytes, payload_bytes
+from ..common.accounting import ConnCounters, SocketMark, Traffic, full_model_bytes, payload_bytes, seeds_bytes
 from ..common.aggregate import Aggregator, build_aggregator
-from ..common.config import TRANSPORT_FIELDS, RunConfig
+from ..common.config import RunConfig
 from ..common.logs import bounded, progress
-from ..common.methods import build_method
-from ..common.models import load_model, model_fingerprint
+from ..common.models import base_identity
+from ..common.participant import Shared
+from ..common.precision import Placement
 from ..common.tensors import DTYPES
 from .metrics import MetricsWriter, round_row
 from .intake import UpdateIntake
 from .registry import ClientRegistry
 from .results import ServerEvaluator, save_final
-from .rounds import Assignment, RoundDelta, RoundError, RoundState
-from .state import RunStore, SavedRun, StateError, move_aside, restore_round
+from .rounds import Assignment, RoundDelta, RoundError, RoundState, StateCopy
+from .state import RunStore, SavedRun, move_aside, rebuild, restore_round, run_identity, shaping_config
+from .trackers import Trackers
 from .weights import RoundWeights
 
 log = structlog.get_logger("fedkrso.server")
-
-
-def run_identity(cfg: RunConfig) -> str:
-    """``<run name>-<hash>`` of every setting that shapes the results. Where the server
-    listens, its credentials and its output folder are left out: a restart may move the port or
-    rotate certificates and still resume the same run; so are the transport's limits
-    (``config.TRANSPORT_FIELDS``: timeouts, connection and Join limits)."""
-    shaping = cfg.model_dump(mode="json", exclude={"security": True, "run": {"output_dir"},
-                                                     "server": TRANSPORT_FIELDS})
-    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{cfg.run.name}-{digest}"
 
 
 class Coordinator:
     """The state of one federated run on the server."""
 
     def __init__(self, cfg: RunConfig, fresh: bool = False, *, registry: ClientRegistry | None = None,
-                 deadlines: bool = True):
-        """Load the base model and, unless ``fresh``, resume the saved state of this run_id
-        from ``<output_dir>/state`` (``StateError`` if it belongs to another run or does not
-        replay to its recorded fingerprints). The in-process simulator passes a registry in
-        which clients stay live and turns ``deadlines`` off: it trains clients one after the
-        other and every selected client always submits."""
+                 deadlines: bool = True, placement: Placement | None = None):
+        """Load the base model (on ``placement``, default round.yaml's ``model.device`` and
+        ``model.dtype``; one copy, common/precision.py) and, unless ``fresh``, resume the
+        saved state of this run_id from ``<output_dir>/state`` (``StateError`` if it belongs
+        to another run or does not replay to its recorded fingerprints). The in-process
+        simulator passes a registry in which clients stay live and turns ``deadlines`` off: it
+        trains clients one after the other and every selected client always submits."""
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.run_id = run_identity(cfg)
-        self.method = build_method(cfg.method, cfg.run.seed)
-        self.model = load_model(cfg.model.name, cfg.model.task, cfg.model.num_labels, cfg.run.seed)
-        self.method.prepare(self.model)
+        self.trackers = Trackers(cfg.run.report_to, self.out, self.run_id, shaping_config(cfg))  # fails fast
+        self.shared = Shared.load(cfg, placement=placement)
+        self.method, self.model = self.shared.method, self.shared.model
         self.model.eval()
-        self.model_fingerprint = model_fingerprint(self.model)
-        self.state_bytes = payload_bytes(self.method.state_parameters(self.model))  # a snapshot's payload
+        self.base = base_identity(cfg.model.name, self.model, self.shared.identity)
+        self.model_fingerprint = self.shared.identity
+        self.state_bytes = payload_bytes(self.method.snapshot_tensors(self.model))  # a snapshot's payload
         self.fedavg_bytes = full_model_bytes(self.model)
         self.registry = registry or ClientRegistry(cfg.run.seed, max_clients=cfg.server.max_clients)
         self.deadlines = deadlines
@@ -87,10 +80,11 @@ class Coordinator:
         self.current: RoundState | None = None
         self.finished = False
         self._last_row: dict | None = None
+        self._snapshot_copy: tuple[int, weakref.ref] = (-1, lambda: None)  # round, its shared copy
         self.changed = asyncio.Condition()
         self.model_lock = asyncio.Lock()
         self.fold_lock = asyncio.Lock()
-        self.store = RunStore(self.out / "state", self.run_id)
+        self.store = RunStore(self.out / "state", self.run_id, shaping_config(cfg), self.base)
         saved = None if fresh else self.store.load()
         if saved is None:
             move_aside(self.out)
@@ -105,21 +99,17 @@ class Coordinator:
     def _resume(self, saved: SavedRun) -> None:
         """Rebuild the model at the last completed round (checkpoint + replay of the later
         deltas, each checked against its recorded fingerprint) and restore the open round."""
-        if saved.state_fingerprints[0] != self.state_fingerprints[0]:
-            raise StateError("the base model's state differs from the one the saved run started from; "
-                             "restart with --fresh to start a new run")
-        start = saved.checkpoint_round
-        if start:
-            self.method.restore(self.model, self.store.checkpoint())
-            self._check_rebuilt(start, saved.state_fingerprints[start])
         keep = max(0, saved.completed - self.cfg.server.snapshot_after_rounds)  # for catch-up
-        for r in range(min(start, keep), saved.completed):
-            delta = RoundDelta(r, saved.seeds[r], self.store.delta(r), saved.state_fingerprints[r + 1])
-            if r >= start:
-                self.method.apply(self.model, delta.seeds, delta.tensors)
-                self._check_rebuilt(r + 1, delta.state_fingerprint)
+
+        def kept(r: int, tensors: dict[str, torch.Tensor]) -> None:
             if r >= keep:
-                self.deltas[r] = delta
+                self.deltas[r] = RoundDelta(r, saved.seeds[r], tensors, saved.state_fingerprints[r + 1])
+
+        start = rebuild(self.method, self.model, self.store.history(saved), saved.completed,
+                        "refusing to resume (--fresh starts over)", visit=kept)
+        for r in range(keep, start):  # before the checkpoint: read, not replayed
+            kept(r, self.store.delta(r))
+        self.method.load_plan_state(saved.plan_state)  # decided before the checkpoint too
         self.completed = saved.completed
         self.state_fingerprints = dict(saved.state_fingerprints)
         self.accepted_digests = dict(saved.accepted_digests)
@@ -133,12 +123,6 @@ class Coordinator:
         log.info("run_resumed", round=self.completed, checkpoint=start, replayed=self.completed - start,
                  open_round=rs is not None, accepted=len(rs.submissions) if rs else 0,
                  deadline_remaining_s=round(rs.deadline - time.monotonic(), 1) if rs else None)
-
-    def _check_rebuilt(self, round_id: int, recorded: str) -> None:
-        fp = self.method.state_fingerprint(self.model)
-        if fp != recorded:
-            raise StateError(f"state rebuilt at round {round_id} has fingerprint {fp[:12]}, the saved run "
-                             f"recorded {recorded[:12]}; refusing to resume (--fresh starts over)")
 
     def _aggregator(self) -> Aggregator:
         s = self.cfg.server
@@ -227,16 +211,18 @@ class Coordinator:
         await self._close_round(rs)
 
     def _replace_silent(self, rs: RoundState) -> None:
-        """Deadline passed without quorum: drop the silent, select others, extend."""
-        silent = rs.selected - set(rs.submissions)
-        rs.selected -= silent
-        rs.dropped |= silent
-        room = self.cfg.rounds.clients_per_round - len(rs.selected)
+        """Deadline passed without quorum: replace the silent by fresh live clients where there
+        are any and extend. A silent client with no replacement stays selected: dropping it
+        would leave the round nobody to wait for (a slow start is not a death)."""
+        silent = self.registry.by_staleness(rs.selected - set(rs.submissions))
+        room = self.cfg.rounds.clients_per_round - len(rs.submissions)
         fresh = self.registry.select(rs.round, rs.selected | rs.dropped, room)
-        rs.selected |= set(fresh)
+        dropped = silent[:len(fresh)]  # the longest unheard first
+        rs.selected = (rs.selected - set(dropped)) | set(fresh)
+        rs.dropped |= set(dropped)
         self.freeze_weights(rs, fresh)
         rs.deadline = time.monotonic() + self.cfg.rounds.deadline_s
-        log.warning("round_extended", round=rs.round, dropped=sorted(silent), added=fresh,
+        log.warning("round_extended", round=rs.round, dropped=dropped, added=fresh,
                     submitted=len(rs.submissions))
 
     def freeze_weights(self, rs: RoundState, clients) -> None:
@@ -259,7 +245,7 @@ class Coordinator:
             checkpoint = self.method.snapshot(self.model) if due else None
             digests = {c: s.digest for c, s in rs.submissions.items()}
             await asyncio.to_thread(self.store.commit_round, rs.round, rs.seeds, canonical, fp, digests, row,
-                                    checkpoint)
+                                    checkpoint, self.method.plan_state())
         rs.committed.set()
         self.deltas[rs.round] = RoundDelta(rs.round, rs.seeds, canonical, fp)
         # catch-up keeps the last snapshot_after_rounds deltas in memory (all are on disk);
@@ -277,7 +263,8 @@ class Coordinator:
         row = {**row, **evaluation}
         if started is not None:
             row["round_seconds"] = time.monotonic() - started
-        self.metrics.write(row)
+        if self.metrics.write(row):
+            await self.trackers.log(row, self.metrics.rows)
         log.info("round_closed", **{k: v for k, v in row.items() if k != "per_client"})
 
     async def finish(self) -> None:
@@ -286,6 +273,7 @@ class Coordinator:
         await self.notify()
         await asyncio.to_thread(save_final, self.cfg, self.method, self.model, self.out,
                                 self.state_fingerprints[self.completed])
+        await self.trackers.close()
         log.info("run_finished", rounds=self.completed, output_dir=str(self.out))
 
     async def wait_for_clients_to_finish(self, timeout: float) -> None:
@@ -300,11 +288,12 @@ class Coordinator:
     def touch(self, client_id: str, polling: bool = False) -> None:
         self.registry.touch(client_id, polling)
 
-    async def join(self, client_id: str, name: str, num_samples: int, software_version: str = "") -> None:
+    async def join(self, client_id: str, name: str, num_samples: int, eval_samples: int = 0,
+                   software_version: str = "") -> None:
         """Register ``client_id``; a full client table never forgets the open round's clients."""
         rs = self.current
         keep = (rs.selected | set(rs.submissions)) if rs is not None else set()
-        self.registry.join(client_id, name, num_samples, keep, software_version)
+        self.registry.join(client_id, name, num_samples, eval_samples, keep, software_version)
         await self.notify()
 
     async def leave(self, client_id: str, reason: str) -> None:
@@ -337,9 +326,13 @@ class Coordinator:
         else:
             return None
         mode, deltas = self.catch_up_plan(have)
-        a = Assignment(status, round_id, self.completed, self.state_fingerprints[self.completed], mode, deltas)
+        # a method whose seeds are fixed for the run sends them once, to a client holding none
+        seeds_travel = self.method.seeds_per_round or have == 0
+        a = Assignment(status, round_id, self.completed, self.state_fingerprints[self.completed], mode, deltas,
+                       seeds_in_deltas=self.method.seeds_per_round)
         if status == "train":
-            a.seeds, a.plan_fingerprint = list(rs.seeds), rs.plan_fingerprint
+            a.seeds = list(rs.seeds) if seeds_travel else []
+            a.plan_fingerprint = rs.plan_fingerprint
             a.deadline_unix = time.time() + (rs.deadline - time.monotonic())
         return a
 
@@ -350,7 +343,9 @@ class Coordinator:
         if have > self.completed or any(r not in self.deltas for r in range(have, self.completed)):
             return "snapshot", []
         deltas = [self.deltas[r] for r in range(have, self.completed)]
-        if sum(d.payload_bytes for d in deltas) > self.state_bytes:  # whichever is smaller
+        seeds = self.method.seeds_per_round  # fixed seeds are not resent with deltas
+        cost = sum(payload_bytes(d.tensors) + (seeds_bytes(len(d.seeds)) if seeds else 0) for d in deltas)
+        if cost > self.state_bytes:  # whichever is smaller
             return "snapshot", []
         return "deltas", deltas
 
@@ -391,9 +386,17 @@ class Coordinator:
                 await self.save_open(rs)
 
     async def snapshot(self, round_id: int) -> tuple[dict[str, torch.Tensor], str]:
-        """A copy of the state after ``round_id`` rounds (the current one) and its fingerprint."""
+        """A copy of the state after ``round_id`` rounds (the current one) and its fingerprint.
+
+        One copy per round, shared by every stream that serves it and freed when the last of
+        them lets go (a weak reference): for a billion-parameter model, 32 concurrent
+        snapshot downloads must not mean 32 copies of the state."""
         async with self.model_lock:
             if round_id != self.completed:
                 raise RoundError("FAILED_PRECONDITION",
                                  f"snapshot of round {round_id} unavailable; current is {self.completed}")
-            return self.method.snapshot(self.model), self.state_fingerprints[self.completed]
+            state = self._snapshot_copy[1]() if self._snapshot_copy[0] == round_id else None
+            if state is None:
+                state = StateCopy(self.method.snapshot_tensors(self.model))
+                self._snapshot_copy = (round_id, weakref.ref(state))
+            return state, self.state_fingerprints[self.completed]

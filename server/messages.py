@@ -34,8 +34,9 @@ def assignment_messages(task: Assignment, delta_messages: Callable[[RoundDelta],
         deadline_unix=task.deadline_unix)
     yield pb.StartRoundResponse(header=header), seeds_bytes(len(task.seeds))
     for d in task.deltas:
-        yield pb.StartRoundResponse(delta=pb.DeltaHeader(round=d.round, seeds=d.seeds, num_tensors=len(d.tensors))), \
-            d.payload_bytes
+        seeds = d.seeds if task.seeds_in_deltas else []
+        head = pb.DeltaHeader(round=d.round, seeds=seeds, num_tensors=len(d.tensors))
+        yield pb.StartRoundResponse(delta=head), payload_bytes(d.tensors) + seeds_bytes(len(seeds))
         for m in delta_messages(d):
             yield m, 0
 

@@ -33,6 +33,7 @@ class ClientState:
     client_id: str
     name: str
     num_samples: int
+    eval_samples: int = 0  # rows of its held-out split: bounds what its evaluations may weigh
     last_seen: float = field(default_factory=time.monotonic)
     active: bool = True
     polled: bool = False  # asked for work at least once since it joined
@@ -48,7 +49,7 @@ class ClientRegistry:
         self.max_clients = max_clients
         self.clients: dict[str, ClientState] = {}
 
-    def join(self, client_id: str, name: str, num_samples: int, keep: Collection[str] = (),
+    def join(self, client_id: str, name: str, num_samples: int, eval_samples: int = 0, keep: Collection[str] = (),
              software_version: str = "") -> ClientState:
         """Register (or register again) ``client_id``. A new id in a full table first evicts
         clients that left or went silent, never one in ``keep`` (the open round's)."""
@@ -56,9 +57,9 @@ class ClientRegistry:
             raise RoundError("INVALID_ARGUMENT", "num_samples must be at least 1")
         if client_id not in self.clients and len(self.clients) >= self.max_clients:
             self._evict(keep)
-        client = ClientState(client_id, name, num_samples)
+        client = ClientState(client_id, name, num_samples, eval_samples)
         self.clients[client_id] = client
-        log.info("client_joined", client=client_id, name=name, samples=num_samples,
+        log.info("client_joined", client=client_id, name=name, samples=num_samples, eval_samples=eval_samples,
                  software_version=bounded(software_version, 40))
         return client
 
@@ -116,6 +117,10 @@ class ClientRegistry:
         pool = [c for c in self.selectable() if c not in exclude]
         rng = random.Random(stable_seed("select", self.run_seed, round_id, len(exclude)))
         return sorted(rng.sample(pool, min(n, len(pool))))
+
+    def by_staleness(self, ids: set[str]) -> list[str]:
+        """``ids``, the longest unheard from first (unknown ids first of all)."""
+        return sorted(ids, key=lambda c: (self.clients[c].last_seen if c in self.clients else -1.0, c))
 
     def mark_finished(self, client_id: str) -> None:
         client = self.clients.get(client_id)

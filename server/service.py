@@ -35,9 +35,10 @@ from ..common.wire import TensorAssembler, WireError, update_digest
 from .admission import JoinLimiter, peer_host
 from .auth import AuthInterceptor, current_client, server_credentials
 from .coordinator import Coordinator
+from .intake import report_of
 from .messages import DeltaEncodings, assignment_messages, snapshot_messages
 from .relay import CountingRelay, RelayLimits, fd_budget
-from .rounds import Assignment, RoundError, UpdateReport
+from .rounds import Assignment, RoundError
 from .statuses import StatusInterceptor
 from .uploads import Upload, UploadGate
 
@@ -96,7 +97,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             if holder != name:
                 raise RoundError("ALREADY_EXISTS", f"client name {name!r} belongs to a live session; join under "
                                  "another name, or with that session's token")
-        await self.coord.join(client_id or name, name, int(request.num_samples), request.software_version)
+        await self.coord.join(client_id or name, name, int(request.num_samples), int(request.eval_samples),
+                              request.software_version)
         if client_id is None:
             client_id = name
             sessions = self.auth.sessions
@@ -161,8 +163,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             raise RoundError("INVALID_ARGUMENT", "update stream must start with a header")
         h = first.header
         check_report(h)
+        report = report_of(h)
         intake = self.coord.intake
-        intake.check_header(client_id, h.run_id, h.round, h.num_samples, h.update_digest)  # refuse before waiting
+        rs = intake.check_header(client_id, h.run_id, h.round, h.num_samples, h.update_digest)  # refuse before waiting
+        if rs is not None:
+            intake.check_eval(rs, client_id, report)
         async with upload.turn():
             # again: this client's previous stream may have been accepted while this one waited
             rs = intake.check_header(client_id, h.run_id, h.round, h.num_samples, h.update_digest)
@@ -173,9 +178,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             async with upload.slot():
                 tensors, asm, msg_bytes = await assemble(upload, h, *intake.update_spec(rs),
                                                          self.coord.cfg.method.wire_dtype, message_bytes(first))
-                report = UpdateReport(h.update_digest, int(h.num_samples), float(h.loss), int(h.steps),
-                                      float(h.train_seconds), int(h.peak_rss_bytes), int(h.train_state_bytes),
-                                      tuple(h.seeds_used))
                 folded = await intake.accept(rs, client_id, report, {k: v.float() for k, v in tensors.items()},
                                              asm.payload_bytes, msg_bytes, counters, down_at_submit)
         if not folded:

@@ -1,19 +1,19 @@
-"""fedkrso-bench end to end on a tiny model: real server + client processes, 2 methods."""
+"""fedkrso-bench end to end on tiny models: seeds, an lr sweep scored on a validation split,
+reported runs on the eval split, statistics, resuming, both runners, the causal-LM path and a
+protocol of two blocks."""
 
 from __future__ import annotations
 
 import csv
-import math
 import json
+import math
 import random
 
 import pytest
 import yaml
 
-from fedkrso.bench.config import BenchConfig
 from fedkrso.bench.main import main
-from fedkrso.bench.report import last_mean_accuracy, targets
-from fedkrso.common.models import build_tiny
+from fedkrso.bench.stats import mean_std, paired_interval, verdict
 
 pytestmark = pytest.mark.slow
 
@@ -28,125 +28,190 @@ def write_csv(path, rows=120):
             label = i % 2
             words = [rng.choice(good if label else bad) for _ in range(6)]
             w.writerow({"text": "the film was " + " ".join(words), "label": "pos" if label else "neg"})
+    return path
 
 
-def test_bench_two_methods_two_clients(tmp_path):
-    model = build_tiny("bert", tmp_path / "model", num_labels=2)
-    write_csv(tmp_path / "data.csv")
+def bench_config(tmp_path, model_dir, **over) -> dict:
     cfg = {
         "name": "tiny",
-        "data": {"source": f"csv:{tmp_path / 'data.csv'}", "glue_dir": None, "max_examples": 100,
+        "data": {"source": f"csv:{write_csv(tmp_path / 'data.csv')}", "glue_dir": None, "max_examples": 100,
                  "max_eval": 20, "min_size": 10},
-        "model": {"name": str(model), "max_length": 16},
-        "clients": 2, "alpha": None, "clients_per_round": 2, "rounds": 2, "sweep_rounds": 2,
-        "batch_size": 8, "poll_seconds": 5, "target_accuracy": 0.5,
+        "model": {"name": str(model_dir), "max_length": 16},
+        "clients": 2, "alpha": None, "clients_per_round": 2, "rounds": 2, "sweep_rounds": 1,
+        "batch_size": 8, "poll_seconds": 5, "seeds": [0, 1], "val_fraction": 0.2,
         "methods": [
             {"name": "fedkrso", "k": 2, "rank": 2, "intervals": 2, "interval_steps": 2, "lrs": [1e-3, 3e-3]},
             {"name": "fedavg", "steps": 4, "lrs": [1e-3]},
         ],
     }
-    BenchConfig.model_validate(cfg)
+    cfg.update(over)
+    return cfg
+
+
+def run(tmp_path, cfg, *args) -> dict:
     config = tmp_path / "bench.yaml"
     config.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "results"
-    main(["--config", str(config), "--out", str(out)])
+    main(["--config", str(config), "--out", str(out), *args])
+    return json.loads((out / "results.json").read_text())
 
-    assert (out / "results.md").is_file() and (out / "accuracy_vs_bytes.png").stat().st_size > 1000
-    report = json.loads((out / "results.json").read_text())
-    by = {s["method"]: s for s in report["results"]}
+
+def test_bench_seeds_sweep_on_validation_statistics_and_resume(tmp_path, tiny_bert):
+    report = run(tmp_path, bench_config(tmp_path, tiny_bert))
+    out = tmp_path / "results"
+    assert report["metric"] == "accuracy" and report["runner"] == "sim"
+    by = report["results"]
     assert set(by) == {"fedkrso", "fedavg"}
-    for s in by.values():
-        assert s["rounds"] == 2
-        assert 0.0 <= s["final_accuracy"] <= 1.0 and s["best_accuracy"] >= s["final_accuracy"]
-        assert s["uplink_wire_per_client_round"] > s["uplink_payload_per_client_round"] > 0
-        assert s["downlink_wire_per_client_round"] >= s["downlink_payload_per_client_round"] > 0
-        assert s["train_state_bytes"] > 0 and s["client_peak_rss_bytes"] > 0
-        assert s["mean_step_seconds"] > 0
-        xs = [c["cumulative_wire_bytes"] for c in s["curve"]]
-        assert xs == sorted(xs) and xs[0] > 0
+    for entry in by.values():
+        assert sorted(entry["seeds"]) == ["0", "1"]
+        for s in entry["seeds"].values():
+            assert s["rounds"] == 2 and 0 <= s["final"] <= 1 and s["best"] >= s["final"]
+            xs = [c["cumulative_bytes"] for c in s["curve"]]
+            assert xs == sorted(xs) and xs[0] > 0
+        agg = entry["aggregate"]["final"]
+        assert agg["n"] == 2 and agg["std"] >= 0
     # FedKRSO uploads a few subspace accumulators, FedAvg every weight
-    assert by["fedkrso"]["uplink_payload_per_client_round"] < by["fedavg"]["uplink_payload_per_client_round"]
-    assert by["fedkrso"]["train_state_bytes"] < by["fedavg"]["train_state_bytes"]
-    # the sweep ran both FedKRSO lrs and chose one
+    assert (by["fedkrso"]["aggregate"]["uplink_payload_per_client_round"]
+            < by["fedavg"]["aggregate"]["uplink_payload_per_client_round"])
+    diff = report["differences"]["fedkrso"]["fedavg"]
+    per_seed = [100 * (by["fedkrso"]["seeds"][s]["final"] - by["fedavg"]["seeds"][s]["final"]) for s in ("0", "1")]
+    assert diff["n"] == 2 and diff["mean"] == pytest.approx(sum(per_seed) / 2)
+    assert diff["low"] <= diff["mean"] <= diff["high"]
+    assert report["answers"][0]["question"].startswith("FedKRSO within 1.0 point of FedAvg")
+    # the sweep ran both FedKRSO lrs on the validation split (seed 0 only) and chose one
     sweep = [s for s in report["sweep"] if s["method"] == "fedkrso"]
-    assert len(sweep) == 2 and sum(s["chosen"] for s in sweep) == 1
+    assert len(sweep) == 2 and sum(s["chosen"] for s in sweep) == 1 and all(s["seeds"] == [0] for s in sweep)
     assert by["fedkrso"]["lr"] == next(s["lr"] for s in sweep if s["chosen"])
+    configs = {p.parent.name: yaml.safe_load(p.read_text()) for p in (out / "cells").glob("*/round.yaml")}
+    assert len(configs) == 2 + 2 * 2  # two sweep runs, two methods x two seeds reported
+    assert {c["eval"]["data"].rsplit("/", 1)[1] for n, c in configs.items() if n.endswith("-val-r1")} == {"val"}
+    assert {c["eval"]["data"].rsplit("/", 1)[1] for n, c in configs.items() if n.endswith("-eval-r2")} == {"eval"}
+    assert {c["run"]["seed"] for c in configs.values()} == {0, 1}
     text = (out / "results.md").read_text()
-    assert "| fedkrso |" in text and "| fedavg |" in text and "## Targets" in text
-    assert len(report["targets"]) == 3 and report["targets"][0]["pass"] is None  # no fedit run
+    assert "| fedkrso |" in text and "## Answers" in text and (out / "metric_vs_bytes.png").stat().st_size > 1000
+    # a second run resumes: every cell is loaded, none runs again
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/cell.json")}
+    again = run(tmp_path, bench_config(tmp_path, tiny_bert))
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/cell.json")} == stamps
+    assert again["results"] == report["results"]
+    # a changed setting runs the cells it touches again, and only those
+    changed = bench_config(tmp_path, tiny_bert)
+    changed["methods"][1]["steps"] = 3
+    run(tmp_path, changed)
+    now = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/cell.json")}
+    rerun = {p.parent.name for p in now if now[p] != stamps[p]}
+    assert rerun == {p.parent.name for p in now if p.parent.name.startswith("fedavg")} and len(rerun) == 2
 
 
-def test_targets_pass_fail():
-    k = {"final_accuracy": 0.90, "rounds": 5, "uplink_payload_per_client_round": 10.0,
-         "uplink_wire_per_client_round": 12.0, "train_state_bytes": 4, "train_state_source": "analytic"}
-    a = dict(k, final_accuracy=0.905, uplink_payload_per_client_round=400.0,
-             uplink_wire_per_client_round=420.0, train_state_bytes=100)
-    f = dict(k, final_accuracy=0.89)
-    t = targets({"fedkrso": k, "fedavg": a, "fedit": f})
-    assert [x["pass"] for x in t] == [True, True, True]
-    t = targets({"fedkrso": k, "fedavg": dict(a, final_accuracy=0.95, uplink_payload_per_client_round=100.0,
-                                              train_state_bytes=50), "fedit": f})
-    assert [x["pass"] for x in t] == [False, False, False]
-    # a labelled FedKRSO variant gets its own three targets
-    t = targets({"fedkrso": k, "fedkrso-cls": dict(k, base_method="fedkrso", uplink_payload_per_client_round=50.0),
-                 "fedavg": a, "fedit": f})
-    assert [x["pass"] for x in t] == [True, True, True, True, False, True]
-    assert "(fedkrso-cls)" in t[4]["target"]
+def test_bench_on_real_processes_measures_the_wire(tmp_path, tiny_bert):
+    cfg = bench_config(tmp_path, tiny_bert, seeds=[0], methods=[{"name": "fedkrso", "k": 2, "rank": 2,
+                                                                "intervals": 1, "interval_steps": 2}])
+    report = run(tmp_path, cfg, "--runner", "processes")
+    (s,) = report["results"]["fedkrso"]["seeds"].values()
+    cell = json.loads(next((tmp_path / "results" / "cells").glob("*/cell.json")).read_text())
+    assert cell["runner"] == "processes" and all(r["uplink_wire_bytes"] > r["uplink_payload_bytes"] for r in cell["rows"])
+    assert s["uplink_wire_per_client_round"] > s["uplink_payload_per_client_round"] > 0
 
 
-def test_bench_causal_lm_reports_loss_and_perplexity(tmp_path):
-    """The causal-LM bench path (next-token loss, perplexity) on a tiny LLaMA: FedKRSO and FedIT."""
-    model = build_tiny("llama", tmp_path / "model")
-    write_csv(tmp_path / "data.csv", rows=80)
-    cfg = {
-        "name": "tiny-lm",
-        "data": {"source": f"csv:{tmp_path / 'data.csv'}", "glue_dir": None, "max_examples": 60,
-                 "max_eval": 16, "min_size": 10},
-        "model": {"name": str(model), "task": "causal-lm", "max_length": 16},
-        "clients": 2, "alpha": None, "clients_per_round": 2, "rounds": 2, "sweep_rounds": 2,
-        "batch_size": 8, "poll_seconds": 5,
-        "methods": [
-            {"name": "fedkrso", "k": 2, "rank": 2, "intervals": 2, "interval_steps": 2, "lrs": [3e-3]},
-            {"name": "fedit", "steps": 4, "rank": 2, "alpha": 4, "lrs": [3e-3]},
-        ],
-    }
-    config = tmp_path / "bench.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+def test_bench_causal_lm_scores_loss(tmp_path, tiny_models):
+    cfg = bench_config(tmp_path, tiny_models("llama"), seeds=[0], model={"name": str(tiny_models("llama")),
+                                                                           "task": "causal-lm", "max_length": 16},
+                       methods=[{"name": "fedkrso", "k": 2, "rank": 2, "intervals": 2, "interval_steps": 2,
+                                 "lrs": [3e-3]},
+                                {"name": "fedit", "steps": 4, "rank": 2, "alpha": 4, "lrs": [3e-3]}])
+    report = run(tmp_path, cfg)
+    assert report["metric"] == "loss"
+    for entry in report["results"].values():
+        (s,) = entry["seeds"].values()
+        assert 0 < s["final"] < 20 and s["best"] <= s["final"] and all(math.isfinite(c["metric"]) for c in s["curve"])
+
+
+def test_report_only_rewrites_the_report_from_results_json(tmp_path, tiny_bert):
+    report = run(tmp_path, bench_config(tmp_path, tiny_bert, seeds=[0], methods=[
+        {"name": "fedkrso", "k": 2, "rank": 2, "intervals": 1, "interval_steps": 2}]))
     out = tmp_path / "results"
-    main(["--config", str(config), "--out", str(out)])
-
-    report = json.loads((out / "results.json").read_text())
-    assert report["causal"] is True
-    by = {s["method"]: s for s in report["results"]}
-    assert set(by) == {"fedkrso", "fedit"}
-    for s in by.values():
-        assert s["rounds"] == 2
-        assert 0 < s["final_eval_loss"] < 20
-        curve = [c["eval_loss"] for c in s["curve"]]
-        assert len(curve) == 2 and all(math.isfinite(v) for v in curve)
-    text = (out / "results.md").read_text()
-    assert "final ppl" in text and "| fedkrso |" in text
+    (out / "results.md").unlink()
+    (out / "metric_vs_bytes.png").unlink()
+    main(["--report-only", str(out)])
+    assert "| fedkrso |" in (out / "results.md").read_text() and (out / "metric_vs_bytes.png").is_file()
+    assert json.loads((out / "results.json").read_text()) == report
 
 
-def test_report_only_rewrites_the_table_from_results_json(tmp_path):
-    """--report-only re-renders results.md (with the last-3 mean column) and the plot from a
-    results.json without running anything."""
-    curve = [{"round": r, "eval_accuracy": a, "eval_loss": 0.5, "cumulative_wire_bytes": 1000 * (r + 1)}
-             for r, a in enumerate([0.5, 0.9, 0.6, 0.7, 0.8])]
-    row = {"method": "fedkrso", "lr": 3e-4, "rounds": 5, "final_accuracy": 0.8, "best_accuracy": 0.9,
-           "final_eval_loss": 0.5, "final_perplexity": None, "uplink_payload_per_client_round": 10.0,
-           "uplink_wire_per_client_round": 11.0, "downlink_payload_per_client_round": 10.0,
-           "downlink_wire_per_client_round": 11.0, "wire_bytes_to_target": None, "client_peak_rss_bytes": 1,
-           "train_state_bytes": 1, "train_state_source": "measured", "mean_step_seconds": 0.1, "curve": curve}
-    report = {"name": "t", "command": "fedkrso-bench", "runtime_s": 1.0, "data_source": "csv", "clients": 2,
-              "alpha": None, "clients_per_round": 2, "train_rows": 10, "eval_rows": 4, "model": "m",
-              "task": "sequence-classification", "max_length": 8, "batch_size": 2, "rounds": 5,
-              "sweep_rounds": 5, "causal": False, "target_accuracy": None, "results": [row], "sweep": [],
-              "plot": "accuracy_vs_bytes.png",
-              "targets": [], "notes": []}
-    (tmp_path / "results.json").write_text(json.dumps(report))
-    assert abs(last_mean_accuracy(row) - 0.7) < 1e-12
-    main(["--report-only", str(tmp_path)])
-    text = (tmp_path / "results.md").read_text()
-    assert "last-3 mean acc" in text and "| 80.00 | 90.00 | 70.00 |" in text
-    assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 1000
+def test_protocol_runs_blocks_and_writes_the_combined_report(tmp_path, tiny_bert):
+    base = bench_config(tmp_path, tiny_bert, seeds=[0], methods=[
+        {"name": "fedkrso", "k": 2, "rank": 2, "intervals": 1, "interval_steps": 2}])
+    protocol = {"name": "tiny-quality", "description": "two blocks", "base": base, "blocks": [
+        {"name": "iid", "purpose": "IID split"},
+        {"name": "skew", "purpose": "label skew", "alpha": 0.5, "data": {"min_size": 5}}]}
+    path = tmp_path / "quality.yaml"
+    path.write_text(yaml.safe_dump(protocol))
+    out = tmp_path / "quality"
+    main(["--protocol", str(path), "--out", str(out)])
+    combined = json.loads((out / "quality.json").read_text())
+    assert set(combined["blocks"]) == {"iid", "skew"}
+    assert combined["blocks"]["skew"]["report"]["alpha"] == 0.5 and combined["blocks"]["iid"]["report"]["alpha"] is None
+    assert all(b["cells_done"] == b["cells_planned"] == 1 for b in combined["blocks"].values())
+    text = (out / "QUALITY.md").read_text()
+    assert "## iid" in text and "## skew" in text and "runs finished 1 of 1" in text
+
+
+def test_statistics_match_hand_computation():
+    assert mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
+    assert mean_std([5.0]) == {"mean": 5.0, "std": 0.0, "n": 1}
+    interval = paired_interval({0: 3.0, 1: 5.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 2.0, 3: 9.0})
+    # differences 2, 3, 2: mean 7/3, sd 0.5774, t(0.975, 2) = 4.3027
+    half = 4.302652729911275 * math.sqrt(1 / 3) / math.sqrt(3)
+    assert interval["n"] == 3 and interval["mean"] == pytest.approx(7 / 3)
+    assert interval["low"] == pytest.approx(7 / 3 - half) and interval["high"] == pytest.approx(7 / 3 + half)
+    assert verdict(interval, 0.0) == "yes" and verdict(interval, 5.0) == "no" and verdict(interval, 2.0) == "inconclusive"
+    assert paired_interval({0: 1.0}, {0: 0.5})["low"] is None
+
+
+def test_instruction_bench_with_client_evaluation(tmp_path, tiny_models):
+    """Prompt/response rows from a JSON-lines file on a tiny LLaMA: response-token loss from the
+    server and from the clients' held-out rows, in the simulator."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"q": f"what follows {i}", "a": f"{i + 1} follows {i}"}) + "\n"
+                            for i in range(80)))
+    cfg = {
+        "name": "tiny-instruct", "seeds": [0], "val_fraction": 0.0,
+        "data": {"source": f"jsonl:{path}", "glue_dir": None, "prompt_column": "q", "response_column": "a",
+                 "max_examples": 60, "max_eval": 12, "min_size": 10, "client_eval_fraction": 0.2},
+        "model": {"name": str(tiny_models("llama")), "task": "causal-lm", "max_length": 24},
+        "instruction": {"template": "plain", "prompt_format": "Q: {prompt}\nA:"}, "client_eval_every": 1,
+        "clients": 2, "alpha": None, "clients_per_round": 2, "rounds": 2, "sweep_rounds": 2, "batch_size": 8,
+        "methods": [{"name": "fedkrso", "k": 2, "rank": 2, "intervals": 1, "interval_steps": 2, "lrs": [3e-3]}],
+    }
+    report = run(tmp_path, cfg)
+    (cell,) = (tmp_path / "results" / "cells").glob("*/cell.json")
+    rows = json.loads(cell.read_text())["rows"]
+    assert yaml.safe_load((cell.parent / "round.yaml").read_text())["instruction"]["prompt_format"] == "Q: {prompt}\nA:"
+    assert [r["client_eval_state"] for r in rows] == [0, 1] and all(r["uplink_wire_bytes"] is None for r in rows)
+    for r in rows:
+        assert r["client_eval_perplexity"] == pytest.approx(math.exp(r["client_eval_loss"]))
+        assert math.isfinite(r["eval_loss"]) and r["eval_examples"] == report["eval_rows"] == 8  # 10% of 80
+
+
+def test_packaged_bench_configs_make_valid_round_yaml(tmp_path):
+    """Every bench YAML shipped in bench/ (their quick presets, every protocol block) writes
+    round.yaml files the server accepts."""
+    from pathlib import Path
+
+    from fedkrso.bench.cells import Cell, round_yaml
+    from fedkrso.bench.config import load_bench_config, load_protocol
+    from fedkrso.common.config import parse_config
+
+    configs, benches = sorted((Path(__file__).resolve().parents[1] / "bench").glob("*.yaml")), []
+    assert any(c.name == "smollm2-headlines.yaml" for c in configs) and any(c.name == "quality.yaml" for c in configs)
+    for path in configs:
+        if path.name == "demo.yaml":  # a round.yaml itself, not a bench config
+            continue
+        if "blocks" in yaml.safe_load(path.read_text()):
+            protocol = load_protocol(path)
+            benches += [(path, protocol.bench(b)) for b in protocol.blocks]
+        else:
+            benches += [(path, load_bench_config(path)), (path, load_bench_config(path).apply_quick())]
+    for path, cfg in benches:
+        for m in cfg.methods:
+            cell = Cell(m, (m.lrs or [1e-3])[0], cfg.seeds[0], cfg.rounds, "eval")
+            parse_config(round_yaml(cfg, cell, tmp_path, tmp_path, cfg.model.num_labels or 2), str(path))

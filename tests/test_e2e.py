@@ -143,3 +143,29 @@ def test_server_rejects_bad_config_naming_the_field(tmp_path, patch, message):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr, proc.stderr
+
+
+def test_fedkseed_sends_its_candidates_once_and_catches_up_laggards_with_one_vector(tmp_path, tiny_bert, shards):
+    """Real processes, 3 clients, 1 per round: FedKSeed's K candidate seeds travel only in the
+    header of a client holding none (have_round 0); a client behind by R rounds downloads R
+    deltas of K scalars and the head, or one snapshot (the per-candidate sums, K float64, and
+    the head: one summed vector) when that is smaller; every client ends on the server's state
+    fingerprint."""
+    k = 16
+    cfg = round_config(tiny_bert, tmp_path / "out", rounds={"total": 5, "clients_per_round": 1, "min_clients": 1},
+                       method={"name": "fedkseed", "k": k, "steps": 4, "lr": 1e-4})
+    run = run_cluster(tmp_path, cfg, shards, clients=3)
+    meth = parse_config(cfg).build_method()
+    model = load_model(str(tiny_bert), "sequence-classification", 2, cfg["run"]["seed"])
+    meth.prepare(model)
+    head = sum(p.numel() for p in meth.head(model).values())
+    delta, snapshot = 4 * (k + head), 8 * k + 4 * head
+    have: dict[str, int] = {}
+    for row in run.rows:
+        (client,) = row["clients"]
+        r, held = row["round"], have.get(client, 0)
+        behind = r - held
+        expected = (8 * k if client not in have else 0) + (min(behind * delta, snapshot) if behind else 0)
+        assert row["per_client"][client]["downlink_payload_bytes"] == expected, (r, client, held)
+        have[client] = r  # it trained round r from W^r and holds W^r
+    assert sum(rep["snapshots"] for rep in run.reports.values()) >= 1, run.reports

@@ -19,6 +19,7 @@ from fedkrso.common.methods import METHODS, LocalUpdate, Method
 from fedkrso.common.methods.base import out_in
 from fedkrso.common.models import load_model, model_fingerprint
 from fedkrso.common.accounting import payload_bytes
+from fedkrso.common.methods.fedtt import core_index
 from fedkrso.common.tensors import decode, encode
 
 FAMILIES = {"bert": "sequence-classification", "gpt2": "causal-lm", "llama": "causal-lm"}
@@ -40,8 +41,8 @@ FAST = {
 LEARN = {
     "fedkrso": {"lr": 3e-2},
     "fedavg": {"lr": 3e-3},
-    "fedit": {"lr": 3e-2},
-    "ffa-lora": {"lr": 3e-2},
+    "fedit": {"lr": 3e-2, "train_biases": False},
+    "ffa-lora": {"lr": 3e-2, "train_biases": False},
     "fedkseed": {"lr": 1e-3, "steps": 40},
     "fedtt": {"lr": 3e-2},
     "fedtt+": {"lr": 3e-2},
@@ -173,13 +174,13 @@ def test_update_matches_spec_and_formula(tiny, name, family):
 def test_measured_train_state_is_grad_plus_adam_of_the_trainables(tiny, name, family):
     """A client reports its peak gradient + optimizer-state bytes, counted from the tensors:
     gradient, exp_avg and exp_avg_sq (float32) of exactly what it trains. FedKRSO trains one
-    subspace's B (d_m x r per target) and the dense set; FedKSeed is zeroth order (nothing)."""
+    subspace's B (d_m x r per target) and the dense set; FedKSeed only its first-order head."""
     method = make(name)
     model = prepared(tiny, family, method)
     update = train(method, model, family, "c1")
     dense = sum(p.numel() for p in method.dense(model).values())
     if name == "fedkseed":
-        trainable = 0
+        trainable = dense  # the first-order head; the body moves by zeroth-order steps
     elif name == "fedkrso":
         trainable = method.cfg.rank * sum(out_in(m)[0] for m in method.targets(model).values()) + dense
     else:
@@ -187,7 +188,7 @@ def test_measured_train_state_is_grad_plus_adam_of_the_trainables(tiny, name, fa
     assert update.train_state_bytes == 3 * 4 * trainable
     assert method.trainable_count(model) == trainable  # the method's own description agrees
     assert method.train_state_bytes_formula(model) == update.train_state_bytes
-    assert (trainable > 0) == (name != "fedkseed")
+    assert trainable > 0 or (name == "fedkseed" and not method.dense(model))  # a causal LM has no new head
 
 
 @pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
@@ -304,8 +305,9 @@ def test_tt_factors_are_balanced():
 
 @pytest.mark.parametrize("name", ["ffa-lora", "fedtt+"])
 def test_frozen_parts_never_travel_or_change(tiny, name):
-    """FFA-LoRA sends no A; FedTT+ sends only the unfrozen (middle) cores; frozen ones stay."""
-    method = make(name)
+    """FFA-LoRA sends no A; FedTT+ under the fixed rule [0, -1] sends only the middle cores;
+    frozen ones stay."""
+    method = make(name, **({"freeze_rule": "fixed"} if name == "fedtt+" else {}))
     model = prepared(tiny, "bert", method)
     start = snapshot(method, model)
     update = train(method, model, "bert", "c1")
@@ -318,6 +320,59 @@ def test_frozen_parts_never_travel_or_change(tiny, name):
         assert f"delta.{n}" not in update.tensors
         assert torch.equal(method.state_parameters(model)[n], start[n])
     assert any(k.startswith("delta.") for k in update.tensors)
+
+
+def test_fedtt_plus_adaptively_freezes_the_slowest_core_and_keeps_the_decision(tiny):
+    """Round 0 trains every core index; applying a round in which one index moved much less
+    than the fastest freezes it: the next round's seeds (its plan) leave it out, its cores are
+    not in the update spec, nor trained, nor sent; the decision survives a restart through
+    plan_state, and one index always stays trainable."""
+    method = make("fedtt+", freeze_ratio=0.5)
+    model = prepared(tiny, "bert", method)
+    assert method.round_seeds(0) == [0, 1, 2]
+    cores = {n: p for n, p in method.state_parameters(model).items() if ".tt_adapter." in n}
+    delta = {f"delta.{n}": (0.1 if n.endswith(".cores.1") else 1e-4) * p.detach().clone()
+             for n, p in cores.items() if not n.endswith(".cores.1") or p.abs().sum() > 0}
+    delta.update({f"delta.{n}": torch.full_like(p, 0.05) for n, p in cores.items()
+                  if f"delta.{n}" not in delta})  # U's zero core moves from zero
+    method.apply(model, [0, 1, 2], delta)
+    plan = method.round_seeds(1)
+    assert len(plan) == 2 and set(plan) < {0, 1, 2}
+    frozen = ({0, 1, 2} - set(plan)).pop()
+    spec = method.update_spec(model, plan)
+    assert not any(n.endswith(f".cores.{frozen}") for n in spec)
+    update = method.train_round(model, itertools.repeat(fixed_batch("bert")), 1, plan, "c1")
+    assert set(update.tensors) <= set(spec) and not any(n.endswith(f".cores.{frozen}") for n in update.tensors)
+    again = make("fedtt+", freeze_ratio=0.5)
+    again.load_plan_state(method.plan_state())
+    assert again.round_seeds(7) == plan
+    for _ in range(5):  # uneven moves freeze one index a round, never the last trainable one
+        plan = method.round_seeds(0)
+        method.apply(model, plan, {f"delta.{n}": 10.0 ** -(3 + core_index(n)) * p
+                                   for n, p in cores.items() if core_index(n) in plan})
+    assert method.round_seeds(0) == [0]
+
+
+def test_fedkseed_trains_its_head_first_order_and_catches_up_with_one_summed_vector(tiny):
+    """The new head leaves its init (first-order, sent as dense deltas) while the body moves by
+    scalars; a client three rounds behind takes one snapshot (the per-candidate sums and the
+    head) and reaches the server's state fingerprint, with theta equal to rounding."""
+    method = make("fedkseed")
+    server, lagging = prepared(tiny, "bert", method), prepared(tiny, "bert", method)
+    seeds = method.round_seeds(0)
+    assert not method.seeds_per_round and method.head(server)
+    for round_id in range(3):
+        snap = snapshot(method, server)
+        update = train(method, server, "bert", "c1", round_id=round_id)
+        assert {k for k in update.tensors if k.startswith("dense.")} == {f"dense.{n}" for n in method.head(server)}
+        assert any(float(v.abs().sum()) > 0 for k, v in update.tensors.items() if k.startswith("dense."))
+        restore(method, server, snap)
+        method.apply(server, seeds, mean((update, 1.0)))
+    method.load_snapshot(lagging, method.snapshot_tensors(server))
+    assert method.state_fingerprint(lagging) == method.state_fingerprint(server)
+    for n, p in method.theta(server).items():
+        torch.testing.assert_close(method.theta(lagging)[n], p, rtol=0, atol=1e-6)
+    assert set(method.snapshot_spec(server)) == set(method.snapshot_tensors(server))
 
 
 def test_fedkseed_uploads_one_scalar_per_fixed_candidate(tiny):

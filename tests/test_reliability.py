@@ -47,11 +47,12 @@ def make_server(server_factory) -> Callable[..., InProcServer]:
 class Fake:
     """A hand-driven client speaking the real protocol over its own channel."""
 
-    def __init__(self, srv: InProcServer, name: str, num_samples: int = 10):
+    def __init__(self, srv: InProcServer, name: str, num_samples: int = 10, eval_samples: int = 0):
         self.srv = srv
         self.channel = grpc.insecure_channel(srv.target)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
-        resp, call = self.stub.Join.with_call(pb.JoinRequest(name=name, num_samples=num_samples), timeout=10)
+        resp, call = self.stub.Join.with_call(pb.JoinRequest(name=name, num_samples=num_samples,
+                                                             eval_samples=eval_samples), timeout=10)
         self.token = dict(call.initial_metadata())["x-fedkrso-token"]
         self.md = (("authorization", f"Bearer {self.token}"),)
         self.run_id, self.client_id, self.num_samples = resp.run_id, resp.client_id, num_samples
@@ -93,12 +94,15 @@ class Fake:
         return {n: torch.full(s, value, dtype=torch.float32) for n, s in spec.items() if n in allowed}
 
     def messages(self, round_id: int, tensors, num_samples: int | None = None, run_id: str | None = None,
-                 digest: str | None = None, dtype: str | None = None) -> list[pb.SubmitUpdateRequest]:
+                 digest: str | None = None, dtype: str | None = None, eval_metrics=(),
+                 eval_examples: int = 0) -> list[pb.SubmitUpdateRequest]:
         header = pb.UpdateHeader(
             run_id=self.run_id if run_id is None else run_id, round=round_id,
             num_samples=self.num_samples if num_samples is None else num_samples, loss=0.5, steps=1,
             seeds_used=self.seeds_used, num_tensors=len(tensors),
-            update_digest=update_digest(tensors) if digest is None else digest)
+            update_digest=update_digest(tensors) if digest is None else digest,
+            eval_metrics=[pb.EvalMetric(name=k, value=v) for k, v in eval_metrics],  # (name, value) pairs
+            eval_examples=eval_examples)
         return [pb.SubmitUpdateRequest(header=header)] + [
             pb.SubmitUpdateRequest(tensors=b) for b in tensor_batches(tensors, dtype, CHUNK)]
 
@@ -713,3 +717,23 @@ def test_late_joiner_catches_up_to_final_state(tmp_path, tiny_bert, shards):
     report = run.reports["shard2"]  # holds the final state, like shard0 and shard1 (finish_cluster)
     assert report["have_round"] == 8
     assert report["snapshots"] >= 1  # it joined 2+ rounds behind, past the one delta kept
+
+
+def test_a_silent_client_is_replaced_at_the_deadline_and_kept_when_nobody_can_replace_it(server_factory):
+    """Past the deadline without quorum the coordinator swaps a silent client for a fresh live
+    one (the longest unheard first); with nobody to swap in it keeps waiting for the silent
+    one instead of dropping it (dropping it would leave the round nobody to wait for)."""
+    srv = server_factory(rounds={"total": 2, "clients_per_round": 2, "min_clients": 2, "deadline_s": 1.5})
+    a, b = Fake(srv, "alice"), Fake(srv, "bob")
+    header = a.wait_train()  # alice is heard from; bob never polls
+    rs = srv.coord.current
+    first_deadline = rs.deadline
+    wait_until(lambda: rs.deadline > first_deadline, 20, "the deadline to pass and extend the round")
+    assert rs.selected == {"alice", "bob"} and not rs.dropped  # nobody to replace them: both kept
+    carol = Fake(srv, "carol")
+    wait_until(lambda: "carol" in rs.selected, 20, "carol to replace a silent client")
+    assert rs.dropped == {"bob"} and rs.selected == {"alice", "carol"}
+    row = complete_round(srv, [a, carol], {"alice": header, "carol": carol.wait_train()})
+    assert row["clients"] == ["alice", "carol"] and row["dropped"] == ["bob"]
+    for f in (a, b, carol):
+        f.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import LocalUpdate, Method, MethodConfig
+from .optim import OptimizerConfig
 from .fedavg import FedAvg
 from .fedit import FedIT
 from .fedkrso import FedKRSO
@@ -29,8 +30,12 @@ def get_method(name: str) -> type[Method]:
         raise ValueError(f"unknown method {name!r}; one of {sorted(METHODS)}") from None
 
 
-def build_method(cfg: MethodConfig, run_seed: int) -> Method:
-    return get_method(cfg.name)(cfg, run_seed)
+def build_method(cfg: MethodConfig, run_seed: int, optimizer: OptimizerConfig | None = None,
+                 total_rounds: int = 1) -> Method:
+    """The method of ``cfg``, training with ``optimizer`` over a run of ``total_rounds`` (the
+    schedule's length); ``RunConfig.build_method()`` passes a round.yaml's."""
+    return get_method(cfg.name)(cfg, run_seed, optimizer, total_rounds)
 
 
-__all__ = ["METHODS", "LocalUpdate", "Method", "MethodConfig", "build_method", "get_method", "register"]
+__all__ = ["METHODS", "LocalUpdate", "Method", "MethodConfig", "OptimizerConfig", "build_method", "get_method",
+           "register"]

@@ -4,6 +4,8 @@ A method is one module under ``fedkrso.common.methods`` with the same shape:
 
 * ``Config``: a pydantic model of its knobs (``name`` is the discriminator in round.yaml);
 * ``prepare(model)``: freeze, inject adapters, mark dense-trainables (identical on every party);
+* ``place(model, placement)``: the precision rule of ``common.precision`` (state and trainables
+  float32, frozen weights in the party's dtype), then onto the party's device;
 * ``round_seeds(round)``: the seeds the server hands out for a round (may be empty);
 * ``train_round(...)``: a client's local training, returning named upload tensors;
 * ``update_spec(model, seeds)``: the names and shapes an upload may carry (validation, bytes);
@@ -18,7 +20,9 @@ A method is one module under ``fedkrso.common.methods`` with the same shape:
   upload implies, the one space in which ``server.max_update_norm`` and ``clip_norm`` mean
   the same for every method;
 * ``export(model)`` / ``export_extra(model)``: a plain transformers model for
-  ``save_pretrained`` plus any tensors it cannot hold (FedTT's adapters), saved beside it.
+  ``save_pretrained`` plus any tensors it cannot hold (FedTT's adapters), which
+  ``save_extras`` writes beside it as ``adapters.safetensors`` (the method's config in the
+  file's metadata, so a loader such as ``fedtt.load_adapters`` needs nothing else).
 
 Uploads are *changes* (accumulators, weight deltas, per-seed scalars), so the server's job is
 the same for every method: a weighted mean of named tensors (``StreamingAggregator``), where a
@@ -27,20 +31,26 @@ tensor a client did not send counts as zero (a FedKRSO seed it never drew).
 
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from ..precision import Placement, place, placement_of
 from ..subspace import fingerprint
 from ..tensors import element_size, l2_norm
+from .optim import OptimizerConfig, Optimization
 
 WireDtype = Literal["float32", "bfloat16", "float16"]
+EXTRAS_FILE = "adapters.safetensors"
+EXTRAS_FORMAT = "fedkrso-adapters/1"
 
 # Linear-like modules inside the repeated transformer blocks (BERT `layer.N`, LLaMA `layers.N`,
 # GPT-2 `h.N`, T5/others `block.N`).
@@ -69,6 +79,8 @@ class MethodConfig(BaseModel):
         description="regexes over module names whose parameters are trained densely and sent whole",
     )
     train_norms: bool = Field(True, description="LayerNorm/RMSNorm weights and biases are dense")
+    train_biases: bool = Field(True, description="the target Linears' biases are trained too (dense, "
+                               "sent whole), as full fine-tuning trains them")
     wire_dtype: WireDtype = Field("float32", description="dtype of tensors on the wire")
 
     def local_steps(self) -> int:
@@ -118,13 +130,18 @@ def target_linears(model: nn.Module, patterns: list[str]) -> dict[str, nn.Module
     return {n: m for n, m in model.named_modules() if is_linear(m) and _matches(n, patterns)}
 
 
-def dense_parameters(model: nn.Module, cfg: MethodConfig) -> dict[str, nn.Parameter]:
-    """Parameters trained densely: the task head(s) and, if enabled, every norm."""
+def dense_parameters(model: nn.Module, cfg: MethodConfig, biases: bool | None = None) -> dict[str, nn.Parameter]:
+    """Parameters trained densely: the task head(s), every norm (``train_norms``) and the target
+    Linears' biases (``biases``, default ``cfg.train_biases``), in model order."""
+    biases = cfg.train_biases if biases is None else biases
     out: dict[str, nn.Parameter] = {}
     for mname, module in model.named_modules():
+        prefix = f"{mname}." if mname else ""
         if _matches(mname, cfg.dense_modules) or (cfg.train_norms and is_norm(module)):
             for pname, p in module.named_parameters(recurse=False):
-                out[f"{mname}.{pname}" if mname else pname] = p
+                out[prefix + pname] = p
+        elif biases and is_linear(module) and module.bias is not None and _matches(mname, cfg.target_modules):
+            out[prefix + "bias"] = module.bias
     return out
 
 
@@ -146,8 +163,12 @@ def train_state_bytes(*optimizers: torch.optim.Optimizer | None) -> int:
 
 
 def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's own loss on a batch that carries ``labels``."""
-    return model(**batch).loss
+    """The model's own loss (float32) on a batch that carries ``labels``, computed on the
+    model's device under its placement's autocast (common/precision.py, rule 4)."""
+    placement = placement_of(model)
+    batch = {k: v.to(placement.device, non_blocking=True) for k, v in batch.items()}
+    with placement.autocast():
+        return model(**batch).loss.float()
 
 
 class Method(ABC):
@@ -156,9 +177,15 @@ class Method(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]]
 
-    def __init__(self, cfg: MethodConfig, run_seed: int):
+    # False: the round's seeds are fixed for the whole run (FedKSeed's candidates) and travel
+    # once, to a client that has none yet, rather than in every round header and delta
+    seeds_per_round: ClassVar[bool] = True
+
+    def __init__(self, cfg: MethodConfig, run_seed: int, optimizer: OptimizerConfig | None = None,
+                 total_rounds: int = 1):
         self.cfg = cfg
         self.run_seed = run_seed
+        self.optim = Optimization(optimizer or OptimizerConfig(), cfg.local_steps(), total_rounds)
 
     # -- both sides --------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
@@ -171,6 +198,14 @@ class Method(ABC):
     def round_seeds(self, round_id: int) -> list[int]:
         return []
 
+    def plan_state(self) -> dict:
+        """What the method decided from earlier rounds and needs for the next ones (JSON): the
+        coordinator saves it with each round, so a restart resumes it. Empty for most."""
+        return {}
+
+    def load_plan_state(self, state: dict) -> None:
+        """Take back a ``plan_state`` saved before a restart."""
+
     def plan_fingerprint(self, model: nn.Module, seeds: list[int]) -> str:
         """Proof that a party rebuilt the round's random objects (subspaces, directions)."""
         return fingerprint([("seeds", torch.tensor(seeds, dtype=torch.int64))])
@@ -182,17 +217,47 @@ class Method(ABC):
     def state_fingerprint(self, model: nn.Module) -> str:
         return fingerprint(sorted(self.state_parameters(model).items()))
 
+    def mastered(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Modules whose weight is state but, under a low-precision dtype, is computed with a
+        copy in that dtype beside a float32 host master (common/precision.py, rule 5)."""
+        return {}
+
+    def place(self, model: nn.Module, placement: Placement) -> nn.Module:
+        """The precision rule on a prepared model: the state (and every trainable) float32,
+        ``mastered`` weights a float32 host master plus a compute copy, every other weight in
+        the placement's dtype; all of it on the placement's device."""
+        return place(model, placement, self.state_parameters(model).values(), self.mastered(model).values())
+
     def snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """A copy of the state a round changes, so a client can return to W^t after training."""
-        return {k: v.detach().clone() for k, v in self.state_parameters(model).items()}
+        """A copy of the state a round changes, in host memory (a GPU party does not hold its
+        state twice on the device)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.state_parameters(model).items()}
+
+    def training_snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What a client must copy to return to W^t after local training: the state training
+        can change (all of it, unless a method knows better)."""
+        return self.snapshot(model)
 
     @torch.no_grad()
     def restore(self, model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
         """Put back a ``snapshot`` (or any tensors of the same names and shapes: a checkpoint,
-        a downloaded state), bit for bit."""
+        a downloaded state, a ``training_snapshot``), bit for bit."""
         state = self.state_parameters(model)
         for k, v in snapshot.items():
             state[k].copy_(v)
+
+    def snapshot_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What a snapshot download carries to take a client to the current state; by default
+        the whole state (a method whose state has a compact form overrides both this and
+        ``load_snapshot``)."""
+        return self.snapshot(model)
+
+    def load_snapshot(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        self.restore(model, tensors)
+
+    def snapshot_spec(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of ``snapshot_tensors`` (what a client accepts as a snapshot)."""
+        return {k: tuple(v.shape) for k, v in self.state_parameters(model).items()}
 
     @abstractmethod
     def trainable_count(self, model: nn.Module) -> int:
@@ -248,6 +313,19 @@ class Method(ABC):
         alone (weight 1) to ``model``: a method-independent size for an upload. The default
         holds for uploads that are themselves weight changes (FedAvg's deltas, dense deltas)."""
         return l2_norm(tensors.values())
+    def save_extras(self, model: nn.Module, folder: Path) -> Path | None:
+        """Write ``export_extra(model)`` to ``folder/adapters.safetensors``, with the format,
+        the method's name and its config as JSON in the safetensors metadata; None (and no
+        file) when the method has nothing beyond the plain model."""
+        from safetensors.torch import save_file
+
+        extra = self.export_extra(model)
+        if not extra:
+            return None
+        path = Path(folder) / EXTRAS_FILE
+        meta = {"format": EXTRAS_FORMAT, "method": self.name, "config": json.dumps(self.cfg.model_dump(mode="json"))}
+        save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(path), metadata=meta)
+        return path
 
     def upload_bytes_formula(self, model: nn.Module, n_seeds_used: int = 0) -> int:
         """Payload bytes of one client's upload in closed form (tensor data, no framing).
@@ -277,17 +355,25 @@ class Method(ABC):
         return dense_parameters(model, self.cfg)
 
     def dense_optimizer(self, params: dict[str, nn.Parameter]) -> torch.optim.Optimizer | None:
-        if not params:
-            return None
-        return torch.optim.Adam(list(params.values()), lr=self.cfg.dense_lr or self.cfg.lr)
+        return self.optim.adamw([(params.values(), self.cfg.dense_lr or self.cfg.lr)])
 
     @staticmethod
     def dense_spec(dense: dict[str, nn.Parameter]) -> dict[str, tuple[int, ...]]:
         return {f"dense.{n}": tuple(p.shape) for n, p in dense.items()}
 
     @staticmethod
-    def dense_deltas(dense: dict[str, nn.Parameter], start: dict[str, torch.Tensor]):
-        return {f"dense.{n}": (p.detach() - start[n]).float() for n, p in dense.items()}
+    def start_values(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """Copies of ``params`` before training, in host memory (the deltas are taken there)."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+
+    @staticmethod
+    def deltas(params: dict[str, nn.Parameter], start: dict[str, torch.Tensor], prefix: str):
+        """``<prefix><name>``: trained - start, float32, in host memory."""
+        return {f"{prefix}{n}": (p.detach().cpu() - start[n]).float() for n, p in params.items()}
+
+    @classmethod
+    def dense_deltas(cls, dense: dict[str, nn.Parameter], start: dict[str, torch.Tensor]):
+        return cls.deltas(dense, start, "dense.")
 
     @staticmethod
     @torch.no_grad()
@@ -309,29 +395,35 @@ class DeltaMethod(Method):
     round, with ``lr`` for the method's own parameters and ``dense_lr`` for the dense ones."""
 
     @abstractmethod
-    def trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """The method's own trained parameters by name (dense-trainables are added apart)."""
+    def trainable(self, model: nn.Module, seeds: list[int] | None = None) -> dict[str, nn.Parameter]:
+        """The method's own parameters trained in a round with ``seeds``, or with ``None`` every
+        one it may train in some round (dense-trainables are added apart); ``seeds`` matter only
+        where a round's plan picks the parameters (FedTT+)."""
 
-    def own(self, model: nn.Module) -> dict[str, nn.Parameter]:
+    def own(self, model: nn.Module, seeds: list[int] | None = None) -> dict[str, nn.Parameter]:
         """``trainable`` minus any parameter a dense pattern also claims (sent once, as dense)."""
         dense = self.dense(model)
-        return {n: p for n, p in self.trainable(model).items() if n not in dense}
+        return {n: p for n, p in self.trainable(model, seeds).items() if n not in dense}
+
+    def every_own(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """Every parameter the method may train in some round (its whole changing state)."""
+        return self.own(model, None)
 
     def prepare(self, model: nn.Module) -> None:
         super().prepare(model)
-        for p in self.own(model).values():
+        for p in self.every_own(model).values():
             p.requires_grad_(True)
 
     def state_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        state: dict[str, torch.Tensor] = dict(self.own(model))
+        state: dict[str, torch.Tensor] = dict(self.every_own(model))
         state.update(self.dense(model))
         return state
 
     def trainable_count(self, model: nn.Module) -> int:
-        return sum(p.numel() for p in (self.own(model) | self.dense(model)).values())
+        return sum(p.numel() for p in (self.own(model, self.round_seeds(0)) | self.dense(model)).values())
 
     def update_spec(self, model: nn.Module, seeds: list[int]) -> dict[str, tuple[int, ...]]:
-        spec = {f"delta.{n}": tuple(p.shape) for n, p in self.own(model).items()}
+        spec = {f"delta.{n}": tuple(p.shape) for n, p in self.own(model, seeds).items()}
         spec.update(self.dense_spec(self.dense(model)))
         return spec
 
@@ -344,22 +436,21 @@ class DeltaMethod(Method):
         client_key: str,
     ) -> LocalUpdate:
         model.train()
-        own, dense = self.own(model), self.dense(model)
-        start = {n: p.detach().clone() for n, p in (own | dense).items()}
-        groups = [{"params": list(own.values()), "lr": self.cfg.lr}]
-        if dense:
-            groups.append({"params": list(dense.values()), "lr": self.cfg.dense_lr or self.cfg.lr})
-        opt = torch.optim.Adam(groups)
+        own, dense = self.own(model, seeds), self.dense(model)
+        for name, p in self.every_own(model).items():
+            p.requires_grad_(name in own)  # a round's plan may leave some of them out
+        start = self.start_values(own | dense)
+        opt = self.optim.adamw([(own.values(), self.cfg.lr), (dense.values(), self.cfg.dense_lr or self.cfg.lr)])
         losses: list[float] = []
         peak_state = 0
-        for _ in range(self.cfg.local_steps()):
+        for j in range(self.cfg.local_steps()):
             loss = forward_loss(model, next(batches))
             loss.backward()
-            opt.step()
+            self.optim.step([opt], round_id, j)
             peak_state = max(peak_state, train_state_bytes(opt))
-            opt.zero_grad(set_to_none=True)
+            self.optim.zero_grad([opt])
             losses.append(loss.item())
-        tensors = {f"delta.{n}": (p.detach() - start[n]).float() for n, p in own.items()}
+        tensors = self.deltas(own, start, "delta.")
         tensors.update(self.dense_deltas(dense, start))
         return LocalUpdate(tensors=tensors, loss=sum(losses) / len(losses), steps=len(losses),
                            train_state_bytes=peak_state)

@@ -1,11 +1,12 @@
 """FedAvg-FFT: full fine-tuning with Adam, the quality and byte ceiling (ALGORITHM.md section 7).
 
 Trainable set (our choice, each part a config field): full fine-tuning means every weight,
-so by default the weights *and biases* of every Linear the target patterns select (the same
-matrices FedKRSO projects, plus their biases), every embedding table (``train_embeddings``;
-a tied LM head is the same tensor and travels once) and the dense-trainables (task head,
-norms). With ``train_embeddings: false`` FedAvg trains exactly the parameters FedKRSO can
-reach, the like-for-like comparison of the same matrices.
+so by default the weights of every Linear the target patterns select (the same matrices
+FedKRSO projects), every embedding table (``train_embeddings``; a tied LM head is the same
+tensor and travels once) and the dense-trainables: task head, norms and the target Linears'
+biases (``train_biases``, the same knob and default as every method's). With
+``train_embeddings: false`` FedAvg trains exactly the parameters FedKRSO can reach, the
+like-for-like comparison of the same matrices.
 
 A client takes ``steps`` Adam steps and uploads the change of every trained tensor
 (``delta.<param>`` and ``dense.<param>``); the server averages them and every party adds the
@@ -26,7 +27,6 @@ class Config(MethodConfig):
     name: Literal["fedavg"] = "fedavg"
     lr: float = Field(3e-5, gt=0, description="Adam learning rate of every trained weight")
     steps: int = Field(16, ge=1, le=100_000, description="local Adam steps per round")
-    train_biases: bool = Field(True, description="train the target Linears' biases too")
     train_embeddings: bool = Field(True, description="train (and send) every nn.Embedding table: "
                                    "full fine-tuning; false = only what FedKRSO can reach")
 
@@ -59,14 +59,14 @@ class FedAvg(DeltaMethod):
     Config = Config
     cfg: Config
 
-    def trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        params = linear_parameters(model, self.cfg.target_modules, self.cfg.train_biases)
+    def trainable(self, model: nn.Module, seeds: list[int] | None = None) -> dict[str, nn.Parameter]:
+        params = linear_parameters(model, self.cfg.target_modules, biases=False)  # biases are dense
         if self.cfg.train_embeddings:
             params.update(embedding_parameters(model))
         return params
 
     def upload_bytes_formula(self, model: nn.Module, n_seeds_used: int = 0) -> int:
-        """uplink = (sum_m (d_m d_n + d_m [bias]) + sum_e V_e h_e [embeddings] + dense) * b:
+        """uplink = (sum_m d_m d_n + sum_e V_e h_e [embeddings] + dense [head, norms, biases]) * b:
         the trained weights' size."""
         numel = 0
         dense = self.dense(model)
@@ -74,9 +74,6 @@ class FedAvg(DeltaMethod):
             d_m, d_n = out_in(module)
             if f"{name}.weight" not in dense:
                 numel += d_m * d_n
-            has_bias = self.cfg.train_biases and module.bias is not None
-            if has_bias and f"{name}.bias" not in dense:
-                numel += d_m
         if self.cfg.train_embeddings:
             numel += sum(p.numel() for n, p in embedding_parameters(model).items() if n not in dense)
         numel += sum(p.numel() for p in dense.values())

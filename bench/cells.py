@@ -1,0 +1,132 @@
+"""One result cell of the bench: one method at one learning rate and seed, trained for a number
+of rounds and evaluated on one split, run once and kept.
+
+A cell's result (the metrics rows, its wall time and peak memory) is written atomically to
+``<out>/cells/<tag>/cell.json`` when the run ends; a bench started again loads finished cells
+instead of running them, so a long protocol can be stopped and resumed over several sittings.
+A finished cell is reused only when its round.yaml is exactly the one the bench would write
+now (any changed setting runs it again), and a cell cut off mid-run is run from its start.
+
+Runs go through ``fedkrso-sim`` (every client in one process, the default) or a real server
+and one client process per shard (``runner: processes``, socket bytes measured).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..common.config import parse_config
+from .config import BenchConfig, MethodSpec
+from .launch import Cluster, child_env
+
+
+@dataclass(frozen=True)
+class Cell:
+    """What a cell runs: ``split`` is ``val`` (the sweep) or ``eval`` (the reported runs)."""
+
+    spec: MethodSpec
+    lr: float
+    seed: int
+    rounds: int
+    split: str
+
+    @property
+    def tag(self) -> str:
+        return f"{self.spec.tag}-lr{self.lr:g}-s{self.seed}-{self.split}-r{self.rounds}".replace("+", "plus")
+
+
+def method_section(spec: MethodSpec, lr: float | None) -> dict:
+    section = {"name": spec.name, **spec.knobs()}
+    if lr is not None:
+        section["lr"] = lr
+    return section
+
+
+def round_yaml(cfg: BenchConfig, cell: Cell, data: Path, out: Path, num_labels: int) -> dict:
+    rc = {
+        "run": {"name": cell.tag, "seed": cell.seed, "output_dir": str(out)},
+        "model": {"name": cfg.model.name, "task": cfg.model.task, "num_labels": num_labels,
+                  "max_length": cfg.model.max_length, "device": cfg.model.device, "dtype": cfg.model.dtype},
+        "method": method_section(cell.spec, cell.lr),
+        "rounds": {"total": cell.rounds, "clients_per_round": cfg.clients_per_round,
+                   "min_clients": cfg.clients_per_round, "deadline_s": cfg.deadline_s, "start_timeout_s": 900.0},
+        "training": {"batch_size": cfg.batch_size, "optimizer": dict(cfg.optimizer)},
+        "eval": {"data": str(data / cell.split), "batch_size": cfg.eval_batch_size,
+                 "client_every": cfg.client_eval_every},
+        "server": {"listen": "127.0.0.1:0"},
+    }
+    if cfg.instruction is not None:
+        rc["instruction"] = dict(cfg.instruction)
+    parse_config(rc, "generated round.yaml")  # fail here, not in a child process
+    return rc
+
+
+def run_cell(cfg: BenchConfig, cell: Cell, data: Path, out: Path, num_labels: int) -> dict:
+    """The cell's result, from ``<out>/cells/<tag>/cell.json`` when it finished before."""
+    workdir = out / "cells" / cell.tag
+    done = workdir / "cell.json"
+    config = workdir / "round.yaml"
+    wanted = round_yaml(cfg, cell, data, workdir, num_labels)
+    if done.exists() and yaml.safe_load(config.read_text()) == wanted:
+        return json.loads(done.read_text())
+    if workdir.exists():
+        shutil.rmtree(workdir)  # cut off mid-run, or run with other settings: start it again
+    workdir.mkdir(parents=True)
+    config.write_text(yaml.safe_dump(wanted, sort_keys=False))
+    started = time.monotonic()
+    if cfg.runner == "sim":
+        _simulate(cfg, config, data, workdir)
+    else:
+        _processes(cfg, config, data, workdir)
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    for bulky in ("final", "state"):  # a bench keeps figures, not hundreds of model copies
+        shutil.rmtree(workdir / bulky, ignore_errors=True)
+    result = {"tag": cell.tag, "method": cell.spec.tag, "base_method": cell.spec.name, "lr": cell.lr,
+              "seed": cell.seed, "rounds": cell.rounds, "split": cell.split, "runner": cfg.runner,
+              "seconds": time.monotonic() - started,
+              "peak_rss_bytes": max((r.get("client_peak_rss_bytes") or 0 for r in rows), default=0),
+              "rows": rows}
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result) + "\n")
+    os.replace(tmp, done)
+    return result
+
+
+def _simulate(cfg: BenchConfig, config: Path, data: Path, workdir: Path) -> None:
+    cmd = [sys.executable, "-m", "fedkrso.sim.main", "--config", str(config), "--data-root", str(data),
+           "--threads", str(cfg.threads), "--log-json"]
+    with (workdir / "sim.log").open("w") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+                              timeout=cfg.run_timeout_s).returncode
+    if code != 0:
+        raise RuntimeError(f"fedkrso-sim exited {code}:\n{(workdir / 'sim.log').read_text()[-3000:]}")
+
+
+def _processes(cfg: BenchConfig, config: Path, data: Path, workdir: Path) -> None:
+    cluster = Cluster(workdir)
+    try:
+        cluster.start_server(config)
+        for i in range(cfg.clients):
+            cluster.start_client(data / f"shard{i}", f"shard{i}", args=["--poll-seconds", str(cfg.poll_seconds)])
+        code = cluster.wait(cfg.run_timeout_s)
+        if code != 0:
+            raise RuntimeError(f"server exited {code}:\n{cluster.server.text()[-3000:]}")
+        # Clients that sat out the last round may still be in a long-poll or retrying a
+        # server that is gone; the metrics are complete, so give them a moment, then stop.
+        give_up = time.monotonic() + 10.0
+        for c in cluster.clients:
+            try:
+                c.wait(max(0.1, give_up - time.monotonic()))
+            except subprocess.TimeoutExpired:  # a lingering client does not void the metrics
+                pass
+    finally:
+        cluster.stop()

@@ -1,0 +1,100 @@
+"""A protocol: several benches (blocks) of one base config, each resumable cell by cell, and
+their combined report: ``QUALITY.md`` and ``quality.json``.
+
+The combined report is rebuilt from every block's ``results.json`` on disk after each block, so
+it reports what a protocol covers so far (runs finished against runs planned, per block), and
+several processes may run different blocks of one protocol (``--blocks``) side by side. A block
+with ``lrs_from: <block>`` takes every method's learning rate from that block's selection
+(which must have finished) instead of sweeping again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .config import BenchConfig, ProtocolConfig, load_protocol
+from .report import render_table
+from .runner import run_bench
+
+
+def planned_runs(cfg: BenchConfig) -> int:
+    """How many result cells a bench config needs (sweeps and reported runs)."""
+    sweeps = sum(len(m.lrs) * cfg.sweep_seeds for m in cfg.methods if m.lrs and len(m.lrs) > 1)
+    return sweeps + len(cfg.methods) * len(cfg.seeds)
+
+
+def block_config(protocol: ProtocolConfig, name: str, out: Path) -> BenchConfig:
+    """The block's bench config, its lrs taken from ``lrs_from``'s selection where it names one."""
+    block = next(b for b in protocol.blocks if b.name == name)
+    cfg = protocol.bench(block)
+    source = block.lrs_from
+    if source:
+        path = out / source / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"fedkrso-bench: block {name} takes its lrs from {source}, which has not run")
+        chosen = {tag: entry["lr"] for tag, entry in json.loads(path.read_text())["results"].items()}
+        for m in cfg.methods:
+            if m.tag in chosen:
+                m.lrs = [chosen[m.tag]]
+    return cfg
+
+
+def run_protocol(path: Path, out: Path, only: list[str] | None, command: str) -> dict:
+    protocol = load_protocol(path)
+    unknown = set(only or ()) - {b.name for b in protocol.blocks}
+    if unknown:
+        raise SystemExit(f"fedkrso-bench: blocks not in {path}: {sorted(unknown)}")
+    out.mkdir(parents=True, exist_ok=True)
+    for block in protocol.blocks:
+        if only is None or block.name in only:
+            run_bench(block_config(protocol, block.name, out), out / block.name, command,
+                      log=lambda s: print(s, flush=True))
+            combined = write_quality(protocol, out, command, path)
+    return combined
+
+
+def write_quality(protocol: ProtocolConfig, out: Path, command: str, path: Path) -> dict:
+    """``quality.json`` and ``QUALITY.md`` from every block's results on disk."""
+    combined = {"name": protocol.name, "description": protocol.description, "command": command,
+                "protocol": str(path), "blocks": {}}
+    for block in protocol.blocks:
+        results = out / block.name / "results.json"
+        if not results.is_file():
+            continue
+        combined["blocks"][block.name] = {
+            "purpose": block.purpose, "report": json.loads(results.read_text()),
+            "cells_done": len(list((out / block.name / "cells").glob("*/cell.json"))),
+            "cells_planned": planned_runs(block_config(protocol, block.name, out))}
+    for name, text in (("quality.json", json.dumps(combined, indent=2) + "\n"),
+                       ("QUALITY.md", render_quality(combined))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    return combined
+
+
+def render_quality(combined: dict) -> str:
+    lines = [f"# {combined['name']}", "", combined.get("description", "").strip(), "",
+             f"Command: `{combined['command']}`", ""]
+    for name, block in combined["blocks"].items():
+        report = block["report"]
+        cells = [s for e in report["results"].values() for s in e["seeds"].values()]
+        seconds = [c["seconds"] for c in cells if c.get("seconds")]
+        timing = f"mean {sum(seconds) / len(seconds):.0f} s per reported run" if seconds else "no run finished yet"
+        lines += [f"## {name}", "", block["purpose"].strip(), "",
+                  f"{report['data_source']}, {report['clients']} clients, "
+                  + ("IID" if report["alpha"] is None else f"Dirichlet {report['alpha']}")
+                  + f", {report['clients_per_round']} per round, {report['rounds']} rounds, seeds "
+                  f"{report['seeds']}, metric {report['metric']}; runs finished {block['cells_done']} of "
+                  f"{block['cells_planned']}; {timing}", ""]
+        lines += render_table(report)
+        for a in report["answers"]:
+            interval = a.get("interval")
+            detail = (f"{interval['mean']:+.2f} [{interval['low']:+.2f}, {interval['high']:+.2f}]"
+                      if interval and interval.get("low") is not None else
+                      f"{a['ratio']:.1f}x" if "ratio" in a else "one seed: no interval")
+            lines.append(f"- **{a['verdict']}**: {a['question']} ({detail})")
+        lines += ["", f"![{name}]({name}/{report['plot']})", ""]
+    return "\n".join(lines)
