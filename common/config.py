@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .methods import METHODS, Method, OptimizerConfig, build_method
 from .models import Task
+from .privacy.config import PrivacySection
 
 MethodSection = Annotated[
     Union[tuple(cls.Config for cls in METHODS.values())],  # noqa: UP007 - built from the registry
@@ -155,6 +156,33 @@ class RunConfig(Section):
     eval: EvalSection = EvalSection()
     server: ServerSection = ServerSection()
     security: SecuritySection = SecuritySection()
+    privacy: PrivacySection = PrivacySection()
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> RunConfig:
+        """DP and secure aggregation sum plain, unweighted updates (docs/PRIVACY.md)."""
+        p, s = self.privacy, self.server
+        if p.dp.enabled and (reason := METHODS[self.method.name].dp_unsupported):
+            raise ValueError(f"privacy.dp does not apply to {self.method.name}: {reason}")
+        if p.dp.enabled or p.secure_aggregation.enabled:
+            what = "privacy.dp" if p.dp.enabled else "privacy.secure_aggregation"
+            if self.training.weighting != "uniform":
+                raise ValueError(f"{what} needs training.weighting: uniform (sample-count weights reveal each "
+                                 "client's count and break the sum's sensitivity bound)")
+            if s.aggregation != "mean":
+                raise ValueError(f"{what} needs server.aggregation: mean (a trimmed mean is no sum)")
+        if p.secure_aggregation.enabled:
+            if s.clip_norm is not None or s.max_update_norm is not None:
+                raise ValueError("privacy.secure_aggregation: the server never sees an update, so server.clip_norm "
+                                 "and server.max_update_norm cannot apply (clients clip with privacy.dp)")
+            if self.rounds.min_clients < 2:
+                raise ValueError("privacy.secure_aggregation needs rounds.min_clients >= 2 (a sum of one update is it)")
+            if p.dp.amplification:
+                raise ValueError("privacy.dp.amplification needs a secret selection, but secure aggregation shows "
+                                 "each round's clients to one another")
+        if p.dp_sgd is not None and (reason := METHODS[self.method.name].dp_sgd_unsupported):
+            raise ValueError(f"privacy.dp_sgd does not apply to {self.method.name}: {reason}")
+        return self
 
     def build_method(self) -> Method:
         """The run's method, with its optimizer setting and schedule length."""

@@ -19,10 +19,12 @@ and a simulated client produces what its distributed twin would.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import structlog
 import torch
 from torch import nn
 
@@ -32,9 +34,13 @@ from .config import RunConfig
 from .data import batches
 from .methods import Method
 from .models import load_model, load_tokenizer, model_fingerprint
+from .privacy.dp import noise_multiplier, privatize, secret_rng
 from .subspace import stable_seed
 from .tensors import DTYPES
 from .wire import tensor_batches, update_digest
+
+
+log = structlog.get_logger("fedkrso.client")
 
 
 class ParticipantError(RuntimeError):
@@ -108,6 +114,7 @@ class Participant:
         self.shared = shared
         self.have = 0  # rounds applied: the participant holds W^have
         self.fixed_seeds: list[int] = []  # a method with run-long seeds sends them once
+        self.secret = secrets.token_bytes(32)  # keys this client's local DP noise (never leaves it)
 
     @property
     def model(self) -> nn.Module:
@@ -198,9 +205,25 @@ class Participant:
             self.method.restore(self.model, snapshot)
             self.model.train(was_training)
         train_seconds = time.perf_counter() - started
+        tensors = self.privatize(round_id, seeds, update.tensors)
         wire = DTYPES[self.cfg.method.wire_dtype]
-        tensors = {k: v.to(wire) for k, v in update.tensors.items()}
+        tensors = {k: v.to(wire) for k, v in tensors.items()}
         return PreparedUpdate(round=round_id, tensors=tensors, digest=update_digest(tensors),
                               num_samples=self.num_samples, loss=update.loss, steps=update.steps,
                               seeds_used=list(update.seeds_used), train_seconds=train_seconds,
                               train_state_bytes=update.train_state_bytes)
+
+    def privatize(self, round_id: int, seeds: list[int], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Clip (and in local mode noise) the update in the space of the model update, and give
+        it the full layout secure aggregation masks (``privacy.dp.privatize``). The norm before
+        clipping is logged here and never sent."""
+        p = self.cfg.privacy
+        if not (p.dp.enabled or p.secure_aggregation.enabled):
+            return tensors
+        z = noise_multiplier(p.dp, self.cfg.rounds.total, self.cfg.rounds.clients_per_round) if p.dp.enabled else 0.0
+        geometry = self.method.update_geometry(self.model, seeds)
+        rng = secret_rng(self.secret, "dp-noise", self.cfg.run.seed, round_id)
+        out, norm = privatize(p, geometry, tensors, z, rng)
+        log.info("update_privatized", round=round_id, dp=p.dp.mode, norm=round(norm, 6),
+                 clipped=p.dp.enabled and norm > p.dp.clip)
+        return out

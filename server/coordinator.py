@@ -29,8 +29,9 @@ from ..common.config import RunConfig
 from ..common.logs import progress
 from ..common.models import load_model, model_fingerprint
 from ..common.tensors import DTYPES
-from .metrics import MetricsWriter, round_row
 from .intake import UpdateIntake
+from .metrics import MetricsWriter, round_row
+from .privacy import PrivacyGuard
 from .registry import ClientRegistry
 from .results import ServerEvaluator, save_final
 from .rounds import Assignment, RoundDelta, RoundError, RoundState
@@ -60,6 +61,7 @@ class Coordinator:
         self.model_fingerprint = model_fingerprint(self.model)
         self.state_bytes = payload_bytes(self.method.snapshot_tensors(self.model))  # a snapshot's payload
         self.fedavg_bytes = full_model_bytes(self.model)
+        self.privacy = PrivacyGuard(cfg, self.method, self.model)
         self.registry = registry or ClientRegistry(cfg.run.seed)
         self.deadlines = deadlines
         self.evaluate = ServerEvaluator(cfg)
@@ -105,6 +107,7 @@ class Coordinator:
             if r >= keep:
                 self.deltas[r] = delta
         self.method.load_plan_state(saved.plan_state)  # decided before the checkpoint too
+        self.privacy.load(saved.privacy)
         self.completed = saved.completed
         self.state_fingerprints = dict(saved.state_fingerprints)
         self.accepted_digests = dict(saved.accepted_digests)
@@ -158,7 +161,8 @@ class Coordinator:
         if self.completed < self.cfg.rounds.total:
             await self._wait_for_clients()
         for t in range(self.completed, self.cfg.rounds.total):
-            await self._run_round(t)
+            if not await self._run_round(t):
+                break  # the privacy budget would be exceeded: stop here, saving the model
         await self.finish()
 
     async def _wait_for_clients(self) -> None:
@@ -174,14 +178,17 @@ class Coordinator:
                     raise RuntimeError(f"only {n} client(s) joined; need {r.min_clients}")
                 await self.wait_change(1.0)
 
-    async def _run_round(self, t: int) -> None:
+    async def _run_round(self, t: int) -> bool:
+        """Run round ``t``; False when its privacy cost would exceed the budget (not opened)."""
         r = self.cfg.rounds
         while len(self.registry.live()) < r.min_clients:
             log.warning("round_waiting_for_quorum", round=t, live=len(self.registry.live()))
             await self.wait_change(5.0)
         seeds = self.method.round_seeds(t)
         plan_fp = await asyncio.to_thread(self.method.plan_fingerprint, self.model, seeds)
-        selected = set(self.registry.select(t, set(), r.clients_per_round))
+        selected = set(self.registry.select(t, set(), r.clients_per_round, secret=self.privacy.secret_selection))
+        if not self.privacy.allows(t, len(selected), len(self.registry.live())):
+            return False
         rs = RoundState(t, seeds, plan_fp, selected, time.monotonic() + r.deadline_s,
                         aggregator=self._aggregator())
         async with self.fold_lock:
@@ -190,6 +197,7 @@ class Coordinator:
         log.info("round_started", round=t, clients=sorted(selected), seeds=len(seeds))
         await self.notify()
         await self._await_round(rs)
+        return True
 
     async def _await_round(self, rs: RoundState) -> None:
         """Until every selected client submitted, or the deadline passed with a quorum."""
@@ -216,7 +224,8 @@ class Coordinator:
         would leave the round nobody to wait for (a slow start is not a death)."""
         silent = self.registry.by_staleness(rs.selected - set(rs.submissions))
         room = self.cfg.rounds.clients_per_round - len(rs.submissions)
-        fresh = self.registry.select(rs.round, rs.selected | rs.dropped, room)
+        # a secret sample charged at its size takes no replacements
+        fresh = [] if self.privacy.secret_selection else self.registry.select(rs.round, rs.selected | rs.dropped, room)
         dropped = silent[:len(fresh)]  # the longest unheard first
         rs.selected = (rs.selected - set(dropped)) | set(fresh)
         rs.dropped |= set(dropped)
@@ -227,18 +236,19 @@ class Coordinator:
     async def _close_round(self, rs: RoundState) -> None:
         rs.closing = True
         async with self.fold_lock:
-            mean = await asyncio.to_thread(rs.aggregator.result)
+            mean = await asyncio.to_thread(self.privacy.aggregate, rs, rs.aggregator)
+            self.privacy.charge(rs)
         canonical = {k: v.to(DTYPES[self.cfg.method.wire_dtype]) for k, v in mean.items()}
         async with self.model_lock:
             await asyncio.to_thread(self.method.apply, self.model, rs.seeds, canonical)
             fp = await asyncio.to_thread(self.method.state_fingerprint, self.model)
             self.state_fingerprints[rs.round + 1] = fp
-            row = round_row(rs, fp, self.fedavg_bytes)
+            row = {**round_row(rs, fp, self.fedavg_bytes), **self.privacy.row(len(self.registry.live()))}
             due = (rs.round + 1) % self.cfg.server.checkpoint_every == 0
             checkpoint = self.method.snapshot(self.model) if due else None
             digests = {c: s.digest for c, s in rs.submissions.items()}
             await asyncio.to_thread(self.store.commit_round, rs.round, rs.seeds, canonical, fp, digests, row,
-                                    checkpoint, self.method.plan_state())
+                                    checkpoint, self.method.plan_state(), self.privacy.state())
         rs.committed.set()
         self.deltas[rs.round] = RoundDelta(rs.round, rs.seeds, canonical, fp)
         # catch-up keeps the last snapshot_after_rounds deltas in memory (all are on disk);

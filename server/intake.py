@@ -98,6 +98,7 @@ class UpdateIntake:
             if duplicate and prior.digest != sub.digest:
                 raise RoundError("ALREADY_EXISTS", f"an update for round {rs.round} was already accepted")
             if not duplicate:
+                tensors = await asyncio.to_thread(self.coord.privacy.screen, rs, tensors)
                 await asyncio.to_thread(rs.aggregator.add, tensors, weight)
                 traffic = rs.traffic_of(sub.client_id)
                 traffic.up_payload, traffic.up_message = up_payload, up_message

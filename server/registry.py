@@ -68,11 +68,14 @@ class ClientRegistry:
         horizon = time.monotonic() - self.liveness_s
         return sorted(c.client_id for c in self.clients.values() if c.active and c.last_seen >= horizon)
 
-    def select(self, round_id: int, exclude: set[str], n: int) -> list[str]:
+    def select(self, round_id: int, exclude: set[str], n: int, secret: bool = False) -> list[str]:
         """Up to ``n`` live clients not in ``exclude``: a sample seeded by (run seed, round,
-        how many are excluded), so a replacement draw differs from the first one."""
+        how many are excluded), so a replacement draw differs from the first one; with
+        ``secret``, from the operating system's entropy (DP's amplification by sampling needs
+        a selection nobody can predict)."""
         pool = [c for c in self.live() if c not in exclude]
-        rng = random.Random(stable_seed("select", self.run_seed, round_id, len(exclude)))
+        rng = random.SystemRandom() if secret else random.Random(
+            stable_seed("select", self.run_seed, round_id, len(exclude)))
         return sorted(rng.sample(pool, min(n, len(pool))))
 
     def by_staleness(self, ids: set[str]) -> list[str]:

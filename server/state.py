@@ -52,8 +52,10 @@ def run_identity(cfg: RunConfig) -> str:
     """``<run name>-<hash>`` of every setting that shapes the results. Where the server
     listens, its credentials and its output folder are left out: a restart may move the port or
     rotate certificates and still resume the same run."""
-    shaping = cfg.model_dump(mode="json", exclude={"security": True, "run": {"output_dir"},
-                                                     "server": {"listen"}})
+    exclude = {"security": True, "run": {"output_dir"}, "server": {"listen"}}
+    if not cfg.privacy.any:  # a run without privacy keeps the identity it had before the section
+        exclude["privacy"] = True
+    shaping = cfg.model_dump(mode="json", exclude=exclude)
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
     return f"{cfg.run.name}-{digest}"
 
@@ -146,6 +148,7 @@ class SavedRun:
     checkpoint_round: int
     last_row: dict | None
     plan_state: dict
+    privacy: dict
     open_round: dict | None
     open_tensors: Tensors
 
@@ -197,6 +200,7 @@ class RunStore:
             checkpoint_round=m["checkpoint"]["round"] if m["checkpoint"] else 0,
             last_row=m["last_row"],
             plan_state=m.get("plan_state", {}),
+            privacy=m.get("privacy", {}),
             open_round=open_round,
             open_tensors=open_tensors,
         )
@@ -219,7 +223,7 @@ class RunStore:
 
     def commit_round(self, round_id: int, seeds: list[int], delta: Tensors, state_fingerprint: str,
                      digests: dict[str, str], row: dict, checkpoint: Tensors | None,
-                     plan_state: dict | None = None) -> None:
+                     plan_state: dict | None = None, privacy: dict | None = None) -> None:
         """Round ``round_id`` closed: its delta (and a checkpoint when one is due), then the
         manifest that makes it count, then drop the open round it replaces."""
         with self._lock:
@@ -236,6 +240,7 @@ class RunStore:
             m["accepted_digests"][str(round_id)] = dict(digests)
             m["last_row"] = row
             m["plan_state"] = plan_state or {}
+            m["privacy"] = privacy or {}
             write_json(self.manifest_path, m)
             if checkpoint is not None and previous:
                 (self.root / previous["file"]).unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from pydantic import Field
 from torch import nn
 
 from ..accounting import fedkrso_uplink_bytes
+from ..privacy.geometry import RightFactor, UpdateGeometry
 from ..subspace import round_seeds, stable_seed, subspace, subspace_fingerprint
 from .base import (LocalUpdate, Method, MethodConfig, forward_loss, is_conv1d, out_in, target_linears,
                    train_state_bytes)
@@ -155,6 +156,9 @@ class FedKRSO(Method):
     name = "fedkrso"
     Config = Config
     cfg: Config
+    dp_sgd_unsupported = (
+        "B is not a module parameter but an input of the fused _SubspaceLinear autograd Function, so Opacus's "
+        "per-example gradient hooks (and its functorch fallback, which needs module parameters) never see it")
 
     def targets(self, model: nn.Module) -> dict[str, nn.Module]:
         found = target_linears(model, self.cfg.target_modules)
@@ -190,6 +194,18 @@ class FedKRSO(Method):
                 spec[f"acc.{k}.{n}"] = (out_in(m)[0], self.cfg.rank)
         spec.update(self.dense_spec(self.dense(model)))
         return spec
+
+    def update_geometry(self, model: nn.Module, seeds: list[int]) -> UpdateGeometry:
+        """Exact: the accumulators of matrix m for every seed, side by side (A, d_m x K r),
+        change W_m by A [P_1; ...; P_K] (``privacy.geometry``, right factors). A Conv1D's
+        change is the transpose, of the same norm."""
+        factors = []
+        for name, module in self.targets(model).items():
+            d_n = out_in(module)[1]
+            stacked = torch.cat([subspace(seed, name, self.cfg.rank, d_n) for seed in seeds])
+            factors.append(RightFactor([f"acc.{k}.{name}" for k in range(len(seeds))],
+                                       [self.cfg.rank] * len(seeds), stacked))
+        return UpdateGeometry(self.update_spec(model, seeds), factors)
 
     def required_names(self, model: nn.Module, seeds: list[int]) -> set[str]:
         """Dense deltas always; accumulators only for the seeds a client drew."""
