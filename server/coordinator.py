@@ -32,6 +32,7 @@ from ..common.tensors import DTYPES
 from .intake import UpdateIntake
 from .metrics import MetricsWriter, round_row
 from .privacy import PrivacyGuard
+from .secagg import SecureAggregation
 from .registry import ClientRegistry
 from .results import ServerEvaluator, save_final
 from .rounds import Assignment, RoundDelta, RoundError, RoundState
@@ -62,6 +63,7 @@ class Coordinator:
         self.state_bytes = payload_bytes(self.method.snapshot_tensors(self.model))  # a snapshot's payload
         self.fedavg_bytes = full_model_bytes(self.model)
         self.privacy = PrivacyGuard(cfg, self.method, self.model)
+        self.secagg = SecureAggregation(self) if cfg.privacy.secure_aggregation.enabled else None
         self.registry = registry or ClientRegistry(cfg.run.seed)
         self.deadlines = deadlines
         self.evaluate = ServerEvaluator(cfg)
@@ -115,6 +117,8 @@ class Coordinator:
         if saved.open_round is not None:
             self.current = restore_round(saved.open_round, saved.open_tensors, self._aggregator(),
                                          self.cfg.rounds.resume_grace_s)
+            if self.secagg is not None:  # its protocol was not saved: it starts again, fresh keys
+                self.current.submissions.clear()
             for client_id, sub in self.current.submissions.items():
                 self.accepted_digests[(self.current.round, client_id)] = sub.digest
         rs = self.current
@@ -200,7 +204,11 @@ class Coordinator:
         return True
 
     async def _await_round(self, rs: RoundState) -> None:
-        """Until every selected client submitted, or the deadline passed with a quorum."""
+        """Until every selected client submitted, or the deadline passed with a quorum (with
+        secure aggregation: until its protocol unmasked the sum or failed)."""
+        if self.secagg is not None:
+            await self.secagg.run(rs)
+            return await self._close_round(rs)
         with progress(total=len(rs.selected), desc=f"round {rs.round} updates", unit="update") as bar:
             while True:
                 bar.total = len(rs.selected)
@@ -236,14 +244,16 @@ class Coordinator:
     async def _close_round(self, rs: RoundState) -> None:
         rs.closing = True
         async with self.fold_lock:
-            mean = await asyncio.to_thread(self.privacy.aggregate, rs, rs.aggregator)
-            self.privacy.charge(rs)
+            mean = {} if rs.failed else await asyncio.to_thread(self.privacy.aggregate, rs, rs.aggregator)
+            if not rs.failed:
+                self.privacy.charge(rs)
         canonical = {k: v.to(DTYPES[self.cfg.method.wire_dtype]) for k, v in mean.items()}
         async with self.model_lock:
             await asyncio.to_thread(self.method.apply, self.model, rs.seeds, canonical)
             fp = await asyncio.to_thread(self.method.state_fingerprint, self.model)
             self.state_fingerprints[rs.round + 1] = fp
-            row = {**round_row(rs, fp, self.fedavg_bytes), **self.privacy.row(len(self.registry.live()))}
+            row = {**round_row(rs, fp, self.fedavg_bytes), **self.privacy.row(len(self.registry.live())),
+                   **(self.secagg.row(rs) if self.secagg else {})}
             due = (rs.round + 1) % self.cfg.server.checkpoint_every == 0
             checkpoint = self.method.snapshot(self.model) if due else None
             digests = {c: s.digest for c, s in rs.submissions.items()}

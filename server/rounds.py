@@ -89,6 +89,7 @@ class RoundState:
     traffic: dict[str, Traffic] = field(default_factory=dict)
     aggregator: Aggregator | None = None
     closing: bool = False
+    failed: str | None = None  # why the round closes without changing the model (secure aggregation)
     # group commit of accepted updates: ``folds`` counts updates folded into ``aggregator``,
     # ``saved_folds`` those on disk; one ``flusher`` task writes for every update waiting
     folds: int = 0

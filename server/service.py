@@ -30,12 +30,13 @@ from .coordinator import Coordinator
 from .messages import DeltaEncodings, assignment_messages, snapshot_messages
 from .relay import CountingRelay
 from .rounds import Assignment, RoundError, UpdateReport
+from .secagg_service import SecAggServicer
 
 log = structlog.get_logger("fedkrso.server")
 MAX_POLL_S = 60.0
 
 
-class CoordinatorService(pb_grpc.CoordinatorServicer):
+class CoordinatorService(SecAggServicer, pb_grpc.CoordinatorServicer):
     def __init__(self, coord: Coordinator, auth: AuthInterceptor, relay: CountingRelay | None = None):
         self.coord = coord
         self.relay = relay

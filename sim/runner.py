@@ -23,7 +23,7 @@ from pathlib import Path
 import structlog
 
 from ..common.accounting import message_bytes, payload_bytes
-from ..common.config import RunConfig
+from ..common.config import ConfigError, RunConfig
 from ..common.data import load_split
 from ..common.models import load_tokenizer
 from ..common.participant import Participant, Shared
@@ -52,6 +52,9 @@ class Simulation:
     """One run of ``cfg`` with a client per shard of ``data_root``."""
 
     def __init__(self, cfg: RunConfig, data_root: Path, fresh: bool = True):
+        if cfg.privacy.secure_aggregation.enabled:
+            raise ConfigError("fedkrso-sim has no transport to run secure aggregation over; run real processes "
+                              "(fedkrso-server and fedkrso-client, or fedkrso-bench with runner: processes)")
         self.cfg = cfg
         registry = ClientRegistry(cfg.run.seed, liveness_s=math.inf)
         self.coord = Coordinator(cfg, fresh=fresh, registry=registry, deadlines=False)

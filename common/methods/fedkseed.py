@@ -241,7 +241,8 @@ class FedKSeed(Method):
     @torch.no_grad()
     def apply(self, model: nn.Module, seeds: list[int], delta: dict[str, torch.Tensor]) -> None:
         """theta -= lr * sum_k gbar_k z_k; the sums buffer += gbar; the head += its mean change."""
-        gbar = delta["scalars"].float().cpu()
-        self._move(model, seeds, gbar)
-        getattr(model, CUMULATIVE).add_(gbar.double())
+        if "scalars" in delta:  # absent from the empty delta of a round that failed
+            gbar = delta["scalars"].float().cpu()
+            self._move(model, seeds, gbar)
+            getattr(model, CUMULATIVE).add_(gbar.double())
         self.apply_dense(model, delta)
