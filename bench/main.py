@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
         out = Path(args.out or "results/quality").resolve()
         command = "fedkrso-bench " + " ".join(sys.argv[1:] if argv is None else argv)
-        run_protocol(Path(args.protocol), out, args.blocks.split(",") if args.blocks else None, command)
+        run_protocol(Path(args.protocol), out, args.blocks.split(",") if args.blocks else None, command, args.quick)
         print((out / "QUALITY.md").read_text())
         return
 

@@ -180,8 +180,6 @@ class RunConfig(Section):
             if p.dp.amplification:
                 raise ValueError("privacy.dp.amplification needs a secret selection, but secure aggregation shows "
                                  "each round's clients to one another")
-        if p.dp_sgd is not None and (reason := METHODS[self.method.name].dp_sgd_unsupported):
-            raise ValueError(f"privacy.dp_sgd does not apply to {self.method.name}: {reason}")
         return self
 
     def build_method(self) -> Method:

@@ -244,9 +244,7 @@ class Coordinator:
     async def _close_round(self, rs: RoundState) -> None:
         rs.closing = True
         async with self.fold_lock:
-            mean = {} if rs.failed else await asyncio.to_thread(self.privacy.aggregate, rs, rs.aggregator)
-            if not rs.failed:
-                self.privacy.charge(rs)
+            mean = await asyncio.to_thread(self.privacy.release, rs)
         canonical = {k: v.to(DTYPES[self.cfg.method.wire_dtype]) for k, v in mean.items()}
         async with self.model_lock:
             await asyncio.to_thread(self.method.apply, self.model, rs.seeds, canonical)

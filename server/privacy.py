@@ -114,6 +114,15 @@ class PrivacyGuard:
         clipped, _ = self.geometry(rs).clip(tensors, self.dp.clip)
         return clipped
 
+    def release(self, rs: RoundState) -> Tensors:
+        """The closing round's mean (``aggregate``), charged to the ledger; empty, and free,
+        for a round that failed (nothing was released)."""
+        if rs.failed:
+            return {}
+        mean = self.aggregate(rs, rs.aggregator)
+        self.charge(rs)
+        return mean
+
     def aggregate(self, rs: RoundState, agg: StreamingAggregator) -> Tensors:
         """The round's released mean: without DP the aggregator's own; central mode the sum plus
         noise over the fixed denominator; local mode the uniform mean."""

@@ -186,3 +186,22 @@ def test_local_dp_noises_each_update_and_charges_participation(tmp_path, tiny_be
     assert rows[-1]["dp_epsilon"] == pytest.approx(
         accountant.epsilon([accountant.round_event(1.0, 1, 1)] * most, 1e-5), rel=1e-6)
     assert rows[0]["dp_epsilon"] < rows[1]["dp_epsilon"]
+
+
+def test_privacy_protocol_gives_valid_private_runs(tmp_path):
+    """bench/privacy.yaml: every block and method makes a round.yaml that validates; the DP
+    blocks are central DP at epsilon 8, 3 and 1 with uniform weights, for FedKRSO, FedAvg
+    and FFA-LoRA."""
+    from fedkrso.bench.cells import Cell, round_yaml
+    from fedkrso.bench.config import REPO, load_protocol
+
+    protocol = load_protocol(REPO / "bench" / "privacy.yaml")
+    targets = {}
+    for block in protocol.blocks:
+        cfg = protocol.bench(block)
+        assert [m.name for m in cfg.methods] == ["fedkrso", "fedavg", "ffa-lora"]
+        for spec in cfg.methods:
+            rc = parse_config(round_yaml(cfg, Cell(spec, 1e-3, 0, cfg.rounds, "eval"), tmp_path, tmp_path, 2))
+            assert rc.training.weighting == "uniform"
+            targets[block.name] = rc.privacy.dp.target_epsilon if rc.privacy.dp.enabled else None
+    assert targets == {"nodp": None, "eps8": 8.0, "eps3": 3.0, "eps1": 1.0}

@@ -164,8 +164,6 @@ class Method(ABC):
     seeds_per_round: ClassVar[bool] = True
     # why client-level DP cannot bound this method's model update (None: it can)
     dp_unsupported: ClassVar[str | None] = None
-    # why sample-level DP-SGD (Opacus) cannot train this method's parameters (None: it can)
-    dp_sgd_unsupported: ClassVar[str | None] = None
 
     def __init__(self, cfg: MethodConfig, run_seed: int, optimizer: OptimizerConfig | None = None,
                  total_rounds: int = 1):

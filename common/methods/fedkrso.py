@@ -156,9 +156,6 @@ class FedKRSO(Method):
     name = "fedkrso"
     Config = Config
     cfg: Config
-    dp_sgd_unsupported = (
-        "B is not a module parameter but an input of the fused _SubspaceLinear autograd Function, so Opacus's "
-        "per-example gradient hooks (and its functorch fallback, which needs module parameters) never see it")
 
     def targets(self, model: nn.Module) -> dict[str, nn.Module]:
         found = target_linears(model, self.cfg.target_modules)

@@ -73,7 +73,6 @@ class FedKSeed(Method):
     Config = Config
     cfg: Config
     seeds_per_round = False
-    dp_sgd_unsupported = "zeroth-order steps have no per-example gradients to clip"
     dp_unsupported = (
         "FedKSeed's model update is lr * sum_k g_k z_k over K directions z_k the size of the model: its exact norm "
         "needs the K x K Gram matrix of the directions (K model-sized draws per round) and no cheap bound on the "

@@ -1,5 +1,5 @@
-"""The ``privacy:`` section of round.yaml: client-level differential privacy, sample-level
-DP-SGD inside a client, and secure aggregation. Everything is off by default.
+"""The ``privacy:`` section of round.yaml: client-level differential privacy and secure
+aggregation. Everything is off by default.
 
 docs/PRIVACY.md states the mechanisms, the threat model and why each epsilon is correct; the
 field descriptions below say what each knob means in one line.
@@ -58,15 +58,6 @@ class DPSection(_Section):
         return self
 
 
-class DPSGDSection(_Section):
-    """Sample-level DP-SGD inside each client (Opacus): per-example gradients of the trainable
-    parameters clipped to ``max_grad_norm`` and noised, examples drawn by Poisson sampling."""
-
-    noise_multiplier: float = Field(..., gt=0, description="sigma: noise std / max_grad_norm per step")
-    max_grad_norm: float = Field(..., gt=0, description="per-example gradient L2 bound")
-    delta: float = Field(1e-5, gt=0, lt=1, description="the delta the client's sample-level epsilon is reported for")
-
-
 class SecureAggregationSection(_Section):
     """Pairwise-masked sums (SecAgg, Bonawitz et al. 2017): the server learns the sum of a
     round's updates and nothing about any single one, and recovers from dropouts while at
@@ -87,9 +78,8 @@ class SecureAggregationSection(_Section):
 
 class PrivacySection(_Section):
     dp: DPSection = DPSection()
-    dp_sgd: DPSGDSection | None = Field(None, description="sample-level DP-SGD inside clients (Opacus)")
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
 
     @property
     def any(self) -> bool:
-        return self.dp.enabled or self.secure_aggregation.enabled or self.dp_sgd is not None
+        return self.dp.enabled or self.secure_aggregation.enabled
