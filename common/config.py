@@ -177,6 +177,10 @@ class RunConfig(Section):
                                  "and server.max_update_norm cannot apply (clients clip with privacy.dp)")
             if self.rounds.min_clients < 2:
                 raise ValueError("privacy.secure_aggregation needs rounds.min_clients >= 2 (a sum of one update is it)")
+            sa = p.secure_aggregation
+            if self.rounds.clients_per_round * sa.value_bound * 2 > 2 ** (sa.ring_bits - 1):
+                raise ValueError(f"privacy.secure_aggregation: a {sa.ring_bits}-bit ring has no fixed-point room for "
+                                 f"{self.rounds.clients_per_round} values bounded by {sa.value_bound}")
             if p.dp.amplification:
                 raise ValueError("privacy.dp.amplification needs a secret selection, but secure aggregation shows "
                                  "each round's clients to one another")

@@ -216,14 +216,14 @@ class Participant:
     def privatize(self, round_id: int, seeds: list[int], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Clip (and in local mode noise) the update in the space of the model update, and give
         it the full layout secure aggregation masks (``privacy.dp.privatize``). The norm before
-        clipping is logged here and never sent."""
+        clipping and the count of values the clamp cut are logged here and never sent."""
         p = self.cfg.privacy
         if not (p.dp.enabled or p.secure_aggregation.enabled):
             return tensors
         z = noise_multiplier(p.dp, self.cfg.rounds.total, self.cfg.rounds.clients_per_round) if p.dp.enabled else 0.0
         geometry = self.method.update_geometry(self.model, seeds)
         rng = secret_rng(self.secret, "dp-noise", self.cfg.run.seed, round_id)
-        out, norm = privatize(p, geometry, tensors, z, rng)
+        out, norm, clamped = privatize(p, geometry, tensors, z, rng)
         log.info("update_privatized", round=round_id, dp=p.dp.mode, norm=round(norm, 6),
-                 clipped=p.dp.enabled and norm > p.dp.clip)
+                 clipped=p.dp.enabled and norm > p.dp.clip, clamped_values=clamped)
         return out

@@ -17,6 +17,7 @@ round commit, so a resumed run reports the same epsilon and keeps its budget.
 from __future__ import annotations
 
 import secrets
+from collections import Counter
 
 import numpy as np
 import structlog
@@ -72,11 +73,12 @@ class PrivacyGuard:
         self.participation = {k: int(v) for k, v in state.get("participation", {}).items()}
 
     def _events(self, extra: accountant.RoundCharge | None = None) -> list:
+        """The ledger as DpEvents, identical rounds composed as one self-composition."""
         if self.central:
-            charges = self.charges + ([extra] if extra else [])
-            return [c.event(self.z) for c in charges]
-        most = max(self.participation.values(), default=0) + (1 if extra else 0)
-        return [accountant.round_event(self.z, 1, 1)] * most
+            counts = Counter((c.sampled, c.population) for c in self.charges + ([extra] if extra else []))
+        else:
+            counts = Counter({(1, 1): max(self.participation.values(), default=0) + (1 if extra else 0)})
+        return [accountant.repeated(accountant.round_event(self.z, s, n), k) for (s, n), k in sorted(counts.items()) if k]
 
     def epsilon(self, extra: accountant.RoundCharge | None = None) -> float:
         return accountant.epsilon(self._events(extra), self.dp.delta) if self.dp.enabled else 0.0

@@ -92,8 +92,8 @@ def test_shamir_t_of_n_rebuilds_and_fewer_do_not():
     assert shamir.combine({x: shares[x] for x in (1, 3, 5, 2)}, 3) == secret
     with pytest.raises(shamir.ShamirError):
         shamir.combine({x: shares[x] for x in (1, 2)}, 3)
-    wrong = [shamir.combine({1: shares[1], 2: shares[2], 9: shares[3]}, 3, size=66) for _ in range(1)]
-    assert all(w[-32:] != secret for w in wrong)
+    # a share presented at the wrong point rebuilds something else (size=66: any field element)
+    assert shamir.combine({1: shares[1], 2: shares[2], 9: shares[3]}, 3, size=66)[-32:] != secret
 
 
 def test_fixed_point_has_headroom_for_every_client():

@@ -40,6 +40,11 @@ def round_event(noise_multiplier: float, sampled: int, population: int):
     return gauss
 
 
+def repeated(event, count: int):
+    """``event`` composed ``count`` times."""
+    return _dpa().SelfComposedDpEvent(event, count)
+
+
 def epsilon(events: list, delta: float) -> float:
     """Epsilon of the composition of ``events`` at ``delta`` (0 for no event)."""
     if not events:
@@ -75,6 +80,3 @@ class RoundCharge:
     round: int
     sampled: int
     population: int
-
-    def event(self, noise_multiplier: float):
-        return round_event(noise_multiplier, self.sampled, self.population)

@@ -46,9 +46,10 @@ def secret_rng(secret: bytes, *parts: object) -> np.random.Generator:
 
 
 def privatize(privacy: PrivacySection, geometry: UpdateGeometry, tensors: Tensors, noise_multiplier: float,
-              rng: np.random.Generator) -> tuple[Tensors, float]:
+              rng: np.random.Generator) -> tuple[Tensors, float, int]:
     """A client's update made ready for a private round: (tensors, its model-update norm before
-    clipping, which stays on the client).
+    clipping and the number of values the secure-aggregation clamp cut, both of which stay on
+    the client).
 
     With secure aggregation every tensor of the spec is sent (absent ones as zeros, so every
     client's masked vector has one layout) and clamped to the value bound first: clipping after
@@ -56,6 +57,7 @@ def privatize(privacy: PrivacySection, geometry: UpdateGeometry, tensors: Tensor
     the noise, so the bound C holds exactly for what is noised."""
     out = {k: v.double() for k, v in tensors.items()}
     sa, dp = privacy.secure_aggregation, privacy.dp
+    clamped = 0
     if sa.enabled:
         out = {n: out[n] if n in out else torch.zeros(shape, dtype=torch.float64)
                for n, shape in geometry.spec.items()}
@@ -68,4 +70,4 @@ def privatize(privacy: PrivacySection, geometry: UpdateGeometry, tensors: Tensor
             out[name] = out.get(name, torch.zeros_like(z)) + z
         if sa.enabled:  # post-processing of a local-DP release: still private
             out = {n: t.clamp(-sa.value_bound, sa.value_bound) for n, t in out.items()}
-    return {k: v.float() for k, v in out.items()}, norm
+    return {k: v.float() for k, v in out.items()}, norm, clamped
