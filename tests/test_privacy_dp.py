@@ -205,3 +205,25 @@ def test_privacy_protocol_gives_valid_private_runs(tmp_path):
             assert rc.training.weighting == "uniform"
             targets[block.name] = rc.privacy.dp.target_epsilon if rc.privacy.dp.enabled else None
     assert targets == {"nodp": None, "eps8": 8.0, "eps3": 3.0, "eps1": 1.0}
+
+
+def test_rank_deficient_factor_removes_directions_that_change_no_weight():
+    """K r > d_n: part of the upload maps to no weight change; it is projected out (the weight
+    change is kept) so that what is released is bounded by the clip too."""
+    from fedkrso.common.privacy.geometry import RightFactor, UpdateGeometry
+
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(6, 4, generator=gen, dtype=torch.float64)  # R = 6 > d_n = 4
+    geometry = UpdateGeometry({"a": (5, 3), "b": (5, 3)}, [RightFactor(["a", "b"], [3, 3], m)])
+    x = {"a": torch.randn(5, 3, generator=gen, dtype=torch.float64) * 10,
+         "b": torch.randn(5, 3, generator=gen, dtype=torch.float64) * 10}
+    change = torch.cat([x["a"], x["b"]], 1) @ m
+    projected = geometry.project(x)
+    stacked = torch.cat([projected["a"], projected["b"]], 1)
+    torch.testing.assert_close(stacked @ m, change)
+    assert stacked.norm() < torch.cat([x["a"], x["b"]], 1).norm()
+    clipped, norm = geometry.clip(x, 1.0)
+    assert norm == pytest.approx(float(change.norm()))
+    released = torch.cat([clipped["a"], clipped["b"]], 1)
+    assert float((released @ m).norm()) == pytest.approx(1.0)
+    assert float(released.norm()) <= float((released @ m).norm()) / float(torch.linalg.svdvals(m).min()) + 1e-9

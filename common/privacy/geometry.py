@@ -110,8 +110,8 @@ class UpdateGeometry:
     def project(self, tensors: Tensors) -> Tensors:
         """The same model update without upload directions that change no weight."""
         out = dict(tensors)
-        for f in self.factors:
-            if any(n in tensors for n in f.names):
+        for f in self.factors:  # full row rank (R <= d_n, the usual case): nothing to remove
+            if f.basis.shape[1] < f.matrix.shape[0] and any(n in tensors for n in f.names):
                 out.update(f.split(f.project(f.stack(tensors, self._rows(f)))))
         return out
 
