@@ -3,8 +3,9 @@ of rounds and evaluated on one split, run once and kept.
 
 A cell's result (the metrics rows, its wall time and peak memory) is written atomically to
 ``<out>/cells/<tag>/cell.json`` when the run ends; a bench started again loads finished cells
-instead of running them, so a long protocol can be stopped and resumed over several sittings
-(a cell cut off mid-run is run again from its start).
+instead of running them, so a long protocol can be stopped and resumed over several sittings.
+A finished cell is reused only when its round.yaml is exactly the one the bench would write
+now (any changed setting runs it again), and a cell cut off mid-run is run from its start.
 
 Runs go through ``fedkrso-sim`` (every client in one process, the default) or a real server
 and one client process per shard (``runner: processes``, socket bytes measured).
@@ -54,14 +55,17 @@ def round_yaml(cfg: BenchConfig, cell: Cell, data: Path, out: Path, num_labels: 
     rc = {
         "run": {"name": cell.tag, "seed": cell.seed, "output_dir": str(out)},
         "model": {"name": cfg.model.name, "task": cfg.model.task, "num_labels": num_labels,
-                  "max_length": cfg.model.max_length},
+                  "max_length": cfg.model.max_length, "device": cfg.model.device, "dtype": cfg.model.dtype},
         "method": method_section(cell.spec, cell.lr),
         "rounds": {"total": cell.rounds, "clients_per_round": cfg.clients_per_round,
                    "min_clients": cfg.clients_per_round, "deadline_s": cfg.deadline_s, "start_timeout_s": 900.0},
         "training": {"batch_size": cfg.batch_size, "optimizer": dict(cfg.optimizer), "weighting": cfg.weighting},
-        "eval": {"data": str(data / cell.split), "batch_size": cfg.eval_batch_size},
+        "eval": {"data": str(data / cell.split), "batch_size": cfg.eval_batch_size,
+                 "client_every": cfg.client_eval_every},
         "server": {"listen": "127.0.0.1:0"},
     }
+    if cfg.instruction is not None:
+        rc["instruction"] = dict(cfg.instruction)
     if cfg.privacy:
         rc["privacy"] = dict(cfg.privacy)
     parse_config(rc, "generated round.yaml")  # fail here, not in a child process
@@ -72,13 +76,14 @@ def run_cell(cfg: BenchConfig, cell: Cell, data: Path, out: Path, num_labels: in
     """The cell's result, from ``<out>/cells/<tag>/cell.json`` when it finished before."""
     workdir = out / "cells" / cell.tag
     done = workdir / "cell.json"
-    if done.exists():
+    config = workdir / "round.yaml"
+    wanted = round_yaml(cfg, cell, data, workdir, num_labels)
+    if done.exists() and yaml.safe_load(config.read_text()) == wanted:
         return json.loads(done.read_text())
     if workdir.exists():
-        shutil.rmtree(workdir)  # cut off mid-run: start it again
+        shutil.rmtree(workdir)  # cut off mid-run, or run with other settings: start it again
     workdir.mkdir(parents=True)
-    config = workdir / "round.yaml"
-    config.write_text(yaml.safe_dump(round_yaml(cfg, cell, data, workdir, num_labels), sort_keys=False))
+    config.write_text(yaml.safe_dump(wanted, sort_keys=False))
     started = time.monotonic()
     if cfg.runner == "sim":
         _simulate(cfg, config, data, workdir)

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..common.precision import DEVICE_PATTERN
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_CONFIG = HERE / "sst2.yaml"
@@ -22,13 +24,18 @@ class Strict(BaseModel):
 
 
 class DataSpec(Strict):
-    source: str = Field("glue:SST-2", description="bbc, glue:<TASK>, csv:<path>, jsonl:<path>, hub:<name>")
+    source: str = Field("glue:SST-2", description="bbc, bbc-headlines, glue:<TASK>, csv:<path>, json:<path>, "
+                        "jsonl:<path>, parquet:<path>, hub:<name>")
     glue_dir: Path | None = Field(Path("../shared/data/glue"),
                                   description="local GLUE folder (relative paths: to the repo); "
                                               "the hub is used when it is absent")
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
+    prompt_column: str | None = Field(None, description="with response_column: instruction rows")
+    response_column: str | None = None
+    client_eval_fraction: float = Field(0.0, ge=0, lt=1, description="held out of each shard for its "
+                                        "client's own evaluation (client_eval_every)")
     max_examples: int | None = Field(4000, ge=1, description="cap on training rows (all clients)")
     max_eval: int | None = Field(500, ge=1, description="cap on eval rows")
     eval_fraction: float = Field(0.1, gt=0, lt=1)
@@ -47,6 +54,8 @@ class ModelSpec(Strict):
     task: str = "sequence-classification"
     num_labels: int | None = Field(None, ge=1, description="None: from the partition's labels")
     max_length: int = Field(128, ge=8)
+    device: str = Field("cpu", pattern=DEVICE_PATTERN, description="model.device of every run")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model.dtype of every run")
 
 
 class MethodSpec(BaseModel):
@@ -119,6 +128,9 @@ class BenchConfig(Strict):
     poll_seconds: float = Field(20.0, gt=0, description="client long-poll length")
     target_accuracy: float | None = Field(None, gt=0, le=1,
                                           description="accuracy for the bytes-to-target column")
+    instruction: dict[str, Any] | None = Field(None, description="round.yaml's instruction section "
+                                               "(template, prompt_format) for prompt/response data")
+    client_eval_every: int = Field(0, ge=0, description="round.yaml's eval.client_every (0: server eval only)")
     methods: list[MethodSpec] = Field(min_length=1)
     quick: QuickSpec = QuickSpec()
 
@@ -144,14 +156,21 @@ class BenchConfig(Strict):
         return cfg
 
 
+class BenchConfigError(ValueError):
+    """A bench YAML that is missing or does not validate; the message names every bad field."""
+
+
 def load_bench_config(path: str | Path) -> BenchConfig:
-    data = yaml.safe_load(Path(path).read_text())
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise BenchConfigError(f"{path}: {err}") from None
     try:
         return BenchConfig.model_validate(data)
     except ValidationError as err:
         lines = [f"{path}: {err.error_count()} invalid field(s)"]
         lines += [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-        raise SystemExit("\n".join(lines)) from None
+        raise BenchConfigError("\n".join(lines)) from None
 
 
 class ProtocolBlock(BaseModel):
@@ -196,5 +215,5 @@ def load_protocol(path: str | Path) -> ProtocolConfig:
     except ValidationError as err:
         lines = [f"{path}: {err.error_count()} invalid field(s)"]
         lines += [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-        raise SystemExit("\n".join(lines)) from None
+        raise BenchConfigError("\n".join(lines)) from None
     return protocol

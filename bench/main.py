@@ -23,18 +23,23 @@ Output under ``<output_dir>`` (default ``results/<name>``): ``results.md``, ``re
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_CONFIG, load_bench_config
-from .runner import run_bench, write_report
+from pydantic import ValidationError
+
+from ..common.cli import fail, parser, require_file
+from ..common.precision import DTYPE_NAMES
+from .config import DEFAULT_CONFIG, BenchConfigError, ModelSpec, load_bench_config
+
+PROG = "fedkrso-bench"
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="fedkrso-bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(PROG, __doc__, {0: "every run finished and the report is written",
+                               1: "a run failed (its server or a client exited non-zero)",
+                               2: "bad flags; a missing or invalid bench config or results folder"})
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="bench YAML")
     p.add_argument("--quick", action="store_true", help="apply the config's quick preset")
     p.add_argument("--out", help="results folder (default: output_dir or results/<name>[-quick])")
@@ -44,33 +49,60 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runner", choices=["sim", "processes"], help="override runner")
     p.add_argument("--protocol", metavar="YAML", help="run a protocol (blocks of benches) and write QUALITY.md")
     p.add_argument("--blocks", help="with --protocol: comma-separated subset of its blocks")
+    p.add_argument("--device", help="model.device of every run: cpu, cuda, cuda:N, mps, auto (overrides the config)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="model.dtype of every run (overrides the config)")
     p.add_argument("--report-only", metavar="DIR",
                    help="rewrite DIR/results.md and the plot from DIR/results.json, running nothing")
     args = p.parse_args(argv)
     if args.report_only:
         out = Path(args.report_only)
-        write_report(json.loads((out / "results.json").read_text()), out)
+        results = require_file(PROG, out / "results.json", "bench results")
+        from .runner import write_report
+
+        write_report(json.loads(results.read_text()), out)
         print((out / "results.md").read_text())
         return
 
     if args.protocol:
         from .protocol import run_protocol
 
+        require_file(PROG, args.protocol, "protocol")
         out = Path(args.out or "results/quality").resolve()
         command = "fedkrso-bench " + " ".join(sys.argv[1:] if argv is None else argv)
-        run_protocol(Path(args.protocol), out, args.blocks.split(",") if args.blocks else None, command, args.quick)
+        try:
+            run_protocol(Path(args.protocol), out, args.blocks.split(",") if args.blocks else None, command, args.quick)
+        except BenchConfigError as err:
+            fail(PROG, err)
+        except RuntimeError as err:  # a run failed; its log tail is in the message
+            fail(PROG, err, 1)
         print((out / "QUALITY.md").read_text())
         return
 
-    cfg = load_bench_config(args.config)
+    require_file(PROG, args.config, "bench config")
+    try:
+        cfg = load_bench_config(args.config)
+    except BenchConfigError as err:
+        fail(PROG, err)
     if args.quick:
         cfg = cfg.apply_quick()
     if args.methods:
         keep = args.methods.split(",")
         unknown = set(keep) - {m.tag for m in cfg.methods}
         if unknown:
-            raise SystemExit(f"fedkrso-bench: methods not in the config: {sorted(unknown)}")
+            fail(PROG, f"methods not in the config: {sorted(unknown)}")
         cfg.methods = [m for m in cfg.methods if m.tag in keep]
+    if args.device or args.dtype:
+        try:
+            cfg.model = ModelSpec.model_validate(cfg.model.model_dump() | {
+                k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v})
+        except ValidationError as err:
+            raise SystemExit(f"fedkrso-bench: --device {args.device!r}: {err.errors()[0]['msg']}") from None
+    if args.device or args.dtype:
+        try:
+            cfg.model = ModelSpec.model_validate(cfg.model.model_dump() | {
+                k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v})
+        except ValidationError as err:
+            fail(PROG, f"--device {args.device!r}: {err.errors()[0]['msg']}")
     if args.rounds:
         cfg.rounds = args.rounds
         cfg.sweep_rounds = min(cfg.sweep_rounds, args.rounds)
@@ -80,7 +112,12 @@ def main(argv: list[str] | None = None) -> None:
         cfg.runner = args.runner
     out = Path(args.out) if args.out else (cfg.output_dir or Path("results") / (cfg.name + ("-quick" if args.quick else "")))
     command = "fedkrso-bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = run_bench(cfg, out.resolve(), command, log=lambda s: print(s, flush=True))
+    from .runner import run_bench
+
+    try:
+        report = run_bench(cfg, out.resolve(), command, log=lambda s: print(s, flush=True))
+    except RuntimeError as err:  # a server or client of a run failed; its log tail is in the message
+        fail(PROG, err, 1)
     print((out / "results.md").read_text())
     print(f"fedkrso-bench: {len(report['results'])} method(s) in {report['runtime_s']:.0f} s; "
           f"results in {out}")

@@ -1,6 +1,6 @@
 """Client memory and step time: FedKRSO local training versus plain full fine-tuning (FFT).
 
-    python -m fedkrso.bench.memory [--steps 14] [--threads N]
+    python -m fedkrso.bench.memory [--steps 14] [--threads N] [--device cuda] [--dtype bfloat16]
 
 Both methods train the packaged MiniLM-L6 classifier on the same fixed batches (random token
 ids, batch 16, length 128, fixed seed) in train mode (dropout on, as in real training).
@@ -42,6 +42,7 @@ import statistics
 
 import torch
 
+from ..common.precision import add_placement_args
 from .memory_arms import ARMS
 from .memory_rss import measure_memory, rss_child
 from .memory_steps import Tally, measure_side_by_side
@@ -80,7 +81,8 @@ def report(tallies: dict[str, Tally], rss: dict[str, dict], args: argparse.Names
          lambda v: f"{v * 1e3:,.0f} ms"),
     ]
     lines = [
-        f"model={args.model} batch={args.batch} seq_len={args.seq_len} threads={args.threads} "
+        f"model={args.model} device={args.device or 'cpu'} dtype={args.dtype or 'float32'} "
+        f"batch={args.batch} seq_len={args.seq_len} threads={args.threads} "
         f"K={args.k} r={args.rank} J={args.interval_steps} timed_steps={len(krso.times)} "
         f"(after {args.warmup} warmup, alternating) rss_steps={args.rss_steps}"
         f"{'' if all(r['exact'] for r in rss.values()) else ' rss=polled'}",
@@ -119,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="torch.set_num_threads for every run (default: usable cores)")
     ap.add_argument("--data-seed", type=int, default=0)
+    add_placement_args(ap)
     ap.add_argument("--skip-memory", action="store_true",
                     help="skip the memory child runs (saved activations, RSS)")
     ap.add_argument("--child", choices=sorted(ARMS), help=argparse.SUPPRESS)

@@ -4,6 +4,11 @@ engine and plain full fine-tuning (FFT), on the same fixed batches of random tok
 An arm holds its model and trains it on a stream of batches (``train``). FedKRSO's
 ``train_round`` runs its own loop, so an FFT arm also steps one batch at a time (``step``):
 the side-by-side timing runs FFT steps inside the iterator that feeds ``train_round``.
+
+Both arms are placed like a party of a run (``--device``, ``--dtype``; common/precision.py):
+FedKRSO's projected weights as float32 host masters plus compute copies in the dtype, its
+B and dense-trainables float32; FFT trains every weight, so all of them are float32 masters
+and only the compute (autocast) is in the dtype.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..common.methods.base import forward_loss
 from ..common.methods.fedkrso import Config, FedKRSO
 from ..common.models import load_model
+from ..common.precision import Placement, place, resolve_placement
 
 TASK = "sequence-classification"
 
@@ -39,15 +46,20 @@ class Arm(Protocol):
         or the arm's steps are done."""
 
 
+def placement(args: argparse.Namespace) -> Placement:
+    return resolve_placement("cpu", "float32", getattr(args, "device", None), getattr(args, "dtype", None))
+
+
 class FedKRSOArm:
     """``FedKRSO.train_round`` (K seeds, rank r, SubspaceAdapter, Adam on B and on the
     dense-trainables): ``intervals`` intervals of ``interval_steps`` steps each."""
 
     def __init__(self, args: argparse.Namespace, intervals: int, interval_steps: int, client_key: str):
-        self.model = load_model(args.model, TASK, num_labels=2)
+        self.model = load_model(args.model, getattr(args, "task", TASK), num_labels=2)
         cfg = Config(k=args.k, rank=args.rank, intervals=intervals, interval_steps=interval_steps, lr=args.lr)
         self.method = FedKRSO(cfg, run_seed=0)
         self.method.prepare(self.model)
+        self.method.place(self.model, placement(args))
         self.client_key = client_key
 
     @property
@@ -62,13 +74,14 @@ class FFTArm:
     """torch.optim.Adam on every parameter of the model, in train mode."""
 
     def __init__(self, args: argparse.Namespace):
-        self.model = load_model(args.model, TASK, num_labels=2)
+        self.model = load_model(args.model, getattr(args, "task", TASK), num_labels=2)
         self.model.requires_grad_(True)
+        place(self.model, placement(args))  # every weight trains: all float32 masters
         self.model.train()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=args.fft_lr)
 
     def step(self, batch: dict) -> float:
-        loss = self.model(**batch).loss
+        loss = forward_loss(self.model, batch)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

@@ -111,7 +111,8 @@ def measure_child(args: argparse.Namespace, arm: str, env: dict[str, str]) -> di
     cmd = [sys.executable, "-m", "fedkrso.bench.memory", "--child", arm,
            "--model", args.model, "--threads", str(args.threads), "--batch", str(args.batch),
            "--seq-len", str(args.seq_len), "--k", str(args.k), "--rank", str(args.rank),
-           "--rss-steps", str(args.rss_steps), "--data-seed", str(args.data_seed)]
+           "--rss-steps", str(args.rss_steps), "--data-seed", str(args.data_seed),
+           *(["--device", args.device] if args.device else []), *(["--dtype", args.dtype] if args.dtype else [])]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                          env=dict(os.environ, **env))
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -52,6 +52,7 @@ def summarise(cell: dict, metric: str) -> dict:
         "uplink_wire_per_client_round": mean([r.get("uplink_wire_bytes_per_client") for r in rows]),
         "train_state_bytes": max((r.get("client_train_state_bytes") or 0 for r in rows), default=0),
         "peak_rss_bytes": cell.get("peak_rss_bytes"),
+        "accelerator_peak_bytes": max((r.get("client_accelerator_peak_bytes") or 0 for r in rows), default=0),
         "seconds": cell.get("seconds"),
         "curve": c,
     }

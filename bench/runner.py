@@ -37,7 +37,8 @@ def partition(cfg: BenchConfig, seed: int, out: Path) -> dict:
         print(f"glue_dir {glue_dir} not found: GLUE comes from the hub", flush=True)
         glue_dir = None
     src = load_source(d.source, glue_dir=glue_dir, text_column=d.text_column,
-                      text_pair_column=d.text_pair_column, label_column=d.label_column)
+                      text_pair_column=d.text_pair_column, label_column=d.label_column,
+                      prompt_column=d.prompt_column, response_column=d.response_column)
     val = None
     if cfg.val_fraction:
         train_idx, val_idx = stratified_split(label_groups(src.train, src.kind)[0], cfg.val_fraction, seed)
@@ -46,7 +47,8 @@ def partition(cfg: BenchConfig, seed: int, out: Path) -> dict:
         src.train = src.train.select(train_idx)
     part = make_partition(src, cfg.clients, source=d.source, alpha=cfg.alpha, seed=seed,
                           eval_fraction=d.eval_fraction, min_size=d.min_size,
-                          max_examples=d.max_examples, max_eval=d.max_eval)
+                          max_examples=d.max_examples, max_eval=d.max_eval,
+                          client_eval_fraction=d.client_eval_fraction)
     save_partition(part, out)
     if val is not None:
         val.save_to_disk(str(out / "val"))

@@ -53,7 +53,7 @@ def _proc_status(pid: int) -> dict[str, int]:
     out = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(("VmRSS:", "VmHWM:")):
+            if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:")):
                 key, val = line.split(":", 1)
                 out[key] = int(val.split()[0]) * 1024
     except (FileNotFoundError, ProcessLookupError):
@@ -67,6 +67,7 @@ class RssSampler(threading.Thread):
         self.pid, self.every = pid, every
         self.peak_rss = 0
         self.hwm = 0
+        self.peak_anon = 0  # anonymous memory only: no file-backed pages (a mapped checkpoint)
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -76,6 +77,7 @@ class RssSampler(threading.Thread):
                 return
             self.peak_rss = max(self.peak_rss, s.get("VmRSS", 0))
             self.hwm = max(self.hwm, s.get("VmHWM", 0))
+            self.peak_anon = max(self.peak_anon, s.get("RssAnon", 0))
             self._halt.wait(self.every)
 
     def stop(self) -> None:

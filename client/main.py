@@ -1,7 +1,11 @@
 """``fedkrso-client --server host:50051 --data shard3``: one federated client process.
 
-Exit codes: 0 run finished, 2 missing file or bad flags, 3 refused to go on (different base
-model, inconsistent state), 4 an RPC failed for good or the server refused the credential.
+Joins the run, loads the base model, then trains the rounds it is selected for until the
+server ends the run.
+
+``--device`` / ``--dtype`` (or FEDKRSO_DEVICE / FEDKRSO_DTYPE) choose where and in which
+precision this client trains; without them it follows the run's ``model.device`` and
+``model.dtype``. Any choice agrees with the server's state (common/precision.py).
 """
 
 from __future__ import annotations
@@ -10,19 +14,27 @@ import argparse
 import sys
 from pathlib import Path
 
-import grpc
 import structlog
 
 from ..common import logs
+from ..common.cli import fail, parser, require_file
+from ..common.precision import PlacementError, add_placement_args, resolve_device
 
 log = structlog.get_logger("fedkrso.client")
+PROG = "fedkrso-client"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fedkrso-client", description=__doc__)
+    p = parser(PROG, __doc__, {0: "the run finished", 2: "bad flags, a missing shard or credential file, a "
+                               "device that is not there",
+                               3: "refused to go on (a different base model, inconsistent state)",
+                               4: "an RPC failed for good, or the server refused the credential",
+                               130: "interrupted"})
     p.add_argument("--server", required=True, help="coordinator address host:port")
     p.add_argument("--data", required=True, help="shard name (e.g. shard3) or path of a saved split")
     p.add_argument("--data-root", default=".", help="folder holding the shards (fedkrso-partition --out)")
+    p.add_argument("--eval-data", help="held-out split this client evaluates the global model on when the "
+                   "run's eval.client_every asks (default: <data>/eval, written by fedkrso-partition)")
     p.add_argument("--model", help="local copy of the base model (default: the run's model spec)")
     p.add_argument("--name", help="display name (default: the shard name)")
     p.add_argument("--report", help="write a JSON report (rounds, final state fingerprint) here")
@@ -36,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reconnect-seconds", type=float, default=300.0,
                    help="how long to keep retrying an unreachable server (rides out a restart)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 per process on small hosts)")
+    add_placement_args(p)
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-json", action="store_true", default=None)
     args = p.parse_args(argv)
@@ -52,24 +65,32 @@ def _optional_path(value: str | None) -> Path | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    data = Path(args.data)
+    if not data.is_absolute() and not data.exists():
+        data = Path(args.data_root) / args.data
+    if not data.is_dir():
+        fail(PROG, f"data not found: {data} (a shard written by fedkrso-partition)")
+    for flag in ("ca", "cert", "key", "token_file"):
+        if getattr(args, flag):
+            require_file(PROG, getattr(args, flag), f"--{flag.replace('_', '-')}")
     logs.configure(args.log_level, args.log_json)
+    import grpc
     import torch
 
     from ..common.participant import ParticipantError
     from .runner import ClientError, ClientOptions, CredentialRefused, FedClient
 
     torch.set_num_threads(args.threads)
-    data = Path(args.data)
-    if not data.is_absolute() and not data.exists():
-        data = Path(args.data_root) / args.data
     path = _optional_path
     name = args.name or Path(args.data).name
-    opts = ClientOptions(server=args.server, data=data, model=args.model, name=name,
+    opts = ClientOptions(server=args.server, data=data, eval_data=path(args.eval_data), model=args.model, name=name,
                          poll_seconds=args.poll_seconds, report=path(args.report), ca=path(args.ca),
                          cert=path(args.cert), key=path(args.key), token_file=path(args.token_file),
                          insecure=args.insecure, server_name=args.server_name,
-                         reconnect_seconds=args.reconnect_seconds)
+                         reconnect_seconds=args.reconnect_seconds, device=args.device, dtype=args.dtype)
     try:
+        if args.device:
+            resolve_device(args.device)  # a device that is not there fails before joining
         FedClient(opts).run()
     except CredentialRefused as err:
         log.error("credential_refused", client=name, reason=str(err))
@@ -81,8 +102,9 @@ def main(argv: list[str] | None = None) -> None:
         log.error("rpc_failed", code=err.code().name, details=err.details())
         sys.exit(4)
     except FileNotFoundError as err:
-        log.error("missing_file", error=str(err))
-        sys.exit(2)
+        fail(PROG, err)
+    except PlacementError as err:
+        fail(PROG, err)
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(0)

@@ -25,9 +25,10 @@ from fedkrso.v1 import coordinator_pb2 as pb
 from fedkrso.v1 import coordinator_pb2_grpc as pb_grpc
 
 from ..common.config import RunConfig, address_host, is_loopback
-from ..common.data import load_split
+from ..common.data import load_client_eval, load_split
 from ..common.logs import progress
 from ..common.participant import Participant, PreparedUpdate, Shared
+from ..common.precision import resolve_placement
 from ..common.privacy.secagg import SecAggError
 from ..common.protocol import TOKEN_HEADER, VERSION, bearer
 from ..common.tensors import element_size
@@ -62,6 +63,7 @@ class _SnapshotMoved(Exception):
 class ClientOptions:
     server: str
     data: Path
+    eval_data: Path | None = None  # held-out rows (default: <data>/eval when it exists)
     model: str | None = None
     name: str = "client"
     poll_seconds: float = 20.0
@@ -74,6 +76,8 @@ class ClientOptions:
     token_file: Path | None = None
     insecure: bool = False
     server_name: str | None = None
+    device: str | None = None  # overrides the run's model.device (None: FEDKRSO_DEVICE, then the run's)
+    dtype: str | None = None  # overrides the run's model.dtype (None: FEDKRSO_DTYPE, then the run's)
 
 
 @dataclass
@@ -117,6 +121,7 @@ class FedClient:
         self.run_id = ""
         self.model_fingerprint = ""
         self.participant: Participant | None = None
+        self.dataset = self.eval_dataset = None  # the shard and its held-out rows, read at join
         self.report = Report()
         self.phase = "joining"
         self._stop = threading.Event()
@@ -156,7 +161,8 @@ class FedClient:
         """Join: with a fixed credential the server names the id; under open enrolment it
         answers with a session token in the initial metadata, used from then on."""
         resp, call = self._call(self.stub.Join.with_call, pb.JoinRequest(
-            name=self.opts.name, num_samples=len(self.dataset), software_version=VERSION), rejoin=False)
+            name=self.opts.name, num_samples=len(self.dataset), software_version=VERSION,
+            eval_samples=0 if self.eval_dataset is None else len(self.eval_dataset)), rejoin=False)
         token = dict(call.initial_metadata()).get(TOKEN_HEADER)
         if token:
             self.metadata = bearer(token)
@@ -171,13 +177,18 @@ class FedClient:
 
     def join(self) -> None:
         self.dataset = load_split(self.opts.data)
+        o = self.opts
+        self.eval_dataset = load_split(o.eval_data) if o.eval_data else load_client_eval(o.data)
         resp = self._enrol()
         self.cfg = RunConfig.model_validate_json(resp.config_json)
         self.chunk = resp.max_chunk_bytes
         structlog.contextvars.bind_contextvars(client=self.client_id)
         log.info("joined", run_id=self.run_id, method=self.cfg.method.name, samples=len(self.dataset))
         spec = self.opts.model or self.cfg.model.name
-        self.participant = Participant(self.cfg, self.opts.name, self.dataset, Shared.load(self.cfg, spec))
+        m = self.cfg.model
+        placement = resolve_placement(m.device, m.dtype, self.opts.device, self.opts.dtype)
+        self.participant = Participant(self.cfg, self.opts.name, self.dataset, Shared.load(self.cfg, spec, placement),
+                                       self.eval_dataset)
         self.participant.check_base(resp.model_fingerprint, spec)
 
     @property
@@ -324,7 +335,8 @@ class FedClient:
                 return
             raise
         log.info("update_submitted", round=update.round, loss=round(update.loss, 4), payload_bytes=resp.payload_bytes,
-                 duplicate=resp.duplicate, train_seconds=round(update.train_seconds, 2))
+                 duplicate=resp.duplicate, train_seconds=round(update.train_seconds, 2),
+                 eval={k: round(v, 4) for k, v in update.eval_metrics.items()} or None)
 
     def _submit_securely(self, update: PreparedUpdate, seeds: list[int]) -> None:
         """The update through secure aggregation (``client/secagg.py``). A round whose protocol

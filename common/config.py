@@ -14,12 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .methods import METHODS, Method, OptimizerConfig, build_method
 from .models import Task
+from .precision import DEVICE_PATTERN
 from .privacy.config import PrivacySection
 
 MethodSection = Annotated[
     Union[tuple(cls.Config for cls in METHODS.values())],  # noqa: UP007 - built from the registry
     Field(discriminator="name"),
 ]
+
+
+Tracker = Literal["tensorboard", "csv", "wandb", "mlflow", "plot"]
 
 
 class Section(BaseModel):
@@ -30,6 +34,15 @@ class RunSection(Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$", description="run name (in paths)")
     seed: int = Field(0, ge=0, description="run seed: round seeds, client RNGs, head init")
     output_dir: Path = Field(Path("runs/run"), description="metrics, checkpoints, final model")
+    report_to: list[Tracker] = Field(
+        default_factory=list, description="where each metrics row goes besides metrics.jsonl: "
+        "tensorboard, csv, wandb (offline), mlflow (file store), plot (metrics.png); server/trackers.py")
+
+    @model_validator(mode="after")
+    def _trackers_once(self) -> RunSection:
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError(f"report_to names a tracker twice: {self.report_to}")
+        return self
 
 
 class ModelSection(Section):
@@ -38,6 +51,14 @@ class ModelSection(Section):
     num_labels: int = Field(2, ge=1)
     labels: list[str] | None = Field(None, description="label names, index = class id")
     max_length: int = Field(128, ge=8, le=8192)
+    revision: str | None = Field(
+        None, description="hub revision (branch, tag or commit) of a hub id; None = the default branch")
+    device: str = Field(
+        "cpu", pattern=DEVICE_PATTERN, description="where each party computes: auto (cuda, else mps, "
+        "else cpu), cpu, cuda, cuda:N or mps; each process may override it (--device, FEDKRSO_DEVICE)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="compute dtype and dtype of never-changing frozen weights; the state "
+        "a round changes stays float32 (common/precision.py); per process: --dtype, FEDKRSO_DTYPE")
 
     @model_validator(mode="after")
     def _labels_match(self) -> ModelSection:
@@ -74,9 +95,34 @@ class TrainingSection(Section):
 
 
 class EvalSection(Section):
-    data: Path | None = Field(None, description="evaluation split saved by fedkrso-partition")
+    data: Path | None = Field(None, description="the server's evaluation split (saved by fedkrso-partition); "
+                              "None: the server does not evaluate")
     batch_size: int = Field(64, ge=1)
-    max_examples: int | None = Field(None, ge=1, description="cap on evaluated examples")
+    max_examples: int | None = Field(None, ge=1, description="cap on evaluated examples (server and clients)")
+    client_every: int = Field(
+        0, ge=0, description="clients selected for a round t with t % client_every == 0 evaluate the model "
+        "they caught up to (W^t) on their own held-out rows (<shard>/eval) and report it; 0 = never")
+
+    def client_due(self, round_id: int) -> bool:
+        """Whether the clients of round ``round_id`` evaluate (``client_every``)."""
+        return self.client_every > 0 and round_id % self.client_every == 0
+
+
+class InstructionSection(Section):
+    """How prompt/response rows (a causal LM's instruction data) become tokens; the loss and
+    the evaluation cover the response tokens only (README, "Instruction tuning")."""
+
+    template: Literal["plain", "chat"] = Field(
+        "plain", description="plain: prompt_format, then the response and end-of-sequence; chat: the "
+        "tokenizer's chat template, a user turn holding prompt_format and the assistant's response")
+    prompt_format: str = Field(
+        "{prompt}\n", description="text of the prompt, with the row's prompt in place of {prompt}")
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> InstructionSection:
+        if self.prompt_format.count("{prompt}") != 1:
+            raise ValueError("prompt_format must contain {prompt} exactly once")
+        return self
 
 
 class ServerSection(Section):
@@ -153,6 +199,7 @@ class RunConfig(Section):
     method: MethodSection
     rounds: RoundsSection = RoundsSection()
     training: TrainingSection = TrainingSection()
+    instruction: InstructionSection = InstructionSection()
     eval: EvalSection = EvalSection()
     server: ServerSection = ServerSection()
     security: SecuritySection = SecuritySection()
@@ -190,6 +237,14 @@ class RunConfig(Section):
         """The run's method, with its optimizer setting and schedule length."""
         return build_method(self.method, self.run.seed, self.training.optimizer, self.rounds.total)
 
+    def token_format(self):
+        """How this run's rows become tokens (``common.data.TokenFormat``): the same on the
+        server and every client."""
+        from .data import TokenFormat
+
+        return TokenFormat(self.model.task, self.model.max_length, self.instruction.template,
+                           self.instruction.prompt_format)
+
 
 def address_host(address: str) -> str:
     """The host of ``host:port`` (brackets of an IPv6 literal removed; empty = all interfaces)."""
@@ -225,8 +280,17 @@ def parse_config(data: dict, source: str = "config") -> RunConfig:
         raise ConfigError(format_errors(source, err)) from None
 
 
+def check_inputs(cfg: RunConfig) -> None:
+    """``ConfigError`` now, before a model loads, for an input folder the run would miss later
+    (``eval.data``, read after the first round)."""
+    if cfg.eval.data is not None and not Path(cfg.eval.data).is_dir():
+        raise ConfigError(f"eval.data: no evaluation split at {cfg.eval.data} (write it with fedkrso-partition)")
+
+
 def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

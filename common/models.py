@@ -3,7 +3,12 @@
 Every party (server and each client) loads the base model itself, so loading must be
 deterministic: newly initialised parts (a fresh classifier) are drawn under a CPU RNG seeded
 from the run's seed, inside ``torch.random.fork_rng`` so the caller's global RNG is untouched.
-The join handshake then compares a fingerprint of the loaded weights.
+A model always loads on the CPU at the checkpoint's own precision (``dtype="auto"``), whatever
+device and dtype the party computes with: that is what makes every party start from the same
+values, and the join handshake compares a fingerprint of exactly these weights
+(``model_fingerprint``). ``common.precision.place`` then casts and moves it, tensor by tensor.
+transformers materialises the weights straight from the checkpoint (no randomly initialised
+copy first), so loading holds one copy of the model in CPU memory.
 """
 
 from __future__ import annotations
@@ -48,54 +53,89 @@ def resolve(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
     path, gguf = resolve(spec)
-    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    if revision:
+        kwargs["revision"] = revision
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
 
 
-def load_model(spec: str, task: Task, num_labels: int = 2, init_seed: int = 0) -> nn.Module:
-    """Load ``spec`` (alias, folder, .gguf file or hub id) for ``task``, deterministically.
+def load_model(spec: str, task: Task, num_labels: int = 2, init_seed: int = 0,
+               revision: str | None = None) -> nn.Module:
+    """Load ``spec`` (alias, folder, .gguf file or hub id at ``revision``) for ``task``,
+    deterministically, on the CPU at the checkpoint's own precision.
 
-    A hub id needs internet (``HF_HUB_OFFLINE=1`` makes transformers raise at once)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    A hub id needs internet (``HF_HUB_OFFLINE=1`` makes transformers raise at once) unless it
+    is in the local cache."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path, gguf = resolve(spec)
-    kwargs = {"gguf_file": gguf} if gguf else {}
+    kwargs: dict = {"dtype": "auto"}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    if revision:
+        kwargs["revision"] = revision
+    if task != "causal-lm":
+        kwargs["num_labels"] = num_labels
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stable_seed("init", init_seed) % (2**63))
-        if gguf:
-            # GGUF weights load dequantised; rebuild from the config so the result is a plain
-            # transformers model that save_pretrained writes as ordinary safetensors.
-            loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-            config = AutoConfig.from_pretrained(path, **kwargs)
-            if task == "causal-lm":
-                model = AutoModelForCausalLM.from_config(config)
-            else:
-                config.num_labels = num_labels
-                model = AutoModelForSequenceClassification.from_config(config)
-            missing = model.load_state_dict(loaded.state_dict(), strict=False)
-            del loaded, missing
-        elif task == "causal-lm":
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, **kwargs
-            )
-    model = model.float()
+        model = auto.from_pretrained(path, **kwargs)
+    if gguf:
+        _drop_gguf_quantizer(model)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = getattr(model.config, "eos_token_id", None) or 0
     return model
 
 
+def _drop_gguf_quantizer(model: nn.Module) -> None:
+    """GGUF weights load dequantised into plain tensors, but transformers still marks the model
+    as GGUF-quantized, and save_pretrained refuses such a model. Nothing is quantized any more:
+    unmark it, so the final model saves as ordinary safetensors."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+
+
 def model_fingerprint(model: nn.Module) -> str:
-    """Fingerprint of every parameter and buffer: the base-model identity checked at join."""
+    """Fingerprint of the values of every floating parameter and buffer: the base-model
+    identity checked at join. Taken right after ``load_model``, before a method prepares the
+    model or a party casts it, so it is the same on every party whatever its dtype; half
+    precision tensors are hashed as their (exact) float32 values, so a float32 copy of a
+    bfloat16 checkpoint is the same model, and a bfloat16 copy of a float32 one is not."""
+    half = (torch.bfloat16, torch.float16)
     state = model.state_dict()
-    return fingerprint(sorted((k, v) for k, v in state.items() if v.is_floating_point()))
+    return fingerprint(sorted((k, v.float() if v.dtype in half else v) for k, v in state.items()
+                              if v.is_floating_point()))
+
+
+def base_identity(spec: str, model: nn.Module, fingerprint_: str) -> dict:
+    """Which base model a run started from: the spec, where it came from (``package``: an
+    offline alias, with its distribution and version as the revision; ``local``: a folder or a
+    .gguf file; ``hub``: a hub id, with the commit transformers loaded when it knows it) and
+    ``fingerprint_``, its ``model_fingerprint`` as loaded, the identity checked on rebuild."""
+    from importlib import metadata
+
+    revision = None
+    if spec in ALIASES:
+        source = "package"
+        module = ALIASES[spec][0]
+        for dist in metadata.packages_distributions().get(module, []):
+            revision = f"{dist}=={metadata.version(dist)}"
+    elif Path(resolve(spec)[0]).exists():
+        source = "local"
+    else:
+        source = "hub"
+        revision = getattr(getattr(model, "config", None), "_commit_hash", None)
+    return {"name": spec, "source": source, "revision": revision, "model_fingerprint": fingerprint_}
 
 
 def build_tiny(family: str, out_dir: str | os.PathLike, num_labels: int = 2, seed: int = 0,
@@ -135,4 +175,33 @@ def build_tiny(family: str, out_dir: str | os.PathLike, num_labels: int = 2, see
     out = Path(out_dir)
     model.save_pretrained(out)
     load_tokenizer("minilm").save_pretrained(out)
+    return out
+
+
+def build_llama(out_dir: str | os.PathLike, *, hidden: int = 2048, layers: int = 22, intermediate: int = 5632,
+                heads: int = 32, kv_heads: int = 4, vocab: int = 32000, dtype: torch.dtype = torch.bfloat16,
+                seed: int = 0, tokenizer=None) -> Path:
+    """Write a randomly initialised LLaMA-shaped causal LM, saved in ``dtype`` like the
+    checkpoints on the hub, plus a tokenizer, to ``out_dir``: nothing to download.
+
+    The defaults are TinyLlama-1.1B's shape (1,100,048,384 parameters, LM head untied). The
+    weights are drawn directly in ``dtype`` (no float32 copy first), from a seeded CPU RNG.
+    The tokenizer is ``tokenizer`` or else MiniLM's (30,522 ids); its ids must be below ``vocab``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer("minilm")
+    if len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} ids, more than vocab={vocab}")
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                         max_position_embeddings=2048, tie_word_embeddings=False,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    del model
+    tokenizer.save_pretrained(out)
     return out

@@ -8,9 +8,14 @@ A ``Participant`` holds the global weights W^t between rounds. For a round it
    the server's fingerprint (``verify``);
 2. checks that it rebuilt the round's random objects (subspaces, directions) as the server did
    (``check_plan``);
-3. trains with the method on its own data (``train``): it snapshots the method's state, trains,
+3. when client evaluation is due (``eval.client_every``), evaluates W^t on its own held-out
+   rows (``evaluate``): the figures travel in the update's header;
+4. trains with the method on its own data (``train``): it snapshots the method's state, trains,
    takes the change, restores the snapshot bit for bit (so it is back at W^t before the next
    global delta) and returns the update cast to the wire dtype with its digest.
+
+Its shard (and held-out split) is tokenised once, when the participant is made
+(``data.tokenize``, cached beside the shard), not in every batch of every round.
 
 Every random choice of a round is keyed by (run seed, round, client key): batch order, dropout
 and the method's own choices, so a client that trains a round again produces the same bytes,
@@ -31,16 +36,18 @@ from torch import nn
 from fedkrso.v1 import coordinator_pb2 as pb
 
 from .config import RunConfig
-from .data import batches
+from .data import batches, tokenize
+from .evaluate import client_metrics, evaluate
 from .methods import Method
 from .models import load_model, load_tokenizer, model_fingerprint
+from .precision import Placement, bytes_by_dtype, peak_bytes, placement_of, reset_peak, resolve_placement
 from .privacy.dp import noise_multiplier, privatize, secret_rng
 from .subspace import stable_seed
 from .tensors import DTYPES
 from .wire import tensor_batches, update_digest
 
 
-log = structlog.get_logger("fedkrso.client")
+log = structlog.get_logger("fedkrso.participant")
 
 
 class ParticipantError(RuntimeError):
@@ -61,7 +68,9 @@ class PreparedUpdate:
     seeds_used: list[int] = field(default_factory=list)
     train_seconds: float = 0.0
     train_state_bytes: int = 0
-
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # of W^round, on held-out rows
+    eval_examples: int = 0  # 0: the client did not evaluate this round
+    accelerator_peak_bytes: int = 0  # peak allocated on the party's accelerator while training
 
     def header(self, run_id: str, peak_rss_bytes: int) -> pb.UpdateHeader:
         """The UpdateHeader that opens this update's SubmitUpdate stream."""
@@ -69,7 +78,9 @@ class PreparedUpdate:
             run_id=run_id, round=self.round, num_samples=self.num_samples, loss=self.loss, steps=self.steps,
             seeds_used=self.seeds_used, num_tensors=len(self.tensors), update_digest=self.digest,
             train_seconds=self.train_seconds, peak_rss_bytes=peak_rss_bytes,
-            train_state_bytes=self.train_state_bytes)
+            train_state_bytes=self.train_state_bytes,
+            eval_metrics=[pb.EvalMetric(name=k, value=v) for k, v in sorted(self.eval_metrics.items())],
+            eval_examples=self.eval_examples, accelerator_peak_bytes=self.accelerator_peak_bytes)
 
     def requests(self, run_id: str, peak_rss_bytes: int, chunk: int) -> Iterator[pb.SubmitUpdateRequest]:
         """The SubmitUpdate stream: the header, then the tensors in batches of <= ``chunk`` bytes."""
@@ -80,21 +91,30 @@ class PreparedUpdate:
 
 @dataclass
 class Shared:
-    """The base model, its tokenizer and the method object, prepared once. Several simulated
-    participants may share one (they differ only in data and in the state they train)."""
+    """The base model, its tokenizer and the method object, prepared and placed once. Several
+    simulated participants may share one (they differ only in data and in the state they
+    train). ``identity`` is the base model's fingerprint as loaded (``model_fingerprint``)."""
 
     model: nn.Module
     tokenizer: object
     method: Method
+    identity: str = ""
 
     @classmethod
-    def load(cls, cfg: RunConfig, model_spec: str | None = None) -> Shared:
+    def load(cls, cfg: RunConfig, model_spec: str | None = None, placement: Placement | None = None) -> Shared:
+        """Load the base model on the CPU at its checkpoint's precision, fingerprint it,
+        prepare it for the method, then place it (precision rule, device): one copy of the
+        model at any time. ``placement`` defaults to round.yaml's device and dtype."""
         m = cfg.model
         spec = model_spec or m.name
+        placement = placement or resolve_placement(m.device, m.dtype)
         method = cfg.build_method()
-        model = load_model(spec, m.task, m.num_labels, cfg.run.seed)
+        model = load_model(spec, m.task, m.num_labels, cfg.run.seed, revision=m.revision)
+        identity = model_fingerprint(model)
         method.prepare(model)
-        return cls(model, load_tokenizer(spec), method)
+        method.place(model, placement)
+        log.info("model_placed", model=spec, placement=str(placement), bytes=bytes_by_dtype(model))
+        return cls(model, load_tokenizer(spec, m.revision), method, identity)
 
 
 def _counted(items: Iterator, tick: Callable[[], None] | None) -> Iterator:
@@ -107,13 +127,17 @@ def _counted(items: Iterator, tick: Callable[[], None] | None) -> Iterator:
 class Participant:
     """One client's model state, data and round logic (module docstring)."""
 
-    def __init__(self, cfg: RunConfig, key: str, dataset, shared: Shared):
+    def __init__(self, cfg: RunConfig, key: str, dataset, shared: Shared, eval_dataset=None):
         self.cfg = cfg
         self.key = key  # keys the client's RNGs: batch order, dropout, seed choices
         self.dataset = dataset
         self.shared = shared
         self.have = 0  # rounds applied: the participant holds W^have
         self.fixed_seeds: list[int] = []  # a method with run-long seeds sends them once
+        fmt = cfg.token_format()
+        self.tokens = tokenize(dataset, shared.tokenizer, fmt)
+        held_out = eval_dataset is not None and len(eval_dataset) > 0
+        self.eval_tokens = tokenize(eval_dataset, shared.tokenizer, fmt) if held_out else None
         self.secret = secrets.token_bytes(32)  # keys this client's local DP noise (never leaves it)
 
     @property
@@ -128,9 +152,15 @@ class Participant:
     def num_samples(self) -> int:
         return len(self.dataset)
 
+    @property
+    def eval_samples(self) -> int:
+        """Rows of the held-out split (0: none), declared at join: the server's bound on the
+        example count of this client's evaluations."""
+        return 0 if self.eval_tokens is None else len(self.eval_tokens)
+
     # -- catching up ---------------------------------------------------------------------------
     def check_base(self, server_fingerprint: str, spec: str) -> None:
-        fp = model_fingerprint(self.model)
+        fp = self.shared.identity
         if fp != server_fingerprint:
             raise ParticipantError(f"base model {spec!r} differs from the server's (fingerprint "
                                    f"{fp[:12]} != {server_fingerprint[:12]}); refusing to train")
@@ -188,30 +218,46 @@ class Participant:
         if self.method.plan_fingerprint(self.model, seeds) != plan_fingerprint:
             raise ParticipantError(f"rebuilt subspaces for round {round_id} differ from the server's")
 
+    def evaluate(self, round_id: int) -> tuple[dict[str, float], int]:
+        """(metrics, examples) of W^have on the held-out rows when round ``round_id`` is due
+        for client evaluation (``eval.client_every``); ({}, 0) when not, or without held-out
+        rows. No RNG is drawn, so training afterwards is what it would have been without."""
+        e = self.cfg.eval
+        if not e.client_due(round_id) or self.eval_tokens is None:
+            return {}, 0
+        metrics = evaluate(self.model, self.eval_tokens, e.batch_size, e.max_examples)
+        m = self.cfg.model
+        return client_metrics(metrics, m.task, m.num_labels), int(metrics["eval_examples"])
+
     def train(self, round_id: int, seeds: list[int], tick: Callable[[], None] | None = None) -> PreparedUpdate:
-        """Local training for round ``round_id`` from W^have; the model is back at W^have after."""
-        m, t, run_seed = self.cfg.model, self.cfg.training, self.cfg.run.seed
-        snapshot = self.method.snapshot(self.model)
-        data = batches(self.dataset, self.shared.tokenizer, m.task, m.max_length, t.batch_size,
-                       seed=stable_seed("batches", run_seed, round_id, self.key))
+        """Local training for round ``round_id`` from W^have, after evaluating W^have when
+        due; the model is back at W^have after."""
+        t, run_seed = self.cfg.training, self.cfg.run.seed
+        eval_metrics, eval_examples = self.evaluate(round_id)
+        placement = placement_of(self.model)
+        snapshot = self.method.training_snapshot(self.model)
+        data = batches(self.tokens, t.batch_size, seed=stable_seed("batches", run_seed, round_id, self.key))
         started = time.perf_counter()
         was_training = self.model.training
+        reset_peak(placement.device)
         try:
-            with torch.random.fork_rng(devices=[]):
+            with placement.fork_rng():
                 # dropout: the same update whenever it is (re)trained
                 torch.manual_seed(stable_seed("dropout", run_seed, round_id, self.key) % (2**63))
                 update = self.method.train_round(self.model, _counted(data, tick), round_id, seeds, self.key)
+            accelerator_peak = peak_bytes(placement.device)
         finally:
             self.method.restore(self.model, snapshot)
             self.model.train(was_training)
         train_seconds = time.perf_counter() - started
-        tensors = self.privatize(round_id, seeds, update.tensors)
+        tensors = self.privatize(round_id, seeds, {k: v.detach().cpu() for k, v in update.tensors.items()})
         wire = DTYPES[self.cfg.method.wire_dtype]
-        tensors = {k: v.to(wire) for k, v in tensors.items()}
+        tensors = {k: v.detach().to(wire).cpu() for k, v in tensors.items()}  # canonical bytes
         return PreparedUpdate(round=round_id, tensors=tensors, digest=update_digest(tensors),
                               num_samples=self.num_samples, loss=update.loss, steps=update.steps,
                               seeds_used=list(update.seeds_used), train_seconds=train_seconds,
-                              train_state_bytes=update.train_state_bytes)
+                              train_state_bytes=update.train_state_bytes, eval_metrics=eval_metrics,
+                              eval_examples=eval_examples, accelerator_peak_bytes=accelerator_peak)
 
     def privatize(self, round_id: int, seeds: list[int], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Clip (and in local mode noise) the update in the space of the model update, and give

@@ -58,7 +58,8 @@ def fingerprint(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     for name, t in tensors:
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place: no copy of the bytes
     return h.hexdigest()
 
 

@@ -4,7 +4,8 @@ No gRPC here: the service (``service.py``) validates requests and forwards them 
 methods under "for the service"; it never touches the state below. The coordinator's
 collaborators each hold one concept: the client registry (``registry.py``: join, leave,
 liveness, selection), the round records (``rounds.py``), persistence (``state.py``), the
-metrics row (``metrics.py``), evaluation and the final model (``results.py``). All state
+metrics row (``metrics.py``) and where else it goes (``trackers.py``: ``run.report_to``),
+evaluation and the final model (``results.py``). All state
 lives on one asyncio loop; heavy work (aggregation, applying deltas, evaluation) runs in a
 worker thread while ``model_lock`` or ``fold_lock`` is held.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from pathlib import Path
 
 import structlog
@@ -27,7 +29,9 @@ from ..common.accounting import ConnCounters, SocketMark, Traffic, full_model_by
 from ..common.aggregate import Aggregator, build_aggregator
 from ..common.config import RunConfig
 from ..common.logs import progress
-from ..common.models import load_model, model_fingerprint
+from ..common.models import base_identity
+from ..common.participant import Shared
+from ..common.precision import Placement
 from ..common.tensors import DTYPES
 from .intake import UpdateIntake
 from .metrics import MetricsWriter, round_row
@@ -35,8 +39,9 @@ from .privacy import PrivacyGuard
 from .secagg import SecureAggregation
 from .registry import ClientRegistry
 from .results import ServerEvaluator, save_final
-from .rounds import Assignment, RoundDelta, RoundError, RoundState
-from .state import RunStore, SavedRun, StateError, move_aside, restore_round, run_identity
+from .rounds import Assignment, RoundDelta, RoundError, RoundState, StateCopy
+from .state import RunStore, SavedRun, move_aside, rebuild, restore_round, run_identity, shaping_config
+from .trackers import Trackers
 
 log = structlog.get_logger("fedkrso.server")
 
@@ -45,21 +50,23 @@ class Coordinator:
     """The state of one federated run on the server."""
 
     def __init__(self, cfg: RunConfig, fresh: bool = False, *, registry: ClientRegistry | None = None,
-                 deadlines: bool = True):
-        """Load the base model and, unless ``fresh``, resume the saved state of this run_id
-        from ``<output_dir>/state`` (``StateError`` if it belongs to another run or does not
-        replay to its recorded fingerprints). The in-process simulator passes a registry in
-        which clients stay live and turns ``deadlines`` off: it trains clients one after the
-        other and every selected client always submits."""
+                 deadlines: bool = True, placement: Placement | None = None):
+        """Load the base model (on ``placement``, default round.yaml's ``model.device`` and
+        ``model.dtype``; one copy, common/precision.py) and, unless ``fresh``, resume the
+        saved state of this run_id from ``<output_dir>/state`` (``StateError`` if it belongs
+        to another run or does not replay to its recorded fingerprints). The in-process
+        simulator passes a registry in which clients stay live and turns ``deadlines`` off: it
+        trains clients one after the other and every selected client always submits."""
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.run_id = run_identity(cfg)
-        self.method = cfg.build_method()
-        self.model = load_model(cfg.model.name, cfg.model.task, cfg.model.num_labels, cfg.run.seed)
-        self.method.prepare(self.model)
+        self.trackers = Trackers(cfg.run.report_to, self.out, self.run_id, shaping_config(cfg))  # fails fast
+        self.shared = Shared.load(cfg, placement=placement)
+        self.method, self.model = self.shared.method, self.shared.model
         self.model.eval()
-        self.model_fingerprint = model_fingerprint(self.model)
+        self.base = base_identity(cfg.model.name, self.model, self.shared.identity)
+        self.model_fingerprint = self.shared.identity
         self.state_bytes = payload_bytes(self.method.snapshot_tensors(self.model))  # a snapshot's payload
         self.fedavg_bytes = full_model_bytes(self.model)
         self.privacy = PrivacyGuard(cfg, self.method, self.model)
@@ -75,10 +82,11 @@ class Coordinator:
         self.current: RoundState | None = None
         self.finished = False
         self._last_row: dict | None = None
+        self._snapshot_copy: tuple[int, weakref.ref] = (-1, lambda: None)  # round, its shared copy
         self.changed = asyncio.Condition()
         self.model_lock = asyncio.Lock()
         self.fold_lock = asyncio.Lock()
-        self.store = RunStore(self.out / "state", self.run_id)
+        self.store = RunStore(self.out / "state", self.run_id, shaping_config(cfg), self.base)
         saved = None if fresh else self.store.load()
         if saved is None:
             move_aside(self.out)
@@ -93,21 +101,16 @@ class Coordinator:
     def _resume(self, saved: SavedRun) -> None:
         """Rebuild the model at the last completed round (checkpoint + replay of the later
         deltas, each checked against its recorded fingerprint) and restore the open round."""
-        if saved.state_fingerprints[0] != self.state_fingerprints[0]:
-            raise StateError("the base model's state differs from the one the saved run started from; "
-                             "restart with --fresh to start a new run")
-        start = saved.checkpoint_round
-        if start:
-            self.method.restore(self.model, self.store.checkpoint())
-            self._check_rebuilt(start, saved.state_fingerprints[start])
         keep = max(0, saved.completed - self.cfg.server.snapshot_after_rounds)  # for catch-up
-        for r in range(min(start, keep), saved.completed):
-            delta = RoundDelta(r, saved.seeds[r], self.store.delta(r), saved.state_fingerprints[r + 1])
-            if r >= start:
-                self.method.apply(self.model, delta.seeds, delta.tensors)
-                self._check_rebuilt(r + 1, delta.state_fingerprint)
+
+        def kept(r: int, tensors: dict[str, torch.Tensor]) -> None:
             if r >= keep:
-                self.deltas[r] = delta
+                self.deltas[r] = RoundDelta(r, saved.seeds[r], tensors, saved.state_fingerprints[r + 1])
+
+        start = rebuild(self.method, self.model, self.store.history(saved), saved.completed,
+                        "refusing to resume (--fresh starts over)", visit=kept)
+        for r in range(keep, start):  # before the checkpoint: read, not replayed
+            kept(r, self.store.delta(r))
         self.method.load_plan_state(saved.plan_state)  # decided before the checkpoint too
         self.privacy.load(saved.privacy)
         self.completed = saved.completed
@@ -125,12 +128,6 @@ class Coordinator:
         log.info("run_resumed", round=self.completed, checkpoint=start, replayed=self.completed - start,
                  open_round=rs is not None, accepted=len(rs.submissions) if rs else 0,
                  deadline_remaining_s=round(rs.deadline - time.monotonic(), 1) if rs else None)
-
-    def _check_rebuilt(self, round_id: int, recorded: str) -> None:
-        fp = self.method.state_fingerprint(self.model)
-        if fp != recorded:
-            raise StateError(f"state rebuilt at round {round_id} has fingerprint {fp[:12]}, the saved run "
-                             f"recorded {recorded[:12]}; refusing to resume (--fresh starts over)")
 
     def _aggregator(self) -> Aggregator:
         s = self.cfg.server
@@ -274,7 +271,8 @@ class Coordinator:
         row = {**row, **evaluation}
         if started is not None:
             row["round_seconds"] = time.monotonic() - started
-        self.metrics.write(row)
+        if self.metrics.write(row):
+            await self.trackers.log(row, self.metrics.rows)
         log.info("round_closed", **{k: v for k, v in row.items() if k != "per_client"})
 
     async def finish(self) -> None:
@@ -283,6 +281,7 @@ class Coordinator:
         await self.notify()
         await asyncio.to_thread(save_final, self.cfg, self.method, self.model, self.out,
                                 self.state_fingerprints[self.completed])
+        await self.trackers.close()
         log.info("run_finished", rounds=self.completed, output_dir=str(self.out))
 
     async def wait_for_clients_to_finish(self, timeout: float) -> None:
@@ -297,8 +296,8 @@ class Coordinator:
     def touch(self, client_id: str) -> None:
         self.registry.touch(client_id)
 
-    async def join(self, client_id: str, name: str, num_samples: int) -> None:
-        self.registry.join(client_id, name, num_samples)
+    async def join(self, client_id: str, name: str, num_samples: int, eval_samples: int = 0) -> None:
+        self.registry.join(client_id, name, num_samples, eval_samples)
         await self.notify()
 
     async def leave(self, client_id: str, reason: str) -> None:
@@ -391,9 +390,17 @@ class Coordinator:
                 await self.save_open(rs)
 
     async def snapshot(self, round_id: int) -> tuple[dict[str, torch.Tensor], str]:
-        """A copy of the state after ``round_id`` rounds (the current one) and its fingerprint."""
+        """A copy of the state after ``round_id`` rounds (the current one) and its fingerprint.
+
+        One copy per round, shared by every stream that serves it and freed when the last of
+        them lets go (a weak reference): for a billion-parameter model, 32 concurrent
+        snapshot downloads must not mean 32 copies of the state."""
         async with self.model_lock:
             if round_id != self.completed:
                 raise RoundError("FAILED_PRECONDITION",
                                  f"snapshot of round {round_id} unavailable; current is {self.completed}")
-            return self.method.snapshot_tensors(self.model), self.state_fingerprints[self.completed]
+            state = self._snapshot_copy[1]() if self._snapshot_copy[0] == round_id else None
+            if state is None:
+                state = StateCopy(self.method.snapshot_tensors(self.model))
+                self._snapshot_copy = (round_id, weakref.ref(state))
+            return state, self.state_fingerprints[self.completed]

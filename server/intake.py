@@ -15,13 +15,25 @@ from typing import TYPE_CHECKING
 import structlog
 import torch
 
+from fedkrso.v1 import coordinator_pb2 as pb
+
 from ..common.accounting import ConnCounters
+from . import client_eval
 from .rounds import RoundError, RoundState, Submission, UpdateReport
 
 if TYPE_CHECKING:
     from .coordinator import Coordinator
 
 log = structlog.get_logger("fedkrso.server")
+
+
+def report_of(h: pb.UpdateHeader) -> UpdateReport:
+    """What an update's header reports besides its tensors (the service's and the
+    simulator's one reading of it); the evaluation part is checked by ``check_eval``."""
+    return UpdateReport(h.update_digest, int(h.num_samples), float(h.loss), int(h.steps), float(h.train_seconds),
+                        int(h.peak_rss_bytes), int(h.train_state_bytes), tuple(h.seeds_used),
+                        tuple((m.name, float(m.value)) for m in h.eval_metrics), int(h.eval_examples),
+                        int(h.accelerator_peak_bytes))
 
 
 class UpdateIntake:
@@ -31,7 +43,7 @@ class UpdateIntake:
         self.coord = coord
 
     def check_header(self, client_id: str, run_id: str, round_id: int, num_samples: int,
-                            digest: str) -> RoundState | None:
+                     digest: str) -> RoundState | None:
         """Validate an update header. Returns the open round, or None for an idempotent
         resubmission of an update already accepted (same digest)."""
         c = self.coord
@@ -62,6 +74,12 @@ class UpdateIntake:
             raise RoundError("INVALID_ARGUMENT", f"num_samples={num_samples} outside [1, {declared}] "
                              "(the shard size declared at join)")
         return rs
+
+    def check_eval(self, rs: RoundState, client_id: str, report: UpdateReport) -> None:
+        """The client's evaluation in ``report`` is one this run's clients send
+        (``client_eval.check``): INVALID_ARGUMENT otherwise, before any tensor is read."""
+        declared = self.coord.registry.get(client_id).eval_samples
+        client_eval.check(self.coord.cfg, rs.round, report, declared)
 
     def update_spec(self, rs: RoundState) -> tuple[dict[str, tuple[int, ...]], set[str]]:
         """(name -> shape of what an update of ``rs`` may carry, the names it must carry)."""

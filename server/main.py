@@ -1,4 +1,9 @@
-"""``fedkrso-server --config round.yaml``: run one federated job and exit when it is done."""
+"""``fedkrso-server --config round.yaml``: run one federated job and exit when it is done.
+
+The run's metrics go to <run.output_dir>/metrics.jsonl (and to run.report_to's trackers), its
+state to <run.output_dir>/state (a restart with the same config resumes it), the final model
+to <run.output_dir>/final; fedkrso-export rebuilds the model after any round.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +17,17 @@ from pathlib import Path
 import structlog
 
 from ..common import logs
-from ..common.config import ConfigError, load_config
-from .metrics import format_table
+from ..common.cli import fail, parser, require_file
+from ..common.precision import PlacementError, add_placement_args, resolve_placement
 
 log = structlog.get_logger("fedkrso.server")
+PROG = "fedkrso-server"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fedkrso-server", description=__doc__)
+    p = parser(PROG, __doc__, {0: "the run finished", 2: "bad flags; a missing or invalid config, input "
+                               "file or credential; saved state of another run or that does not replay",
+                               130: "interrupted"})
     p.add_argument("--config", required=True, help="round.yaml")
     p.add_argument("--listen", help="host:port to bind (overrides server.listen; port 0 = any)")
     p.add_argument("--output-dir", help="overrides run.output_dir")
@@ -29,23 +37,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true",
                    help="move saved state of an earlier run aside (<output_dir>/previous-*) instead of resuming")
     p.add_argument("--threads", type=int, default=1, help="torch threads for aggregation/eval")
+    add_placement_args(p)
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-json", action="store_true", default=None, help="JSON logs even on a terminal")
     return p.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> int:
+    from ..common.config import check_inputs, load_config
     from .auth import check_security
     from .coordinator import Coordinator
+    from .metrics import format_table
     from .service import run_server
 
     cfg = load_config(args.config)
+    check_inputs(cfg)
     if args.output_dir:
         cfg.run.output_dir = Path(args.output_dir)
     if args.insecure:
         cfg.security.insecure = True
     check_security(cfg.security, args.listen or cfg.server.listen)  # before the model loads
-    coord = await asyncio.to_thread(Coordinator, cfg, args.fresh)
+    # this process's device and dtype; cfg keeps round.yaml's, which clients receive as defaults
+    placement = resolve_placement(cfg.model.device, cfg.model.dtype, args.device, args.dtype)
+    coord = await asyncio.to_thread(Coordinator, cfg, args.fresh, placement=placement)
     async with run_server(coord, args.listen) as port:
         log.info("server_listening", port=port, run_id=coord.run_id)
         if args.port_file:
@@ -63,17 +77,18 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    require_file(PROG, args.config, "config")
     logs.configure(args.log_level, args.log_json)
     import torch
 
+    from ..common.config import ConfigError
     from .state import StateError
 
     torch.set_num_threads(args.threads)
     try:
         sys.exit(asyncio.run(serve(args)))
-    except (ConfigError, StateError) as err:
-        print(f"fedkrso-server: {err}", file=sys.stderr)
-        sys.exit(2)
+    except (ConfigError, StateError, PlacementError) as err:
+        fail(PROG, err)
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import structlog
 
 from ..common.accounting import Traffic, round_traffic
-from .rounds import RoundState
+from .client_eval import combine as combine_client_eval
+from .rounds import RoundState, Submission
 
 log = structlog.get_logger("fedkrso.server")
 
@@ -27,13 +28,25 @@ COLUMNS = [
     ("train loss", "train_loss", "{:.4f}"),
     ("eval loss", "eval_loss", "{:.4f}"),
     ("eval acc", "eval_accuracy", "{:.4f}"),
+    ("eval ppl", "eval_perplexity", "{:.2f}"),
+    ("client loss", "client_eval_loss", "{:.4f}"),
+    ("client acc", "client_eval_accuracy", "{:.4f}"),
+    ("client ppl", "client_eval_perplexity", "{:.2f}"),
     ("secs", "round_seconds", "{:.1f}"),
 ]
 
 
+def _client_figures(s: Submission) -> dict:
+    figures = {"loss": s.loss}
+    if s.eval_examples:  # its evaluation of W^round (client_eval.py)
+        figures.update({f"eval_{k}": v for k, v in s.eval.items()}, eval_examples=s.eval_examples)
+    return figures
+
+
 def round_row(rs: RoundState, state_fingerprint: str, fedavg_bytes: int) -> dict:
-    """One metrics.jsonl object without its evaluation: traffic summed over the aggregated
-    clients (``accounting.round_traffic``) and per client, losses, client figures."""
+    """One metrics.jsonl object without the server's evaluation: traffic summed over the
+    aggregated clients (``accounting.round_traffic``) and per client, losses, client figures,
+    and the clients' own evaluation of W^round when they made one (``client_eval.combine``)."""
     ids = sorted(rs.submissions)
     traffic = [rs.traffic.get(c, Traffic()) for c in ids]
     subs = [rs.submissions[c] for c in ids]
@@ -47,12 +60,15 @@ def round_row(rs: RoundState, state_fingerprint: str, fedavg_bytes: int) -> dict
         "client_train_seconds": max((s.train_seconds for s in subs), default=0.0),
         "client_peak_rss_bytes": max((s.peak_rss_bytes for s in subs), default=0),
         "client_train_state_bytes": max((s.train_state_bytes for s in subs), default=0),
+        "client_accelerator_peak_bytes": max((s.accelerator_peak_bytes for s in subs), default=0),
         "round_seconds": time.monotonic() - rs.started,
         "state_fingerprint": state_fingerprint,
+        **combine_client_eval(rs.round, subs),
         "per_client": {
             c: {"uplink_payload_bytes": t.up_payload, "uplink_wire_bytes": t.up_wire,
                 "downlink_payload_bytes": t.down_payload, "downlink_wire_bytes": t.down_wire,
-                "seeds_used": len(s.seeds_used), "loss": s.loss}
+                "seeds_used": len(s.seeds_used), "accelerator_peak_bytes": s.accelerator_peak_bytes,
+                **_client_figures(s)}
             for c, t, s in zip(ids, traffic, subs)
         },
     }
@@ -102,14 +118,16 @@ class MetricsWriter:
     def has(self, round_id: int) -> bool:
         return round_id in self.rounds
 
-    def write(self, row: dict) -> None:
+    def write(self, row: dict) -> bool:
+        """Append ``row``; False (and nothing written) when its round is already there."""
         if self.has(row["round"]):
-            return
+            return False
         with self.path.open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.rounds.add(row["round"])
+        return True
 
     def rows(self) -> list[dict]:
         if not self.path.exists():
@@ -117,19 +135,39 @@ class MetricsWriter:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
+def _cell(row: dict, key: str, fmt: str) -> str:
+    v = row.get(key)
+    if key == "clients" and isinstance(v, list):
+        v = len(v)
+    return "-" if v is None else fmt.format(v)
+
+
 def format_table(rows: list[dict]) -> str:
     """A fixed-width table of the per-round metrics."""
     cols = [(h, k, f) for h, k, f in COLUMNS if any(k in r for r in rows)]
     cells = [[h for h, _, _ in cols]]
-    for r in rows:
-        line = []
-        for _, key, fmt in cols:
-            v = r.get(key)
-            if key == "clients" and isinstance(v, list):
-                v = len(v)
-            line.append("-" if v is None else fmt.format(v))
-        cells.append(line)
+    cells += [[_cell(r, key, fmt) for _, key, fmt in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     out = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+class RowPrinter:
+    """``format_table``'s table one row at a time, for printing each round as it closes: the
+    header comes with the first row, whose fields choose the columns and (with room to grow)
+    their widths."""
+
+    def __init__(self) -> None:
+        self.cols: list[tuple[str, str, str]] = []
+        self.widths: list[int] = []
+
+    def lines(self, row: dict) -> list[str]:
+        out = []
+        if not self.cols:
+            self.cols = [(h, k, f) for h, k, f in COLUMNS if k in row]
+            self.widths = [max(len(h), len(_cell(row, k, f)) + 2) for h, k, f in self.cols]
+            out.append("  ".join(h.rjust(w) for (h, _, _), w in zip(self.cols, self.widths)))
+            out.append("  ".join("-" * w for w in self.widths))
+        out.append("  ".join(_cell(row, k, f).rjust(w) for (_, k, f), w in zip(self.cols, self.widths)))
+        return out

@@ -26,6 +26,7 @@ class ClientState:
     client_id: str
     name: str
     num_samples: int
+    eval_samples: int = 0  # rows of its held-out split: bounds what its evaluations may weigh
     last_seen: float = field(default_factory=time.monotonic)
     active: bool = True
     finished_at: float | None = None  # when its FINISHED stream was completely yielded
@@ -39,12 +40,12 @@ class ClientRegistry:
         self.liveness_s = liveness_s
         self.clients: dict[str, ClientState] = {}
 
-    def join(self, client_id: str, name: str, num_samples: int) -> ClientState:
+    def join(self, client_id: str, name: str, num_samples: int, eval_samples: int = 0) -> ClientState:
         if num_samples < 1:
             raise RoundError("INVALID_ARGUMENT", "num_samples must be at least 1")
-        client = ClientState(client_id, name, num_samples)
+        client = ClientState(client_id, name, num_samples, eval_samples)
         self.clients[client_id] = client
-        log.info("client_joined", client=client_id, name=name, samples=num_samples)
+        log.info("client_joined", client=client_id, name=name, samples=num_samples, eval_samples=eval_samples)
         return client
 
     def leave(self, client_id: str) -> None:

@@ -16,41 +16,42 @@ log = structlog.get_logger("fedkrso.server")
 
 
 class ServerEvaluator:
-    """Evaluates the global model on ``eval.data`` (loaded once, on first use); no
-    evaluation split configured means no evaluation."""
+    """Evaluates the global model on ``eval.data`` (loaded and tokenised once, on first
+    use); no evaluation split configured means no server evaluation (clients may still
+    evaluate on their own rows: ``client_eval.py``)."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self._data = None
-        self._tokenizer = None
+        self._tokens = None
 
     def __call__(self, model: nn.Module) -> dict:
         if self.cfg.eval.data is None:
             return {}
-        from ..common.data import load_split
+        from ..common.data import load_split, tokenize
         from ..common.evaluate import evaluate
 
-        if self._data is None:
-            self._data = load_split(self.cfg.eval.data)
-            self._tokenizer = load_tokenizer(self.cfg.model.name)
-        m = self.cfg.model
-        return evaluate(model, self._data, self._tokenizer, m.task, m.max_length,
-                        self.cfg.eval.batch_size, self.cfg.eval.max_examples)
+        if self._tokens is None:
+            tokenizer = load_tokenizer(self.cfg.model.name, self.cfg.model.revision)
+            self._tokens = tokenize(load_split(self.cfg.eval.data), tokenizer, self.cfg.token_format())
+        return evaluate(model, self._tokens, self.cfg.eval.batch_size, self.cfg.eval.max_examples)
+
+
+def write_model(cfg: RunConfig, method: Method, model: nn.Module, path: Path) -> Path:
+    """A folder plain transformers loads: ``save_pretrained`` of ``method.export(model)``, the
+    tokenizer, and ``adapters.safetensors`` for what the plain model cannot hold (FedTT; its
+    loader is ``fedkrso.common.methods.fedtt.load_adapters``). ``<run>/final`` and
+    ``fedkrso-export`` both write with this."""
+    method.export(model).save_pretrained(path)
+    try:
+        load_tokenizer(cfg.model.name, cfg.model.revision).save_pretrained(path)
+    except (OSError, ValueError) as err:  # tokenizer is a convenience, not the result
+        log.warning("tokenizer_not_saved", error=str(err))
+    method.save_extras(model, path)
+    return path
 
 
 def save_final(cfg: RunConfig, method: Method, model: nn.Module, out: Path, state_fingerprint: str) -> Path:
-    """save_pretrained into ``<out>/final`` (plus adapters.safetensors if any) and the final
-    state fingerprint beside it."""
-    from safetensors.torch import save_file
-
-    path = out / "final"
-    method.export(model).save_pretrained(path)
-    try:
-        load_tokenizer(cfg.model.name).save_pretrained(path)
-    except (OSError, ValueError) as err:  # tokenizer is a convenience, not the result
-        log.warning("tokenizer_not_saved", error=str(err))
-    extra = method.export_extra(model)
-    if extra:
-        save_file({k: v.contiguous() for k, v in extra.items()}, str(path / "adapters.safetensors"))
+    """``write_model`` into ``<out>/final`` and the final state fingerprint beside it."""
+    path = write_model(cfg, method, model, out / "final")
     (out / "final_state_fingerprint.txt").write_text(state_fingerprint + "\n")
     return path

@@ -1,4 +1,5 @@
-"""The records of a run's rounds: an open round, an accepted submission, a closed round's delta.
+"""The records of a run's rounds: an open round, an accepted submission, a closed round's delta,
+what a polling client is told (``Assignment``) and a shared snapshot of the state.
 
 Plain data with no I/O: the coordinator (``coordinator.py``) changes them, the persistence
 layer (``state.py``) writes and reads them, the metrics row (``metrics.py``) summarises them.
@@ -52,6 +53,9 @@ class UpdateReport:
     peak_rss_bytes: int
     train_state_bytes: int
     seeds_used: tuple[int, ...]
+    eval_metrics: tuple[tuple[str, float], ...] = ()  # the client's evaluation of W^round, if due
+    eval_examples: int = 0
+    accelerator_peak_bytes: int = 0
 
 
 @dataclass
@@ -68,12 +72,16 @@ class Submission:
     peak_rss_bytes: int
     train_state_bytes: int
     seeds_used: list[int]
+    eval: dict[str, float] = field(default_factory=dict)  # validated (``client_eval.check``)
+    eval_examples: int = 0
+    accelerator_peak_bytes: int = 0  # absent from open rounds saved before it existed
 
     @classmethod
     def of(cls, client_id: str, report: UpdateReport) -> Submission:
         return cls(client_id, report.digest, report.num_samples, report.loss, report.steps,
                    report.train_seconds, report.peak_rss_bytes, report.train_state_bytes,
-                   list(report.seeds_used))
+                   list(report.seeds_used), dict(report.eval_metrics), report.eval_examples,
+                   report.accelerator_peak_bytes)
 
 
 @dataclass
@@ -123,3 +131,7 @@ class Assignment:
     plan_fingerprint: str = ""
     deadline_unix: float = 0.0
     seeds_in_deltas: bool = True  # False: fixed seeds the client already holds (not resent)
+
+
+class StateCopy(dict):
+    """A snapshot's tensors (a dict that can be weakly referenced)."""

@@ -18,7 +18,8 @@ from ..common.accounting import message_bytes
 from ..common.privacy.secagg import MASK_KEY, SELF_MASK
 from ..common.tensors import element_size
 from ..common.wire import TensorAssembler, WireError, update_digest
-from .rounds import RoundError, UpdateReport
+from .intake import report_of
+from .rounds import RoundError
 
 log = structlog.get_logger("fedkrso.server")
 KINDS = {pb.SHARE_KIND_SELF_MASK: SELF_MASK, pb.SHARE_KIND_MASK_KEY: MASK_KEY}
@@ -80,6 +81,9 @@ class SecAggServicer:
         sa = await self._protocol(context, client_id, h.run_id, h.round)
         try:
             rs = self.coord.intake.check_header(client_id, h.run_id, h.round, h.num_samples, h.update_digest)
+            report = report_of(h)
+            if rs is not None:
+                self.coord.intake.check_eval(rs, client_id, report)
         except RoundError as err:
             await self._abort(context, err.code, str(err), client=client_id, round=h.round)
         if rs is None:
@@ -101,9 +105,6 @@ class SecAggServicer:
                     raise WireError("update_digest does not match the tensors received")
             except WireError as err:
                 await self._abort(context, "INVALID_ARGUMENT", str(err), client=client_id, round=h.round)
-            report = UpdateReport(h.update_digest, int(h.num_samples), float(h.loss), int(h.steps),
-                                  float(h.train_seconds), int(h.peak_rss_bytes), int(h.train_state_bytes),
-                                  tuple(h.seeds_used))
             vector = tensors["masked"].numpy().view(np.uint32 if sa.bits == 32 else np.uint64)
             try:
                 await sa.add_masked(client_id, report, vector)

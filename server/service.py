@@ -27,9 +27,10 @@ from ..common.tensors import element_size
 from ..common.wire import TensorAssembler, WireError, update_digest
 from .auth import AuthInterceptor, current_client, server_credentials, valid_client_id
 from .coordinator import Coordinator
+from .intake import report_of
 from .messages import DeltaEncodings, assignment_messages, snapshot_messages
 from .relay import CountingRelay
-from .rounds import Assignment, RoundError, UpdateReport
+from .rounds import Assignment, RoundError
 from .secagg_service import SecAggServicer
 
 log = structlog.get_logger("fedkrso.server")
@@ -76,7 +77,7 @@ class CoordinatorService(SecAggServicer, pb_grpc.CoordinatorServicer):
             await self._abort(context, "INVALID_ARGUMENT", f"invalid client name {name!r}")
         client_id = current_client()
         try:
-            await self.coord.join(client_id or name, name, int(request.num_samples))
+            await self.coord.join(client_id or name, name, int(request.num_samples), int(request.eval_samples))
         except RoundError as err:
             await self._abort(context, err.code, str(err))
         if client_id is None:
@@ -144,6 +145,9 @@ class CoordinatorService(SecAggServicer, pb_grpc.CoordinatorServicer):
         h = first.header
         try:
             rs = coord.intake.check_header(client_id, h.run_id, h.round, h.num_samples, h.update_digest)
+            report = report_of(h)
+            if rs is not None:
+                coord.intake.check_eval(rs, client_id, report)
         except RoundError as err:
             await self._abort(context, err.code, str(err), client=client_id, round=h.round)
         if rs is None:  # idempotent resubmission: drain and acknowledge, change nothing
@@ -170,9 +174,6 @@ class CoordinatorService(SecAggServicer, pb_grpc.CoordinatorServicer):
                     raise WireError("update_digest does not match the tensors received")
             except WireError as err:
                 await self._abort(context, "INVALID_ARGUMENT", str(err), client=client_id, round=h.round)
-            report = UpdateReport(h.update_digest, int(h.num_samples), float(h.loss), int(h.steps),
-                                  float(h.train_seconds), int(h.peak_rss_bytes), int(h.train_state_bytes),
-                                  tuple(h.seeds_used))
             try:
                 folded = await coord.intake.accept(rs, client_id, report, {k: v.float() for k, v in tensors.items()},
                                                    asm.payload_bytes, msg_bytes, counters, down_at_submit)

@@ -4,15 +4,19 @@ Layout under ``<run.output_dir>/state/``; tensors are safetensors, everything el
 every file is written atomically (``atomic_write``: tmp file, fsync, ``os.replace``, fsync of
 the folder), so a crash at any instant leaves either the old or the new version of a file:
 
-- ``manifest.json``: run_id, completed rounds, each round's seeds and state fingerprint, the
-  accepted update digests, the latest checkpoint, the method's plan state (what it decided
-  from earlier rounds, e.g. FedTT+'s frozen cores), and the metrics row of the last completed
-  round (``last_row``: written into metrics.jsonl only after its evaluation, so a crash in
+- ``manifest.json``: run_id, the run's config (what shapes the results, ``shaping_config``;
+  ``fedkrso-export`` rebuilds the model from it), completed rounds, each round's seeds and
+  state fingerprint, the accepted update digests, the latest checkpoint, the method's plan
+  state (what it decided from earlier rounds, e.g. FedTT+'s frozen cores), and the metrics row
+  of the last completed round (``last_row``: written into metrics.jsonl only after its
+  evaluation, so a crash in
   between must not lose it). Writing it is the commit point of a round.
 - ``round-RRRRRR.safetensors``: round R's aggregated delta in the wire dtype, byte for byte
   ``RoundDelta.tensors``; replaying it reproduces the state fingerprint the manifest records.
+  Every round's delta is kept, so the model after any round can be rebuilt (``rebuild``).
 - ``checkpoint-RRRRRR.safetensors``: ``method.state_parameters`` after R rounds, every
-  ``server.checkpoint_every`` rounds, so a restart replays at most that many deltas.
+  ``server.checkpoint_every`` rounds (only the latest is kept), so a restart replays at most
+  that many deltas.
 - ``open_round.json`` + ``open-RRRRRR-NNNN.safetensors``: the round in progress (seeds,
   selection, deadline left, accepted submissions, every client's traffic so far) and its
   aggregator's running state. The JSON is the commit point: it names the tensor file written
@@ -30,17 +34,21 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import structlog
 import torch
 from safetensors.torch import load as load_tensors
-from safetensors.torch import save as dump_tensors
+from safetensors.torch import load_file as load_tensor_file
+from safetensors.torch import save_file as save_tensor_file
+from torch import nn
 
 from ..common.accounting import Traffic
 from ..common.aggregate import Aggregator, aggregator_from_state
 from ..common.config import RunConfig
+from ..common.methods import Method
 from .rounds import RoundState, Submission
 
 log = structlog.get_logger("fedkrso.server")
@@ -65,14 +73,37 @@ class StateError(RuntimeError):
     the recorded fingerprints); the message says what to do."""
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, never a
-    torn one: the data is fsynced in a tmp file before the rename, the folder after it."""
+def shaping_config(cfg: RunConfig) -> dict:
+    """Every setting that shapes the results, as JSON. Left out: where the server listens, its
+    credentials, its output folder and where metrics are reported (a restart may move the
+    port, rotate certificates or add a tracker and still resume the same run),
+    ``model.device`` and ``model.dtype`` (each party's own; the state is float32 on all,
+    common/precision.py) and an unset ``model.revision`` (older run ids still hold)."""
+    shaping = cfg.model_dump(mode="json", exclude={"security": True, "run": {"output_dir", "report_to"},
+                                                    "server": {"listen"}, "model": {"device", "dtype"}})
+    if shaping["model"].get("revision") is None:
+        shaping["model"].pop("revision", None)
+    return shaping
+
+
+def run_identity(cfg: RunConfig | dict) -> str:
+    """``<run name>-<hash>`` of ``shaping_config`` (of a config, or of that dict itself)."""
+    shaping = shaping_config(cfg) if isinstance(cfg, RunConfig) else cfg
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{shaping['run']['name']}-{digest}"
+
+
+def atomic_write(path: Path, data: bytes | Callable[[Path], None]) -> None:
+    """Replace ``path`` with ``data`` (bytes, or a function that writes the file it is given)
+    so that a crash leaves the old or the new file, never a torn one: the data is fsynced in a
+    tmp file before the rename, the folder after it."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        if callable(data):
+            data(tmp)
+        else:
+            tmp.write_bytes(data)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -90,11 +121,14 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def write_tensors(path: Path, tensors: Tensors) -> None:
-    atomic_write(path, dump_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+    """Straight from the tensors to the file (``save_file`` writes each tensor's memory as it
+    is): a checkpoint of a billion-parameter state is not first built as bytes in memory."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_tensor_file(tensors, str(tmp)))
 
 
 def read_tensors(path: Path) -> Tensors:
-    return load_tensors(path.read_bytes())
+    return load_tensor_file(str(path))
 
 
 def move_aside(out: Path) -> Path | None:
@@ -138,6 +172,52 @@ def restore_round(o: dict, tensors: Tensors, fresh_aggregator: Aggregator, min_r
 
 
 @dataclass
+class History:
+    """What ``rebuild`` replays: each round's seeds, the state fingerprint recorded after every
+    round (key = rounds completed, 0 = the base), a reader of round deltas and, optionally, a
+    checkpoint (``state_parameters`` after ``checkpoint_round`` rounds)."""
+
+    seeds: dict[int, list[int]]
+    state_fingerprints: dict[int, str]
+    delta: Callable[[int], Tensors]
+    checkpoint_round: int = 0
+    checkpoint: Callable[[], Tensors] | None = None
+
+
+def rebuild(method: Method, model: nn.Module, history: History, rounds: int, refusal: str,
+            visit: Callable[[int, Tensors], None] | None = None) -> int:
+    """Bring ``model`` (the base model, prepared for ``method``) to its state after ``rounds``
+    completed rounds: the checkpoint when it lies at or before ``rounds``, then the round
+    deltas from there. The base and every rebuilt state are checked against the recorded
+    fingerprints (``StateError`` naming the round, then ``refusal``: what the caller does about
+    it). ``visit(round, delta)`` sees each delta applied. Returns the round replay started at.
+
+    The server's resume (``Coordinator._resume``) and ``fedkrso-export`` both rebuild with
+    this, so an export is the very model a resumed server would hold."""
+    def check(r: int) -> None:
+        fp = method.state_fingerprint(model)
+        if fp != history.state_fingerprints[r]:
+            what = "the base model's state" if r == 0 else f"the state rebuilt at round {r}"
+            raise StateError(f"{what} has fingerprint {fp[:12]}, the saved run recorded "
+                             f"{history.state_fingerprints[r][:12]}; {refusal}")
+
+    if rounds not in history.state_fingerprints:
+        raise StateError(f"no state recorded after {rounds} round(s); {refusal}")
+    check(0)
+    start = history.checkpoint_round if history.checkpoint and 0 < history.checkpoint_round <= rounds else 0
+    if start:
+        method.restore(model, history.checkpoint())
+        check(start)
+    for r in range(start, rounds):
+        delta = history.delta(r)
+        method.apply(model, history.seeds[r], delta)
+        check(r + 1)
+        if visit is not None:
+            visit(r, delta)
+    return start
+
+
+@dataclass
 class SavedRun:
     """What ``RunStore.load`` found: the manifest, decoded, and the open round if any."""
 
@@ -157,9 +237,11 @@ class RunStore:
     """Reads and writes one run's ``state/`` folder. Writes are serialised by a lock: they
     come from the event loop and from worker threads."""
 
-    def __init__(self, root: Path, run_id: str):
+    def __init__(self, root: Path, run_id: str, config: dict | None = None, base: dict | None = None):
         self.root = root
         self.run_id = run_id
+        self.config = config  # shaping_config of the run, kept in the manifest
+        self.base = base  # models.base_identity of the base model, kept in the manifest
         self.manifest: dict = {}
         self._open_agg: tuple[str | None, dict | None] = (None, None)  # (tensor file, meta)
         self._lock = threading.Lock()
@@ -211,11 +293,16 @@ class RunStore:
     def checkpoint(self) -> Tensors:
         return read_tensors(self.root / self.manifest["checkpoint"]["file"])
 
+    def history(self, saved: SavedRun) -> History:
+        """What ``rebuild`` needs of this saved run."""
+        return History(saved.seeds, saved.state_fingerprints, self.delta, saved.checkpoint_round,
+                       self.checkpoint if saved.checkpoint_round else None)
+
     # -- writing -----------------------------------------------------------------------------
     def start(self, initial_fingerprint: str) -> None:
         """A new run: an empty manifest holding the base state's fingerprint."""
         self.root.mkdir(parents=True, exist_ok=True)
-        self.manifest = {"format": FORMAT, "run_id": self.run_id, "completed": 0, "seeds": {},
+        self.manifest = {"format": FORMAT, "run_id": self.run_id, "config": self.config, "base_model": self.base, "completed": 0, "seeds": {},
                          "state_fingerprints": {"0": initial_fingerprint}, "accepted_digests": {},
                          "checkpoint": None, "last_row": None}
         with self._lock:
@@ -234,6 +321,9 @@ class RunStore:
                 name = f"checkpoint-{round_id + 1:06d}.safetensors"
                 write_tensors(self.root / name, checkpoint)
                 m["checkpoint"] = {"round": round_id + 1, "file": name}
+            for key, value in (("config", self.config), ("base_model", self.base)):
+                if m.get(key) is None:  # state written before the manifest kept them
+                    m[key] = value
             m["completed"] = round_id + 1
             m["seeds"][str(round_id)] = list(seeds)
             m["state_fingerprints"][str(round_id + 1)] = state_fingerprint

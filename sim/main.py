@@ -4,8 +4,6 @@ One client per ``shardN`` folder under ``--data-root`` (as written by fedkrso-pa
 same coordinator, client-side round and message accounting as a distributed run; metrics,
 state and the final model go where ``run.output_dir`` says, as for ``fedkrso-server``.
 Socket bytes are not measured (``*_wire_bytes`` is null).
-
-Exit codes: 0 the run finished, 2 a bad config, flag or missing data.
 """
 
 from __future__ import annotations
@@ -18,18 +16,22 @@ import time
 from pathlib import Path
 
 from ..common import logs
-from ..common.config import ConfigError, load_config
+from ..common.cli import fail, parser, require_dir, require_file
+from ..common.precision import PlacementError, add_placement_args, resolve_placement
+
+PROG = "fedkrso-sim"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fedkrso-sim", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(PROG, __doc__, {0: "the run finished", 2: "bad flags; a missing or invalid config or data; "
+                               "saved state that cannot be resumed", 130: "interrupted"})
     p.add_argument("--config", required=True, help="round.yaml")
     p.add_argument("--data-root", required=True, help="folder holding shard0..shardN-1 (fedkrso-partition --out)")
     p.add_argument("--output-dir", help="overrides run.output_dir")
     p.add_argument("--resume", action="store_true", help="resume saved state of this run instead of starting over")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (a distributed client uses 1: the same count gives the same weights)")
+    add_placement_args(p)
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-json", action="store_true", default=None)
     return p.parse_args(argv)
@@ -37,9 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    require_file(PROG, args.config, "config")
+    require_dir(PROG, args.data_root, "data root")
     logs.configure(args.log_level, args.log_json)
     import torch
 
+    from ..common.config import ConfigError, check_inputs, load_config
     from ..server.metrics import format_table
     from ..server.state import StateError
     from .runner import Simulation
@@ -47,18 +52,21 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     try:
         cfg = load_config(args.config)
+        check_inputs(cfg)
         if args.output_dir:
             cfg.run.output_dir = Path(args.output_dir)
+        placement = resolve_placement(cfg.model.device, cfg.model.dtype, args.device, args.dtype)
         started = time.monotonic()
-        sim = Simulation(cfg, Path(args.data_root), fresh=not args.resume)
+        sim = Simulation(cfg, Path(args.data_root), fresh=not args.resume, placement=placement)
         rows = asyncio.run(sim.run())
-    except (ConfigError, StateError, FileNotFoundError) as err:
-        print(f"fedkrso-sim: {err}", file=sys.stderr)
-        sys.exit(2)
+    except (ConfigError, StateError, PlacementError, FileNotFoundError) as err:
+        fail(PROG, err)
     except KeyboardInterrupt:
         sys.exit(130)
     print(format_table(rows), flush=True)
-    summary = {k: rows[-1].get(k) for k in ("round", "eval_accuracy", "eval_loss")} if rows else {}
+    keys = ("round", "eval_accuracy", "eval_loss", "eval_perplexity", "client_eval_accuracy", "client_eval_loss",
+            "client_eval_perplexity")
+    summary = {k: rows[-1][k] for k in keys if k in rows[-1]} if rows else {}
     print(json.dumps({"run_id": sim.coord.run_id, "output_dir": str(sim.coord.out), "clients": len(sim.participants),
                       "seconds": round(time.monotonic() - started, 1), **summary}), flush=True)
     sys.exit(0)

@@ -24,20 +24,21 @@ import structlog
 
 from ..common.accounting import message_bytes, payload_bytes
 from ..common.config import ConfigError, RunConfig
-from ..common.data import load_split
-from ..common.models import load_tokenizer
-from ..common.participant import Participant, Shared
+from ..common.data import load_client_eval, load_split
+from ..common.participant import Participant
+from ..common.precision import Placement
 from ..server.coordinator import Coordinator
+from ..server.intake import report_of
 from ..server.messages import DeltaEncodings, assignment_messages, snapshot_messages
 from ..server.registry import ClientRegistry
-from ..server.rounds import UpdateReport
 
 log = structlog.get_logger("fedkrso.sim")
 
 
 def shard_folders(data_root: Path) -> dict[str, Path]:
     """``shard0 .. shardN-1`` under ``data_root`` (written by fedkrso-partition), by name in
-    index order; each is one client, named like a distributed client with ``--data shardN``."""
+    index order; each is one client, named like a distributed client with ``--data shardN``,
+    and evaluates on its ``shardN/eval`` when it has one, as that client would."""
     found = {p.name: p for p in data_root.glob("shard*") if p.is_dir() and p.name[5:].isdigit()}
     if not found:
         raise FileNotFoundError(f"no shard folders under {data_root}; write them with fedkrso-partition")
@@ -51,15 +52,17 @@ def _peak_rss_bytes() -> int:
 class Simulation:
     """One run of ``cfg`` with a client per shard of ``data_root``."""
 
-    def __init__(self, cfg: RunConfig, data_root: Path, fresh: bool = True):
+    def __init__(self, cfg: RunConfig, data_root: Path, fresh: bool = True, placement: Placement | None = None):
+        """``placement``: the one device and dtype of the coordinator's model, on which every
+        simulated client trains (default: round.yaml's)."""
         if cfg.privacy.secure_aggregation.enabled:
             raise ConfigError("fedkrso-sim has no transport to run secure aggregation over; run real processes "
                               "(fedkrso-server and fedkrso-client, or fedkrso-bench with runner: processes)")
         self.cfg = cfg
         registry = ClientRegistry(cfg.run.seed, liveness_s=math.inf)
-        self.coord = Coordinator(cfg, fresh=fresh, registry=registry, deadlines=False)
-        shared = Shared(self.coord.model, load_tokenizer(cfg.model.name), self.coord.method)
-        self.participants = {name: Participant(cfg, name, load_split(path), shared)
+        self.coord = Coordinator(cfg, fresh=fresh, registry=registry, deadlines=False, placement=placement)
+        shared = self.coord.shared
+        self.participants = {name: Participant(cfg, name, load_split(path), shared, load_client_eval(path))
                              for name, path in shard_folders(Path(data_root)).items()}
         self.deltas = DeltaEncodings(cfg.server.max_chunk_bytes, cfg.server.snapshot_after_rounds)
 
@@ -67,7 +70,7 @@ class Simulation:
         """Run every round; returns the metrics rows."""
         coord = self.coord
         for name, p in self.participants.items():
-            await coord.join(name, name, p.num_samples)
+            await coord.join(name, name, p.num_samples, p.eval_samples)
         loop = asyncio.create_task(coord.run())
         try:
             loop.add_done_callback(lambda _: asyncio.ensure_future(coord.notify()))  # wakes the wait below
@@ -106,11 +109,13 @@ class Simulation:
         seeds = p.seeds(task.seeds)
         p.check_plan(task.round, seeds, task.plan_fingerprint)
         update = await asyncio.to_thread(p.train, task.round, seeds)
-        up_message = sum(message_bytes(m) for m in update.requests(coord.run_id, _peak_rss_bytes(),
-                                                                    self.cfg.server.max_chunk_bytes))
-        rs = coord.intake.check_header(client_id, coord.run_id, task.round, update.num_samples, update.digest)
-        report = UpdateReport(update.digest, update.num_samples, update.loss, update.steps, update.train_seconds,
-                              _peak_rss_bytes(), update.train_state_bytes, tuple(update.seeds_used))
+        rss = _peak_rss_bytes()
+        up_message = sum(message_bytes(m) for m in update.requests(coord.run_id, rss, self.cfg.server.max_chunk_bytes))
+        header = update.header(coord.run_id, rss)  # what the service reads: the same checks, the same report
+        rs = coord.intake.check_header(client_id, header.run_id, header.round, header.num_samples,
+                                       header.update_digest)
+        report = report_of(header)
+        coord.intake.check_eval(rs, client_id, report)
         await coord.intake.accept(rs, client_id, report, {k: v.float() for k, v in update.tensors.items()},
                                   payload_bytes(update.tensors), up_message, None, None)
         log.info("client_trained", client=client_id, round=task.round, loss=round(update.loss, 4))

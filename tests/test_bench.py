@@ -94,6 +94,13 @@ def test_bench_seeds_sweep_on_validation_statistics_and_resume(tmp_path, tiny_be
     again = run(tmp_path, bench_config(tmp_path, tiny_bert))
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/cell.json")} == stamps
     assert again["results"] == report["results"]
+    # a changed setting runs the cells it touches again, and only those
+    changed = bench_config(tmp_path, tiny_bert)
+    changed["methods"][1]["steps"] = 3
+    run(tmp_path, changed)
+    now = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/cell.json")}
+    rerun = {p.parent.name for p in now if now[p] != stamps[p]}
+    assert rerun == {p.parent.name for p in now if p.parent.name.startswith("fedavg")} and len(rerun) == 2
 
 
 def test_bench_on_real_processes_measures_the_wire(tmp_path, tiny_bert):
@@ -158,3 +165,53 @@ def test_statistics_match_hand_computation():
     assert interval["low"] == pytest.approx(7 / 3 - half) and interval["high"] == pytest.approx(7 / 3 + half)
     assert verdict(interval, 0.0) == "yes" and verdict(interval, 5.0) == "no" and verdict(interval, 2.0) == "inconclusive"
     assert paired_interval({0: 1.0}, {0: 0.5})["low"] is None
+
+
+def test_instruction_bench_with_client_evaluation(tmp_path, tiny_models):
+    """Prompt/response rows from a JSON-lines file on a tiny LLaMA: response-token loss from the
+    server and from the clients' held-out rows, in the simulator."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"q": f"what follows {i}", "a": f"{i + 1} follows {i}"}) + "\n"
+                            for i in range(80)))
+    cfg = {
+        "name": "tiny-instruct", "seeds": [0], "val_fraction": 0.0,
+        "data": {"source": f"jsonl:{path}", "glue_dir": None, "prompt_column": "q", "response_column": "a",
+                 "max_examples": 60, "max_eval": 12, "min_size": 10, "client_eval_fraction": 0.2},
+        "model": {"name": str(tiny_models("llama")), "task": "causal-lm", "max_length": 24},
+        "instruction": {"template": "plain", "prompt_format": "Q: {prompt}\nA:"}, "client_eval_every": 1,
+        "clients": 2, "alpha": None, "clients_per_round": 2, "rounds": 2, "sweep_rounds": 2, "batch_size": 8,
+        "methods": [{"name": "fedkrso", "k": 2, "rank": 2, "intervals": 1, "interval_steps": 2, "lrs": [3e-3]}],
+    }
+    report = run(tmp_path, cfg)
+    (cell,) = (tmp_path / "results" / "cells").glob("*/cell.json")
+    rows = json.loads(cell.read_text())["rows"]
+    assert yaml.safe_load((cell.parent / "round.yaml").read_text())["instruction"]["prompt_format"] == "Q: {prompt}\nA:"
+    assert [r["client_eval_state"] for r in rows] == [0, 1] and all(r["uplink_wire_bytes"] is None for r in rows)
+    for r in rows:
+        assert r["client_eval_perplexity"] == pytest.approx(math.exp(r["client_eval_loss"]))
+        assert math.isfinite(r["eval_loss"]) and r["eval_examples"] == report["eval_rows"] == 8  # 10% of 80
+
+
+def test_packaged_bench_configs_make_valid_round_yaml(tmp_path):
+    """Every bench YAML shipped in bench/ (their quick presets, every protocol block) writes
+    round.yaml files the server accepts."""
+    from pathlib import Path
+
+    from fedkrso.bench.cells import Cell, round_yaml
+    from fedkrso.bench.config import load_bench_config, load_protocol
+    from fedkrso.common.config import parse_config
+
+    configs, benches = sorted((Path(__file__).resolve().parents[1] / "bench").glob("*.yaml")), []
+    assert any(c.name == "smollm2-headlines.yaml" for c in configs) and any(c.name == "quality.yaml" for c in configs)
+    for path in configs:
+        if path.name == "demo.yaml":  # a round.yaml itself, not a bench config
+            continue
+        if "blocks" in yaml.safe_load(path.read_text()):
+            protocol = load_protocol(path)
+            benches += [(path, protocol.bench(b)) for b in protocol.blocks]
+        else:
+            benches += [(path, load_bench_config(path)), (path, load_bench_config(path).apply_quick())]
+    for path, cfg in benches:
+        for m in cfg.methods:
+            cell = Cell(m, (m.lrs or [1e-3])[0], cfg.seeds[0], cfg.rounds, "eval")
+            parse_config(round_yaml(cfg, cell, tmp_path, tmp_path, cfg.model.num_labels or 2), str(path))

@@ -14,6 +14,7 @@ import torch
 from fedkrso.common.data import (
     DataSourceError,
     SourceData,
+    TokenFormat,
     batches,
     load_source,
     load_split,
@@ -23,6 +24,7 @@ from fedkrso.common.data import (
     save_partition,
     stratified_split,
     to_dataset,
+    tokenize,
 )
 from fedkrso.common.data.cli import main
 from fedkrso.common.evaluate import evaluate
@@ -212,7 +214,7 @@ def test_csv_and_jsonl_sources(tmp_path):
     with pytest.raises(DataSourceError, match="no column 'body'"):
         load_source(f"jsonl:{jsonl}", text_column="body")
     with pytest.raises(DataSourceError, match="unknown source"):
-        load_source("parquet:x")
+        load_source("xml:x")
 
 
 def test_cli_writes_partition(tmp_path, capsys):
@@ -222,9 +224,33 @@ def test_cli_writes_partition(tmp_path, capsys):
     main(["--source", f"jsonl:{path}", "--clients", "3", "--alpha", "0.5", "--min-size", "5",
           "--out", str(tmp_path / "out")])
     table = capsys.readouterr().out
-    assert "shard2" in table and "eval" in table
+    assert "shard2" in table and "shard2/eval" in table
     info = read_partition_info(tmp_path / "out")
-    assert sum(s["size"] for s in info["shards"]) == 90 and info["eval"]["size"] == 10
+    assert info["eval"]["size"] == 10 and info["client_eval_fraction"] == 0.1
+    held = [s["size"] for s in info["client_eval"]]
+    assert sum(s["size"] for s in info["shards"]) + sum(held) == 90 and min(held) >= 1
+    for i, meta in enumerate(info["client_eval"]):
+        shard, own = load_split(tmp_path / "out" / f"shard{i}"), load_split(tmp_path / "out" / meta["name"])
+        assert meta["name"] == f"shard{i}/eval" and len(own) == meta["size"]
+        assert not set(shard["text"]) & set(own["text"])  # held out, never trained on
+
+
+def test_client_eval_split_is_carved_from_the_same_shards(tmp_path):
+    """A shard with a held-out split holds the rows of the same shard without one, less the
+    held-out rows; the held-out share is stratified; without one partition.json is unchanged."""
+    data = synthetic(400, classes=4)
+    plain = make_partition(data, 3, alpha=1.0, seed=2, min_size=10)
+    held = make_partition(data, 3, alpha=1.0, seed=2, min_size=10, client_eval_fraction=0.25)
+    for i, (whole, train, own) in enumerate(zip(plain.shards, held.shards, held.client_eval)):
+        assert sorted([*train["text"], *own["text"]]) == sorted(whole["text"]), i
+        assert len(own) == round(0.25 * len(whole))
+        counts = np.bincount(whole["label"], minlength=4)  # stratified: each class in proportion
+        assert np.all(np.abs(np.bincount(own["label"], minlength=4) - 0.25 * counts) <= 1), i
+    again = make_partition(data, 3, alpha=1.0, seed=2, min_size=10, client_eval_fraction=0.25)
+    assert [list(s["text"]) for s in again.client_eval] == [list(s["text"]) for s in held.client_eval]
+    assert "client_eval" not in plain.info.dump() and '"client_eval_fraction": 0.25' in held.info.dump()
+    with pytest.raises(ValueError, match="client_eval_fraction"):
+        make_partition(data, 3, seed=2, client_eval_fraction=1.0)
 
 
 # -- batches ----------------------------------------------------------------------------------
@@ -232,19 +258,19 @@ def test_cli_writes_partition(tmp_path, capsys):
 
 def test_batches_shapes_and_labels(tokenizer):
     data = synthetic(10).train
-    batch = next(batches(data, tokenizer, "sequence-classification", 6, 4, seed=0))
+    batch = next(batches(tokenize(data, tokenizer, TokenFormat("sequence-classification", 6)), 4, seed=0))
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
     assert batch["input_ids"].shape == (4, 6)  # every row is longer than 6 tokens: truncated
     assert batch["labels"].dtype == torch.long and batch["labels"].shape == (4,)
     pairs = to_dataset("regression", ["a b c", "d"], ["e", "f g h i"], [0.5, 4.0])
-    batch = next(batches(pairs, tokenizer, "sequence-classification", 32, 2, seed=0))
+    batch = next(batches(tokenize(pairs, tokenizer, TokenFormat("sequence-classification", 32)), 2, seed=0))
     assert batch["labels"].dtype == torch.float32
     assert (batch["token_type_ids"] == 1).any()  # the second sentence is marked
 
 
 def test_batches_causal_lm_masks_padding(tokenizer):
     data = to_dataset("text", ["short", "a much longer line of text than the first"], None, None)
-    batch = next(batches(data, tokenizer, "causal-lm", 64, 2, seed=0))
+    batch = next(batches(tokenize(data, tokenizer, TokenFormat("causal-lm", 64)), 2, seed=0))
     assert set(batch) == {"input_ids", "attention_mask", "labels"}  # no segments for decoders
     pad = batch["attention_mask"] == 0
     assert pad.any()
@@ -255,7 +281,7 @@ def test_batches_causal_lm_masks_padding(tokenizer):
 def epoch_orders(seed: int, epochs: int = 3) -> list[list[int]]:
     """Row order of each epoch, read from labels equal to the row number."""
     data = to_dataset("classification", [f"t{i}" for i in range(10)], None, list(range(10)))
-    it = batches(data, load_tokenizer("minilm"), "sequence-classification", 8, 4, seed)
+    it = batches(tokenize(data, load_tokenizer("minilm"), TokenFormat("sequence-classification", 8)), 4, seed)
     per_epoch = 3  # batches of 4, 4, 2
     return [sum((next(it)["labels"].tolist() for _ in range(per_epoch)), [])
             for _ in range(epochs)]
@@ -281,14 +307,15 @@ def test_evaluate_classification(tmp_path):
     tok = load_tokenizer(str(path))
     data = synthetic(40, classes=2).train
     model.train()
-    out = evaluate(model, data, tok, "sequence-classification", 32, 8)
+    tokens = tokenize(data, tok, TokenFormat("sequence-classification", 32))
+    out = evaluate(model, tokens, 8)
     assert model.training  # mode restored
     assert out["eval_examples"] == 40 and 0.0 <= out["eval_accuracy"] <= 1.0
     assert math.isfinite(out["eval_loss"]) and out["eval_loss"] > 0
-    again = evaluate(model, data, tok, "sequence-classification", 32, 7)
+    again = evaluate(model, tokens, 7)
     assert again["eval_loss"] == pytest.approx(out["eval_loss"], rel=1e-5)  # batching-invariant
     assert again["eval_accuracy"] == out["eval_accuracy"]
-    capped = evaluate(model, data, tok, "sequence-classification", 32, 8, max_examples=5)
+    capped = evaluate(model, tokens, 8, max_examples=5)
     assert capped["eval_examples"] == 5
 
 
@@ -298,11 +325,12 @@ def test_evaluate_causal_lm(tmp_path):
     tok = load_tokenizer(str(path))
     data = to_dataset("text", [f"sentence number {i} about things" for i in range(12)], None, None)
     model.eval()
-    out = evaluate(model, data, tok, "causal-lm", 32, 5)
+    tokens = tokenize(data, tok, TokenFormat("causal-lm", 32))
+    out = evaluate(model, tokens, 5)
     assert not model.training
     assert out["eval_perplexity"] == pytest.approx(math.exp(out["eval_loss"]))
     assert 1.0 < out["eval_perplexity"] < 1e6 and out["eval_tokens"] > 12
-    assert evaluate(model, data, tok, "causal-lm", 32, 12)["eval_loss"] == pytest.approx(
+    assert evaluate(model, tokens, 12)["eval_loss"] == pytest.approx(
         out["eval_loss"], rel=1e-5)
 
 
@@ -311,6 +339,6 @@ def test_evaluate_regression(tmp_path):
     model = load_model(str(path), "sequence-classification", 1)
     data = to_dataset("regression", ["a pair", "of scores", "more"], ["x", "y", "z"],
                       [0.5, 4.0, 2.5])
-    out = evaluate(model, data, load_tokenizer(str(path)), "sequence-classification", 16, 2)
+    out = evaluate(model, tokenize(data, load_tokenizer(str(path)), TokenFormat("sequence-classification", 16)), 2)
     assert "eval_accuracy" not in out and math.isfinite(out["eval_loss"])
     assert out["eval_examples"] == 3

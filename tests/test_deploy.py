@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from fedkrso.common.config import RunConfig, load_config, parse_config
+from fedkrso.common.precision import DEVICE_PATTERN, DTYPE_NAMES, ENV_DEVICE, ENV_DTYPE, PlacementError
 from fedkrso.server.auth import TokenFile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -365,12 +366,17 @@ def test_kustomize_build_validates(tmp_path, overlay):
                     assert v["secret"]["secretName"] in secrets, "reference not rewritten to the hash"
             gpu = [c["resources"]["limits"].get("nvidia.com/gpu") for c in spec["containers"]]
             images = {c["image"] for c in all_containers(spec)}
+            envs = [{e["name"]: e.get("value") for e in c.get("env", [])} for c in spec["containers"]]
             if overlay == "k8s-cuda":
                 assert images == {"fedkrso:cuda"}
                 if doc["metadata"]["name"] != "fedkrso-partition":
                     assert gpu == ["1"]
+                    (env,) = envs
+                    role = "client" if doc["kind"] == "Job" else "server"
+                    check_device_env(env, f"k8s-cuda {doc['metadata']['name']}", role)
             else:
                 assert images == {"fedkrso:cpu"} and gpu == [None]
+                assert not any(ENV_DEVICE in e or ENV_DTYPE in e for e in envs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,10 +474,41 @@ def test_compose_cuda_overrides_only_known_services():
     base = compose()["services"]
     cuda = yaml.safe_load((DEPLOY / "compose.cuda.yaml").read_text())
     assert set(cuda["services"]) <= set(base)
-    for name in ("server", *compose_clients(compose())):
+    clients = compose_clients(compose())
+    for name in ("server", *clients):
         devices = cuda["services"][name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["capabilities"] == ["gpu"]
         assert cuda["services"][name]["build"]["dockerfile"] == "deploy/Dockerfile.cuda"
+        check_device_env(cuda["services"][name]["environment"], f"compose.cuda {name}",
+                         "client" if name in clients else "server")
+    assert "environment" not in cuda["services"]["partition"]
+
+
+def check_device_env(env: dict, where: str, role: str) -> None:
+    """A service with a GPU computes on it: FEDKRSO_DEVICE=cuda, which the programs' own
+    resolution accepts, and clients train in bfloat16 (a dtype the --dtype flag accepts)."""
+    assert env.get(ENV_DEVICE) == "cuda", f"{where}: {ENV_DEVICE} must be cuda, is {env.get(ENV_DEVICE)!r}"
+    assert re.match(DEVICE_PATTERN, env[ENV_DEVICE])
+    if role == "client":
+        assert env.get(ENV_DTYPE) == "bfloat16", f"{where}: clients train in bfloat16"
+    if ENV_DTYPE in env:
+        assert env[ENV_DTYPE] in DTYPE_NAMES, f"{where}: {env[ENV_DTYPE]!r} is no dtype"
+
+
+def test_device_environment_reaches_the_programs(monkeypatch):
+    """What the GPU deployments set is what fedkrso-client and fedkrso-server resolve: the
+    environment overrides round.yaml, a flag overrides the environment."""
+    from fedkrso.common.precision import resolve_placement
+
+    monkeypatch.setenv(ENV_DEVICE, "cpu")
+    monkeypatch.setenv(ENV_DTYPE, "bfloat16")
+    assert str(resolve_placement("cpu", "float32")) == "cpu/bfloat16"
+    assert str(resolve_placement("cpu", "float32", dtype_override="float16")) == "cpu/float16"
+    monkeypatch.setenv(ENV_DEVICE, "cuda:7")
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(PlacementError, match="no CUDA device"):
+            resolve_placement("cpu", "float32")
+    assert str(resolve_placement("cpu", "float32", device_override="cpu")) == "cpu/bfloat16"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,6 +550,10 @@ def test_dockerfile_structure(path):
         assert needed in runs, f"build stage lacks `{needed}`"
     env = " ".join(by("ENV"))
     assert "HF_HUB_OFFLINE=1" in env and "/opt/venv/bin" in env
+    if path.name == "Dockerfile.cuda":
+        assert f"{ENV_DEVICE}=cuda" in env, "the CUDA image computes on the GPU by default"
+    else:
+        assert ENV_DEVICE not in env
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)

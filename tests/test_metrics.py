@@ -50,6 +50,7 @@ def test_evaluate_reports_task_metrics(tiny_models):
     """A classifier's eval row has accuracy, MCC and F1; a regressor's Pearson and Spearman."""
     from datasets import Dataset
 
+    from fedkrso.common.data.tokens import TokenFormat, tokenize
     from fedkrso.common.evaluate import evaluate
     from fedkrso.common.models import load_model, load_tokenizer
 
@@ -58,7 +59,8 @@ def test_evaluate_reports_task_metrics(tiny_models):
                                      ([float(i) / 3 for i in range(12)], 1, {"eval_pearson", "eval_spearman"})):
         path = tiny_models("bert", num_labels=num_labels)
         model = load_model(str(path), "sequence-classification", num_labels)
-        out = evaluate(model, Dataset.from_dict({"text": texts, "label": labels}), load_tokenizer(str(path)),
-                       "sequence-classification", 16, 5)
+        tokens = tokenize(Dataset.from_dict({"text": texts, "label": labels}), load_tokenizer(str(path)),
+                          TokenFormat("sequence-classification", 16))
+        out = evaluate(model, tokens, 5)
         assert keys <= set(out) and out["eval_examples"] == 12
         assert all(math.isfinite(out[k]) for k in keys)

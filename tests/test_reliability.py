@@ -47,11 +47,12 @@ def make_server(server_factory) -> Callable[..., InProcServer]:
 class Fake:
     """A hand-driven client speaking the real protocol over its own channel."""
 
-    def __init__(self, srv: InProcServer, name: str, num_samples: int = 10):
+    def __init__(self, srv: InProcServer, name: str, num_samples: int = 10, eval_samples: int = 0):
         self.srv = srv
         self.channel = grpc.insecure_channel(srv.target)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
-        resp, call = self.stub.Join.with_call(pb.JoinRequest(name=name, num_samples=num_samples), timeout=10)
+        resp, call = self.stub.Join.with_call(pb.JoinRequest(name=name, num_samples=num_samples,
+                                                             eval_samples=eval_samples), timeout=10)
         self.token = dict(call.initial_metadata())["x-fedkrso-token"]
         self.md = (("authorization", f"Bearer {self.token}"),)
         self.run_id, self.client_id, self.num_samples = resp.run_id, resp.client_id, num_samples
@@ -86,11 +87,14 @@ class Fake:
         return {n: torch.full(s, value, dtype=torch.float32) for n, s in spec.items()}
 
     def messages(self, round_id: int, tensors, num_samples: int | None = None, run_id: str | None = None,
-                 digest: str | None = None, dtype: str | None = None) -> list[pb.SubmitUpdateRequest]:
+                 digest: str | None = None, dtype: str | None = None, eval_metrics=(),
+                 eval_examples: int = 0) -> list[pb.SubmitUpdateRequest]:
         header = pb.UpdateHeader(
             run_id=self.run_id if run_id is None else run_id, round=round_id,
             num_samples=self.num_samples if num_samples is None else num_samples, loss=0.5, steps=1,
-            num_tensors=len(tensors), update_digest=update_digest(tensors) if digest is None else digest)
+            num_tensors=len(tensors), update_digest=update_digest(tensors) if digest is None else digest,
+            eval_metrics=[pb.EvalMetric(name=k, value=v) for k, v in eval_metrics],  # (name, value) pairs
+            eval_examples=eval_examples)
         return [pb.SubmitUpdateRequest(header=header)] + [
             pb.SubmitUpdateRequest(tensors=b) for b in tensor_batches(tensors, dtype, CHUNK)]
 

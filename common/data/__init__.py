@@ -1,10 +1,11 @@
-"""Data, one concept per module: ``sources`` reads a source into the common table, ``labels``
-turns raw labels into class ids or scores, ``partition`` writes client shards and an eval
-split, ``batches`` feeds a saved split to training, ``cli`` is ``fedkrso-partition``."""
+"""Data, one concept per module: ``sources`` (and ``glue``) read a source into the common
+table (``table``), ``labels`` turns raw labels into class ids or scores, ``partition`` writes
+client shards and eval splits, ``tokens`` tokenises a split once (``instruct``: prompt/response
+rows), ``batches`` feeds its token rows to training, ``cli`` is ``fedkrso-partition``."""
 
 from __future__ import annotations
 
-from .batches import batches, encode, load_split
+from .batches import batches, load_client_eval, load_split
 from .labels import DataSourceError, Kind, encode_labels
 from .partition import (
     Partition,
@@ -15,18 +16,24 @@ from .partition import (
     save_partition,
     stratified_split,
 )
-from .sources import SourceData, load_source, to_dataset
+from .sources import Columns, load_source
+from .table import SourceData, instruction_dataset, to_dataset
+from .tokens import TokenFormat, Tokens, tokenize
 
 __all__ = [
+    "Columns",
     "DataSourceError",
     "Kind",
     "Partition",
     "PartitionInfo",
     "SourceData",
+    "TokenFormat",
+    "Tokens",
     "batches",
-    "encode",
     "encode_labels",
+    "instruction_dataset",
     "load_source",
+    "load_client_eval",
     "load_split",
     "make_partition",
     "partition_indices",
@@ -34,4 +41,5 @@ __all__ = [
     "save_partition",
     "stratified_split",
     "to_dataset",
+    "tokenize",
 ]

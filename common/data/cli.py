@@ -7,9 +7,12 @@ from pathlib import Path
 
 import structlog
 
+from ..cli import fail, parser
 from .labels import DataSourceError
 from .partition import PartitionInfo, make_partition, save_partition
-from .sources import load_source
+from .sources import SOURCES_HELP, load_source
+
+PROG = "fedkrso-partition"
 
 log = structlog.get_logger(__name__)
 
@@ -23,27 +26,31 @@ def summary_table(info: PartitionInfo) -> str:
     else:
         heads = []
     widths = [max(len(h), 5) for h in heads]
-    lines = ["split   " + f"{'size':>7}  " + "  ".join(h.rjust(w) for h, w in zip(heads, widths))]
-    for split in [*info.shards, info.eval]:
+    splits = [*info.shards, *(info.client_eval or []), info.eval]
+    name_width = max(8, *(len(s.name) + 1 for s in splits))
+    lines = [(f"{'split':<{name_width}}{'size':>7}  " + "  ".join(h.rjust(w) for h, w in zip(heads, widths))).rstrip()]
+    for split in splits:
         hist = split.label_histogram or []
         cells = "  ".join(str(c).rjust(w) for c, w in zip(hist, widths))
-        lines.append(f"{split.name:<8}{split.size:>7}  {cells}".rstrip())
+        lines.append(f"{split.name:<{name_width}}{split.size:>7}  {cells}".rstrip())
     return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fedkrso-partition",
-        description="Split a dataset into federated client shards plus an eval split.",
-    )
-    p.add_argument("--source", default="bbc",
-                   help="bbc | glue:<TASK> | csv:<path> | jsonl:<path> | hub:<name>[:<config>]")
+    p = parser(PROG, "Split a dataset into federated client shards plus an eval split, written under --out "
+               "as shard0..N-1 and eval (datasets.save_to_disk) with partition.json.",
+               {0: "written", 2: "bad flags; a missing, unreadable or unusable source; --out already holds a "
+                "partition"})
+    p.add_argument("--source", default="bbc", help=SOURCES_HELP)
     p.add_argument("--glue-dir", type=Path,
                    help="local GLUE folder (without it glue:<TASK> loads from the hub)")
-    p.add_argument("--text-column", default="text", help="csv/jsonl/hub text column")
-    p.add_argument("--text-pair-column", help="csv/jsonl/hub second-sentence column")
+    p.add_argument("--text-column", default="text", help="file/hub text column")
+    p.add_argument("--text-pair-column", help="file/hub second-sentence column")
     p.add_argument("--label-column", default="label",
-                   help="csv/jsonl/hub label column; absent = plain text for a causal LM")
+                   help="file/hub label column; absent = plain text for a causal LM")
+    p.add_argument("--prompt-column",
+                   help="file/hub prompt column: with --response-column, instruction rows for a causal LM")
+    p.add_argument("--response-column", help="file/hub response column (the tokens the loss covers)")
     p.add_argument("--clients", type=int, default=3, help="number of client shards")
     p.add_argument("--alpha", type=float,
                    help="Dirichlet label-skew concentration (small = skewed); omit for IID")
@@ -51,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=int, default=10, help="fewest training rows per shard")
     p.add_argument("--eval-fraction", type=float, default=0.1,
                    help="share carved out for eval when the source has no dev split")
+    p.add_argument("--client-eval-fraction", type=float, default=0.1,
+                   help="share of each shard held out as that client's own eval split "
+                        "(<out>/shardN/eval); 0 = none")
     p.add_argument("--max-examples", type=int, help="cap on training rows (random subsample)")
     p.add_argument("--max-eval", type=int, help="cap on eval rows (random subsample)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -66,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
             text_column=args.text_column,
             text_pair_column=args.text_pair_column,
             label_column=args.label_column,
+            prompt_column=args.prompt_column,
+            response_column=args.response_column,
         )
         log.info("source_loaded", source=args.source, kind=data.kind, train=len(data.train),
                  dev=None if data.eval is None else len(data.eval))
@@ -79,10 +91,11 @@ def main(argv: list[str] | None = None) -> None:
             min_size=args.min_size,
             max_examples=args.max_examples,
             max_eval=args.max_eval,
+            client_eval_fraction=args.client_eval_fraction,
         )
         save_partition(part, args.out)
-    except (DataSourceError, ValueError, FileExistsError) as err:
-        raise SystemExit(f"fedkrso-partition: {err}") from None
+    except (DataSourceError, ValueError, FileExistsError, FileNotFoundError) as err:
+        fail(PROG, err)
     print(summary_table(part.info))
 
 

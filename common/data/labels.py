@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
-Kind = Literal["classification", "regression", "text"]
+Kind = Literal["classification", "regression", "text", "instruction"]
 
 
 class DataSourceError(RuntimeError):

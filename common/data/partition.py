@@ -3,10 +3,13 @@
 ``fedkrso-partition`` splits a source's training data into client shards, IID or with
 Dirichlet label skew (Hsu et al., 2019: each class is divided among the clients in proportions
 drawn from Dir(alpha), so a small alpha gives each client a few dominant classes), and writes
-``<out>/shard0 .. shard{N-1}``, ``<out>/eval`` and ``<out>/partition.json``. Every random
-choice uses its own ``numpy.random.Generator`` seeded from ``stable_seed(stage, seed)``, so a
-partition is reproducible on any machine and changing one knob (``--max-examples``) does not
-reshuffle unrelated stages (the eval split).
+``<out>/shard0 .. shard{N-1}``, ``<out>/eval`` and ``<out>/partition.json``. With a client
+eval fraction each shard also keeps a held-out split of its own rows, ``<out>/shardN/eval``,
+stratified like the server's and never trained on: what a client evaluates the global model
+on when the data owner gives the server no evaluation data. Every random choice uses its own
+``numpy.random.Generator`` seeded from ``stable_seed(stage, seed)``, so a partition is
+reproducible on any machine and changing one knob (``--max-examples``) does not reshuffle
+unrelated stages (the eval split).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..subspace import stable_seed
 from .labels import Kind
-from .sources import SourceData
+from .table import SourceData
 
 log = structlog.get_logger(__name__)
 
@@ -42,28 +45,29 @@ def stage_rng(stage: str, seed: int) -> np.random.Generator:
 
 
 def label_groups(data: Dataset, kind: Kind) -> tuple[np.ndarray, list[float] | None]:
-    """(group id per row, regression bin edges or None): classes, score quantile bins, or a
-    single group for plain text (where Dirichlet skew becomes quantity skew)."""
-    if kind == "text":
+    """(group id per row, regression bin edges or None): classes (an instruction source's
+    grouping label too), score quantile bins, or a single group for rows without a label
+    (plain text, most instruction sources: there Dirichlet skew becomes quantity skew)."""
+    if "label" not in data.column_names:
         return np.zeros(len(data), dtype=np.int64), None
     labels = np.asarray(data["label"])
-    if kind == "classification":
+    if kind != "regression":
         return labels.astype(np.int64), None
     edges = np.quantile(labels, np.linspace(0.0, 1.0, REGRESSION_BINS + 1))
     return np.searchsorted(edges[1:-1], labels, side="right").astype(np.int64), edges.tolist()
 
 
 def stratified_split(
-    groups: np.ndarray, fraction: float, seed: int
+    groups: np.ndarray, fraction: float, seed: int, stage: str = "eval-split", at_least: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(train, eval) row indices with ``round(fraction * n)`` eval rows, each group in
-    proportion (largest remainders get the rounding)."""
-    rng = stage_rng("eval-split", seed)
+    """(train, eval) row indices with ``max(round(fraction * n), at_least)`` eval rows, each
+    group in proportion (largest remainders get the rounding), drawn by ``stage``'s generator."""
+    rng = stage_rng(stage, seed)
     ids = np.unique(groups)
     members = [rng.permutation(np.flatnonzero(groups == g)) for g in ids]
     exact = np.array([fraction * len(m) for m in members])
     take = np.floor(exact).astype(int)
-    short = int(round(fraction * len(groups))) - take.sum()
+    short = max(int(round(fraction * len(groups))), at_least) - take.sum()
     take[np.argsort(-(exact - take), kind="stable")[:short]] += 1
     eval_idx = np.concatenate([m[:k] for m, k in zip(members, take)])
     train_idx = np.concatenate([m[k:] for m, k in zip(members, take)])
@@ -153,8 +157,18 @@ class PartitionInfo(BaseModel):
     eval_fraction: float | None = Field(None, description="share carved out; None for a dev split")
     max_examples: int | None = None
     max_eval: int | None = None
-    shards: list[SplitInfo]
+    shards: list[SplitInfo] = Field(description="training rows of each client")
     eval: SplitInfo
+    client_eval_fraction: float = Field(
+        0.0, description="share of each shard held out as its own eval split (0: none)")
+    client_eval: list[SplitInfo] | None = Field(
+        None, description="each shard's held-out split, <out>/shardN/eval; None without one")
+
+    def dump(self) -> str:
+        """The JSON written to partition.json. Without client eval splits their two fields are
+        left out, so such a partition.json reads exactly as before they existed."""
+        skip = {"client_eval_fraction", "client_eval"} if not self.client_eval_fraction else set()
+        return self.model_dump_json(indent=2, exclude=skip) + "\n"
 
 
 @dataclass
@@ -162,6 +176,7 @@ class Partition:
     shards: list[Dataset]
     eval: Dataset
     info: PartitionInfo
+    client_eval: list[Dataset] = field(default_factory=list)  # per shard, when held out
 
 
 def _histogram(groups: np.ndarray | None, num_groups: int) -> list[int] | None:
@@ -179,9 +194,14 @@ def make_partition(
     min_size: int = 1,
     max_examples: int | None = None,
     max_eval: int | None = None,
+    client_eval_fraction: float = 0.0,
 ) -> Partition:
     """Client shards and an eval split of ``data``: the source's dev split if it has one,
-    else a stratified ``eval_fraction`` carved out before ``max_examples`` caps training."""
+    else a stratified ``eval_fraction`` carved out before ``max_examples`` caps training.
+
+    With ``client_eval_fraction`` every shard then holds out that share of its own rows
+    (stratified, at least one row) as the client's eval split; ``min_size`` counts a shard's
+    rows before that."""
     train, evalset = data.train, data.eval
     if evalset is None:
         if not 0 < eval_fraction < 1:
@@ -195,15 +215,22 @@ def make_partition(
     if len(evalset) == 0:
         raise ValueError("the eval split is empty; raise --eval-fraction or --max-eval")
     groups, edges = label_groups(train, data.kind)
-    if data.kind == "text":
+    counted = "label" in train.column_names
+    if not counted:
         eval_groups = None
     elif edges is None:
         eval_groups = label_groups(evalset, data.kind)[0]
     else:  # the eval split's scores, binned on the training split's edges
         eval_groups = np.searchsorted(edges[1:-1], np.asarray(evalset["label"]), side="right")
     shard_idx = partition_indices(groups, clients, alpha, seed, min_size)
+    held_idx = hold_out(shard_idx, groups, client_eval_fraction, seed)
+    if held_idx:
+        shard_idx = [idx[~np.isin(idx, held)] for idx, held in zip(shard_idx, held_idx)]
     width = len(data.label_names) if data.label_names else REGRESSION_BINS
-    counted = data.kind != "text"
+
+    def split_info(name: str, idx: np.ndarray) -> SplitInfo:
+        return SplitInfo(name=name, size=len(idx), label_histogram=_histogram(groups[idx] if counted else None, width))
+
     info = PartitionInfo(
         source=source,
         kind=data.kind,
@@ -218,15 +245,32 @@ def make_partition(
         eval_fraction=None if data.eval is not None else eval_fraction,
         max_examples=max_examples,
         max_eval=max_eval,
-        shards=[
-            SplitInfo(name=f"shard{i}", size=len(idx),
-                      label_histogram=_histogram(groups[idx] if counted else None, width))
-            for i, idx in enumerate(shard_idx)
-        ],
+        shards=[split_info(f"shard{i}", idx) for i, idx in enumerate(shard_idx)],
         eval=SplitInfo(name=EVAL_DIR, size=len(evalset),
                        label_histogram=_histogram(eval_groups, width)),
+        client_eval_fraction=client_eval_fraction,
+        client_eval=[split_info(f"shard{i}/{EVAL_DIR}", idx) for i, idx in enumerate(held_idx)] or None,
     )
-    return Partition([train.select(idx) for idx in shard_idx], evalset, info)
+    return Partition([train.select(idx) for idx in shard_idx], evalset, info,
+                     [train.select(idx) for idx in held_idx])
+
+
+def hold_out(shard_idx: list[np.ndarray], groups: np.ndarray, fraction: float, seed: int) -> list[np.ndarray]:
+    """Each shard's held-out rows (sorted row indices): a stratified ``fraction`` of the
+    shard, at least one row, drawn by the shard's own generator so shards do not share draws;
+    none at all when ``fraction`` is 0."""
+    if not fraction:
+        return []
+    if not 0 < fraction < 1:
+        raise ValueError(f"client_eval_fraction must be in [0, 1), got {fraction}")
+    held = []
+    for i, idx in enumerate(shard_idx):
+        if len(idx) < 2:
+            raise ValueError(f"shard{i} has {len(idx)} row(s): too few to hold any out; "
+                             "raise --min-size or set --client-eval-fraction 0")
+        _, local = stratified_split(groups[idx], fraction, seed, stage=f"client-eval-{i}", at_least=1)
+        held.append(idx[local])
+    return held
 
 
 def save_partition(part: Partition, out: str | os.PathLike) -> Path:
@@ -246,9 +290,12 @@ def save_partition(part: Partition, out: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for shard, meta in zip(part.shards, part.info.shards):
         shard.save_to_disk(str(out / meta.name))
+    for held, meta in zip(part.client_eval, part.info.client_eval or []):
+        held.save_to_disk(str(out / meta.name))
     part.eval.save_to_disk(str(out / EVAL_DIR))
-    (out / PARTITION_FILE).write_text(part.info.model_dump_json(indent=2) + "\n")
-    log.info("partition_written", out=str(out), shards=len(part.shards), eval=len(part.eval))
+    (out / PARTITION_FILE).write_text(part.info.dump())
+    log.info("partition_written", out=str(out), shards=len(part.shards), eval=len(part.eval),
+             client_eval=[len(h) for h in part.client_eval] or None)
     return out
 
 

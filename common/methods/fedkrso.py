@@ -13,10 +13,18 @@ state reset every interval; the dense-trainables (head, norms and, with ``train_
 in full fine-tuning, the projected layers' biases) keep one AdamW state for the whole round.
 Both follow the run's one optimizer setting (``training.optimizer``: decay, schedule,
 clipping).
+
+Precision (common/precision.py): the layer computes in its weight's dtype; B is a float32
+master. Under a low-precision placement each projected weight is a copy in that dtype on the
+party's device and its float32 master lives in host memory (``precision.master``): the
+state, fingerprints and ``apply`` use the masters, training merges ``B P`` into the copies
+only, and ``restore`` rebuilds the copies from the masters.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import random
 import types
 from collections.abc import Iterator
@@ -28,6 +36,7 @@ from pydantic import Field
 from torch import nn
 
 from ..accounting import fedkrso_uplink_bytes
+from ..precision import master, sync_compute
 from ..privacy.geometry import RightFactor, UpdateGeometry
 from ..subspace import round_seeds, stable_seed, subspace, subspace_fingerprint
 from .base import (LocalUpdate, Method, MethodConfig, forward_loss, is_conv1d, out_in, target_linears,
@@ -50,18 +59,20 @@ class _SubspaceLinear(torch.autograd.Function):
 
     Saves W, P, B (references, no copies) and ``xp = x P^T`` (N x r), never ``x``: backward
     needs x only through xp, since ``grad_B = g^T xp`` and ``grad_x = g W + (g B) P``.
-    ``w_in_out`` marks GPT-2's Conv1D, whose weight is stored transposed (d_n x d_m). B is the
-    float32 master; it is cast to x's dtype for the products and its gradient comes back in
-    B's own dtype. W and P receive no gradient (the adapter falls back to the unfused path
-    when W requires one)."""
+    ``w_in_out`` marks GPT-2's Conv1D, whose weight is stored transposed (d_n x d_m). x, W,
+    bias and P share one dtype, the compute dtype (the caller casts x); B is the float32 master:
+    it is cast to that dtype for the products and its gradient comes back in float32.
+    Autocast is off inside: the dtypes are this function's own. W and P receive no gradient
+    (the adapter falls back to the unfused path when W requires one)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, p, b, w_in_out: bool):
-        bc = b.to(x.dtype)
-        xp = torch.mm(x, p.T)  # (N, r): all that grad_B needs
-        wt = weight if w_in_out else weight.T  # (d_n, d_m) view
-        y = torch.mm(x, wt) if bias is None else torch.addmm(bias, x, wt)
-        y.addmm_(xp, bc.T)
+        with torch.autocast(x.device.type, enabled=False):
+            bc = b.to(x.dtype)
+            xp = torch.mm(x, p.T)  # (N, r): all that grad_B needs
+            wt = weight if w_in_out else weight.T  # (d_n, d_m) view
+            y = torch.mm(x, wt) if bias is None else torch.addmm(bias, x, wt)
+            y.addmm_(xp, bc.T)
         ctx.w_in_out = w_in_out
         ctx.save_for_backward(weight, p, b, xp)
         return y
@@ -116,8 +127,10 @@ class SubspaceAdapter:
                 # grad_W would need the full x (or an unexpected call): stay unfused.
                 out = own(x, *args, **kwargs) if own is not None else (
                     type(module).forward(module, x, *args, **kwargs))
-                return out + F.linear(F.linear(x, self.p[name]), b.to(x.dtype))
-            y = _SubspaceLinear.apply(x.reshape(-1, x.shape[-1]), w, module.bias,
+                return out + F.linear(F.linear(x, self.p[name].to(x.dtype)), b.to(x.dtype))
+            # compute in the weight's dtype: under autocast x may arrive in float32 (after a
+            # float32 norm); the cast is an autograd op, so grad_x returns in x's dtype
+            y = _SubspaceLinear.apply(x.reshape(-1, x.shape[-1]).to(w.dtype), w, module.bias,
                                       self.p[name], b, is_conv1d(module))
             return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -174,10 +187,31 @@ class FedKRSO(Method):
         shapes = {n: out_in(m) for n, m in self.targets(model).items()}
         return subspace_fingerprint(seeds, shapes, self.cfg.rank)
 
+    def mastered(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Every projected matrix: nearly all of the model, and the state (precision rule 5)."""
+        return self.targets(model)
+
     def state_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        state = {f"{n}.weight": m.weight for n, m in self.targets(model).items()}
+        """The projected weights (their float32 masters where the party computes with a
+        low-precision copy) and the dense-trainables."""
+        state = {f"{n}.weight": _state_weight(m) for n, m in self.targets(model).items()}
         state.update(self.dense(model))
         return state
+
+    def training_snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Training changes a mastered weight's compute copy only, never its master, so what
+        it can change of the state is the dense-trainables and the weights without a master."""
+        keep = {f"{n}.weight" for n, m in self.targets(model).items() if master(m) is not None}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.state_parameters(model).items()
+                if k not in keep}
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+        """Put the state back, then rebuild every compute copy from its master (training
+        merged B P into the copies)."""
+        super().restore(model, snapshot)
+        for module in self.targets(model).values():
+            sync_compute(module)
 
     def trainable_count(self, model: nn.Module) -> int:
         """One interval trains B (d_m x r) for every target plus the dense-trainables."""
@@ -229,7 +263,7 @@ class FedKRSO(Method):
     ) -> LocalUpdate:
         model.train()
         dense = self.dense(model)
-        dense_start = {n: p.detach().clone() for n, p in dense.items()}
+        dense_start = self.start_values(dense)
         dense_opt = self.dense_optimizer(dense)
         adapter = SubspaceAdapter(self.targets(model), self.cfg.rank)
         acc: dict[str, torch.Tensor] = {}
@@ -262,8 +296,10 @@ class FedKRSO(Method):
 
     @torch.no_grad()
     def apply(self, model: nn.Module, seeds: list[int], delta: dict[str, torch.Tensor]) -> None:
-        """W += sum_k Abar_k P_k, summed in float32 on the CPU in seed order, so every party
-        that applies the same Abar bytes reaches the same W bytes."""
+        """W += sum_k Abar_k P_k: the product summed in float32 on the CPU in seed order (a GPU
+        product would round differently), then added elementwise to the float32 state weight
+        where it lives, so every party that applies the same Abar bytes reaches the same W
+        bytes on any device. A low-precision compute copy is then rebuilt from its master."""
         for name, module in self.targets(model).items():
             d_m, d_n = out_in(module)
             total = None
@@ -274,6 +310,26 @@ class FedKRSO(Method):
                 term = a.float().cpu() @ subspace(seed, name, self.cfg.rank, d_n)
                 total = term if total is None else total + term
             if total is not None:
-                w = module.weight
+                w = _state_weight(module)
                 w.add_((total.T if is_conv1d(module) else total).to(w.device, w.dtype))
+                sync_compute(module)
         self.apply_dense(model, delta)
+
+    def export(self, model: nn.Module) -> nn.Module:
+        """The model itself, or, where the projected weights have float32 masters, a view of
+        it that carries the masters instead of the low-precision copies: the saved model holds
+        the state, not its rounding. No tensor is copied (the other weights are shared)."""
+        targets = {n: m for n, m in self.targets(model).items() if master(m) is not None}
+        if not targets:
+            return model
+        memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+        for module in targets.values():
+            memo[id(master(module))] = master(module)
+            memo[id(module.weight)] = nn.Parameter(master(module), requires_grad=False)
+        return copy.deepcopy(model, memo)
+
+
+def _state_weight(module: nn.Module) -> torch.Tensor:
+    """The state of a projected module: its weight, or that weight's float32 master."""
+    m = master(module)
+    return module.weight if m is None else m

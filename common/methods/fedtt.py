@@ -39,15 +39,22 @@ core frozen at its init is never the zero one.
 
 The adapters do not merge into the base weights (the activation is in between), so ``export``
 returns a copy without them and ``export_extra`` returns their cores, which the server saves
-beside the model; ``prepare`` on the plain model then ``load_state_dict(extra, strict=False)``
-brings them back.
+beside the model as ``adapters.safetensors`` (with the adapter config in its metadata). To use
+an exported FedTT model (``<run>/final`` or a ``fedkrso-export`` folder)::
+
+    from transformers import AutoModelForSequenceClassification
+    from fedkrso.common.methods.fedtt import load_adapters
+
+    model = load_adapters(AutoModelForSequenceClassification.from_pretrained(folder), folder)
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -56,7 +63,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..subspace import cpu_generator
-from .base import DeltaMethod, MethodConfig, out_in
+from .base import EXTRAS_FILE, EXTRAS_FORMAT, DeltaMethod, MethodConfig, out_in
 
 ATTR = "tt_adapter"
 DEFAULT_ADAPTER_MODULES = [
@@ -331,3 +338,37 @@ class FedTTPlus(FedTT):
         if relative[slowest] < self.cfg.freeze_ratio * max(relative.values()):
             return sorted(set(seeds) - {slowest})
         return sorted(seeds)
+
+
+def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Put the FedTT / FedTT+ adapters saved in ``folder/adapters.safetensors`` (by the server
+    in ``<run>/final``, or by ``fedkrso-export``) on ``model``, the plain transformers model
+    loaded from the same folder, and return it: the adapters are injected where the run had
+    them (their config is in the file's metadata) and every core is loaded; a file that does
+    not match the model's modules exactly raises ``ValueError``. Call it once per model."""
+    from safetensors import safe_open
+
+    path = Path(folder) / EXTRAS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {EXTRAS_FILE} in {folder}")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("format") != EXTRAS_FORMAT or meta.get("method") not in (FedTT.name, FedTTPlus.name):
+        raise ValueError(f"{path} holds no FedTT adapters (format {meta.get('format')!r}, "
+                         f"method {meta.get('method')!r})")
+    if adapters(model):
+        raise ValueError("the model already has TT adapters")
+    method_cls = FedTTPlus if meta["method"] == FedTTPlus.name else FedTT
+    method = method_cls(method_cls.Config.model_validate(json.loads(meta["config"])), run_seed=0)
+    method.inject(model)  # seeded init, overwritten below
+    cores = method.all_cores(model)
+    if set(cores) != set(tensors):
+        missing, unexpected = sorted(set(cores) - set(tensors)), sorted(set(tensors) - set(cores))
+        raise ValueError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, core in cores.items():
+            if core.shape != tensors[name].shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(core.shape)}")
+            core.copy_(tensors[name])
+    return model

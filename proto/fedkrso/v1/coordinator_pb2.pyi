@@ -40,14 +40,16 @@ SHARE_KIND_SELF_MASK: ShareKind
 SHARE_KIND_MASK_KEY: ShareKind
 
 class JoinRequest(_message.Message):
-    __slots__ = ("name", "num_samples", "software_version")
+    __slots__ = ("name", "num_samples", "software_version", "eval_samples")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EVAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_samples: int
     software_version: str
-    def __init__(self, name: _Optional[str] = ..., num_samples: _Optional[int] = ..., software_version: _Optional[str] = ...) -> None: ...
+    eval_samples: int
+    def __init__(self, name: _Optional[str] = ..., num_samples: _Optional[int] = ..., software_version: _Optional[str] = ..., eval_samples: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("client_id", "run_id", "config_json", "model_fingerprint", "current_round", "max_chunk_bytes")
@@ -120,7 +122,7 @@ class StartRoundResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[RoundHeader, _Mapping]] = ..., delta: _Optional[_Union[DeltaHeader, _Mapping]] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorBatch, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("run_id", "round", "num_samples", "loss", "steps", "seeds_used", "num_tensors", "update_digest", "train_seconds", "peak_rss_bytes", "train_state_bytes")
+    __slots__ = ("run_id", "round", "num_samples", "loss", "steps", "seeds_used", "num_tensors", "update_digest", "train_seconds", "peak_rss_bytes", "train_state_bytes", "eval_metrics", "eval_examples", "accelerator_peak_bytes")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +134,9 @@ class UpdateHeader(_message.Message):
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRAIN_STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EVAL_METRICS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     num_samples: int
@@ -143,7 +148,18 @@ class UpdateHeader(_message.Message):
     train_seconds: float
     peak_rss_bytes: int
     train_state_bytes: int
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., loss: _Optional[float] = ..., steps: _Optional[int] = ..., seeds_used: _Optional[_Iterable[int]] = ..., num_tensors: _Optional[int] = ..., update_digest: _Optional[str] = ..., train_seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., train_state_bytes: _Optional[int] = ...) -> None: ...
+    eval_metrics: _containers.RepeatedCompositeFieldContainer[EvalMetric]
+    eval_examples: int
+    accelerator_peak_bytes: int
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., loss: _Optional[float] = ..., steps: _Optional[int] = ..., seeds_used: _Optional[_Iterable[int]] = ..., num_tensors: _Optional[int] = ..., update_digest: _Optional[str] = ..., train_seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., train_state_bytes: _Optional[int] = ..., eval_metrics: _Optional[_Iterable[_Union[EvalMetric, _Mapping]]] = ..., eval_examples: _Optional[int] = ..., accelerator_peak_bytes: _Optional[int] = ...) -> None: ...
+
+class EvalMetric(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: float
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
 
 class SubmitUpdateRequest(_message.Message):
     __slots__ = ("header", "tensors")
