@@ -25,49 +25,49 @@ _sym_db = _symbol_database.Default()
 from fedkrso.v1 import tensor_pb2 as fedkrso_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64krso/v1/coordinator.proto\x12\nfedkrso.v1\x1a\x17\x66\x65\x64krso/v1/tensor.proto\"`\n\x0bJoinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x18\n\x10software_version\x18\x03 \x01(\t\x12\x14\n\x0c\x65val_samples\x18\x04 \x01(\x04\"\x91\x01\n\x0cJoinResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x15\n\rcurrent_round\x18\x05 \x01(\x04\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\r\"M\n\x11StartRoundRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nhave_round\x18\x02 \x01(\x04\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x02\"\x89\x02\n\x0bRoundHeader\x12\'\n\x06status\x18\x01 \x01(\x0e\x32\x17.fedkrso.v1.RoundStatus\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05seeds\x18\x03 \x03(\x04\x12\x18\n\x10plan_fingerprint\x18\x04 \x01(\t\x12%\n\x08\x63\x61tch_up\x18\x05 \x01(\x0e\x32\x13.fedkrso.v1.CatchUp\x12\x14\n\x0ctarget_round\x18\x06 \x01(\x04\x12\x19\n\x11state_fingerprint\x18\x07 \x01(\t\x12\x12\n\nnum_deltas\x18\x08 \x01(\r\x12\x16\n\x0esnapshot_round\x18\t \x01(\x04\x12\x15\n\rdeadline_unix\x18\n \x01(\x01\"@\n\x0b\x44\x65ltaHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05seeds\x18\x02 \x03(\x04\x12\x13\n\x0bnum_tensors\x18\x03 \x01(\r\"\x9d\x01\n\x12StartRoundResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedkrso.v1.RoundHeaderH\x00\x12(\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x17.fedkrso.v1.DeltaHeaderH\x00\x12*\n\x07tensors\x18\x03 \x01(\x0b\x32\x17.fedkrso.v1.TensorBatchH\x00\x42\x06\n\x04\x62ody\"\xce\x02\n\x0cUpdateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x12\n\nseeds_used\x18\x06 \x03(\x04\x12\x13\n\x0bnum_tensors\x18\x07 \x01(\r\x12\x15\n\rupdate_digest\x18\x08 \x01(\t\x12\x15\n\rtrain_seconds\x18\t \x01(\x01\x12\x16\n\x0epeak_rss_bytes\x18\n \x01(\x04\x12\x19\n\x11train_state_bytes\x18\x0b \x01(\x04\x12,\n\x0c\x65val_metrics\x18\x0c \x03(\x0b\x32\x16.fedkrso.v1.EvalMetric\x12\x15\n\reval_examples\x18\r \x01(\x04\x12\x1e\n\x16\x61\x63\x63\x65lerator_peak_bytes\x18\x0e \x01(\x04\")\n\nEvalMetric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"u\n\x13SubmitUpdateRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedkrso.v1.UpdateHeaderH\x00\x12*\n\x07tensors\x18\x02 \x01(\x0b\x32\x17.fedkrso.v1.TensorBatchH\x00\x42\x06\n\x04\x62ody\"x\n\x14SubmitUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x04\x12\x15\n\rmessage_bytes\x18\x05 \x01(\x04\"3\n\x12GetSnapshotRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\"t\n\x13GetSnapshotResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedkrso.v1.RoundHeaderH\x00\x12*\n\x07tensors\x18\x02 \x01(\x0b\x32\x17.fedkrso.v1.TensorBatchH\x00\x42\x06\n\x04\x62ody\"@\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05phase\x18\x03 \x01(\t\"@\n\x11HeartbeatResponse\x12\x14\n\x0crun_finished\x18\x01 \x01(\x08\x12\x15\n\rcurrent_round\x18\x02 \x01(\x04\".\n\x0cLeaveRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rLeaveResponse*u\n\x0bRoundStatus\x12\x1c\n\x18ROUND_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12ROUND_STATUS_TRAIN\x10\x01\x12\x15\n\x11ROUND_STATUS_WAIT\x10\x02\x12\x19\n\x15ROUND_STATUS_FINISHED\x10\x03*b\n\x07\x43\x61tchUp\x12\x18\n\x14\x43\x41TCH_UP_UNSPECIFIED\x10\x00\x12\x11\n\rCATCH_UP_NONE\x10\x01\x12\x13\n\x0f\x43\x41TCH_UP_DELTAS\x10\x02\x12\x15\n\x11\x43\x41TCH_UP_SNAPSHOT\x10\x03\x32\xc6\x03\n\x0b\x43oordinator\x12\x39\n\x04Join\x12\x17.fedkrso.v1.JoinRequest\x1a\x18.fedkrso.v1.JoinResponse\x12M\n\nStartRound\x12\x1d.fedkrso.v1.StartRoundRequest\x1a\x1e.fedkrso.v1.StartRoundResponse0\x01\x12S\n\x0cSubmitUpdate\x12\x1f.fedkrso.v1.SubmitUpdateRequest\x1a .fedkrso.v1.SubmitUpdateResponse(\x01\x12P\n\x0bGetSnapshot\x12\x1e.fedkrso.v1.GetSnapshotRequest\x1a\x1f.fedkrso.v1.GetSnapshotResponse0\x01\x12H\n\tHeartbeat\x12\x1c.fedkrso.v1.HeartbeatRequest\x1a\x1d.fedkrso.v1.HeartbeatResponse\x12<\n\x05Leave\x12\x18.fedkrso.v1.LeaveRequest\x1a\x19.fedkrso.v1.LeaveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64krso/v1/coordinator.proto\x12\nfedkrso.v1\x1a\x17\x66\x65\x64krso/v1/tensor.proto\"`\n\x0bJoinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x18\n\x10software_version\x18\x03 \x01(\t\x12\x14\n\x0c\x65val_samples\x18\x04 \x01(\x04\"\x91\x01\n\x0cJoinResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x15\n\rcurrent_round\x18\x05 \x01(\x04\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\r\"f\n\x11StartRoundRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nhave_round\x18\x02 \x01(\x04\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x02\x12\x17\n\x0fholds_run_seeds\x18\x04 \x01(\x08\"\x89\x02\n\x0bRoundHeader\x12\'\n\x06status\x18\x01 \x01(\x0e\x32\x17.fedkrso.v1.RoundStatus\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05seeds\x18\x03 \x03(\x04\x12\x18\n\x10plan_fingerprint\x18\x04 \x01(\t\x12%\n\x08\x63\x61tch_up\x18\x05 \x01(\x0e\x32\x13.fedkrso.v1.CatchUp\x12\x14\n\x0ctarget_round\x18\x06 \x01(\x04\x12\x19\n\x11state_fingerprint\x18\x07 \x01(\t\x12\x12\n\nnum_deltas\x18\x08 \x01(\r\x12\x16\n\x0esnapshot_round\x18\t \x01(\x04\x12\x15\n\rdeadline_unix\x18\n \x01(\x01\"@\n\x0b\x44\x65ltaHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05seeds\x18\x02 \x03(\x04\x12\x13\n\x0bnum_tensors\x18\x03 \x01(\r\"\x9d\x01\n\x12StartRoundResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedkrso.v1.RoundHeaderH\x00\x12(\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x17.fedkrso.v1.DeltaHeaderH\x00\x12*\n\x07tensors\x18\x03 \x01(\x0b\x32\x17.fedkrso.v1.TensorBatchH\x00\x42\x06\n\x04\x62ody\"\xce\x02\n\x0cUpdateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x12\n\nseeds_used\x18\x06 \x03(\x04\x12\x13\n\x0bnum_tensors\x18\x07 \x01(\r\x12\x15\n\rupdate_digest\x18\x08 \x01(\t\x12\x15\n\rtrain_seconds\x18\t \x01(\x01\x12\x16\n\x0epeak_rss_bytes\x18\n \x01(\x04\x12\x19\n\x11train_state_bytes\x18\x0b \x01(\x04\x12,\n\x0c\x65val_metrics\x18\x0c \x03(\x0b\x32\x16.fedkrso.v1.EvalMetric\x12\x15\n\reval_examples\x18\r \x01(\x04\x12\x1e\n\x16\x61\x63\x63\x65lerator_peak_bytes\x18\x0e \x01(\x04\")\n\nEvalMetric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"u\n\x13SubmitUpdateRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedkrso.v1.UpdateHeaderH\x00\x12*\n\x07tensors\x18\x02 \x01(\x0b\x32\x17.fedkrso.v1.TensorBatchH\x00\x42\x06\n\x04\x62ody\"x\n\x14SubmitUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x04\x12\x15\n\rmessage_bytes\x18\x05 \x01(\x04\"3\n\x12GetSnapshotRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\"t\n\x13GetSnapshotResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedkrso.v1.RoundHeaderH\x00\x12*\n\x07tensors\x18\x02 \x01(\x0b\x32\x17.fedkrso.v1.TensorBatchH\x00\x42\x06\n\x04\x62ody\"@\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05phase\x18\x03 \x01(\t\"@\n\x11HeartbeatResponse\x12\x14\n\x0crun_finished\x18\x01 \x01(\x08\x12\x15\n\rcurrent_round\x18\x02 \x01(\x04\".\n\x0cLeaveRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rLeaveResponse*u\n\x0bRoundStatus\x12\x1c\n\x18ROUND_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12ROUND_STATUS_TRAIN\x10\x01\x12\x15\n\x11ROUND_STATUS_WAIT\x10\x02\x12\x19\n\x15ROUND_STATUS_FINISHED\x10\x03*b\n\x07\x43\x61tchUp\x12\x18\n\x14\x43\x41TCH_UP_UNSPECIFIED\x10\x00\x12\x11\n\rCATCH_UP_NONE\x10\x01\x12\x13\n\x0f\x43\x41TCH_UP_DELTAS\x10\x02\x12\x15\n\x11\x43\x41TCH_UP_SNAPSHOT\x10\x03\x32\xc6\x03\n\x0b\x43oordinator\x12\x39\n\x04Join\x12\x17.fedkrso.v1.JoinRequest\x1a\x18.fedkrso.v1.JoinResponse\x12M\n\nStartRound\x12\x1d.fedkrso.v1.StartRoundRequest\x1a\x1e.fedkrso.v1.StartRoundResponse0\x01\x12S\n\x0cSubmitUpdate\x12\x1f.fedkrso.v1.SubmitUpdateRequest\x1a .fedkrso.v1.SubmitUpdateResponse(\x01\x12P\n\x0bGetSnapshot\x12\x1e.fedkrso.v1.GetSnapshotRequest\x1a\x1f.fedkrso.v1.GetSnapshotResponse0\x01\x12H\n\tHeartbeat\x12\x1c.fedkrso.v1.HeartbeatRequest\x1a\x1d.fedkrso.v1.HeartbeatResponse\x12<\n\x05Leave\x12\x18.fedkrso.v1.LeaveRequest\x1a\x19.fedkrso.v1.LeaveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedkrso.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUNDSTATUS']._serialized_start=1877
-  _globals['_ROUNDSTATUS']._serialized_end=1994
-  _globals['_CATCHUP']._serialized_start=1996
-  _globals['_CATCHUP']._serialized_end=2094
+  _globals['_ROUNDSTATUS']._serialized_start=1902
+  _globals['_ROUNDSTATUS']._serialized_end=2019
+  _globals['_CATCHUP']._serialized_start=2021
+  _globals['_CATCHUP']._serialized_end=2119
   _globals['_JOINREQUEST']._serialized_start=69
   _globals['_JOINREQUEST']._serialized_end=165
   _globals['_JOINRESPONSE']._serialized_start=168
   _globals['_JOINRESPONSE']._serialized_end=313
   _globals['_STARTROUNDREQUEST']._serialized_start=315
-  _globals['_STARTROUNDREQUEST']._serialized_end=392
-  _globals['_ROUNDHEADER']._serialized_start=395
-  _globals['_ROUNDHEADER']._serialized_end=660
-  _globals['_DELTAHEADER']._serialized_start=662
-  _globals['_DELTAHEADER']._serialized_end=726
-  _globals['_STARTROUNDRESPONSE']._serialized_start=729
-  _globals['_STARTROUNDRESPONSE']._serialized_end=886
-  _globals['_UPDATEHEADER']._serialized_start=889
-  _globals['_UPDATEHEADER']._serialized_end=1223
-  _globals['_EVALMETRIC']._serialized_start=1225
-  _globals['_EVALMETRIC']._serialized_end=1266
-  _globals['_SUBMITUPDATEREQUEST']._serialized_start=1268
-  _globals['_SUBMITUPDATEREQUEST']._serialized_end=1385
-  _globals['_SUBMITUPDATERESPONSE']._serialized_start=1387
-  _globals['_SUBMITUPDATERESPONSE']._serialized_end=1507
-  _globals['_GETSNAPSHOTREQUEST']._serialized_start=1509
-  _globals['_GETSNAPSHOTREQUEST']._serialized_end=1560
-  _globals['_GETSNAPSHOTRESPONSE']._serialized_start=1562
-  _globals['_GETSNAPSHOTRESPONSE']._serialized_end=1678
-  _globals['_HEARTBEATREQUEST']._serialized_start=1680
-  _globals['_HEARTBEATREQUEST']._serialized_end=1744
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1746
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1810
-  _globals['_LEAVEREQUEST']._serialized_start=1812
-  _globals['_LEAVEREQUEST']._serialized_end=1858
-  _globals['_LEAVERESPONSE']._serialized_start=1860
-  _globals['_LEAVERESPONSE']._serialized_end=1875
-  _globals['_COORDINATOR']._serialized_start=2097
-  _globals['_COORDINATOR']._serialized_end=2551
+  _globals['_STARTROUNDREQUEST']._serialized_end=417
+  _globals['_ROUNDHEADER']._serialized_start=420
+  _globals['_ROUNDHEADER']._serialized_end=685
+  _globals['_DELTAHEADER']._serialized_start=687
+  _globals['_DELTAHEADER']._serialized_end=751
+  _globals['_STARTROUNDRESPONSE']._serialized_start=754
+  _globals['_STARTROUNDRESPONSE']._serialized_end=911
+  _globals['_UPDATEHEADER']._serialized_start=914
+  _globals['_UPDATEHEADER']._serialized_end=1248
+  _globals['_EVALMETRIC']._serialized_start=1250
+  _globals['_EVALMETRIC']._serialized_end=1291
+  _globals['_SUBMITUPDATEREQUEST']._serialized_start=1293
+  _globals['_SUBMITUPDATEREQUEST']._serialized_end=1410
+  _globals['_SUBMITUPDATERESPONSE']._serialized_start=1412
+  _globals['_SUBMITUPDATERESPONSE']._serialized_end=1532
+  _globals['_GETSNAPSHOTREQUEST']._serialized_start=1534
+  _globals['_GETSNAPSHOTREQUEST']._serialized_end=1585
+  _globals['_GETSNAPSHOTRESPONSE']._serialized_start=1587
+  _globals['_GETSNAPSHOTRESPONSE']._serialized_end=1703
+  _globals['_HEARTBEATREQUEST']._serialized_start=1705
+  _globals['_HEARTBEATREQUEST']._serialized_end=1769
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1771
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1835
+  _globals['_LEAVEREQUEST']._serialized_start=1837
+  _globals['_LEAVEREQUEST']._serialized_end=1883
+  _globals['_LEAVERESPONSE']._serialized_start=1885
+  _globals['_LEAVERESPONSE']._serialized_end=1900
+  _globals['_COORDINATOR']._serialized_start=2122
+  _globals['_COORDINATOR']._serialized_end=2576
 # @@protoc_insertion_point(module_scope)
