@@ -243,7 +243,8 @@ class FedClient:
 
         def call(metadata):
             stream = self.stub.StartRound(pb.StartRoundRequest(
-                run_id=self.run_id, have_round=self.have, wait_seconds=self.opts.poll_seconds),
+                run_id=self.run_id, have_round=self.have, wait_seconds=self.opts.poll_seconds,
+                holds_run_seeds=self.participant is not None and bool(self.participant.fixed_seeds)),
                 metadata=metadata, timeout=self.opts.poll_seconds + 600)
             header, deltas = None, []
             try:

@@ -319,9 +319,10 @@ class Coordinator:
         await self.notify()
 
     # -- for the service: downloads --------------------------------------------------------------
-    def assignment(self, client_id: str, have: int) -> Assignment | None:
+    def assignment(self, client_id: str, have: int, holds_seeds: bool = False) -> Assignment | None:
         """The run is over, or ``client_id`` is selected for the open round: what to do and how
-        to catch up from ``have``; None while it has to wait."""
+        to catch up from ``have``; None while it has to wait. ``holds_seeds``: the client says
+        it kept the run's fixed seeds (a method whose seeds do not change), so they are not resent."""
         rs = self.current
         if self.finished:
             status, round_id = "finished", self.completed
@@ -331,7 +332,7 @@ class Coordinator:
             return None
         mode, deltas = self.catch_up_plan(have)
         # a method whose seeds are fixed for the run sends them once, to a client holding none
-        seeds_travel = self.method.seeds_per_round or have == 0
+        seeds_travel = self.method.seeds_per_round or not holds_seeds
         a = Assignment(status, round_id, self.completed, self.state_fingerprints[self.completed], mode, deltas,
                        seeds_in_deltas=self.method.seeds_per_round)
         if status == "train":

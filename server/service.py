@@ -101,7 +101,7 @@ class CoordinatorService(SecAggServicer, pb_grpc.CoordinatorServicer):
         give_up = time.monotonic() + min(max(wait, 0.0), MAX_POLL_S)
         while True:
             coord.touch(client_id)
-            task = coord.assignment(client_id, int(request.have_round))
+            task = coord.assignment(client_id, int(request.have_round), request.holds_run_seeds)
             if task is not None:
                 break
             remaining = give_up - time.monotonic()

@@ -95,7 +95,7 @@ class Simulation:
 
     async def _client_round(self, client_id: str) -> None:
         coord, p = self.coord, self.participants[client_id]
-        task = coord.assignment(client_id, p.have)
+        task = coord.assignment(client_id, p.have, bool(p.fixed_seeds))
         coord.begin_download(client_id, task.round, None)
         for msg, payload in assignment_messages(task, self.deltas):
             coord.count_download(client_id, payload, message_bytes(msg))

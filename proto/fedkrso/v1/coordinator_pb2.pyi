@@ -68,14 +68,16 @@ class JoinResponse(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., run_id: _Optional[str] = ..., config_json: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., current_round: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class StartRoundRequest(_message.Message):
-    __slots__ = ("run_id", "have_round", "wait_seconds")
+    __slots__ = ("run_id", "have_round", "wait_seconds", "holds_run_seeds")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     HAVE_ROUND_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_RUN_SEEDS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     have_round: int
     wait_seconds: float
-    def __init__(self, run_id: _Optional[str] = ..., have_round: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+    holds_run_seeds: bool
+    def __init__(self, run_id: _Optional[str] = ..., have_round: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., holds_run_seeds: _Optional[bool] = ...) -> None: ...
 
 class RoundHeader(_message.Message):
     __slots__ = ("status", "round", "seeds", "plan_fingerprint", "catch_up", "target_round", "state_fingerprint", "num_deltas", "snapshot_round", "deadline_unix")
