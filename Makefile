@@ -25,9 +25,10 @@ proto: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m fedkrso.bench.demo --out $(DEMO_DIR)
 
-# The tests include the layering check (import-linter contracts in pyproject.toml).
+# The tests include the layering check (import-linter contracts in pyproject.toml); one
+# pytest-xdist worker per core, each computing with one torch thread (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n auto
 
 bench: $(STAMP)
 	$(BIN)/fedkrso-bench --config bench/sst2.yaml

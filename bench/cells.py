@@ -59,13 +59,15 @@ def round_yaml(cfg: BenchConfig, cell: Cell, data: Path, out: Path, num_labels: 
         "method": method_section(cell.spec, cell.lr),
         "rounds": {"total": cell.rounds, "clients_per_round": cfg.clients_per_round,
                    "min_clients": cfg.clients_per_round, "deadline_s": cfg.deadline_s, "start_timeout_s": 900.0},
-        "training": {"batch_size": cfg.batch_size, "optimizer": dict(cfg.optimizer)},
+        "training": {"batch_size": cfg.batch_size, "optimizer": dict(cfg.optimizer), "weighting": cfg.weighting},
         "eval": {"data": str(data / cell.split), "batch_size": cfg.eval_batch_size,
                  "client_every": cfg.client_eval_every},
         "server": {"listen": "127.0.0.1:0"},
     }
     if cfg.instruction is not None:
         rc["instruction"] = dict(cfg.instruction)
+    if cfg.privacy:
+        rc["privacy"] = dict(cfg.privacy)
     parse_config(rc, "generated round.yaml")  # fail here, not in a child process
     return rc
 

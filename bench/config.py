@@ -80,6 +80,7 @@ class QuickSpec(Strict):
     """Overrides applied by ``--quick`` (None keeps the main value)."""
 
     methods: list[str] | None = None
+    seeds: list[int] | None = None
     clients: int | None = None
     clients_per_round: int | None = None
     rounds: int | None = None
@@ -109,6 +110,9 @@ class BenchConfig(Strict):
     threads: int = Field(1, ge=1, description="torch threads of a simulated run")
     optimizer: dict[str, Any] = Field(default_factory=dict,
                                       description="training.optimizer of every run (one setting for all methods)")
+    weighting: Literal["samples", "uniform"] = Field("samples", description="training.weighting of every run "
+                                                     "(uniform: what privacy.dp and secure aggregation need)")
+    privacy: dict[str, Any] = Field(default_factory=dict, description="round.yaml privacy section of every run")
     output_dir: Path | None = Field(None, description="default results/<name>")
     data: DataSpec = DataSpec()
     model: ModelSpec = ModelSpec()
@@ -133,7 +137,7 @@ class BenchConfig(Strict):
     def apply_quick(self) -> BenchConfig:
         q = self.quick
         cfg = self.model_copy(deep=True, update=q.model_dump(
-            include={"clients", "clients_per_round", "rounds", "sweep_rounds"}, exclude_none=True))
+            include={"seeds", "clients", "clients_per_round", "rounds", "sweep_rounds"}, exclude_none=True))
         cfg.data = cfg.data.model_copy(update=q.model_dump(include={"max_examples", "max_eval"},
                                                            exclude_none=True))
         if q.max_length is not None:

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.out or "results/quality").resolve()
         command = "fedkrso-bench " + " ".join(sys.argv[1:] if argv is None else argv)
         try:
-            run_protocol(Path(args.protocol), out, args.blocks.split(",") if args.blocks else None, command)
+            run_protocol(Path(args.protocol), out, args.blocks.split(",") if args.blocks else None, command, args.quick)
         except BenchConfigError as err:
             fail(PROG, err)
         except RuntimeError as err:  # a run failed; its log tail is in the message

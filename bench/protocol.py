@@ -25,10 +25,13 @@ def planned_runs(cfg: BenchConfig) -> int:
     return sweeps + len(cfg.methods) * len(cfg.seeds)
 
 
-def block_config(protocol: ProtocolConfig, name: str, out: Path) -> BenchConfig:
-    """The block's bench config, its lrs taken from ``lrs_from``'s selection where it names one."""
+def block_config(protocol: ProtocolConfig, name: str, out: Path, quick: bool = False) -> BenchConfig:
+    """The block's bench config (its ``quick`` preset applied with ``quick``), its lrs taken
+    from ``lrs_from``'s selection where it names one."""
     block = next(b for b in protocol.blocks if b.name == name)
     cfg = protocol.bench(block)
+    if quick:
+        cfg = cfg.apply_quick()
     source = block.lrs_from
     if source:
         path = out / source / "results.json"
@@ -41,7 +44,7 @@ def block_config(protocol: ProtocolConfig, name: str, out: Path) -> BenchConfig:
     return cfg
 
 
-def run_protocol(path: Path, out: Path, only: list[str] | None, command: str) -> dict:
+def run_protocol(path: Path, out: Path, only: list[str] | None, command: str, quick: bool = False) -> dict:
     protocol = load_protocol(path)
     unknown = set(only or ()) - {b.name for b in protocol.blocks}
     if unknown:
@@ -49,13 +52,13 @@ def run_protocol(path: Path, out: Path, only: list[str] | None, command: str) ->
     out.mkdir(parents=True, exist_ok=True)
     for block in protocol.blocks:
         if only is None or block.name in only:
-            run_bench(block_config(protocol, block.name, out), out / block.name, command,
+            run_bench(block_config(protocol, block.name, out, quick), out / block.name, command,
                       log=lambda s: print(s, flush=True))
-            combined = write_quality(protocol, out, command, path)
+            combined = write_quality(protocol, out, command, path, quick)
     return combined
 
 
-def write_quality(protocol: ProtocolConfig, out: Path, command: str, path: Path) -> dict:
+def write_quality(protocol: ProtocolConfig, out: Path, command: str, path: Path, quick: bool = False) -> dict:
     """``quality.json`` and ``QUALITY.md`` from every block's results on disk."""
     combined = {"name": protocol.name, "description": protocol.description, "command": command,
                 "protocol": str(path), "blocks": {}}
@@ -66,7 +69,7 @@ def write_quality(protocol: ProtocolConfig, out: Path, command: str, path: Path)
         combined["blocks"][block.name] = {
             "purpose": block.purpose, "report": json.loads(results.read_text()),
             "cells_done": len(list((out / block.name / "cells").glob("*/cell.json"))),
-            "cells_planned": planned_runs(block_config(protocol, block.name, out))}
+            "cells_planned": planned_runs(block_config(protocol, block.name, out, quick))}
     for name, text in (("quality.json", json.dumps(combined, indent=2) + "\n"),
                        ("QUALITY.md", render_quality(combined))):
         tmp = out / f".{name}.tmp"

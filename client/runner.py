@@ -30,8 +30,10 @@ from ..common.data import load_client_eval, load_split
 from ..common.logs import bounded, progress
 from ..common.participant import Participant, PreparedUpdate, Shared
 from ..common.precision import resolve_placement
+from ..common.privacy.secagg import SecAggError
 from ..common.protocol import TOKEN_HEADER, VERSION, bearer
 from ..common.wire import WireError
+from .secagg import SecureSubmission
 from .streams import ClientError, RoundReader, SnapshotReader, check_join
 
 log = structlog.get_logger("fedkrso.client")
@@ -237,7 +239,8 @@ class FedClient:
 
         def call(metadata):
             stream = self.stub.StartRound(pb.StartRoundRequest(
-                run_id=self.run_id, have_round=self.have, wait_seconds=self.opts.poll_seconds),
+                run_id=self.run_id, have_round=self.have, wait_seconds=self.opts.poll_seconds,
+                holds_run_seeds=self.participant is not None and bool(self.participant.fixed_seeds)),
                 metadata=metadata, timeout=self.opts.poll_seconds + 600)
             reader = RoundReader(self.participant, self.cfg.method.wire_dtype)
             for msg in stream:
@@ -291,7 +294,10 @@ class FedClient:
         with progress(self.cfg.method.local_steps(), f"round {header.round} training", "step") as bar:
             update = self.participant.train(header.round, seeds, tick=bar.update)
         self.phase = "submitting"
-        self._submit(update)
+        if self.cfg.privacy.secure_aggregation.enabled:
+            self._submit_securely(update, seeds)
+        else:
+            self._submit(update)
         self.report.rounds_trained.append(int(header.round))
 
     def _submit(self, update: PreparedUpdate) -> None:
@@ -309,6 +315,27 @@ class FedClient:
         log.info("update_submitted", round=update.round, loss=round(update.loss, 4), payload_bytes=resp.payload_bytes,
                  duplicate=resp.duplicate, train_seconds=round(update.train_seconds, 2),
                  eval={k: round(v, 4) for k, v in update.eval_metrics.items()} or None)
+
+    def _submit_securely(self, update: PreparedUpdate, seeds: list[int]) -> None:
+        """The update through secure aggregation (``client/secagg.py``). A round whose protocol
+        failed, or moved on without this client, is logged and left: the next poll goes on."""
+        sa = self.cfg.privacy.secure_aggregation
+        timeout = self.cfg.rounds.deadline_s + 4 * sa.phase_timeout_s + 60
+        sub = SecureSubmission(self.stub, lambda fn, arg, t: self._call(fn, arg, timeout=t), self.run_id,
+                               self.client_id, update, self.participant.delta_spec(seeds), sa.ring_bits, timeout)
+        try:
+            resp = sub.run(_peak_rss_bytes(), self.chunk)
+        except grpc.RpcError as err:
+            if err.code() not in (grpc.StatusCode.ABORTED, grpc.StatusCode.FAILED_PRECONDITION,
+                                  grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.ALREADY_EXISTS):
+                raise
+            log.warning("secagg_round_failed", round=update.round, code=err.code().name, reason=err.details())
+            return
+        except SecAggError as err:
+            log.warning("secagg_round_failed", round=update.round, reason=str(err))
+            return
+        log.info("update_submitted_securely", round=update.round, survivors=len(resp.survivors),
+                 dropped=list(resp.dropped), train_seconds=round(update.train_seconds, 2))
 
     def _write_report(self) -> None:
         if self.opts.report:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .methods import METHODS, Method, OptimizerConfig, build_method
 from .models import Task
 from .precision import DEVICE_PATTERN
+from .privacy.config import PrivacySection
 from .protocol import CLIENT_ID_PATTERN
 
 MethodSection = Annotated[
@@ -263,6 +264,38 @@ class RunConfig(Section):
     eval: EvalSection = EvalSection()
     server: ServerSection = ServerSection()
     security: SecuritySection = SecuritySection()
+    privacy: PrivacySection = PrivacySection()
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> RunConfig:
+        """DP and secure aggregation sum plain, unweighted updates (docs/PRIVACY.md)."""
+        p, s = self.privacy, self.server
+        if p.dp.enabled and (reason := METHODS[self.method.name].dp_unsupported):
+            raise ValueError(f"privacy.dp does not apply to {self.method.name}: {reason}")
+        if p.dp.enabled or p.secure_aggregation.enabled:
+            what = "privacy.dp" if p.dp.enabled else "privacy.secure_aggregation"
+            if self.training.weighting != "uniform":
+                raise ValueError(f"{what} needs training.weighting: uniform (sample-count weights reveal each "
+                                 "client's count and break the sum's sensitivity bound)")
+            if s.aggregation != "mean":
+                raise ValueError(f"{what} needs server.aggregation: mean (a trimmed mean is no sum)")
+            if self.training.client_weights:
+                raise ValueError(f"{what} sums unweighted updates: training.client_weights cannot apply")
+        if p.secure_aggregation.enabled:
+            if s.clip_norm is not None or (s.max_update_norm is not None and "max_update_norm" in s.model_fields_set):
+                raise ValueError("privacy.secure_aggregation: the server never sees an update, so server.clip_norm "
+                                 "and server.max_update_norm cannot apply (clients clip with privacy.dp)")
+            object.__setattr__(s, "max_update_norm", None)  # the default bound too: nothing it could apply to
+            if self.rounds.min_clients < 2:
+                raise ValueError("privacy.secure_aggregation needs rounds.min_clients >= 2 (a sum of one update is it)")
+            sa = p.secure_aggregation
+            if self.rounds.clients_per_round * sa.value_bound * 2 > 2 ** (sa.ring_bits - 1):
+                raise ValueError(f"privacy.secure_aggregation: a {sa.ring_bits}-bit ring has no fixed-point room for "
+                                 f"{self.rounds.clients_per_round} values bounded by {sa.value_bound}")
+            if p.dp.amplification:
+                raise ValueError("privacy.dp.amplification needs a secret selection, but secure aggregation shows "
+                                 "each round's clients to one another")
+        return self
 
     def build_method(self) -> Method:
         """The run's method, with its optimizer setting and schedule length."""

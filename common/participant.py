@@ -24,6 +24,7 @@ and a simulated client produces what its distributed twin would.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from .evaluate import client_metrics, evaluate
 from .methods import Method
 from .models import load_model, load_tokenizer, model_fingerprint
 from .precision import Placement, bytes_by_dtype, peak_bytes, placement_of, reset_peak, resolve_placement
+from .privacy.dp import noise_multiplier, privatize, secret_rng
 from .subspace import stable_seed
 from .tensors import DTYPES
 from .wire import tensor_batches, update_digest
@@ -137,6 +139,7 @@ class Participant:
         self.tokens = tokenize(dataset, shared.tokenizer, fmt)
         held_out = eval_dataset is not None and len(eval_dataset) > 0
         self.eval_tokens = tokenize(eval_dataset, shared.tokenizer, fmt) if held_out else None
+        self.secret = secrets.token_bytes(32)  # keys this client's local DP noise (never leaves it)
 
     @property
     def model(self) -> nn.Module:
@@ -252,10 +255,26 @@ class Participant:
             self.method.restore(self.model, snapshot)
             self.model.train(was_training)
         train_seconds = time.perf_counter() - started
+        tensors = self.privatize(round_id, seeds, {k: v.detach().cpu() for k, v in update.tensors.items()})
         wire = DTYPES[self.cfg.method.wire_dtype]
-        tensors = {k: v.detach().to(wire).cpu() for k, v in update.tensors.items()}  # canonical bytes
+        tensors = {k: v.detach().to(wire).cpu() for k, v in tensors.items()}  # canonical bytes
         return PreparedUpdate(round=round_id, tensors=tensors, digest=update_digest(tensors),
                               num_samples=self.num_samples, loss=update.loss, steps=update.steps,
                               seeds_used=list(update.seeds_used), train_seconds=train_seconds,
                               train_state_bytes=update.train_state_bytes, eval_metrics=eval_metrics,
                               eval_examples=eval_examples, accelerator_peak_bytes=accelerator_peak)
+
+    def privatize(self, round_id: int, seeds: list[int], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Clip (and in local mode noise) the update in the space of the model update, and give
+        it the full layout secure aggregation masks (``privacy.dp.privatize``). The norm before
+        clipping and the count of values the clamp cut are logged here and never sent."""
+        p = self.cfg.privacy
+        if not (p.dp.enabled or p.secure_aggregation.enabled):
+            return tensors
+        z = noise_multiplier(p.dp, self.cfg.rounds.total, self.cfg.rounds.clients_per_round) if p.dp.enabled else 0.0
+        geometry = self.method.update_geometry(self.model, seeds)
+        rng = secret_rng(self.secret, "dp-noise", self.cfg.run.seed, round_id)
+        out, norm, clamped = privatize(p, geometry, tensors, z, rng)
+        log.info("update_privatized", round=round_id, dp=p.dp.mode, norm=round(norm, 6),
+                 clipped=p.dp.enabled and norm > p.dp.clip, clamped_values=clamped)
+        return out

@@ -33,8 +33,10 @@ from ..common.models import base_identity
 from ..common.participant import Shared
 from ..common.precision import Placement
 from ..common.tensors import DTYPES
-from .metrics import MetricsWriter, round_row
 from .intake import UpdateIntake
+from .metrics import MetricsWriter, round_row
+from .privacy import PrivacyGuard
+from .secagg import SecureAggregation
 from .registry import ClientRegistry
 from .results import ServerEvaluator, save_final
 from .rounds import Assignment, RoundDelta, RoundError, RoundState, StateCopy
@@ -68,6 +70,8 @@ class Coordinator:
         self.model_fingerprint = self.shared.identity
         self.state_bytes = payload_bytes(self.method.snapshot_tensors(self.model))  # a snapshot's payload
         self.fedavg_bytes = full_model_bytes(self.model)
+        self.privacy = PrivacyGuard(cfg, self.method, self.model)
+        self.secagg = SecureAggregation(self) if cfg.privacy.secure_aggregation.enabled else None
         self.registry = registry or ClientRegistry(cfg.run.seed, max_clients=cfg.server.max_clients)
         self.deadlines = deadlines
         self.evaluate = ServerEvaluator(cfg)
@@ -110,6 +114,7 @@ class Coordinator:
         for r in range(keep, start):  # before the checkpoint: read, not replayed
             kept(r, self.store.delta(r))
         self.method.load_plan_state(saved.plan_state)  # decided before the checkpoint too
+        self.privacy.load(saved.privacy)
         self.completed = saved.completed
         self.state_fingerprints = dict(saved.state_fingerprints)
         self.accepted_digests = dict(saved.accepted_digests)
@@ -117,6 +122,8 @@ class Coordinator:
         if saved.open_round is not None:
             self.current = restore_round(saved.open_round, saved.open_tensors, self._aggregator(),
                                          self.cfg.rounds.resume_grace_s)
+            if self.secagg is not None:  # its protocol was not saved: it starts again, fresh keys
+                self.current.submissions.clear()
             for client_id, sub in self.current.submissions.items():
                 self.accepted_digests[(self.current.round, client_id)] = sub.digest
         rs = self.current
@@ -157,7 +164,8 @@ class Coordinator:
         if self.completed < self.cfg.rounds.total:
             await self._wait_for_clients()
         for t in range(self.completed, self.cfg.rounds.total):
-            await self._run_round(t)
+            if not await self._run_round(t):
+                break  # the privacy budget would be exceeded: stop here, saving the model
         await self.finish()
 
     async def _wait_for_clients(self) -> None:
@@ -173,14 +181,17 @@ class Coordinator:
                     raise RuntimeError(f"only {n} client(s) joined; need {r.min_clients}")
                 await self.wait_change(1.0)
 
-    async def _run_round(self, t: int) -> None:
+    async def _run_round(self, t: int) -> bool:
+        """Run round ``t``; False when its privacy cost would exceed the budget (not opened)."""
         r = self.cfg.rounds
         while len(self.registry.selectable()) < r.min_clients:
             log.warning("round_waiting_for_quorum", round=t, live=len(self.registry.selectable()))
             await self.wait_change(5.0)
         seeds = self.method.round_seeds(t)
         plan_fp = await asyncio.to_thread(self.method.plan_fingerprint, self.model, seeds)
-        selected = set(self.registry.select(t, set(), r.clients_per_round))
+        selected = set(self.registry.select(t, set(), r.clients_per_round, secret=self.privacy.secret_selection))
+        if not self.privacy.allows(t, len(selected), len(self.registry.live())):
+            return False
         rs = RoundState(t, seeds, plan_fp, selected, time.monotonic() + r.deadline_s,
                         aggregator=self._aggregator())
         self.freeze_weights(rs, selected)
@@ -190,9 +201,14 @@ class Coordinator:
         log.info("round_started", round=t, clients=sorted(selected), seeds=len(seeds))
         await self.notify()
         await self._await_round(rs)
+        return True
 
     async def _await_round(self, rs: RoundState) -> None:
-        """Until every selected client submitted, or the deadline passed with a quorum."""
+        """Until every selected client submitted, or the deadline passed with a quorum (with
+        secure aggregation: until its protocol unmasked the sum or failed)."""
+        if self.secagg is not None:
+            await self.secagg.run(rs)
+            return await self._close_round(rs)
         with progress(total=len(rs.selected), desc=f"round {rs.round} updates", unit="update") as bar:
             while True:
                 bar.total = len(rs.selected)
@@ -216,7 +232,8 @@ class Coordinator:
         would leave the round nobody to wait for (a slow start is not a death)."""
         silent = self.registry.by_staleness(rs.selected - set(rs.submissions))
         room = self.cfg.rounds.clients_per_round - len(rs.submissions)
-        fresh = self.registry.select(rs.round, rs.selected | rs.dropped, room)
+        # a secret sample charged at its size takes no replacements
+        fresh = [] if self.privacy.secret_selection else self.registry.select(rs.round, rs.selected | rs.dropped, room)
         dropped = silent[:len(fresh)]  # the longest unheard first
         rs.selected = (rs.selected - set(dropped)) | set(fresh)
         rs.dropped |= set(dropped)
@@ -234,18 +251,19 @@ class Coordinator:
     async def _close_round(self, rs: RoundState) -> None:
         rs.closing = True
         async with self.fold_lock:
-            mean = await asyncio.to_thread(rs.aggregator.result)
+            mean = await asyncio.to_thread(self.privacy.release, rs)
         canonical = {k: v.to(DTYPES[self.cfg.method.wire_dtype]) for k, v in mean.items()}
         async with self.model_lock:
             await asyncio.to_thread(self.method.apply, self.model, rs.seeds, canonical)
             fp = await asyncio.to_thread(self.method.state_fingerprint, self.model)
             self.state_fingerprints[rs.round + 1] = fp
-            row = round_row(rs, fp, self.fedavg_bytes)
+            row = {**round_row(rs, fp, self.fedavg_bytes), **self.privacy.row(len(self.registry.live())),
+                   **(self.secagg.row(rs) if self.secagg else {})}
             due = (rs.round + 1) % self.cfg.server.checkpoint_every == 0
             checkpoint = self.method.snapshot(self.model) if due else None
             digests = {c: s.digest for c, s in rs.submissions.items()}
             await asyncio.to_thread(self.store.commit_round, rs.round, rs.seeds, canonical, fp, digests, row,
-                                    checkpoint, self.method.plan_state())
+                                    checkpoint, self.method.plan_state(), self.privacy.state())
         rs.committed.set()
         self.deltas[rs.round] = RoundDelta(rs.round, rs.seeds, canonical, fp)
         # catch-up keeps the last snapshot_after_rounds deltas in memory (all are on disk);
@@ -315,9 +333,10 @@ class Coordinator:
         await self.notify()
 
     # -- for the service: downloads --------------------------------------------------------------
-    def assignment(self, client_id: str, have: int) -> Assignment | None:
+    def assignment(self, client_id: str, have: int, holds_seeds: bool = False) -> Assignment | None:
         """The run is over, or ``client_id`` is selected for the open round: what to do and how
-        to catch up from ``have``; None while it has to wait."""
+        to catch up from ``have``; None while it has to wait. ``holds_seeds``: the client says
+        it kept the run's fixed seeds (a method whose seeds do not change), so they are not resent."""
         rs = self.current
         if self.finished:
             status, round_id = "finished", self.completed
@@ -327,7 +346,7 @@ class Coordinator:
             return None
         mode, deltas = self.catch_up_plan(have)
         # a method whose seeds are fixed for the run sends them once, to a client holding none
-        seeds_travel = self.method.seeds_per_round or have == 0
+        seeds_travel = self.method.seeds_per_round or not holds_seeds
         a = Assignment(status, round_id, self.completed, self.state_fingerprints[self.completed], mode, deltas,
                        seeds_in_deltas=self.method.seeds_per_round)
         if status == "train":

@@ -119,6 +119,9 @@ class UpdateIntake:
             if duplicate and prior.digest != sub.digest:
                 raise RoundError("ALREADY_EXISTS", f"an update for round {rs.round} was already accepted")
             if not duplicate:
+                tensors = await asyncio.to_thread(self.coord.privacy.screen, rs, tensors)
+                if self.coord.privacy.central:  # clipped to the DP bound in the same space (the weight change)
+                    norm = min(norm, self.coord.cfg.privacy.dp.clip)
                 await asyncio.to_thread(rs.aggregator.add, tensors, sub.weight, norm)
                 traffic = rs.traffic_of(sub.client_id)
                 traffic.up_payload, traffic.up_message = up_payload, up_message

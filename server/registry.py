@@ -111,11 +111,14 @@ class ClientRegistry:
         """Live clients that asked for work: the ones a round may select and count on."""
         return [c for c in self.live() if self.clients[c].polled]
 
-    def select(self, round_id: int, exclude: set[str], n: int) -> list[str]:
+    def select(self, round_id: int, exclude: set[str], n: int, secret: bool = False) -> list[str]:
         """Up to ``n`` selectable clients not in ``exclude``: a sample seeded by (run seed,
-        round, how many are excluded), so a replacement draw differs from the first one."""
+        round, how many are excluded), so a replacement draw differs from the first one; with
+        ``secret``, from the operating system's entropy (DP's amplification by sampling needs
+        a selection nobody can predict)."""
         pool = [c for c in self.selectable() if c not in exclude]
-        rng = random.Random(stable_seed("select", self.run_seed, round_id, len(exclude)))
+        rng = random.SystemRandom() if secret else random.Random(
+            stable_seed("select", self.run_seed, round_id, len(exclude)))
         return sorted(rng.sample(pool, min(n, len(pool))))
 
     def by_staleness(self, ids: set[str]) -> list[str]:

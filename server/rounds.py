@@ -73,13 +73,14 @@ class Submission:
     train_state_bytes: int
     seeds_used: list[int]
     weight: float = 0.0  # what it was folded with (weights.RoundWeights.fold_weight)
-    update_norm: float = 0.0  # the size of the weight change it implies (method.update_norm)
+    update_norm: float | None = None  # the size of the weight change it implies (method.update_norm);
+    # None: not seen (secure aggregation hides each update from the server)
     eval: dict[str, float] = field(default_factory=dict)  # validated (``client_eval.check``)
     eval_examples: int = 0
     accelerator_peak_bytes: int = 0  # absent from open rounds saved before it existed
 
     @classmethod
-    def of(cls, client_id: str, report: UpdateReport, weight: float, update_norm: float) -> Submission:
+    def of(cls, client_id: str, report: UpdateReport, weight: float, update_norm: float | None) -> Submission:
         return cls(client_id, report.digest, report.num_samples, report.loss, report.steps,
                    report.train_seconds, report.peak_rss_bytes, report.train_state_bytes,
                    list(report.seeds_used), weight, update_norm, dict(report.eval_metrics), report.eval_examples,
@@ -102,6 +103,7 @@ class RoundState:
     traffic: dict[str, Traffic] = field(default_factory=dict)
     aggregator: Aggregator | None = None
     closing: bool = False
+    failed: str | None = None  # why the round closes without changing the model (secure aggregation)
     # group commit of accepted updates: ``folds`` counts updates folded into ``aggregator``,
     # ``saved_folds`` those on disk; one ``flusher`` task writes for every update waiting
     folds: int = 0

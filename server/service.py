@@ -30,8 +30,6 @@ from ..common.accounting import ConnCounters, message_bytes
 from ..common.config import ServerSection
 from ..common.logs import bounded
 from ..common.protocol import TOKEN_HEADER, bearer_token, valid_client_id
-from ..common.tensors import element_size
-from ..common.wire import TensorAssembler, WireError, update_digest
 from .admission import JoinLimiter, peer_host
 from .auth import AuthInterceptor, current_client, server_credentials
 from .coordinator import Coordinator
@@ -39,14 +37,15 @@ from .intake import report_of
 from .messages import DeltaEncodings, assignment_messages, snapshot_messages
 from .relay import CountingRelay, RelayLimits, fd_budget
 from .rounds import Assignment, RoundError
+from .secagg_service import SecAggServicer
 from .statuses import StatusInterceptor
-from .uploads import Upload, UploadGate
+from .uploads import UploadGate, assemble, check_report, drain
 
 log = structlog.get_logger("fedkrso.server")
 MAX_POLL_S = 60.0
 
 
-class CoordinatorService(pb_grpc.CoordinatorServicer):
+class CoordinatorService(SecAggServicer, pb_grpc.CoordinatorServicer):
     """The handlers. A refusal is a ``RoundError`` raised with its status code; the
     ``StatusInterceptor`` answers it (and anything unexpected) with a precise status."""
 
@@ -122,7 +121,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         give_up = time.monotonic() + min(max(wait, 0.0), MAX_POLL_S)
         while True:
             coord.touch(client_id, polling=True)  # a Leave meanwhile ends the poll (UNAUTHENTICATED)
-            task = coord.assignment(client_id, int(request.have_round))
+            task = coord.assignment(client_id, int(request.have_round), request.holds_run_seeds)
             if task is not None:
                 break
             remaining = give_up - time.monotonic()
@@ -208,44 +207,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         await self.coord.leave(client_id, request.reason or "leave")
         self.auth.sessions.revoke(client_id)  # open enrolment: the session ends with it
         return pb.LeaveResponse()
-
-
-def check_report(h: pb.UpdateHeader) -> None:
-    """The header's reported figures end up in metrics.jsonl: finite, or the update is refused."""
-    for name in ("loss", "train_seconds"):
-        if not math.isfinite(getattr(h, name)):
-            raise RoundError("INVALID_ARGUMENT", f"header {name} is not finite")
-
-
-async def drain(upload: Upload, max_bytes: int) -> None:
-    """Read a duplicate's stream to its end (the client is waiting for the answer) without
-    keeping it, refusing one that carries more tensor bytes than an update can."""
-    seen = 0
-    while (msg := await upload.next()) is not None:
-        seen += sum(len(c.data) for c in msg.tensors.chunks)
-        if seen > max_bytes:
-            raise RoundError("INVALID_ARGUMENT", f"stream exceeds the {max_bytes}-byte limit")
-
-
-async def assemble(upload: Upload, h: pb.UpdateHeader, spec: dict, required: set[str], wire: str,
-                   msg_bytes: int) -> tuple[dict, TensorAssembler, int]:
-    """The update's tensors, checked against ``spec`` as they arrive and against the header
-    at the end; (tensors, the assembler, message bytes of the whole stream)."""
-    asm = TensorAssembler(spec, wire, max_bytes=sum(math.prod(s) for s in spec.values()) * element_size(wire))
-    try:
-        while (msg := await upload.next()) is not None:
-            msg_bytes += message_bytes(msg)
-            if msg.WhichOneof("body") != "tensors":
-                raise WireError("only tensor batches may follow the header")
-            asm.add(msg.tensors)
-        tensors = asm.finish(required)
-        if len(tensors) != h.num_tensors:
-            raise WireError(f"header announced {h.num_tensors} tensors, stream carried {len(tensors)}")
-        if update_digest(tensors) != h.update_digest:
-            raise WireError("update_digest does not match the tensors received")
-    except WireError as err:
-        raise RoundError("INVALID_ARGUMENT", str(err)) from None
-    return tensors, asm, msg_bytes
 
 
 def server_options(s: ServerSection, behind_relay: bool) -> list[tuple[str, int]]:

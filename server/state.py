@@ -66,12 +66,15 @@ def shaping_config(cfg: RunConfig) -> dict:
     credentials, its output folder and where metrics are reported (a restart may move the
     port, rotate certificates or add a tracker and still resume the same run),
     ``model.device`` and ``model.dtype`` (each party's own; the state is float32 on all,
-    common/precision.py), an unset ``model.revision`` (older run ids still hold) and the
-    transport's limits (``config.TRANSPORT_FIELDS``: timeouts, connection and Join limits)."""
+    common/precision.py), an unset ``model.revision`` and a privacy section with nothing on
+    (older run ids still hold), and the transport's limits (``config.TRANSPORT_FIELDS``:
+    timeouts, connection and Join limits)."""
     shaping = cfg.model_dump(mode="json", exclude={"security": True, "run": {"output_dir", "report_to"},
                                                     "server": TRANSPORT_FIELDS, "model": {"device", "dtype"}})
     if shaping["model"].get("revision") is None:
         shaping["model"].pop("revision", None)
+    if not cfg.privacy.any:  # a run without privacy keeps the identity it had before the section
+        shaping.pop("privacy", None)
     return shaping
 
 
@@ -218,6 +221,7 @@ class SavedRun:
     checkpoint_round: int
     last_row: dict | None
     plan_state: dict
+    privacy: dict
     open_round: dict | None
     open_tensors: Tensors
 
@@ -271,6 +275,7 @@ class RunStore:
             checkpoint_round=m["checkpoint"]["round"] if m["checkpoint"] else 0,
             last_row=m["last_row"],
             plan_state=m.get("plan_state", {}),
+            privacy=m.get("privacy", {}),
             open_round=open_round,
             open_tensors=open_tensors,
         )
@@ -298,7 +303,7 @@ class RunStore:
 
     def commit_round(self, round_id: int, seeds: list[int], delta: Tensors, state_fingerprint: str,
                      digests: dict[str, str], row: dict, checkpoint: Tensors | None,
-                     plan_state: dict | None = None) -> None:
+                     plan_state: dict | None = None, privacy: dict | None = None) -> None:
         """Round ``round_id`` closed: its delta (and a checkpoint when one is due), then the
         manifest that makes it count, then drop the open round it replaces."""
         with self._lock:
@@ -318,6 +323,7 @@ class RunStore:
             m["accepted_digests"][str(round_id)] = dict(digests)
             m["last_row"] = row
             m["plan_state"] = plan_state or {}
+            m["privacy"] = privacy or {}
             write_json(self.manifest_path, m)
             if checkpoint is not None and previous:
                 (self.root / previous["file"]).unlink(missing_ok=True)

@@ -21,8 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator
 
+from fedkrso.v1 import coordinator_pb2 as pb
+
+from ..common.accounting import message_bytes
+from ..common.tensors import element_size
+from ..common.wire import TensorAssembler, WireError, update_digest
 from .rounds import RoundError
 
 MAX_WAITING = 4  # streams of one client waiting for its turn (an honest client retries one)
@@ -108,3 +114,41 @@ class Upload:
             yield
         finally:
             self.gate._slots.release()
+
+
+def check_report(h: pb.UpdateHeader) -> None:
+    """The header's reported figures end up in metrics.jsonl: finite, or the update is refused."""
+    for name in ("loss", "train_seconds"):
+        if not math.isfinite(getattr(h, name)):
+            raise RoundError("INVALID_ARGUMENT", f"header {name} is not finite")
+
+
+async def drain(upload: Upload, max_bytes: int) -> None:
+    """Read a duplicate's stream to its end (the client is waiting for the answer) without
+    keeping it, refusing one that carries more tensor bytes than an update can."""
+    seen = 0
+    while (msg := await upload.next()) is not None:
+        seen += sum(len(c.data) for c in msg.tensors.chunks)
+        if seen > max_bytes:
+            raise RoundError("INVALID_ARGUMENT", f"stream exceeds the {max_bytes}-byte limit")
+
+
+async def assemble(upload: Upload, h: pb.UpdateHeader, spec: dict, required: set[str], wire: str,
+                   msg_bytes: int) -> tuple[dict, TensorAssembler, int]:
+    """The update's tensors, checked against ``spec`` as they arrive and against the header
+    at the end; (tensors, the assembler, message bytes of the whole stream)."""
+    asm = TensorAssembler(spec, wire, max_bytes=sum(math.prod(s) for s in spec.values()) * element_size(wire))
+    try:
+        while (msg := await upload.next()) is not None:
+            msg_bytes += message_bytes(msg)
+            if msg.WhichOneof("body") != "tensors":
+                raise WireError("only tensor batches may follow the header")
+            asm.add(msg.tensors)
+        tensors = asm.finish(required)
+        if len(tensors) != h.num_tensors:
+            raise WireError(f"header announced {h.num_tensors} tensors, stream carried {len(tensors)}")
+        if update_digest(tensors) != h.update_digest:
+            raise WireError("update_digest does not match the tensors received")
+    except WireError as err:
+        raise RoundError("INVALID_ARGUMENT", str(err)) from None
+    return tensors, asm, msg_bytes

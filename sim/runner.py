@@ -23,7 +23,7 @@ from pathlib import Path
 import structlog
 
 from ..common.accounting import message_bytes, payload_bytes
-from ..common.config import RunConfig
+from ..common.config import ConfigError, RunConfig
 from ..common.data import load_client_eval, load_split
 from ..common.participant import Participant
 from ..common.precision import Placement
@@ -55,6 +55,9 @@ class Simulation:
     def __init__(self, cfg: RunConfig, data_root: Path, fresh: bool = True, placement: Placement | None = None):
         """``placement``: the one device and dtype of the coordinator's model, on which every
         simulated client trains (default: round.yaml's)."""
+        if cfg.privacy.secure_aggregation.enabled:
+            raise ConfigError("fedkrso-sim has no transport to run secure aggregation over; run real processes "
+                              "(fedkrso-server and fedkrso-client, or fedkrso-bench with runner: processes)")
         self.cfg = cfg
         registry = ClientRegistry(cfg.run.seed, liveness_s=math.inf)
         self.coord = Coordinator(cfg, fresh=fresh, registry=registry, deadlines=False, placement=placement)
@@ -93,7 +96,7 @@ class Simulation:
 
     async def _client_round(self, client_id: str) -> None:
         coord, p = self.coord, self.participants[client_id]
-        task = coord.assignment(client_id, p.have)
+        task = coord.assignment(client_id, p.have, bool(p.fixed_seeds))
         coord.begin_download(client_id, task.round, None)
         for msg, payload in assignment_messages(task, self.deltas):
             coord.count_download(client_id, payload, message_bytes(msg))

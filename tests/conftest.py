@@ -43,6 +43,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs one worker per core) each worker computes with
+    one torch thread, as each client process does: the cores are shared, not oversubscribed."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 # -- waiting ---------------------------------------------------------------------------------
 def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
     """Poll ``predicate`` until it is truthy; fail naming ``what`` after ``timeout`` seconds.

@@ -147,7 +147,7 @@ def test_server_rejects_bad_config_naming_the_field(tmp_path, patch, message):
 
 def test_fedkseed_sends_its_candidates_once_and_catches_up_laggards_with_one_vector(tmp_path, tiny_bert, shards):
     """Real processes, 3 clients, 1 per round: FedKSeed's K candidate seeds travel only in the
-    header of a client holding none (have_round 0); a client behind by R rounds downloads R
+    header of a client holding none (its StartRound says so: holds_run_seeds); a client behind by R rounds downloads R
     deltas of K scalars and the head, or one snapshot (the per-candidate sums, K float64, and
     the head: one summed vector) when that is smaller; every client ends on the server's state
     fingerprint."""

@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..precision import Placement, place, placement_of
+from ..privacy.geometry import UpdateGeometry
 from ..subspace import fingerprint
 from ..tensors import element_size, l2_norm
 from .optim import OptimizerConfig, Optimization
@@ -180,6 +181,8 @@ class Method(ABC):
     # False: the round's seeds are fixed for the whole run (FedKSeed's candidates) and travel
     # once, to a client that has none yet, rather than in every round header and delta
     seeds_per_round: ClassVar[bool] = True
+    # why client-level DP cannot bound this method's model update (None: it can)
+    dp_unsupported: ClassVar[str | None] = None
 
     def __init__(self, cfg: MethodConfig, run_seed: int, optimizer: OptimizerConfig | None = None,
                  total_rounds: int = 1):
@@ -277,6 +280,12 @@ class Method(ABC):
     def required_names(self, model: nn.Module, seeds: list[int]) -> set[str]:
         """Names an upload must carry (the rest of ``update_spec`` is optional)."""
         return set(self.update_spec(model, seeds))
+
+    def update_geometry(self, model: nn.Module, seeds: list[int]) -> UpdateGeometry:
+        """The map from an upload of a round with ``seeds`` to the model update it makes, on
+        which DP clips and noises (``privacy.geometry``). By default every uploaded tensor is
+        the change of the parameters it names (identity)."""
+        return UpdateGeometry(self.update_spec(model, seeds))
 
     @abstractmethod
     def apply(self, model: nn.Module, seeds: list[int], delta: dict[str, torch.Tensor]) -> None:

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..accounting import fedkrso_uplink_bytes
 from ..precision import master, sync_compute
+from ..privacy.geometry import RightFactor, UpdateGeometry
 from ..subspace import round_seeds, stable_seed, subspace, subspace_fingerprint
 from ..tensors import l2_norm, product_norm_sq
 from .base import (LocalUpdate, Method, MethodConfig, forward_loss, is_conv1d, out_in, target_linears,
@@ -226,6 +227,18 @@ class FedKRSO(Method):
                 spec[f"acc.{k}.{n}"] = (out_in(m)[0], self.cfg.rank)
         spec.update(self.dense_spec(self.dense(model)))
         return spec
+
+    def update_geometry(self, model: nn.Module, seeds: list[int]) -> UpdateGeometry:
+        """Exact: the accumulators of matrix m for every seed, side by side (A, d_m x K r),
+        change W_m by A [P_1; ...; P_K] (``privacy.geometry``, right factors). A Conv1D's
+        change is the transpose, of the same norm."""
+        factors = []
+        for name, module in self.targets(model).items():
+            d_n = out_in(module)[1]
+            stacked = torch.cat([subspace(seed, name, self.cfg.rank, d_n) for seed in seeds])
+            factors.append(RightFactor([f"acc.{k}.{name}" for k in range(len(seeds))],
+                                       [self.cfg.rank] * len(seeds), stacked))
+        return UpdateGeometry(self.update_spec(model, seeds), factors)
 
     def required_names(self, model: nn.Module, seeds: list[int]) -> set[str]:
         """Dense deltas always; accumulators only for the seeds a client drew."""

@@ -75,6 +75,11 @@ class FedKSeed(Method):
     Config = Config
     cfg: Config
     seeds_per_round = False
+    dp_unsupported = (
+        "FedKSeed's model update is lr * sum_k g_k z_k over K directions z_k the size of the model: its exact norm "
+        "needs the K x K Gram matrix of the directions (K model-sized draws per round) and no cheap bound on the "
+        "directions' spectral norm holds with certainty, while a bound on the scalars g alone would give epsilon "
+        "another meaning than for every other method")
 
     @property
     def first_order_dense(self) -> bool:
@@ -268,7 +273,8 @@ class FedKSeed(Method):
     @torch.no_grad()
     def apply(self, model: nn.Module, seeds: list[int], delta: dict[str, torch.Tensor]) -> None:
         """theta -= lr * sum_k gbar_k z_k; the sums buffer += gbar; the head += its mean change."""
-        gbar = delta["scalars"].float().cpu()
-        self._move(model, seeds, gbar)
-        getattr(model, CUMULATIVE).add_(gbar.double())
+        if "scalars" in delta:  # absent from the empty delta of a round that failed
+            gbar = delta["scalars"].float().cpu()
+            self._move(model, seeds, gbar)
+            getattr(model, CUMULATIVE).add_(gbar.double())
         self.apply_dense(model, delta)

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 from typing import Literal
 
+from torch import nn
+
+from ..privacy.geometry import RightFactor, UpdateGeometry
+from .fedit import ADAPTER, FedIT, lora_layers
 from .fedit import Config as FedITConfig
-from .fedit import FedIT
 
 
 class Config(FedITConfig):
@@ -25,3 +28,16 @@ class FFALoRA(FedIT):
     Config = Config
     cfg: Config
     train_a = False
+
+    def update_geometry(self, model: nn.Module, seeds: list[int]) -> UpdateGeometry:
+        """Exact: B's change dB moves the merged weight by (alpha / r) dB A, with A frozen and
+        the same on every party (``privacy.geometry``, right factors)."""
+        spec = self.update_spec(model, seeds)
+        scale = self.cfg.alpha / self.cfg.rank
+        factors = []
+        for name, layer in lora_layers(model).items():
+            key = f"delta.{name}.lora_B.{ADAPTER}.weight"
+            if key in spec:
+                a = layer.lora_A[ADAPTER].weight.detach().float().cpu()
+                factors.append(RightFactor([key], [self.cfg.rank], scale * a))
+        return UpdateGeometry(spec, factors)

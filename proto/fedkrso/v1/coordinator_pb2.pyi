@@ -21,6 +21,12 @@ class CatchUp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CATCH_UP_NONE: _ClassVar[CatchUp]
     CATCH_UP_DELTAS: _ClassVar[CatchUp]
     CATCH_UP_SNAPSHOT: _ClassVar[CatchUp]
+
+class ShareKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SHARE_KIND_UNSPECIFIED: _ClassVar[ShareKind]
+    SHARE_KIND_SELF_MASK: _ClassVar[ShareKind]
+    SHARE_KIND_MASK_KEY: _ClassVar[ShareKind]
 ROUND_STATUS_UNSPECIFIED: RoundStatus
 ROUND_STATUS_TRAIN: RoundStatus
 ROUND_STATUS_WAIT: RoundStatus
@@ -29,6 +35,9 @@ CATCH_UP_UNSPECIFIED: CatchUp
 CATCH_UP_NONE: CatchUp
 CATCH_UP_DELTAS: CatchUp
 CATCH_UP_SNAPSHOT: CatchUp
+SHARE_KIND_UNSPECIFIED: ShareKind
+SHARE_KIND_SELF_MASK: ShareKind
+SHARE_KIND_MASK_KEY: ShareKind
 
 class JoinRequest(_message.Message):
     __slots__ = ("name", "num_samples", "software_version", "eval_samples")
@@ -59,14 +68,16 @@ class JoinResponse(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., run_id: _Optional[str] = ..., config_json: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., current_round: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class StartRoundRequest(_message.Message):
-    __slots__ = ("run_id", "have_round", "wait_seconds")
+    __slots__ = ("run_id", "have_round", "wait_seconds", "holds_run_seeds")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     HAVE_ROUND_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_RUN_SEEDS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     have_round: int
     wait_seconds: float
-    def __init__(self, run_id: _Optional[str] = ..., have_round: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+    holds_run_seeds: bool
+    def __init__(self, run_id: _Optional[str] = ..., have_round: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., holds_run_seeds: _Optional[bool] = ...) -> None: ...
 
 class RoundHeader(_message.Message):
     __slots__ = ("status", "round", "seeds", "plan_fingerprint", "catch_up", "target_round", "state_fingerprint", "num_deltas", "snapshot_round", "deadline_unix")
@@ -217,5 +228,123 @@ class LeaveRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class LeaveResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AdvertiseKeysRequest(_message.Message):
+    __slots__ = ("run_id", "round", "cipher_public_key", "mask_public_key")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    cipher_public_key: bytes
+    mask_public_key: bytes
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ...) -> None: ...
+
+class ClientKeys(_message.Message):
+    __slots__ = ("client_id", "cipher_public_key", "mask_public_key")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    cipher_public_key: bytes
+    mask_public_key: bytes
+    def __init__(self, client_id: _Optional[str] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ...) -> None: ...
+
+class AdvertiseKeysResponse(_message.Message):
+    __slots__ = ("clients", "threshold", "fixed_point_bits", "ring_bits")
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    FIXED_POINT_BITS_FIELD_NUMBER: _ClassVar[int]
+    RING_BITS_FIELD_NUMBER: _ClassVar[int]
+    clients: _containers.RepeatedCompositeFieldContainer[ClientKeys]
+    threshold: int
+    fixed_point_bits: int
+    ring_bits: int
+    def __init__(self, clients: _Optional[_Iterable[_Union[ClientKeys, _Mapping]]] = ..., threshold: _Optional[int] = ..., fixed_point_bits: _Optional[int] = ..., ring_bits: _Optional[int] = ...) -> None: ...
+
+class EncryptedShare(_message.Message):
+    __slots__ = ("client_id", "ciphertext")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    ciphertext: bytes
+    def __init__(self, client_id: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class ShareKeysRequest(_message.Message):
+    __slots__ = ("run_id", "round", "shares")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ...) -> None: ...
+
+class ShareKeysResponse(_message.Message):
+    __slots__ = ("shares",)
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
+    def __init__(self, shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ...) -> None: ...
+
+class MaskedInputRequest(_message.Message):
+    __slots__ = ("header", "tensors")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    tensors: _tensor_pb2.TensorBatch
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorBatch, _Mapping]] = ...) -> None: ...
+
+class MaskedInputResponse(_message.Message):
+    __slots__ = ("accepted", "duplicate", "round", "payload_bytes")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    duplicate: bool
+    round: int
+    payload_bytes: int
+    def __init__(self, accepted: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., round: _Optional[int] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+
+class UnmaskingRequest(_message.Message):
+    __slots__ = ("run_id", "round")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class UnmaskingResponse(_message.Message):
+    __slots__ = ("survivors", "dropped")
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RevealedShare(_message.Message):
+    __slots__ = ("client_id", "kind", "share")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    kind: ShareKind
+    share: bytes
+    def __init__(self, client_id: _Optional[str] = ..., kind: _Optional[_Union[ShareKind, str]] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class RevealSharesRequest(_message.Message):
+    __slots__ = ("run_id", "round", "shares")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
+
+class RevealSharesResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -64,6 +64,31 @@ class CoordinatorStub:
                 request_serializer=fedkrso_dot_v1_dot_coordinator__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=fedkrso_dot_v1_dot_coordinator__pb2.LeaveResponse.FromString,
                 _registered_method=True)
+        self.AdvertiseKeys = channel.unary_unary(
+                '/fedkrso.v1.Coordinator/AdvertiseKeys',
+                request_serializer=fedkrso_dot_v1_dot_coordinator__pb2.AdvertiseKeysRequest.SerializeToString,
+                response_deserializer=fedkrso_dot_v1_dot_coordinator__pb2.AdvertiseKeysResponse.FromString,
+                _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/fedkrso.v1.Coordinator/ShareKeys',
+                request_serializer=fedkrso_dot_v1_dot_coordinator__pb2.ShareKeysRequest.SerializeToString,
+                response_deserializer=fedkrso_dot_v1_dot_coordinator__pb2.ShareKeysResponse.FromString,
+                _registered_method=True)
+        self.SubmitMaskedInput = channel.stream_unary(
+                '/fedkrso.v1.Coordinator/SubmitMaskedInput',
+                request_serializer=fedkrso_dot_v1_dot_coordinator__pb2.MaskedInputRequest.SerializeToString,
+                response_deserializer=fedkrso_dot_v1_dot_coordinator__pb2.MaskedInputResponse.FromString,
+                _registered_method=True)
+        self.Unmasking = channel.unary_unary(
+                '/fedkrso.v1.Coordinator/Unmasking',
+                request_serializer=fedkrso_dot_v1_dot_coordinator__pb2.UnmaskingRequest.SerializeToString,
+                response_deserializer=fedkrso_dot_v1_dot_coordinator__pb2.UnmaskingResponse.FromString,
+                _registered_method=True)
+        self.RevealShares = channel.unary_unary(
+                '/fedkrso.v1.Coordinator/RevealShares',
+                request_serializer=fedkrso_dot_v1_dot_coordinator__pb2.RevealSharesRequest.SerializeToString,
+                response_deserializer=fedkrso_dot_v1_dot_coordinator__pb2.RevealSharesResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -109,6 +134,40 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvertiseKeys(self, request, context):
+        """Secure aggregation (round.yaml privacy.secure_aggregation; docs/PRIVACY.md), after
+        training, in this order. AdvertiseKeys, ShareKeys and Unmasking are held by the server
+        until their phase closes (every client of the previous phase answered, or its timeout).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitMaskedInput(self, request_iterator, context):
+        """Client-streamed: an UpdateHeader, then the masked ring vector as one int32/int64 tensor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unmasking(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevealShares(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +200,31 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=fedkrso_dot_v1_dot_coordinator__pb2.LeaveRequest.FromString,
                     response_serializer=fedkrso_dot_v1_dot_coordinator__pb2.LeaveResponse.SerializeToString,
+            ),
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=fedkrso_dot_v1_dot_coordinator__pb2.AdvertiseKeysRequest.FromString,
+                    response_serializer=fedkrso_dot_v1_dot_coordinator__pb2.AdvertiseKeysResponse.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=fedkrso_dot_v1_dot_coordinator__pb2.ShareKeysRequest.FromString,
+                    response_serializer=fedkrso_dot_v1_dot_coordinator__pb2.ShareKeysResponse.SerializeToString,
+            ),
+            'SubmitMaskedInput': grpc.stream_unary_rpc_method_handler(
+                    servicer.SubmitMaskedInput,
+                    request_deserializer=fedkrso_dot_v1_dot_coordinator__pb2.MaskedInputRequest.FromString,
+                    response_serializer=fedkrso_dot_v1_dot_coordinator__pb2.MaskedInputResponse.SerializeToString,
+            ),
+            'Unmasking': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unmasking,
+                    request_deserializer=fedkrso_dot_v1_dot_coordinator__pb2.UnmaskingRequest.FromString,
+                    response_serializer=fedkrso_dot_v1_dot_coordinator__pb2.UnmaskingResponse.SerializeToString,
+            ),
+            'RevealShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevealShares,
+                    request_deserializer=fedkrso_dot_v1_dot_coordinator__pb2.RevealSharesRequest.FromString,
+                    response_serializer=fedkrso_dot_v1_dot_coordinator__pb2.RevealSharesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +389,141 @@ class Coordinator:
             '/fedkrso.v1.Coordinator/Leave',
             fedkrso_dot_v1_dot_coordinator__pb2.LeaveRequest.SerializeToString,
             fedkrso_dot_v1_dot_coordinator__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedkrso.v1.Coordinator/AdvertiseKeys',
+            fedkrso_dot_v1_dot_coordinator__pb2.AdvertiseKeysRequest.SerializeToString,
+            fedkrso_dot_v1_dot_coordinator__pb2.AdvertiseKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedkrso.v1.Coordinator/ShareKeys',
+            fedkrso_dot_v1_dot_coordinator__pb2.ShareKeysRequest.SerializeToString,
+            fedkrso_dot_v1_dot_coordinator__pb2.ShareKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitMaskedInput(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/fedkrso.v1.Coordinator/SubmitMaskedInput',
+            fedkrso_dot_v1_dot_coordinator__pb2.MaskedInputRequest.SerializeToString,
+            fedkrso_dot_v1_dot_coordinator__pb2.MaskedInputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unmasking(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedkrso.v1.Coordinator/Unmasking',
+            fedkrso_dot_v1_dot_coordinator__pb2.UnmaskingRequest.SerializeToString,
+            fedkrso_dot_v1_dot_coordinator__pb2.UnmaskingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevealShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedkrso.v1.Coordinator/RevealShares',
+            fedkrso_dot_v1_dot_coordinator__pb2.RevealSharesRequest.SerializeToString,
+            fedkrso_dot_v1_dot_coordinator__pb2.RevealSharesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,84 @@
+"""A client's side of secure aggregation over gRPC (``common.privacy.secagg``): the four
+steps after training, each a call to the server, the masked update instead of SubmitUpdate.
+
+``SecureSubmission`` keeps the steps apart so that tests can stop a client between any two
+(a dropout); ``run`` does them all. ``call(fn, request, timeout)`` is the caller's RPC
+plumbing (retries, credentials: ``FedClient._call`` in the client), which calls
+``fn(request, metadata=..., timeout=timeout)``, once per attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import structlog
+import torch
+
+from fedkrso.v1 import coordinator_pb2 as pb
+
+from ..common.participant import PreparedUpdate
+from ..common.privacy.secagg import MASK_KEY, SELF_MASK, ClientSession, Roster, encode
+from ..common.wire import tensor_batches, update_digest
+
+log = structlog.get_logger("fedkrso.client")
+KINDS = {SELF_MASK: pb.SHARE_KIND_SELF_MASK, MASK_KEY: pb.SHARE_KIND_MASK_KEY}
+
+
+class SecureSubmission:
+    """One round's masked submission of ``update`` (already clipped, clamped, full spec)."""
+
+    def __init__(self, stub, call: Callable, run_id: str, client_id: str, update: PreparedUpdate,
+                 spec: dict[str, tuple[int, ...]], ring_bits: int, timeout: float):
+        self.stub, self.call, self.timeout = stub, call, timeout
+        self.run_id, self.update, self.spec = run_id, update, spec
+        self.session = ClientSession(run_id, update.round, client_id, ring_bits)
+        self.f = 0
+        self.masked: torch.Tensor | None = None
+
+    def advertise(self) -> Roster:
+        c_pk, s_pk = self.session.advertise()
+        resp = self.call(self.stub.AdvertiseKeys, pb.AdvertiseKeysRequest(
+            run_id=self.run_id, round=self.update.round, cipher_public_key=c_pk, mask_public_key=s_pk), self.timeout)
+        self.f = resp.fixed_point_bits
+        return Roster({k.client_id: (bytes(k.cipher_public_key), bytes(k.mask_public_key)) for k in resp.clients},
+                      resp.threshold)
+
+    def share(self, roster: Roster) -> None:
+        shares = self.session.share(roster)
+        resp = self.call(self.stub.ShareKeys, pb.ShareKeysRequest(
+            run_id=self.run_id, round=self.update.round,
+            shares=[pb.EncryptedShare(client_id=c, ciphertext=b) for c, b in sorted(shares.items())]), self.timeout)
+        self.session.receive({s.client_id: bytes(s.ciphertext) for s in resp.shares})
+
+    def masked_input(self) -> dict[str, torch.Tensor]:
+        """The masked ring vector, as the one tensor the server receives."""
+        vector = self.session.masked(encode(self.update.tensors, self.spec, self.f, self.session.bits))
+        signed = vector.view(np.int32 if self.session.bits == 32 else np.int64)
+        return {"masked": torch.from_numpy(signed.copy())}
+
+    def requests(self, tensors: dict[str, torch.Tensor], peak_rss: int, chunk: int) -> Iterator[pb.MaskedInputRequest]:
+        header = self.update.header(self.run_id, peak_rss)
+        header.num_tensors, header.update_digest = 1, update_digest(tensors)
+        yield pb.MaskedInputRequest(header=header)
+        for batch in tensor_batches(tensors, None, chunk):
+            yield pb.MaskedInputRequest(tensors=batch)
+
+    def submit(self, peak_rss: int, chunk: int) -> pb.MaskedInputResponse:
+        tensors = self.masked_input()  # a fresh request stream per attempt, the same bytes
+        return self.call(lambda t, **kw: self.stub.SubmitMaskedInput(self.requests(t, peak_rss, chunk), **kw),
+                         tensors, self.timeout)
+
+    def unmask(self) -> pb.UnmaskingResponse:
+        resp = self.call(self.stub.Unmasking, pb.UnmaskingRequest(run_id=self.run_id, round=self.update.round),
+                         self.timeout)
+        reveals = self.session.reveal(list(resp.survivors), list(resp.dropped))
+        self.call(self.stub.RevealShares, pb.RevealSharesRequest(
+            run_id=self.run_id, round=self.update.round,
+            shares=[pb.RevealedShare(client_id=o, kind=KINDS[k], share=s) for o, k, s in reveals]), self.timeout)
+        return resp
+
+    def run(self, peak_rss: int, chunk: int) -> pb.UnmaskingResponse:
+        self.share(self.advertise())
+        self.submit(peak_rss, chunk)
+        return self.unmask()

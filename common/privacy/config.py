@@ -1,0 +1,85 @@
+"""The ``privacy:`` section of round.yaml: client-level differential privacy and secure
+aggregation. Everything is off by default.
+
+docs/PRIVACY.md states the mechanisms, the threat model and why each epsilon is correct; the
+field descriptions below say what each knob means in one line.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DPSection(_Section):
+    """Client-level DP: each client's model update is clipped to ``clip`` (L2, in the space of
+    the model update: ``Method.update_geometry``) and Gaussian noise of std ``z * clip`` per
+    coordinate is added to the *sum* of a round's updates (central: by the server) or to each
+    update (local: by its client). The aggregate divides by ``rounds.clients_per_round``, a
+    fixed denominator, so one client changes the released sum by at most 2 * clip under
+    replacement of its data (the adjacency the accountant uses)."""
+
+    mode: Literal["off", "central", "local"] = Field(
+        "off", description="off; central: the server noises the round's sum; local: every client noises its own")
+    clip: float = Field(1.0, gt=0, description="C: bound on the L2 norm of one client's model update per round")
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="z: noise std per coordinate is z * C (give this or target_epsilon)")
+    target_epsilon: float | None = Field(
+        None, gt=0, description="calibrate z so that rounds.total rounds end at this epsilon (for delta)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta epsilon is reported for")
+    epsilon_budget: float | None = Field(
+        None, gt=0, description="the run stops, saving the model, before a round would take epsilon past this")
+    amplification: bool = Field(
+        False, description="central mode: clients are selected with secret randomness and the accountant credits "
+        "sampling without replacement (q = clients_per_round / live clients); false: no sampling credit (q = 1)")
+    population: int | None = Field(
+        None, ge=1, description="with amplification and target_epsilon: the clients the run will sample from "
+        "(planned q = clients_per_round / population); the accountant always uses the live count of each round")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DPSection:
+        if not self.enabled:
+            return self
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        if self.amplification and self.mode != "central":
+            raise ValueError("amplification applies to central mode only (in local mode the server sees who sent)")
+        if self.amplification and self.target_epsilon is not None and self.population is None:
+            raise ValueError("target_epsilon with amplification needs population (the planned sampling rate)")
+        return self
+
+
+class SecureAggregationSection(_Section):
+    """Pairwise-masked sums (SecAgg, Bonawitz et al. 2017): the server learns the sum of a
+    round's updates and nothing about any single one, and recovers from dropouts while at
+    least ``threshold`` of the clients that shared keys remain."""
+
+    enabled: bool = False
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="t = floor(threshold * n) + 1 of the n clients that advertised keys "
+        "(at least 2): fewer colluders than t learn nothing, fewer survivors than t fail the round")
+    value_bound: float = Field(
+        1.0, gt=0, description="B: every uploaded value is clamped to [-B, B] before fixed-point encoding "
+        "(counted in the log when it bites); sets the fixed-point step with clients_per_round and ring_bits")
+    ring_bits: Literal[32, 64] = Field(
+        32, description="masked values live in integers mod 2^ring_bits: 32 keeps the upload at float32's size")
+    phase_timeout_s: float = Field(
+        60.0, gt=0, description="how long each key or unmasking phase waits for the clients of the previous one")
+
+
+class PrivacySection(_Section):
+    dp: DPSection = DPSection()
+    secure_aggregation: SecureAggregationSection = SecureAggregationSection()
+
+    @property
+    def any(self) -> bool:
+        return self.dp.enabled or self.secure_aggregation.enabled

@@ -1,0 +1,163 @@
+"""The server's side of client-level DP (``privacy.dp``): the central noise, the fixed
+denominator, the accountant's ledger, the epsilon budget and the metrics fields.
+
+Central mode: every accepted update is clipped again here in the space of the model update
+(a client that skipped its clip is bounded all the same; with secure aggregation the server
+cannot see updates, so it relies on honest clients, the threat model of docs/PRIVACY.md), the
+round's *sum* gets Gaussian noise of std z * C on every coordinate of the subspace the updates
+reach (``UpdateGeometry.noise``), and the result is divided by ``rounds.clients_per_round``,
+fixed whoever submitted. The noise comes from a Philox generator seeded with 128 bits of the
+operating system's entropy, unknown to clients and never saved. Local mode: clients noised
+their own updates; the server only averages (uniform weights) and counts participations.
+
+The ledger (one entry per closed round, and each client's participations) is saved with every
+round commit, so a resumed run reports the same epsilon and keeps its budget.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import Counter
+
+import numpy as np
+import structlog
+import torch
+from torch import nn
+
+from ..common.aggregate import StreamingAggregator
+from ..common.config import RunConfig
+from ..common.methods import Method
+from ..common.privacy import accountant
+from ..common.privacy.dp import noise_multiplier
+from ..common.privacy.geometry import UpdateGeometry
+from .rounds import RoundState
+
+log = structlog.get_logger("fedkrso.server")
+Tensors = dict[str, torch.Tensor]
+
+
+class PrivacyGuard:
+    """Client-level DP of one run on the server (module docstring); inert when DP is off."""
+
+    def __init__(self, cfg: RunConfig, method: Method, model: nn.Module):
+        self.cfg = cfg
+        self.dp = cfg.privacy.dp
+        self.method, self.model = method, model
+        self.z = noise_multiplier(self.dp, cfg.rounds.total, cfg.rounds.clients_per_round) if self.dp.enabled else 0.0
+        self.charges: list[accountant.RoundCharge] = []
+        self.participation: dict[str, int] = {}
+        self._rng = np.random.Generator(np.random.Philox(secrets.randbits(128)))
+        self._geometry: tuple[int, UpdateGeometry] | None = None
+        self._population: dict[int, int] = {}  # round -> live clients it was sampled from
+        if self.dp.enabled:
+            log.info("dp_enabled", mode=self.dp.mode, clip=self.dp.clip, noise_multiplier=round(self.z, 6),
+                     delta=self.dp.delta, budget=self.dp.epsilon_budget, amplification=self.dp.amplification,
+                     calibrated_to=self.dp.target_epsilon)
+
+    @property
+    def central(self) -> bool:
+        return self.dp.mode == "central"
+
+    @property
+    def secret_selection(self) -> bool:
+        """Amplification by sampling holds only if nobody can predict the selection."""
+        return self.central and self.dp.amplification
+
+    # -- the ledger ------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"charges": [[c.round, c.sampled, c.population] for c in self.charges],
+                "participation": dict(self.participation)}
+
+    def load(self, state: dict) -> None:
+        self.charges = [accountant.RoundCharge(*c) for c in state.get("charges", [])]
+        self.participation = {k: int(v) for k, v in state.get("participation", {}).items()}
+
+    def _events(self, extra: accountant.RoundCharge | None = None) -> list:
+        """The ledger as DpEvents, identical rounds composed as one self-composition."""
+        if self.central:
+            counts = Counter((c.sampled, c.population) for c in self.charges + ([extra] if extra else []))
+        else:
+            counts = Counter({(1, 1): max(self.participation.values(), default=0) + (1 if extra else 0)})
+        return [accountant.repeated(accountant.round_event(self.z, s, n), k) for (s, n), k in sorted(counts.items()) if k]
+
+    def epsilon(self, extra: accountant.RoundCharge | None = None) -> float:
+        return accountant.epsilon(self._events(extra), self.dp.delta) if self.dp.enabled else 0.0
+
+    def _charge_of(self, round_id: int, sampled: int, population: int) -> accountant.RoundCharge:
+        if not self.secret_selection:
+            sampled = population = 1  # no sampling credit: the round is charged in full
+        return accountant.RoundCharge(round_id, sampled, max(population, sampled))
+
+    def allows(self, round_id: int, sampled: int, population: int) -> bool:
+        """Whether round ``round_id``, ``sampled`` of ``population`` live clients, stays within
+        the epsilon budget; logs ``privacy_budget_reached`` when it does not."""
+        self._population[round_id] = population
+        budget = self.dp.epsilon_budget
+        if not self.dp.enabled or budget is None:
+            return True
+        after = self.epsilon(self._charge_of(round_id, sampled, population))
+        if after <= budget:
+            return True
+        log.warning("privacy_budget_reached", round=round_id, epsilon=round(self.epsilon(), 6),
+                    epsilon_after_next_round=round(after, 6), budget=budget, delta=self.dp.delta)
+        return False
+
+    # -- a round ---------------------------------------------------------------------------------
+    def geometry(self, rs: RoundState) -> UpdateGeometry:
+        if self._geometry is None or self._geometry[0] != rs.round:
+            self._geometry = (rs.round, self.method.update_geometry(self.model, rs.seeds))
+        return self._geometry[1]
+
+    def screen(self, rs: RoundState, tensors: Tensors) -> Tensors:
+        """Central mode: an accepted update clipped again in model-update space (idempotent for
+        a client that clipped)."""
+        if not self.central:
+            return tensors
+        clipped, _ = self.geometry(rs).clip(tensors, self.dp.clip)
+        return clipped
+
+    def release(self, rs: RoundState) -> Tensors:
+        """The closing round's mean (``aggregate``), charged to the ledger; empty, and free,
+        for a round that failed (nothing was released)."""
+        if rs.failed:
+            return {}
+        mean = self.aggregate(rs, rs.aggregator)
+        self.charge(rs)
+        return mean
+
+    def aggregate(self, rs: RoundState, agg: StreamingAggregator) -> Tensors:
+        """The round's released mean: without DP the aggregator's own; central mode the sum plus
+        noise over the fixed denominator; local mode the uniform mean."""
+        if not self.dp.enabled:
+            return agg.result()
+        if not self.central:
+            return {n: (s / agg.count).float() for n, s in sorted(agg.sums.items())}
+        total = dict(agg.sums)
+        for name, z in self.geometry(rs).noise(self.z * self.dp.clip, self._rng).items():
+            total[name] = total[name] + z if name in total else z
+        m = self.cfg.rounds.clients_per_round
+        return {n: (s / m).float() for n, s in sorted(total.items())}
+
+    def charge(self, rs: RoundState) -> None:
+        """Record round ``rs`` in the ledger (central: its sample of the live clients, q = 1 when
+        a restart lost the pool size; local: each submitter's participation)."""
+        if not self.dp.enabled:
+            return
+        sampled = len(rs.selected | rs.dropped)
+        if self.central:
+            self.charges.append(self._charge_of(rs.round, sampled, self._population.pop(rs.round, sampled)))
+        for client in rs.submissions:
+            self.participation[client] = self.participation.get(client, 0) + 1
+
+    def row(self, next_population: int) -> dict:
+        """The metrics fields of the round just charged."""
+        if not self.dp.enabled:
+            return {}
+        nxt = self._charge_of(len(self.charges), self.cfg.rounds.clients_per_round, next_population)
+        eps, after = self.epsilon(), self.epsilon(nxt)
+        last = self.charges[-1] if self.charges and self.central else None
+        return {"dp_mode": self.dp.mode, "dp_epsilon": eps, "dp_delta": self.dp.delta,
+                "dp_noise_multiplier": self.z, "dp_clip": self.dp.clip,
+                "dp_sampling_rate": last.sampled / last.population if last else 1.0,
+                "dp_epsilon_after_next_round": after, "dp_epsilon_budget": self.dp.epsilon_budget,
+                "dp_budget_stop": self.dp.epsilon_budget is not None and after > self.dp.epsilon_budget}

@@ -1,0 +1,250 @@
+"""The server's side of secure aggregation (``common.privacy.secagg``): the phases of one
+round, driven by the coordinator, fed by the service's RPC handlers.
+
+Phases, each closed when every client of the previous one answered (a client that left the
+round counts as answered) or at its deadline: *advertise* (until the round's deadline: clients
+train first), *share*, *masked*, *unmask* (``secure_aggregation.phase_timeout_s`` each). A
+client absent from a phase is out of the round (moved to ``dropped``). When fewer than the
+threshold t remain at any phase the round fails cleanly: every held call gets ABORTED with the
+reason, the round closes with no change to the model (``RoundState.failed``, the metrics row's
+``secagg_failed``) and the run goes on with the next round. Nothing of the protocol is saved:
+after a restart an open round starts its protocol again with fresh keys (clients train again,
+to the same bytes).
+
+The masked inputs are summed as they arrive (one ring vector in memory, whatever the number of
+clients); the server never holds an individual input beyond its stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import structlog
+
+from ..common.aggregate import StreamingAggregator
+from ..common.privacy.secagg import (MASK_KEY, SELF_MASK, Roster, decode, fixed_point_bits, threshold,
+                                     unmask)
+from ..common.privacy.shamir import SHARE_BYTES
+from .rounds import RoundError, RoundState, Submission, UpdateReport
+
+if TYPE_CHECKING:
+    from .coordinator import Coordinator
+
+log = structlog.get_logger("fedkrso.server")
+PHASES = ("advertise", "share", "masked", "unmask")
+MAX_CIPHERTEXT = 512  # bytes of one encrypted share pair (about 180 in practice)
+
+
+@dataclass
+class Phase:
+    name: str
+    expected: set[str]
+    until: float
+    got: dict[str, object] = field(default_factory=dict)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class SecAggRound:
+    """One round's protocol state (module docstring)."""
+
+    def __init__(self, coord: Coordinator, rs: RoundState):
+        sa = coord.cfg.privacy.secure_aggregation
+        self.coord, self.rs, self.cfg = coord, rs, sa
+        self.bits = sa.ring_bits
+        self.f = fixed_point_bits(sa.value_bound, coord.cfg.rounds.clients_per_round, self.bits)
+        self.spec = coord.method.update_spec(coord.model, rs.seeds)
+        self.numel = sum(math.prod(s) for s in self.spec.values())
+        self.total = np.zeros(self.numel, dtype=np.uint32 if self.bits == 32 else np.uint64)
+        self.phases: dict[str, Phase] = {"advertise": Phase("advertise", set(rs.selected), rs.deadline)}
+        self.roster: Roster | None = None
+        self.survivors: list[str] = []
+        self.dropped: list[str] = []
+        self.revealed: dict[tuple[str, str], dict[int, bytes]] = {}
+        self.failure: str | None = None
+        self.protocol_bytes: dict[str, int] = {}
+        self.unmask_seconds = 0.0
+
+    # -- for the service ---------------------------------------------------------------------------
+    def _open(self, name: str, client: str) -> Phase:
+        if self.failure:
+            raise RoundError("ABORTED", self.failure)
+        ph = self.phases.get(name)
+        if ph is None or ph.closed.is_set():
+            now = next((p for p in PHASES if p in self.phases and not self.phases[p].closed.is_set()), "none")
+            raise RoundError("FAILED_PRECONDITION", f"secure aggregation of round {self.rs.round} is not collecting "
+                             f"{name} (collecting: {now})")
+        if client not in ph.expected:
+            raise RoundError("PERMISSION_DENIED", f"client is not in the {name} phase of round {self.rs.round}")
+        if client in ph.got:
+            raise RoundError("ALREADY_EXISTS", f"client already answered the {name} phase of round {self.rs.round}")
+        return ph
+
+    async def _result(self, ph: Phase) -> None:
+        await self.coord.notify()
+        await ph.closed.wait()
+        if self.failure:
+            raise RoundError("ABORTED", self.failure)
+
+    def count_bytes(self, client: str, n: int) -> None:
+        self.protocol_bytes[client] = self.protocol_bytes.get(client, 0) + n
+
+    async def advertise(self, client: str, cipher_key: bytes, mask_key: bytes) -> Roster:
+        if len(cipher_key) != 32 or len(mask_key) != 32:
+            raise RoundError("INVALID_ARGUMENT", "X25519 public keys are 32 raw bytes")
+        ph = self._open("advertise", client)
+        ph.got[client] = (cipher_key, mask_key)
+        await self._result(ph)
+        return self.roster
+
+    async def share(self, client: str, shares: dict[str, bytes]) -> dict[str, bytes]:
+        ph = self._open("share", client)
+        others = set(self.roster.keys) - {client}
+        if set(shares) != others:
+            raise RoundError("INVALID_ARGUMENT", f"expected one share for each of the {len(others)} other clients "
+                             "of the roster")
+        if any(len(c) > MAX_CIPHERTEXT for c in shares.values()):
+            raise RoundError("INVALID_ARGUMENT", f"an encrypted share exceeds {MAX_CIPHERTEXT} bytes")
+        ph.got[client] = shares
+        await self._result(ph)
+        return {sender: sent[client] for sender, sent in ph.got.items() if sender != client}
+
+    async def add_masked(self, client: str, report: UpdateReport, vector: np.ndarray) -> None:
+        ph = self._open("masked", client)
+        if vector.shape != (self.numel,):
+            raise RoundError("INVALID_ARGUMENT", f"masked input has {vector.size} values, the round's spec {self.numel}")
+        ph.got[client] = report
+        self.total += vector
+        # summed unweighted (config: weighting uniform, no pinned weights); its size is hidden
+        self.rs.submissions[client] = Submission.of(client, report, 1.0, None)
+        self.coord.accepted_digests[(self.rs.round, client)] = report.digest
+        await self.coord.notify()
+
+    async def unmasking(self, client: str) -> tuple[list[str], list[str]]:
+        if self.failure:
+            raise RoundError("ABORTED", self.failure)
+        ph = self.phases.get("masked")
+        if ph is None or client not in ph.got:
+            raise RoundError("FAILED_PRECONDITION", f"client sent no masked input for round {self.rs.round}")
+        await self._result(ph)
+        return self.survivors, self.dropped
+
+    async def reveal(self, client: str, shares: list[tuple[str, str, bytes]]) -> None:
+        ph = self._open("unmask", client)
+        wanted = {(v, SELF_MASK) for v in self.survivors} | {(v, MASK_KEY) for v in self.dropped}
+        for owner, kind, share in shares:
+            if (owner, kind) not in wanted:
+                raise RoundError("INVALID_ARGUMENT", f"share of {owner!r} ({kind}) was not asked for")
+            if len(share) != SHARE_BYTES:
+                raise RoundError("INVALID_ARGUMENT", f"a share is {SHARE_BYTES} bytes")
+        point = self.roster.point(client)
+        for owner, kind, share in shares:
+            self.revealed.setdefault((owner, kind), {})[point] = share
+        ph.got[client] = True
+        await self.coord.notify()
+
+    # -- for the coordinator ---------------------------------------------------------------------
+    async def _collect(self, ph: Phase, prune: bool = True) -> list[str]:
+        """Wait until every expected client still in the round answered, or the deadline; with
+        ``prune`` the silent ones leave the round."""
+        while True:
+            waiting = (ph.expected & self.rs.selected) - set(ph.got)
+            if not waiting or time.monotonic() >= ph.until:
+                break
+            await self.coord.wait_change(min(1.0, max(0.05, ph.until - time.monotonic())))
+        members = sorted(ph.got)
+        if not prune:
+            return members
+        out = self.rs.selected - set(members)
+        self.rs.selected -= out
+        self.rs.dropped |= out
+        if out:
+            log.warning("secagg_dropouts", round=self.rs.round, phase=ph.name, dropped=sorted(out))
+        return members
+
+    def _next(self, name: str, expected: list[str]) -> Phase:
+        ph = Phase(name, set(expected), time.monotonic() + self.cfg.phase_timeout_s)
+        self.phases[name] = ph
+        return ph
+
+    def _fail(self, reason: str) -> None:
+        self.failure = f"secure aggregation of round {self.rs.round} failed: {reason}"
+        self.rs.failed = self.failure
+        self.rs.submissions.clear()
+        for ph in self.phases.values():
+            ph.closed.set()
+        log.warning("secagg_round_failed", round=self.rs.round, reason=reason)
+
+    async def run(self) -> None:
+        """Drive the phases; on success the round's aggregator holds the exact sum of the
+        survivors' (clamped, fixed-point) updates, on failure ``rs.failed`` says why."""
+        rs, need = self.rs, max(2, self.coord.cfg.rounds.min_clients)
+        advertised = await self._collect(self.phases["advertise"])
+        if len(advertised) < need:
+            return self._fail(f"{len(advertised)} client(s) advertised keys before the deadline, {need} needed")
+        ads = self.phases["advertise"].got
+        self.roster = Roster({c: ads[c] for c in advertised}, threshold(len(advertised), self.cfg.threshold))
+        t = self.roster.t
+        share = self._next("share", advertised)
+        self.phases["advertise"].closed.set()  # the held AdvertiseKeys calls answer with the roster
+        shared = await self._collect(share)
+        if len(shared) < t:
+            return self._fail(f"{len(shared)} client(s) shared keys, fewer than the threshold t={t}")
+        masked = self._next("masked", shared)
+        share.closed.set()
+        survivors = await self._collect(masked)
+        if len(survivors) < t:
+            return self._fail(f"{len(survivors)} client(s) sent masked inputs, fewer than the threshold t={t}")
+        self.survivors, self.dropped = survivors, sorted(set(shared) - set(survivors))
+        reveal = self._next("unmask", survivors)
+        masked.closed.set()
+        revealed = await self._collect(reveal, prune=False)  # a silent survivor's input is in the sum
+        if len(revealed) < t:
+            return self._fail(f"{len(revealed)} client(s) revealed shares, fewer than the threshold t={t}")
+        started = time.monotonic()
+        total = await asyncio.to_thread(unmask, self.total, self.roster, self.survivors, self.dropped,
+                                        self.revealed, self.coord.run_id, rs.round, self.bits)
+        sums = await asyncio.to_thread(decode, total, self.spec, self.f, self.bits)
+        self.unmask_seconds = time.monotonic() - started
+        agg = StreamingAggregator()
+        agg.sums, agg.count, agg.total_weight = sums, len(self.survivors), float(len(self.survivors))
+        rs.aggregator = agg
+        self.phases["unmask"].closed.set()
+        log.info("secagg_unmasked", round=rs.round, survivors=len(self.survivors), dropped=self.dropped,
+                 threshold=t, seconds=round(self.unmask_seconds, 3))
+
+    def row(self) -> dict:
+        """The metrics fields of the round."""
+        n = len(self.phases["advertise"].got)
+        return {"secagg": {
+            "advertised": n, "survivors": len(self.survivors), "dropped_after_sharing": self.dropped,
+            "threshold": self.roster.t if self.roster else None, "failed": self.failure,
+            "fixed_point_step": 2.0 ** -self.f, "ring_bits": self.bits,
+            "protocol_bytes_per_client": sum(self.protocol_bytes.values()) / n if n else 0,
+            "unmask_seconds": self.unmask_seconds}}
+
+
+class SecureAggregation:
+    """The coordinator's secure aggregation: the open round's protocol, if any."""
+
+    def __init__(self, coord: Coordinator):
+        self.coord = coord
+        self.current: SecAggRound | None = None
+
+    def round_for(self, round_id: int) -> SecAggRound:
+        cur = self.current
+        if cur is None or cur.rs.round != round_id or cur.rs.closing:
+            raise RoundError("FAILED_PRECONDITION", f"no secure aggregation is running for round {round_id}")
+        return cur
+
+    async def run(self, rs: RoundState) -> None:
+        self.current = SecAggRound(self.coord, rs)
+        await self.current.run()
+
+    def row(self, rs: RoundState) -> dict:
+        cur = self.current
+        return cur.row() if cur is not None and cur.rs is rs else {}
