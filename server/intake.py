@@ -152,10 +152,13 @@ class UpdateIntake:
         """Refuse an update outside its client's keyed choices (the method recomputes them from
         run seed, round and client id) or larger than ``server.max_update_norm``; its size
         (``method.update_norm``: the norm of the weight change it implies) otherwise."""
-        method, model = self.coord.method, self.coord.model
-        problem = method.keyed_update_problem(model, rs.seeds, rs.round, client_id, tensors, seeds_used)
-        if problem is not None:
-            raise RoundError("INVALID_ARGUMENT", problem)
+        method, model, dp = self.coord.method, self.coord.model, self.coord.cfg.privacy.dp
+        # local DP noises every tensor of the spec, drawn or not (common/privacy/dp.py): there
+        # the keyed choices cannot be checked, the size bound below still holds
+        if not (dp.enabled and dp.mode == "local"):
+            problem = method.keyed_update_problem(model, rs.seeds, rs.round, client_id, tensors, seeds_used)
+            if problem is not None:
+                raise RoundError("INVALID_ARGUMENT", problem)
         norm = method.update_norm(model, rs.seeds, tensors)
         bound = self.coord.cfg.server.max_update_norm
         if not norm <= (math.inf if bound is None else bound):  # NaN (an overflow) is refused too
