@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from .config import DEFAULT_CONFIG, load_bench_config
-from .runner import method_section
+from .cells import method_section
 
 HERE = Path(__file__).resolve().parent
 
