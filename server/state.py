@@ -56,18 +56,6 @@ FORMAT = 2  # 2: the open round's traffic is its own record (every client, not o
 Tensors = dict[str, torch.Tensor]
 
 
-def run_identity(cfg: RunConfig) -> str:
-    """``<run name>-<hash>`` of every setting that shapes the results. Where the server
-    listens, its credentials and its output folder are left out: a restart may move the port or
-    rotate certificates and still resume the same run."""
-    exclude = {"security": True, "run": {"output_dir"}, "server": {"listen"}}
-    if not cfg.privacy.any:  # a run without privacy keeps the identity it had before the section
-        exclude["privacy"] = True
-    shaping = cfg.model_dump(mode="json", exclude=exclude)
-    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{cfg.run.name}-{digest}"
-
-
 class StateError(RuntimeError):
     """Saved state that cannot be resumed (another run, or a replay that does not reproduce
     the recorded fingerprints); the message says what to do."""
@@ -78,11 +66,14 @@ def shaping_config(cfg: RunConfig) -> dict:
     credentials, its output folder and where metrics are reported (a restart may move the
     port, rotate certificates or add a tracker and still resume the same run),
     ``model.device`` and ``model.dtype`` (each party's own; the state is float32 on all,
-    common/precision.py) and an unset ``model.revision`` (older run ids still hold)."""
+    common/precision.py), an unset ``model.revision`` and a privacy section with nothing on
+    (older run ids still hold)."""
     shaping = cfg.model_dump(mode="json", exclude={"security": True, "run": {"output_dir", "report_to"},
                                                     "server": {"listen"}, "model": {"device", "dtype"}})
     if shaping["model"].get("revision") is None:
         shaping["model"].pop("revision", None)
+    if not cfg.privacy.any:  # a run without privacy keeps the identity it had before the section
+        shaping.pop("privacy", None)
     return shaping
 
 
