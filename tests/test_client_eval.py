@@ -93,7 +93,7 @@ def test_a_client_reports_only_the_names_a_server_accepts():
 
 def test_combine_weights_by_examples_and_a_causal_loss_by_tokens():
     def sub(name, figures, examples):
-        return Submission(name, "d", 10, 0.1, 1, 0.0, 0, 0, [], figures, examples)
+        return Submission(name, "d", 10, 0.1, 1, 0.0, 0, 0, [], eval=figures, eval_examples=examples)
 
     rows = [sub("a", {"loss": 1.0, "accuracy": 0.5}, 10), sub("b", {"loss": 2.0, "accuracy": 1.0}, 30),
             sub("c", {}, 0)]
