@@ -28,7 +28,7 @@ demo: $(STAMP)
 # The tests include the layering check (import-linter contracts in pyproject.toml); one
 # pytest-xdist worker per core, each computing with one torch thread (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -n auto
+	$(BIN)/python -m pytest -q -ra -n auto --dist worksteal
 
 bench: $(STAMP)
 	$(BIN)/fedkrso-bench --config bench/sst2.yaml

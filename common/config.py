@@ -164,7 +164,7 @@ class ServerSection(Section):
         MAX_UPDATE_NORM, gt=0, description="refuse an update whose size exceeds this: the L2 norm of "
         "the change of the model's weights it implies (method.update_norm, the same space for every "
         "method). The default is far above every honest update measured (docs/HOSTILE.md: largest "
-        "3.2, FedAvg on MiniLM) and far below what wrecks a model (1e38-valued updates); null = off")
+        "17, FedKRSO on MiniLM) and far below what wrecks a model (1e38-valued updates); null = off")
     clip_norm: float | None = Field(
         None, gt=0, description="scale an update whose size (as for max_update_norm) exceeds this "
         "down to it before weighting (robust aggregation); default off")

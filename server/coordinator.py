@@ -218,6 +218,7 @@ class Coordinator:
                 if self.deadlines and time.monotonic() >= rs.deadline:
                     if len(rs.submissions) >= self.cfg.rounds.min_clients:
                         rs.dropped |= rs.selected - set(rs.submissions)  # silent past the deadline
+                        self.registry.mark_dropped(rs.selected - set(rs.submissions))
                         break
                     async with self.fold_lock:
                         self._replace_silent(rs)
@@ -237,6 +238,7 @@ class Coordinator:
         dropped = silent[:len(fresh)]  # the longest unheard first
         rs.selected = (rs.selected - set(dropped)) | set(fresh)
         rs.dropped |= set(dropped)
+        self.registry.mark_dropped(dropped)
         self.freeze_weights(rs, fresh)
         rs.deadline = time.monotonic() + self.cfg.rounds.deadline_s
         log.warning("round_extended", round=rs.round, dropped=dropped, added=fresh,

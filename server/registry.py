@@ -38,6 +38,7 @@ class ClientState:
     active: bool = True
     polled: bool = False  # asked for work at least once since it joined
     finished_at: float | None = None  # when its FINISHED stream was completely yielded
+    dropped: bool = False  # silent past a round's deadline and not heard from since
 
 
 class ClientRegistry:
@@ -92,6 +93,7 @@ class ClientRegistry:
             raise RoundError("UNAUTHENTICATED", f"client {client_id!r} left the run; join again to take part")
         client.last_seen = time.monotonic()
         client.polled = client.polled or polling
+        client.dropped = False
         return client
 
     def get(self, client_id: str) -> ClientState:
@@ -130,9 +132,17 @@ class ClientRegistry:
         if client:
             client.finished_at = time.monotonic()
 
+    def mark_dropped(self, client_ids) -> None:
+        """These clients missed a round's deadline: until heard from again they are not
+        waited for at the end of the run (``still_finishing``)."""
+        for c in client_ids:
+            if c in self.clients:
+                self.clients[c].dropped = True
+
     def still_finishing(self) -> list[str]:
         """Live clients that neither left nor got their whole FINISHED stream
-        ``LEAVE_GRACE_S`` ago (their Leave may still come)."""
+        ``LEAVE_GRACE_S`` ago (their Leave may still come); a client dropped at a deadline and
+        silent since is not waited for."""
         now = time.monotonic()
-        return [c for c in self.live()
-                if self.clients[c].finished_at is None or now - self.clients[c].finished_at < LEAVE_GRACE_S]
+        return [c for c in self.live() if not self.clients[c].dropped and (
+                self.clients[c].finished_at is None or now - self.clients[c].finished_at < LEAVE_GRACE_S)]

@@ -737,3 +737,19 @@ def test_a_silent_client_is_replaced_at_the_deadline_and_kept_when_nobody_can_re
     assert row["clients"] == ["alice", "carol"] and row["dropped"] == ["bob"]
     for f in (a, b, carol):
         f.close()
+
+
+def test_a_client_dropped_at_a_deadline_is_not_waited_for_at_the_end_until_heard_from_again():
+    """The server waits, after its last round, for live clients to take the final model; one
+    that missed a deadline and has been silent since (killed) is not waited for, and one that
+    speaks again is."""
+    from fedkrso.server.registry import ClientRegistry
+
+    reg = ClientRegistry(0)
+    for c in ("a", "b"):
+        reg.join(c, c, 10)
+    assert reg.still_finishing() == ["a", "b"]
+    reg.mark_dropped({"b"})
+    assert reg.still_finishing() == ["a"]
+    reg.touch("b")
+    assert reg.still_finishing() == ["a", "b"]
