@@ -26,9 +26,11 @@ demo: $(STAMP)
 	$(BIN)/python -m fedkrso.bench.demo --out $(DEMO_DIR)
 
 # The tests include the layering check (import-linter contracts in pyproject.toml); one
-# pytest-xdist worker per core, each computing with one torch thread (tests/conftest.py).
+# pytest-xdist worker per CPU this process may run on (WORKERS=N to choose), each computing
+# with one torch thread (tests/conftest.py).
+WORKERS ?= $(shell $(PY) -c 'import os; print(len(os.sched_getaffinity(0)))' 2>/dev/null || echo 2)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -n auto --dist worksteal
+	$(BIN)/python -m pytest -q -ra -n $(WORKERS) --dist worksteal
 
 bench: $(STAMP)
 	$(BIN)/fedkrso-bench --config bench/sst2.yaml
