@@ -32,7 +32,6 @@ tensor a client did not send counts as zero (a FedKRSO seed it never drew).
 from __future__ import annotations
 
 import json
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from ..precision import Placement, place, placement_of
 from ..privacy.geometry import UpdateGeometry
 from ..subspace import fingerprint
 from ..tensors import element_size, l2_norm
+from .modules import _matches, is_conv1d, is_linear, is_norm, out_in, target_linears  # noqa: F401 (re-exported)
 from .optim import OptimizerConfig, Optimization
 
 WireDtype = Literal["float32", "bfloat16", "float16"]
@@ -99,36 +99,6 @@ class LocalUpdate:
     num_samples: int = 0
     seeds_used: list[int] = field(default_factory=list)
     train_state_bytes: int = 0  # peak gradient + optimizer-state bytes while training (measured)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's Conv1D: a linear layer whose weight is stored transposed (in x out)."""
-    return type(module).__name__ == "Conv1D"
-
-
-def is_linear(module: nn.Module) -> bool:
-    """nn.Linear or GPT-2's Conv1D."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def is_norm(module: nn.Module) -> bool:
-    name = type(module).__name__
-    return isinstance(module, nn.LayerNorm) or "LayerNorm" in name or "RMSNorm" in name
-
-
-def out_in(module: nn.Module) -> tuple[int, int]:
-    """(d_m, d_n) of a linear-like module in nn.Linear convention (out x in)."""
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if is_conv1d(module) else tuple(w.shape)
-
-
-def _matches(name: str, patterns: list[str]) -> bool:
-    return any(re.search(p, name) for p in patterns)
-
-
-def target_linears(model: nn.Module, patterns: list[str]) -> dict[str, nn.Module]:
-    """Linear-like modules whose names match ``patterns``, in model order."""
-    return {n: m for n, m in model.named_modules() if is_linear(m) and _matches(n, patterns)}
 
 
 def dense_parameters(model: nn.Module, cfg: MethodConfig, biases: bool | None = None) -> dict[str, nn.Parameter]:
