@@ -272,6 +272,12 @@ class RunConfig(Section):
         p, s = self.privacy, self.server
         if p.dp.enabled and (reason := METHODS[self.method.name].dp_unsupported):
             raise ValueError(f"privacy.dp does not apply to {self.method.name}: {reason}")
+        if p.dp_sgd.enabled:
+            if reason := METHODS[self.method.name].dp_sgd_unsupported:
+                raise ValueError(f"privacy.dp_sgd does not apply to {self.method.name}: {reason}")
+            if self.training.optimizer.max_grad_norm is not None:
+                raise ValueError("privacy.dp_sgd clips every example's gradient (privacy.dp_sgd.clip): "
+                                 "training.optimizer.max_grad_norm cannot apply on top; leave it unset")
         if p.dp.enabled or p.secure_aggregation.enabled:
             what = "privacy.dp" if p.dp.enabled else "privacy.secure_aggregation"
             if self.training.weighting != "uniform":

@@ -19,11 +19,14 @@ Its shard (and held-out split) is tokenised once, when the participant is made
 
 Every random choice of a round is keyed by (run seed, round, client key): batch order, dropout
 and the method's own choices, so a client that trains a round again produces the same bytes,
-and a simulated client produces what its distributed twin would.
+and a simulated client produces what its distributed twin would. Under DP-SGD the batches and
+the step noise are keyed by the client's secret instead (the server must not know who was
+drawn), so they are the same on a retrain of the same process and nowhere else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +46,7 @@ from .methods import Method
 from .models import load_model, load_tokenizer, model_fingerprint
 from .precision import Placement, bytes_by_dtype, peak_bytes, placement_of, reset_peak, resolve_placement
 from .privacy.dp import noise_multiplier, privatize, secret_rng
+from .privacy.dpsgd import SampleDP, expected_batch, poisson_batches, sampling_rate
 from .subspace import stable_seed
 from .tensors import DTYPES
 from .wire import tensor_batches, update_digest
@@ -241,14 +245,20 @@ class Participant:
         eval_metrics, eval_examples = self.evaluate(round_id)
         placement = placement_of(self.model)
         snapshot = self.method.training_snapshot(self.model)
-        data = batches(self.tokens, t.batch_size, seed=stable_seed("batches", run_seed, round_id, self.key))
+        sgd = self.cfg.privacy.dp_sgd
+        if sgd.enabled:  # Poisson batches from the client's secret: the server cannot tell who was drawn
+            data = poisson_batches(self.tokens, t.batch_size, secret_rng(self.secret, "dp-sgd-sample", run_seed, round_id))
+        else:
+            data = batches(self.tokens, t.batch_size, seed=stable_seed("batches", run_seed, round_id, self.key))
         started = time.perf_counter()
         was_training = self.model.training
         reset_peak(placement.device)
         try:
-            with placement.fork_rng():
+            with placement.fork_rng(), self._dp_sgd(round_id) as private:
                 # dropout: the same update whenever it is (re)trained
                 torch.manual_seed(stable_seed("dropout", run_seed, round_id, self.key) % (2**63))
+                if private is not None:
+                    data = private.batches(data)
                 update = self.method.train_round(self.model, _counted(data, tick), round_id, seeds, self.key)
             accelerator_peak = peak_bytes(placement.device)
         finally:
@@ -263,6 +273,28 @@ class Participant:
                               seeds_used=list(update.seeds_used), train_seconds=train_seconds,
                               train_state_bytes=update.train_state_bytes, eval_metrics=eval_metrics,
                               eval_examples=eval_examples, accelerator_peak_bytes=accelerator_peak)
+
+    @contextlib.contextmanager
+    def _dp_sgd(self, round_id: int) -> Iterator[SampleDP | None]:
+        """DP-SGD for this round's local steps (``privacy.dp_sgd``): Opacus hooks on the model
+        and the privatizing step on the method's optimizer while it trains; None when off."""
+        sgd = self.cfg.privacy.dp_sgd
+        if not sgd.enabled:
+            yield None
+            return
+        rows = len(self.tokens)
+        private = SampleDP(sgd, self.model, expected_batch(self.cfg.training.batch_size, rows),
+                           secret_rng(self.secret, "dp-sgd-noise", self.cfg.run.seed, round_id))
+        optim = self.method.optim
+        with private:
+            optim.private = private
+            try:
+                yield private
+            finally:
+                optim.private = None
+        log.info("update_dp_sgd", round=round_id, steps=private.steps, rows=rows,
+                 sampling_rate=round(sampling_rate(self.cfg.training.batch_size, rows), 6),
+                 noise_multiplier=sgd.noise_multiplier, clip=sgd.clip)
 
     def privatize(self, round_id: int, seeds: list[int], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Clip (and in local mode noise) the update in the space of the model update, and give

@@ -190,7 +190,8 @@ class Coordinator:
         seeds = self.method.round_seeds(t)
         plan_fp = await asyncio.to_thread(self.method.plan_fingerprint, self.model, seeds)
         selected = set(self.registry.select(t, set(), r.clients_per_round, secret=self.privacy.secret_selection))
-        if not self.privacy.allows(t, len(selected), len(self.registry.live())):
+        rows = {c: self.registry.get(c).num_samples for c in selected}
+        if not self.privacy.allows(t, len(selected), len(self.registry.live()), rows):
             return False
         rs = RoundState(t, seeds, plan_fp, selected, time.monotonic() + r.deadline_s,
                         aggregator=self._aggregator())

@@ -10,6 +10,11 @@ fixed whoever submitted. The noise comes from a Philox generator seeded with 128
 operating system's entropy, unknown to clients and never saved. Local mode: clients noised
 their own updates; the server only averages (uniform weights) and counts participations.
 
+Sample-level DP-SGD (``privacy.dp_sgd``) runs inside the clients; the server keeps its ledger
+(each client's DP-SGD steps and declared rows, hence its Poisson rate), reports the largest
+sample-level epsilon in every row and stops the run before a round would take a selected
+client past ``dp_sgd.epsilon_budget``.
+
 The ledger (one entry per closed round, and each client's participations) is saved with every
 round commit, so a resumed run reports the same epsilon and keeps its budget.
 """
@@ -29,6 +34,7 @@ from ..common.config import RunConfig
 from ..common.methods import Method
 from ..common.privacy import accountant
 from ..common.privacy.dp import noise_multiplier
+from ..common.privacy.dpsgd import sampling_rate
 from ..common.privacy.geometry import UpdateGeometry
 from .rounds import RoundState
 
@@ -46,6 +52,9 @@ class PrivacyGuard:
         self.z = noise_multiplier(self.dp, cfg.rounds.total, cfg.rounds.clients_per_round) if self.dp.enabled else 0.0
         self.charges: list[accountant.RoundCharge] = []
         self.participation: dict[str, int] = {}
+        self.sgd = cfg.privacy.dp_sgd
+        self.sgd_steps: dict[str, int] = {}  # client -> DP-SGD steps it ran (sample-level ledger)
+        self.sgd_rows: dict[str, int] = {}  # client -> the rows it declared (its Poisson rate)
         self._rng = np.random.Generator(np.random.Philox(secrets.randbits(128)))
         self._geometry: tuple[int, UpdateGeometry] | None = None
         self._population: dict[int, int] = {}  # round -> live clients it was sampled from
@@ -65,12 +74,41 @@ class PrivacyGuard:
 
     # -- the ledger ------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"charges": [[c.round, c.sampled, c.population] for c in self.charges],
-                "participation": dict(self.participation)}
+        out = {"charges": [[c.round, c.sampled, c.population] for c in self.charges],
+               "participation": dict(self.participation)}
+        if self.sgd.enabled:
+            out["dp_sgd"] = {"steps": dict(self.sgd_steps), "rows": dict(self.sgd_rows)}
+        return out
 
     def load(self, state: dict) -> None:
         self.charges = [accountant.RoundCharge(*c) for c in state.get("charges", [])]
         self.participation = {k: int(v) for k, v in state.get("participation", {}).items()}
+        sgd = state.get("dp_sgd", {})
+        self.sgd_steps = {k: int(v) for k, v in sgd.get("steps", {}).items()}
+        self.sgd_rows = {k: int(v) for k, v in sgd.get("rows", {}).items()}
+
+    # -- sample-level DP-SGD (privacy.dp_sgd, common/privacy/dpsgd.py) ----------------------------
+    def sample_epsilon(self, client: str, rows: int | None = None, extra_steps: int = 0) -> float:
+        """Client ``client``'s sample-level epsilon after its recorded DP-SGD steps (plus
+        ``extra_steps``), at the Poisson rate its ``rows`` give."""
+        rows = self.sgd_rows.get(client, 1) if rows is None else rows
+        rate = sampling_rate(self.cfg.training.batch_size, rows)
+        return accountant.sample_epsilon(rate, self.sgd.noise_multiplier,
+                                         self.sgd_steps.get(client, 0) + extra_steps, self.sgd.delta)
+
+    def _sgd_allows(self, round_id: int, selected_rows: dict[str, int]) -> bool:
+        budget = self.sgd.epsilon_budget
+        if not self.sgd.enabled or budget is None:
+            return True
+        steps = self.method.cfg.local_steps()
+        after = {c: self.sample_epsilon(c, rows, steps) for c, rows in selected_rows.items()}
+        worst = max(after, key=after.get, default=None)
+        if worst is None or after[worst] <= budget:
+            return True
+        log.warning("privacy_budget_reached", round=round_id, kind="dp_sgd", client=worst,
+                    epsilon=round(self.sample_epsilon(worst, selected_rows[worst]), 6),
+                    epsilon_after_next_round=round(after[worst], 6), budget=budget, delta=self.sgd.delta)
+        return False
 
     def _events(self, extra: accountant.RoundCharge | None = None) -> list:
         """The ledger as DpEvents, identical rounds composed as one self-composition."""
@@ -88,10 +126,13 @@ class PrivacyGuard:
             sampled = population = 1  # no sampling credit: the round is charged in full
         return accountant.RoundCharge(round_id, sampled, max(population, sampled))
 
-    def allows(self, round_id: int, sampled: int, population: int) -> bool:
+    def allows(self, round_id: int, sampled: int, population: int, selected_rows: dict[str, int] | None = None) -> bool:
         """Whether round ``round_id``, ``sampled`` of ``population`` live clients, stays within
-        the epsilon budget; logs ``privacy_budget_reached`` when it does not."""
+        the epsilon budget, and under DP-SGD within every selected client's sample-level budget
+        (``selected_rows``: client -> its declared rows); logs ``privacy_budget_reached`` when not."""
         self._population[round_id] = population
+        if not self._sgd_allows(round_id, selected_rows or {}):
+            return False
         budget = self.dp.epsilon_budget
         if not self.dp.enabled or budget is None:
             return True
@@ -141,6 +182,10 @@ class PrivacyGuard:
     def charge(self, rs: RoundState) -> None:
         """Record round ``rs`` in the ledger (central: its sample of the live clients, q = 1 when
         a restart lost the pool size; local: each submitter's participation)."""
+        if self.sgd.enabled:
+            for client, sub in rs.submissions.items():
+                self.sgd_steps[client] = self.sgd_steps.get(client, 0) + self.method.cfg.local_steps()
+                self.sgd_rows[client] = max(self.sgd_rows.get(client, 0), int(sub.num_samples))
         if not self.dp.enabled:
             return
         sampled = len(rs.selected | rs.dropped)
@@ -151,8 +196,9 @@ class PrivacyGuard:
 
     def row(self, next_population: int) -> dict:
         """The metrics fields of the round just charged."""
+        out = self._sgd_row()
         if not self.dp.enabled:
-            return {}
+            return out
         nxt = self._charge_of(len(self.charges), self.cfg.rounds.clients_per_round, next_population)
         eps, after = self.epsilon(), self.epsilon(nxt)
         last = self.charges[-1] if self.charges and self.central else None
@@ -160,4 +206,17 @@ class PrivacyGuard:
                 "dp_noise_multiplier": self.z, "dp_clip": self.dp.clip,
                 "dp_sampling_rate": last.sampled / last.population if last else 1.0,
                 "dp_epsilon_after_next_round": after, "dp_epsilon_budget": self.dp.epsilon_budget,
-                "dp_budget_stop": self.dp.epsilon_budget is not None and after > self.dp.epsilon_budget}
+                "dp_budget_stop": self.dp.epsilon_budget is not None and after > self.dp.epsilon_budget, **out}
+
+    def _sgd_row(self) -> dict:
+        """DP-SGD's fields: the largest sample-level epsilon of any client so far, its client's
+        Poisson rate, and the mechanism's settings."""
+        if not self.sgd.enabled:
+            return {}
+        eps = {c: self.sample_epsilon(c) for c in self.sgd_steps}
+        worst = max(eps, key=eps.get, default=None)
+        return {"dp_sgd_epsilon": eps[worst] if worst else 0.0, "dp_sgd_delta": self.sgd.delta,
+                "dp_sgd_noise_multiplier": self.sgd.noise_multiplier, "dp_sgd_clip": self.sgd.clip,
+                "dp_sgd_sampling_rate": (sampling_rate(self.cfg.training.batch_size, self.sgd_rows[worst])
+                                         if worst else 0.0),
+                "dp_sgd_epsilon_budget": self.sgd.epsilon_budget}

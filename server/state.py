@@ -66,8 +66,8 @@ def shaping_config(cfg: RunConfig) -> dict:
     credentials, its output folder and where metrics are reported (a restart may move the
     port, rotate certificates or add a tracker and still resume the same run),
     ``model.device`` and ``model.dtype`` (each party's own; the state is float32 on all,
-    common/precision.py), an unset ``model.revision`` and a privacy section with nothing on
-    (older run ids still hold), and the transport's limits (``config.TRANSPORT_FIELDS``:
+    common/precision.py), an unset ``model.revision``, a privacy section with nothing on and an
+    ``privacy.dp_sgd`` that is off (older run ids still hold), and the transport's limits (``config.TRANSPORT_FIELDS``:
     timeouts, connection and Join limits)."""
     shaping = cfg.model_dump(mode="json", exclude={"security": True, "run": {"output_dir", "report_to"},
                                                     "server": TRANSPORT_FIELDS, "model": {"device", "dtype"}})
@@ -75,6 +75,8 @@ def shaping_config(cfg: RunConfig) -> dict:
         shaping["model"].pop("revision", None)
     if not cfg.privacy.any:  # a run without privacy keeps the identity it had before the section
         shaping.pop("privacy", None)
+    elif not cfg.privacy.dp_sgd.enabled:  # ... and one without DP-SGD the identity it had before it
+        shaping["privacy"].pop("dp_sgd", None)
     return shaping
 
 

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..precision import Placement, place, placement_of
+from ..privacy.dpsgd import per_example_inputs, per_example_loss
 from ..privacy.geometry import UpdateGeometry
 from ..subspace import fingerprint
 from ..tensors import element_size, l2_norm
@@ -139,6 +140,11 @@ def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
     placement = placement_of(model)
     batch = {k: v.to(placement.device, non_blocking=True) for k, v in batch.items()}
     with placement.autocast():
+        if getattr(model, "fedkrso_per_example_loss", False):  # DP-SGD (privacy.dpsgd)
+            batch = per_example_inputs(model, batch)
+            if batch["labels"].dim() == 2:  # a causal LM: each example's token mean, then the batch mean
+                labels = batch.pop("labels")
+                return per_example_loss(model(**batch).logits, labels)
         return model(**batch).loss.float()
 
 
@@ -153,6 +159,8 @@ class Method(ABC):
     seeds_per_round: ClassVar[bool] = True
     # why client-level DP cannot bound this method's model update (None: it can)
     dp_unsupported: ClassVar[str | None] = None
+    # why sample-level DP-SGD cannot privatize this method's local steps (None: it can)
+    dp_sgd_unsupported: ClassVar[str | None] = None
 
     def __init__(self, cfg: MethodConfig, run_seed: int, optimizer: OptimizerConfig | None = None,
                  total_rounds: int = 1):

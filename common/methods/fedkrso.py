@@ -68,7 +68,7 @@ class _SubspaceLinear(torch.autograd.Function):
     (the adapter falls back to the unfused path when W requires one)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, p, b, w_in_out: bool):
+    def forward(ctx, x, weight, bias, p, b, w_in_out: bool, examples: int = 0):
         with torch.autocast(x.device.type, enabled=False):
             bc = b.to(x.dtype)
             xp = torch.mm(x, p.T)  # (N, r): all that grad_B needs
@@ -76,13 +76,15 @@ class _SubspaceLinear(torch.autograd.Function):
             y = torch.mm(x, wt) if bias is None else torch.addmm(bias, x, wt)
             y.addmm_(xp, bc.T)
         ctx.w_in_out = w_in_out
+        ctx.examples = examples
+        ctx.b_param = b if examples else None
         ctx.save_for_backward(weight, p, b, xp)
         return y
 
     @staticmethod
     def backward(ctx, g):
         weight, p, b, xp = ctx.saved_tensors
-        need_x, _, need_bias, _, need_b, _ = ctx.needs_input_grad
+        need_x, _, need_bias, _, need_b, _, _ = ctx.needs_input_grad
         g = g.contiguous()
         gx = gbias = gb = None
         if need_x:
@@ -93,7 +95,21 @@ class _SubspaceLinear(torch.autograd.Function):
             gbias = g.sum(0)
         if need_b:
             gb = torch.mm(g.T, xp).to(b.dtype)  # (d_m, r)
-        return gx, None, gbias, None, gb, None
+            if ctx.examples:
+                _per_example_grad_b(ctx.b_param, g, xp, ctx.examples)
+        return gx, None, gbias, None, gb, None, None
+
+
+def _per_example_grad_b(b: torch.Tensor, g: torch.Tensor, xp: torch.Tensor, examples: int) -> None:
+    """DP-SGD (``privacy.dpsgd``): example i's grad_B, ``g_i^T xp_i`` summed over its positions,
+    times ``examples`` (the loss is the batch mean, Opacus's ``loss_reduction="mean"``
+    convention), stored as ``b.grad_sample`` (examples x d_m x r, float32), added to what an
+    earlier use of B in the same step left there."""
+    d_m, r = g.shape[-1], xp.shape[-1]
+    sample = torch.einsum("bsm,bsr->bmr", g.float().view(examples, -1, d_m), xp.float().view(examples, -1, r))
+    sample.mul_(examples)
+    prior = getattr(b, "grad_sample", None)
+    b.grad_sample = sample if prior is None else prior + sample
 
 
 class SubspaceAdapter:
@@ -105,9 +121,10 @@ class SubspaceAdapter:
     ``start(seed)`` draws P for every target and zeroes B; ``merge()`` folds ``B P`` into the
     frozen weight in place and returns the B's; ``close()`` restores the original forwards."""
 
-    def __init__(self, targets: dict[str, nn.Module], rank: int):
+    def __init__(self, targets: dict[str, nn.Module], rank: int, per_example: bool = False):
         self.targets = targets
         self.rank = rank
+        self.per_example = per_example  # DP-SGD: each B gets a grad_sample (batch-first inputs)
         self.p: dict[str, torch.Tensor] = {}
         self.b: dict[str, nn.Parameter] = {}
         # name -> (module, its own instance-level forward if it had one, our bound wrapper)
@@ -126,6 +143,8 @@ class SubspaceAdapter:
                     type(module).forward(module, x, *args, **kwargs))
             w = module.weight
             if w.requires_grad or args or kwargs:
+                # (under DP-SGD also Opacus's functorch re-run of a Conv1D for its bias's
+                # per-example gradient; B's come from the fused call of the real forward)
                 # grad_W would need the full x (or an unexpected call): stay unfused.
                 out = own(x, *args, **kwargs) if own is not None else (
                     type(module).forward(module, x, *args, **kwargs))
@@ -133,7 +152,7 @@ class SubspaceAdapter:
             # compute in the weight's dtype: under autocast x may arrive in float32 (after a
             # float32 norm); the cast is an autograd op, so grad_x returns in x's dtype
             y = _SubspaceLinear.apply(x.reshape(-1, x.shape[-1]).to(w.dtype), w, module.bias,
-                                      self.p[name], b, is_conv1d(module))
+                                      self.p[name], b, is_conv1d(module), x.shape[0] if self.per_example else 0)
             return y.view(*x.shape[:-1], y.shape[-1])
 
         return forward
@@ -302,7 +321,7 @@ class FedKRSO(Method):
         dense = self.dense(model)
         dense_start = self.start_values(dense)
         dense_opt = self.dense_optimizer(dense)
-        adapter = SubspaceAdapter(self.targets(model), self.cfg.rank)
+        adapter = SubspaceAdapter(self.targets(model), self.cfg.rank, per_example=self.optim.private is not None)
         acc: dict[str, torch.Tensor] = {}
         losses: list[float] = []
         peak_state = 0

@@ -80,6 +80,10 @@ class FedKSeed(Method):
         "needs the K x K Gram matrix of the directions (K model-sized draws per round) and no cheap bound on the "
         "directions' spectral norm holds with certainty, while a bound on the scalars g alone would give epsilon "
         "another meaning than for every other method")
+    dp_sgd_unsupported = (
+        "FedKSeed's body steps are zeroth-order (two forward passes per direction, no gradient): DP-SGD's "
+        "per-example gradient clip has nothing to clip there; a per-example clip of the projected-gradient "
+        "scalars would be another mechanism (not built)")
 
     @property
     def first_order_dense(self) -> bool:

@@ -206,6 +206,10 @@ class FedTT(DeltaMethod):
     name = "fedtt"
     Config = Config
     cfg: Config
+    dp_sgd_unsupported = (
+        "the TT cores are contracted inside TTAdapter.forward (TTMatrix.full), so the modules that hold them never "
+        "run and no Opacus hook sees a per-example gradient; it would need the contraction's vector-Jacobian "
+        "product vmapped over examples (not built)")
 
     def frozen_cores(self) -> set[int]:
         """Core indices frozen from the start (never trained, never sent)."""

@@ -43,6 +43,7 @@ class Optimization:
 
     def __init__(self, cfg: OptimizerConfig, steps_per_round: int, total_rounds: int):
         self.cfg = cfg
+        self.private = None  # a privacy.dpsgd.SampleDP while a DP-SGD round trains
         self.steps_per_round = steps_per_round
         self.total_steps = max(1, steps_per_round * total_rounds)
 
@@ -71,9 +72,12 @@ class Optimization:
         return torch.optim.AdamW(groups) if groups else None
 
     def step(self, optimizers: Iterable[torch.optim.Optimizer | None], round_id: int, step: int) -> None:
-        """Clip (if configured), set the scheduled lr, step every optimizer."""
+        """Clip (if configured), set the scheduled lr, step every optimizer. Under DP-SGD the
+        gradients are first replaced by the privatized ones (per-example clip, noise)."""
         optimizers = [o for o in optimizers if o is not None]
-        if self.cfg.max_grad_norm is not None:
+        if self.private is not None:
+            self.private.privatize([p for o in optimizers for g in o.param_groups for p in g["params"]])
+        elif self.cfg.max_grad_norm is not None:
             params = [p for o in optimizers for g in o.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         factor = self.factor(round_id, step)

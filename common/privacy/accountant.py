@@ -1,4 +1,5 @@
-"""Epsilon of a run's client-level DP, from Google's ``dp-accounting`` (RDP accountant).
+"""Epsilon of a run's client-level DP, and of its sample-level DP-SGD (``sample_epsilon``),
+from Google's ``dp-accounting`` (RDP accountant).
 
 The mechanism of one round (``privacy.dp``, docs/PRIVACY.md): the sum of the clipped model
 updates of the round's clients plus Gaussian noise of std z * C per coordinate, divided by a
@@ -19,9 +20,13 @@ part most.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256, 512, 1024]
+# sample-level: the library's series for fractional orders of a Poisson-subsampled Gaussian
+# stops converging at large sampling rates (a client with few rows), so integer orders only
+INTEGER_ORDERS = list(range(2, 64)) + [80, 128, 256, 512, 1024]
 REPLACE_FACTOR = 2.0  # sensitivity of the sum under replacement of one client's data, in units of C
 
 
@@ -71,6 +76,23 @@ def calibrate(target_epsilon: float, delta: float, rounds: int, sampled: int, po
 
     return float(dpa.calibrate_dp_mechanism(fresh, event, target_epsilon, delta,
                                             dpa.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-4))
+
+
+@functools.lru_cache(maxsize=1024)
+def sample_epsilon(rate: float, noise_multiplier: float, steps: int, delta: float) -> float:
+    """Sample-level epsilon of DP-SGD (``privacy.dpsgd``): ``steps`` Poisson-sampled Gaussian
+    steps at rate ``rate`` with noise multiplier ``noise_multiplier`` (std over the clip), under
+    add-or-remove-one-example adjacency (the relation Poisson sampling's analysis holds for)."""
+    if steps <= 0:
+        return 0.0
+    dpa = _dpa()
+    from dp_accounting.rdp import rdp_privacy_accountant as rdp
+
+    gauss = dpa.GaussianDpEvent(noise_multiplier)
+    step = gauss if rate >= 1.0 else dpa.PoissonSampledDpEvent(rate, gauss)
+    acc = rdp.RdpAccountant(INTEGER_ORDERS, dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    acc.compose(dpa.SelfComposedDpEvent(step, steps))
+    return float(acc.get_epsilon(delta))
 
 
 @dataclass

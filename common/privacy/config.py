@@ -76,10 +76,31 @@ class SecureAggregationSection(_Section):
         60.0, gt=0, description="how long each key or unmasking phase waits for the clients of the previous one")
 
 
+class DPSGDSection(_Section):
+    """Sample-level DP inside each client (DP-SGD, Abadi et al. 2016): every local step draws a
+    Poisson sample of the client's rows (rate q = training.batch_size / its rows), clips each
+    example's gradient of everything the step trains to ``clip`` (L2, jointly), adds Gaussian
+    noise of std ``noise_multiplier * clip`` to the sum and divides by the expected batch size.
+    Per-example gradients come from Opacus (FedKRSO's B from its own fused layer). It protects
+    one example of a client's data against everything downstream of that client's training,
+    the server and the released model included; client-level DP (``dp``) protects a whole
+    client and composes with it."""
+
+    enabled: bool = False
+    clip: float = Field(1.0, gt=0, description="C: bound on the L2 norm of one example's gradient per step")
+    noise_multiplier: float = Field(
+        1.0, gt=0, description="sigma: the noise std on each step's summed gradient is sigma * C")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta the sample-level epsilon is reported for")
+    epsilon_budget: float | None = Field(
+        None, gt=0, description="the run stops, saving the model, before a round would take a selected client's "
+        "sample-level epsilon past this")
+
+
 class PrivacySection(_Section):
     dp: DPSection = DPSection()
+    dp_sgd: DPSGDSection = DPSGDSection()
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
 
     @property
     def any(self) -> bool:
-        return self.dp.enabled or self.secure_aggregation.enabled
+        return self.dp.enabled or self.dp_sgd.enabled or self.secure_aggregation.enabled
