@@ -246,3 +246,48 @@ def test_dp_sgd_with_real_processes_and_central_dp(tmp_path, tiny_bert, shards):
     for c in run.cluster.clients:
         events = log_events(c.text(), "update_dp_sgd")
         assert [e["round"] for e in events] == [0, 1] and all(e["steps"] == 2 for e in events)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_the_sample_level_ledger(tmp_path, tiny_bert, shards):
+    """The simulator killed (SIGKILL) once two rounds are committed, then ``--resume``d: the
+    rows after the restart report the sample-level epsilon of the whole run, not of the
+    rounds since the restart (the ledger is saved with every round)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import metric_rows, wait_until
+    from fedkrso.bench.launch import child_env
+
+    sigma, steps, batch, total = 1.0, 2, 8, 5
+    rows = shard_rows(shards, 3)
+    per_round = [max(accountant.sample_epsilon(batch / n, sigma, steps * t, 1e-5) for n in rows.values())
+                 for t in range(1, total + 1)]
+    cfg = round_config(tiny_bert, tmp_path / "out", rounds={"total": total, "clients_per_round": 3, "min_clients": 3},
+                       training={"batch_size": batch},
+                       privacy={"dp_sgd": {"enabled": True, "clip": 1.0, "noise_multiplier": sigma}})
+    (tmp_path / "round.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "fedkrso.sim.main", "--config", str(tmp_path / "round.yaml"),
+           "--data-root", str(shards), "--log-json"]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env())
+        try:
+            wait_until(lambda: len(metric_rows(tmp_path / "out")) >= 2 or first.poll() is not None, 300,
+                       "two committed rounds")
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+    done = len(metric_rows(tmp_path / "out"))
+    assert done < total, "the first run finished before it could be killed"
+    second = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600, env=child_env())
+    assert second.returncode == 0, second.stderr[-3000:]
+    [resumed] = log_events(second.stdout + second.stderr, "run_resumed")
+    assert resumed["round"] >= 2
+    out = metric_rows(tmp_path / "out")
+    assert [r["round"] for r in out] == list(range(total))
+    for r, eps in zip(out, per_round):
+        assert r["dp_sgd_epsilon"] == pytest.approx(eps, rel=1e-9), json.dumps(r)[:300]
