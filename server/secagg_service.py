@@ -77,8 +77,8 @@ class SecAggServicer:
         dtype = "int32" if sa.bits == 32 else "int64"
         async with upload.turn():
             rs = intake.check_header(client_id, h.run_id, h.round, h.num_samples, h.update_digest)
-            if rs is None:  # the same masked input again: read it, bounded, change nothing
-                await drain(upload, sa.numel * 8)
+            if rs is None:  # the same masked input again: read it, bounded by its ring's width, change nothing
+                await drain(upload, sa.numel * (sa.bits // 8))
                 return pb.MaskedInputResponse(accepted=True, duplicate=True, round=h.round)
             async with upload.slot():
                 tensors, asm, msg_bytes = await assemble(upload, h, {"masked": (sa.numel,)}, {"masked"}, dtype,

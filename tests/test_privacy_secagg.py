@@ -266,3 +266,58 @@ def test_central_dp_noise_is_added_after_unmasking(server_factory):
     assert float(noise.std()) == pytest.approx(z * clip / 3, rel=0.1)  # noise on the sum, over m = 3
     for f in fakes:
         f.close()
+
+
+def test_a_repeated_masked_input_is_answered_as_a_duplicate_and_drained_within_its_ring_width(server_factory):
+    """A client that sends its masked input again (a retry after a lost answer) is told it was
+    a duplicate and the round goes on; a repeat that claims the same digest but carries more
+    bytes than the ring's int32 vector is refused INVALID_ARGUMENT while being drained, and
+    the round still closes with the exact sum."""
+    from fedkrso.common.wire import tensor_batches, update_digest
+
+    srv = secure_server(server_factory, 3)
+    fakes = [Fake(srv, f"c{i}") for i in range(3)]
+    headers = {f.client_id: f.wait_train() for f in fakes}
+    updates = {c: random_update(srv, headers[c], i) for i, c in enumerate(sorted(headers))}
+    subs = {f.client_id: submission(srv, f, headers[f.client_id], updates[f.client_id]) for f in fakes}
+    seen = {}
+
+    def one(name: str, sub: SecureSubmission):
+        sub.share(sub.advertise())
+        first = sub.submit(0, 1 << 16)
+        if name == "c0":
+            seen["again"] = sub.submit(0, 1 << 16)
+            masked = sub.masked_input()
+            doubled = {"masked": torch.cat([masked["masked"], masked["masked"]])}
+
+            def stream():
+                header = sub.update.header(sub.run_id, 0)
+                header.num_tensors, header.update_digest = 1, update_digest(masked)
+                yield pb.MaskedInputRequest(header=header)
+                for batch in tensor_batches(doubled, None, 1 << 16):
+                    yield pb.MaskedInputRequest(tensors=batch)
+
+            try:
+                sub.call(lambda _, **kw: sub.stub.SubmitMaskedInput(stream(), **kw), None, 60)
+                seen["oversized"] = "accepted"
+            except grpc.RpcError as err:
+                seen["oversized"] = err
+        return first, sub.unmask()
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futures = {n: pool.submit(one, n, s) for n, s in subs.items()}
+        results = {n: f.result(timeout=120) for n, f in futures.items()}
+    assert seen["again"].accepted and seen["again"].duplicate
+    err = seen["oversized"]
+    assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    numel = sum(t.numel() for t in updates["c0"].values())
+    assert f"exceeds the {numel * 4}-byte limit" in err.details()
+    assert all(first.accepted and not first.duplicate for first, _ in results.values())
+    row = closed_row(srv, 0)
+    assert sorted(row["clients"]) == ["c0", "c1", "c2"]
+    step = row["secagg"]["fixed_point_step"]
+    for name, t in srv.coord.deltas[0].tensors.items():
+        plain = sum(updates[c][name].double() for c in ("c0", "c1", "c2")) / 3
+        assert (t.double() - plain).abs().max() <= step / 2 + 1e-6, name
+    for f in fakes:
+        f.close()
