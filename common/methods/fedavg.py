@@ -20,7 +20,8 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from .base import DeltaMethod, MethodConfig, out_in, target_linears
+from .base import MethodConfig, out_in, target_linears
+from .delta import DeltaMethod
 
 
 class Config(MethodConfig):

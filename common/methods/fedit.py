@@ -31,7 +31,8 @@ from torch import nn
 
 from ..subspace import cpu_generator
 from ..tensors import l2_norm, product_norm_sq
-from .base import DeltaMethod, MethodConfig, is_conv1d, out_in, target_linears
+from .base import MethodConfig, is_conv1d, out_in, target_linears
+from .delta import DeltaMethod
 
 ADAPTER = "default"
 

@@ -64,7 +64,8 @@ from torch import nn
 
 from ..subspace import cpu_generator
 from ..tensors import l2_norm
-from .base import EXTRAS_FILE, EXTRAS_FORMAT, DeltaMethod, MethodConfig, out_in
+from .base import EXTRAS_FILE, EXTRAS_FORMAT, MethodConfig, out_in
+from .delta import DeltaMethod
 
 ATTR = "tt_adapter"
 DEFAULT_ADAPTER_MODULES = [
