@@ -11,6 +11,8 @@ import itertools
 import math
 
 import pytest
+import structlog
+import structlog.testing
 import torch
 
 from fedkrso.common.aggregate import StreamingAggregator
@@ -335,10 +337,14 @@ def test_fedtt_plus_adaptively_freezes_the_slowest_core_and_keeps_the_decision(t
              for n, p in cores.items() if not n.endswith(".cores.1") or p.abs().sum() > 0}
     delta.update({f"delta.{n}": torch.full_like(p, 0.05) for n, p in cores.items()
                   if f"delta.{n}" not in delta})  # U's zero core moves from zero
-    method.apply(model, [0, 1, 2], delta)
+    with structlog.testing.capture_logs() as logs:
+        method.apply(model, [0, 1, 2], delta)
     plan = method.round_seeds(1)
     assert len(plan) == 2 and set(plan) < {0, 1, 2}
     frozen = ({0, 1, 2} - set(plan)).pop()
+    [change] = [e for e in logs if e["event"] == "fedtt_plus_core_change"]  # what the rule saw
+    assert change["frozen"] == frozen == change["slowest"] and change["share_of_fastest"] < 0.5
+    assert set(change["relative"]) == {0, 1, 2}
     spec = method.update_spec(model, plan)
     assert not any(n.endswith(f".cores.{frozen}") for n in spec)
     update = method.train_round(model, itertools.repeat(fixed_batch("bert")), 1, plan, "c1")

@@ -57,6 +57,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
+import structlog
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -77,6 +78,8 @@ DEFAULT_ADAPTER_MODULES = [
     r"\.mlp\.down_proj$",  # LLaMA/Mistral/Qwen feed-forward output
 ]
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+log = structlog.get_logger("fedkrso.methods")
 
 
 class Config(MethodConfig):
@@ -360,7 +363,11 @@ class FedTTPlus(FedTT):
                 size[k] += float(p.double().square().sum())
         relative = {k: math.sqrt(moved[k] / size[k]) if size[k] > 0 else math.inf for k in seeds}
         slowest = min(seeds, key=lambda k: (relative[k], k))
-        if relative[slowest] < self.cfg.freeze_ratio * max(relative.values()):
+        freeze = relative[slowest] < self.cfg.freeze_ratio * max(relative.values())
+        log.info("fedtt_plus_core_change", relative={k: round(v, 6) for k, v in relative.items()},
+                 slowest=slowest, share_of_fastest=round(relative[slowest] / max(max(relative.values()), 1e-30), 6),
+                 freeze_ratio=self.cfg.freeze_ratio, frozen=slowest if freeze else None)
+        if freeze:
             return sorted(set(seeds) - {slowest})
         return sorted(seeds)
 
