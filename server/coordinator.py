@@ -236,6 +236,7 @@ class Coordinator:
         room = self.cfg.rounds.clients_per_round - len(rs.submissions)
         # a secret sample charged at its size takes no replacements
         fresh = [] if self.privacy.secret_selection else self.registry.select(rs.round, rs.selected | rs.dropped, room)
+        fresh = [c for c in fresh if self.privacy.may_join(rs.round, c, self.registry.get(c).num_samples)]
         dropped = silent[:len(fresh)]  # the longest unheard first
         rs.selected = (rs.selected - set(dropped)) | set(fresh)
         rs.dropped |= set(dropped)

@@ -96,6 +96,19 @@ class PrivacyGuard:
         return accountant.sample_epsilon(rate, self.sgd.noise_multiplier,
                                          self.sgd_steps.get(client, 0) + extra_steps, self.sgd.delta)
 
+    def may_join(self, round_id: int, client: str, rows: int) -> bool:
+        """Whether a replacement ``client`` may join round ``round_id`` under the DP-SGD budget
+        (the round's other clients were checked when it opened); logs when it may not."""
+        budget = self.sgd.epsilon_budget
+        if not self.sgd.enabled or budget is None:
+            return True
+        after = self.sample_epsilon(client, rows, self.method.cfg.local_steps())
+        if after <= budget:
+            return True
+        log.warning("replacement_over_budget", round=round_id, client=client, epsilon_after_round=round(after, 6),
+                    budget=budget)
+        return False
+
     def _sgd_allows(self, round_id: int, selected_rows: dict[str, int]) -> bool:
         budget = self.sgd.epsilon_budget
         if not self.sgd.enabled or budget is None:

@@ -291,3 +291,22 @@ def test_a_resumed_run_keeps_the_sample_level_ledger(tmp_path, tiny_bert, shards
     assert [r["round"] for r in out] == list(range(total))
     for r, eps in zip(out, per_round):
         assert r["dp_sgd_epsilon"] == pytest.approx(eps, rel=1e-9), json.dumps(r)[:300]
+
+
+def test_a_replacement_client_over_its_budget_is_passed_over(tmp_path, tiny_bert):
+    """Mid-round replacements are checked like the round's own clients: one whose next round
+    would pass the sample-level budget may not join, a fresh one may."""
+    from fedkrso.server.privacy import PrivacyGuard
+
+    cfg = parse_config(round_config(tiny_bert, tmp_path, training={"batch_size": 8},
+                                    privacy={"dp_sgd": {"enabled": True, "noise_multiplier": 1.0,
+                                                        "epsilon_budget": 8.0}}))
+    guard = PrivacyGuard(cfg, cfg.build_method(), None)
+    steps = cfg.method.local_steps()
+    one_round = accountant.sample_epsilon(8 / 40, 1.0, steps, 1e-5)
+    assert one_round < 8.0
+    rounds_to_budget = next(t for t in range(1, 500) if accountant.sample_epsilon(8 / 40, 1.0, steps * t, 1e-5) > 8.0)
+    guard.sgd_steps, guard.sgd_rows = {"worn": steps * (rounds_to_budget - 1)}, {"worn": 40}
+    assert not guard.may_join(3, "worn", 40)
+    assert guard.may_join(3, "fresh", 40)
+    assert not guard.allows(3, 2, 2, {"worn": 40, "fresh": 40}) and guard.allows(3, 1, 2, {"fresh": 40})
