@@ -310,3 +310,32 @@ def test_a_replacement_client_over_its_budget_is_passed_over(tmp_path, tiny_bert
     assert not guard.may_join(3, "worn", 40)
     assert guard.may_join(3, "fresh", 40)
     assert not guard.allows(3, 2, 2, {"worn": 40, "fresh": 40}) and guard.allows(3, 1, 2, {"fresh": 40})
+
+
+@pytest.mark.parametrize("name", ["fedkrso", "fedit"])
+def test_each_step_privatizes_only_its_own_examples(tiny, name):
+    """After a step the per-example gradients are cleared, so the next step's are its own (a
+    second backward of the same batch gives the same per-example gradients, not their sum);
+    two backward passes before one step are refused."""
+    method = make(name)
+    model = no_dropout(load(tiny, "bert"))
+    method.prepare(model)
+    params, adapter = trainables(method, model, "bert")
+    batch = uneven_batch("bert")
+    model.train()
+    dp = SampleDP(DPSGDSection(enabled=True, clip=1e6, noise_multiplier=1e-20), model, 4, np.random.default_rng(0))
+    grads = []
+    with dp:
+        for _ in range(2):
+            forward_loss(model, dict(batch)).backward()
+            dp.privatize(params)
+            grads.append([p.grad.clone() for p in params])
+            assert all(getattr(p, "grad_sample", None) is None for p in params)
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        forward_loss(model, dict(batch)).backward()
+        forward_loss(model, dict(batch)).backward()
+        with pytest.raises(RuntimeError, match="more than one backward"):  # Opacus kept a list
+            dp.privatize(params)
+    if adapter is not None:
+        adapter.close()

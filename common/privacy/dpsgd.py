@@ -105,6 +105,8 @@ class SampleDP:
         if missing:
             raise RuntimeError(f"DP-SGD: no per-example gradient for trainable parameters of shapes {missing[:3]}; "
                                "their module has no Opacus grad sampler")
+        if any(isinstance(getattr(p, "grad_sample", None), list) for p in params):
+            raise RuntimeError("DP-SGD: more than one backward pass before a step (one batch, one backward)")
         samples = [p.grad_sample for p in params if getattr(p, "grad_sample", None) is not None]
         if samples:
             norms_sq = torch.zeros(samples[0].shape[0], dtype=torch.float32, device=samples[0].device)
