@@ -98,6 +98,7 @@ def render_quality(combined: dict) -> str:
             detail = (f"{interval['mean']:+.2f} [{interval['low']:+.2f}, {interval['high']:+.2f}]"
                       if interval and interval.get("low") is not None else
                       f"{a['ratio']:.1f}x" if "ratio" in a else "one seed: no interval")
-            lines.append(f"- **{a['verdict']}**: {a['question']} ({detail})")
+            note = f"; {a['note']}" if a.get("note") else ""
+            lines.append(f"- **{a['verdict']}**: {a['question']} ({detail}{note})")
         lines += ["", f"![{name}]({name}/{report['plot']})", ""]
     return "\n".join(lines)

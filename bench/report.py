@@ -97,13 +97,19 @@ def differences(results: dict[str, dict], metric: str, key: str = "final") -> di
 
 def answers(results: dict[str, dict], diffs: dict[str, dict], metric: str) -> list[dict]:
     """The questions the bench exists to answer, each with its interval and a verdict: the
-    interval above the threshold (yes), below it (no), or across it (inconclusive)."""
+    interval above the threshold (yes), below it (no), or across it (inconclusive); "no
+    signal" where every run of both methods scored the same (a task no method learned)."""
     out = []
     sign = 1.0 if higher_is_better(metric) else -1.0  # for a loss, "at least as good" is lower
 
     def ask(question: str, a: str, b: str, threshold: float) -> None:
         interval = diffs.get(a, {}).get(b)
         if interval is None:
+            return
+        finals = {v["final"] for m in (a, b) for v in results[m]["seeds"].values()}
+        if len(finals) == 1:  # e.g. every run at the majority class (MCC 0): nothing to compare
+            out.append({"question": question, "interval": interval, "verdict": "no signal",
+                        "note": f"every run of both scored {finals.pop()}"})
             return
         oriented = {k: (sign * v if isinstance(v, float) else v) for k, v in interval.items()}
         if sign < 0:
@@ -184,7 +190,8 @@ def render(report: dict) -> str:
         lines += ["", "## Answers", ""]
         for a in report["answers"]:
             detail = fmt_interval(a.get("interval")) if "interval" in a else f"{a['ratio']:.1f}x"
-            lines.append(f"- **{a['verdict']}**: {a['question']} ({detail})")
+            note = f"; {a['note']}" if a.get("note") else ""
+            lines.append(f"- **{a['verdict']}**: {a['question']} ({detail}{note})")
     lines += ["", "## Learning-rate selection (validation split)", "",
               f"| method | lr | seeds | score ({report['select_by']} {metric}) | chosen |", "|---|---|---|---|---|"]
     for s in report["sweep"]:

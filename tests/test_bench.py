@@ -215,3 +215,22 @@ def test_packaged_bench_configs_make_valid_round_yaml(tmp_path):
         for m in cfg.methods:
             cell = Cell(m, (m.lrs or [1e-3])[0], cfg.seeds[0], cfg.rounds, "eval")
             parse_config(round_yaml(cfg, cell, tmp_path, tmp_path, cfg.model.num_labels or 2), str(path))
+
+
+def test_a_task_no_method_learned_gets_no_verdict():
+    """Every run of both methods at the same score (CoLA at the majority class: MCC 0.0 for all)
+    is 'no signal', not a 'yes' from an interval of zero width; a real difference still gets
+    its verdict."""
+    from fedkrso.bench.report import answers
+
+    def res(values):
+        return {"seeds": {str(s): {"final": v} for s, v in enumerate(values)}}
+
+    flat = {"fedkrso": res([0.0, 0.0, 0.0]), "fedavg": res([0.0, 0.0, 0.0])}
+    diffs = {"fedkrso": {"fedavg": paired_interval({0: 0.0, 1: 0.0, 2: 0.0}, {0: 0.0, 1: 0.0, 2: 0.0})}}
+    [a] = answers(flat, diffs, "mcc")
+    assert a["verdict"] == "no signal" and "every run of both scored 0.0" in a["note"]
+    learned = {"fedkrso": res([0.8, 0.82, 0.81]), "fedavg": res([0.8, 0.81, 0.8])}
+    diffs = {"fedkrso": {"fedavg": paired_interval({0: 80.0, 1: 82.0, 2: 81.0}, {0: 80.0, 1: 81.0, 2: 80.0})}}
+    [a] = answers(learned, diffs, "accuracy")
+    assert a["verdict"] == "yes" and "note" not in a
