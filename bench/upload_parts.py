@@ -17,6 +17,7 @@ of the questions in docs/QUALITY.md; nothing is trained.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
 
@@ -46,10 +47,7 @@ def parts(spec, block_name: str) -> list[dict]:
             seeds = method.round_seeds(0)
             specs = method.update_spec(model, seeds)
             size = element_size(cfg.wire_dtype)
-            numel = {n: 1 for n in specs}
-            for n, shape in specs.items():
-                for d in shape:
-                    numel[n] *= d
+            numel = {n: math.prod(shape) for n, shape in specs.items()}
             if m.name == "fedkrso":  # a client sends the accumulators of the indices it drew
                 k, draws = cfg.k, cfg.intervals
                 expected = k * (1 - (1 - 1 / k) ** draws)
