@@ -96,31 +96,36 @@ class PrivacyGuard:
         return accountant.sample_epsilon(rate, self.sgd.noise_multiplier,
                                          self.sgd_steps.get(client, 0) + extra_steps, self.sgd.delta)
 
-    def may_join(self, round_id: int, client: str, rows: int) -> bool:
-        """Whether a replacement ``client`` may join round ``round_id`` under the DP-SGD budget
-        (the round's other clients were checked when it opened); logs when it may not."""
+    def _sgd_over_budget(self, selected_rows: dict[str, int]) -> tuple[str, float] | None:
+        """The client (of ``selected_rows``: client -> its declared rows) whose sample-level
+        epsilon the next round would take furthest past the DP-SGD budget, with that epsilon;
+        None when every one stays within it, or there is no budget."""
         budget = self.sgd.epsilon_budget
         if not self.sgd.enabled or budget is None:
-            return True
-        after = self.sample_epsilon(client, rows, self.method.cfg.local_steps())
-        if after <= budget:
-            return True
-        log.warning("replacement_over_budget", round=round_id, client=client, epsilon_after_round=round(after, 6),
-                    budget=budget)
-        return False
-
-    def _sgd_allows(self, round_id: int, selected_rows: dict[str, int]) -> bool:
-        budget = self.sgd.epsilon_budget
-        if not self.sgd.enabled or budget is None:
-            return True
+            return None
         steps = self.method.cfg.local_steps()
         after = {c: self.sample_epsilon(c, rows, steps) for c, rows in selected_rows.items()}
         worst = max(after, key=after.get, default=None)
-        if worst is None or after[worst] <= budget:
+        return None if worst is None or after[worst] <= budget else (worst, after[worst])
+
+    def may_join(self, round_id: int, client: str, rows: int) -> bool:
+        """Whether a replacement ``client`` may join round ``round_id`` under the DP-SGD budget
+        (the round's other clients were checked when it opened); logs when it may not."""
+        over = self._sgd_over_budget({client: rows})
+        if over is None:
             return True
+        log.warning("replacement_over_budget", round=round_id, client=client, epsilon_after_round=round(over[1], 6),
+                    budget=self.sgd.epsilon_budget)
+        return False
+
+    def _sgd_allows(self, round_id: int, selected_rows: dict[str, int]) -> bool:
+        over = self._sgd_over_budget(selected_rows)
+        if over is None:
+            return True
+        worst, after = over
         log.warning("privacy_budget_reached", round=round_id, kind="dp_sgd", client=worst,
                     epsilon=round(self.sample_epsilon(worst, selected_rows[worst]), 6),
-                    epsilon_after_next_round=round(after[worst], 6), budget=budget, delta=self.sgd.delta)
+                    epsilon_after_next_round=round(after, 6), budget=self.sgd.epsilon_budget, delta=self.sgd.delta)
         return False
 
     def _events(self, extra: accountant.RoundCharge | None = None) -> list:
