@@ -5,7 +5,8 @@ The combined report is rebuilt from every block's ``results.json`` on disk after
 it reports what a protocol covers so far (runs finished against runs planned, per block), and
 several processes may run different blocks of one protocol (``--blocks``) side by side. A block
 with ``lrs_from: <block>`` takes every method's learning rate from that block's selection
-(which must have finished) instead of sweeping again.
+instead of sweeping again; a method that block runs must have its lr chosen there first (it
+may still be running its other methods).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ def planned_runs(cfg: BenchConfig) -> int:
     return sweeps + len(cfg.methods) * len(cfg.seeds)
 
 
-def block_config(protocol: ProtocolConfig, name: str, out: Path, quick: bool = False) -> BenchConfig:
+def block_config(protocol: ProtocolConfig, name: str, out: Path, quick: bool = False, strict: bool = True) -> BenchConfig:
     """The block's bench config (its ``quick`` preset applied with ``quick``), its lrs taken
-    from ``lrs_from``'s selection where it names one."""
+    from ``lrs_from``'s selection where it names one; ``strict`` (to run it) refuses a source
+    that has not chosen them yet, otherwise (to count its runs) what is chosen so far is used."""
     block = next(b for b in protocol.blocks if b.name == name)
     cfg = protocol.bench(block)
     if quick:
@@ -36,8 +38,17 @@ def block_config(protocol: ProtocolConfig, name: str, out: Path, quick: bool = F
     if source:
         path = out / source / "results.json"
         if not path.is_file():
+            if not strict:
+                return cfg
             raise SystemExit(f"fedkrso-bench: block {name} takes its lrs from {source}, which has not run")
         chosen = {tag: entry["lr"] for tag, entry in json.loads(path.read_text())["results"].items()}
+        # results.json is rewritten after every run, so it exists while the source block still
+        # sweeps: a method the source runs but has not chosen for yet must wait, not sweep here
+        pending = sorted({m.tag for m in protocol.bench(next(b for b in protocol.blocks if b.name == source)).methods}
+                         & {m.tag for m in cfg.methods} - set(chosen))
+        if pending and strict:
+            raise SystemExit(f"fedkrso-bench: block {name} takes its lrs from {source}, which has not chosen one "
+                             f"for {', '.join(pending)} yet (run {source} to the end first)")
         for m in cfg.methods:
             if m.tag in chosen:
                 m.lrs = [chosen[m.tag]]
@@ -73,7 +84,7 @@ def write_quality(protocol: ProtocolConfig, out: Path, command: str, path: Path,
         combined["blocks"][block.name] = {
             "purpose": block.purpose, "report": report,
             "cells_done": len(list((out / block.name / "cells").glob("*/cell.json"))),
-            "cells_planned": planned_runs(block_config(protocol, block.name, out, quick))}
+            "cells_planned": planned_runs(block_config(protocol, block.name, out, quick, strict=False))}
     for name, text in (("quality.json", json.dumps(combined, indent=2) + "\n"),
                        ("QUALITY.md", render_quality(combined))):
         tmp = out / f".{name}.tmp"

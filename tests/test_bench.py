@@ -155,6 +155,36 @@ def test_protocol_runs_blocks_and_writes_the_combined_report(tmp_path, tiny_bert
     assert "## iid" in text and "## skew" in text and "runs finished 1 of 1" in text
 
 
+def test_lrs_from_waits_for_the_source_block_to_choose(tmp_path, tiny_bert):
+    """A block with lrs_from does not run while its source block has not chosen an lr for a
+    method both run (the source's results.json is rewritten after every run, so it exists
+    mid-sweep); a method the source does not run keeps its own lrs; the report counts either way."""
+    from fedkrso.bench.config import load_protocol
+    from fedkrso.bench.protocol import block_config, planned_runs
+
+    base = bench_config(tmp_path, tiny_bert, seeds=[0, 1], methods=[
+        {"name": "fedkrso", "k": 2, "rank": 2, "intervals": 1, "interval_steps": 2, "lrs": [1e-3, 2e-3]},
+        {"name": "fedit", "steps": 2, "rank": 2, "lrs": [1e-3, 4e-3]}])
+    protocol = {"name": "tiny", "description": "lrs_from", "base": base, "blocks": [
+        {"name": "plain", "purpose": "selects the lrs", "methods": base["methods"][:1]},
+        {"name": "dp", "purpose": "reuses them", "lrs_from": "plain"}]}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(protocol))
+    proto, out = load_protocol(path), tmp_path / "out"
+    with pytest.raises(SystemExit, match="has not run"):
+        block_config(proto, "dp", out)
+    (out / "plain").mkdir(parents=True)
+    results = out / "plain" / "results.json"
+    results.write_text(json.dumps({"results": {}}))  # mid-sweep
+    with pytest.raises(SystemExit, match="has not chosen one for fedkrso yet"):
+        block_config(proto, "dp", out)
+    assert planned_runs(block_config(proto, "dp", out, strict=False)) == (2 + 2) * 2  # (sweep + seeds) x methods
+    results.write_text(json.dumps({"results": {"fedkrso": {"lr": 2e-3, "seeds": {}}}}))
+    cfg = block_config(proto, "dp", out)
+    assert {m.tag: m.lrs for m in cfg.methods} == {"fedkrso": [2e-3], "fedit": [1e-3, 4e-3]}
+    assert planned_runs(cfg) == 2 + (2 + 2)
+
+
 def test_statistics_match_hand_computation():
     assert mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
     assert mean_std([5.0]) == {"mean": 5.0, "std": 0.0, "n": 1}
