@@ -26,11 +26,15 @@ def planned_runs(cfg: BenchConfig) -> int:
     return sweeps + len(cfg.methods) * len(cfg.seeds)
 
 
+def _block(protocol: ProtocolConfig, name: str):
+    return next(b for b in protocol.blocks if b.name == name)
+
+
 def block_config(protocol: ProtocolConfig, name: str, out: Path, quick: bool = False, strict: bool = True) -> BenchConfig:
     """The block's bench config (its ``quick`` preset applied with ``quick``), its lrs taken
     from ``lrs_from``'s selection where it names one; ``strict`` (to run it) refuses a source
     that has not chosen them yet, otherwise (to count its runs) what is chosen so far is used."""
-    block = next(b for b in protocol.blocks if b.name == name)
+    block = _block(protocol, name)
     cfg = protocol.bench(block)
     if quick:
         cfg = cfg.apply_quick()
@@ -44,7 +48,7 @@ def block_config(protocol: ProtocolConfig, name: str, out: Path, quick: bool = F
         chosen = {tag: entry["lr"] for tag, entry in json.loads(path.read_text())["results"].items()}
         # results.json is rewritten after every run, so it exists while the source block still
         # sweeps: a method the source runs but has not chosen for yet must wait, not sweep here
-        pending = sorted({m.tag for m in protocol.bench(next(b for b in protocol.blocks if b.name == source)).methods}
+        pending = sorted({m.tag for m in protocol.bench(_block(protocol, source)).methods}
                          & {m.tag for m in cfg.methods} - set(chosen))
         if pending and strict:
             raise SystemExit(f"fedkrso-bench: block {name} takes its lrs from {source}, which has not chosen one "
