@@ -173,6 +173,17 @@ def load_bench_config(path: str | Path) -> BenchConfig:
         raise BenchConfigError("\n".join(lines)) from None
 
 
+class PoolSpec(Strict):
+    """Another bench of the same settings whose seeds or methods a block extends (``report.pool``):
+    a block of this protocol or of a committed ``quality.json`` (e.g. the grid's), and the methods
+    to bring."""
+
+    report: str | None = Field(None, description="a protocol's combined report (quality.json), read from the "
+                                                 "working directory (default: this protocol's own results)")
+    block: str = Field(description="the block of that report")
+    methods: list[str] | None = Field(None, min_length=1, description="its methods to bring (default: all)")
+
+
 class ProtocolBlock(BaseModel):
     """One bench of a protocol: a name, what it is for, and the base config's fields it changes."""
 
@@ -180,6 +191,7 @@ class ProtocolBlock(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     purpose: str = ""
     lrs_from: str | None = Field(None, description="take each method's lr from this block's selection")
+    pool_with: PoolSpec | None = Field(None, description="also report this block with another bench's seeds pooled in")
 
     def overrides(self) -> dict[str, Any]:
         return dict(self.model_extra or {})

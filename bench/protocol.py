@@ -6,7 +6,9 @@ it reports what a protocol covers so far (runs finished against runs planned, pe
 several processes may run different blocks of one protocol (``--blocks``) side by side. A block
 with ``lrs_from: <block>`` takes every method's learning rate from that block's selection
 instead of sweeping again; a method that block runs must have its lr chosen there first (it
-may still be running its other methods).
+may still be running its other methods). A block with ``pool_with`` is also reported with the
+seeds of another bench of the same settings pooled in (``report.pool``), e.g. more seeds for a
+cell of a committed grid.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 from pathlib import Path
 
 from .config import BenchConfig, ProtocolConfig, load_protocol
-from .report import answers, render_table
+from .report import answers, pool, render_table
 from .runner import run_bench
 
 
@@ -64,6 +66,9 @@ def run_protocol(path: Path, out: Path, only: list[str] | None, command: str, qu
     unknown = set(only or ()) - {b.name for b in protocol.blocks}
     if unknown:
         raise SystemExit(f"fedkrso-bench: blocks not in {path}: {sorted(unknown)}")
+    for block in protocol.blocks:  # before hours of runs, not after them
+        if block.pool_with and block.pool_with.report and (only is None or block.name in only):
+            pool_source(block, out)
     out.mkdir(parents=True, exist_ok=True)
     for block in protocol.blocks:
         if only is None or block.name in only:
@@ -71,6 +76,25 @@ def run_protocol(path: Path, out: Path, only: list[str] | None, command: str, qu
                       log=lambda s: print(s, flush=True))
             combined = write_quality(protocol, out, command, path, quick)
     return combined
+
+
+def pool_source(block, out: Path) -> dict:
+    """The report a ``pool_with`` block pools with: a block of a committed quality.json, or of this
+    protocol's results under ``out``."""
+    spec = block.pool_with
+    if spec.report is None:
+        path = out / spec.block / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"fedkrso-bench: block {block.name} pools with block {spec.block}, which has not run")
+        return json.loads(path.read_text())
+    path = Path(spec.report)
+    if not path.is_file():
+        raise SystemExit(f"fedkrso-bench: block {block.name} pools with {spec.report}, which is missing")
+    blocks = json.loads(path.read_text()).get("blocks", {})
+    if spec.block not in blocks:
+        raise SystemExit(f"fedkrso-bench: block {block.name} pools with block {spec.block} of {spec.report}, "
+                         f"which has only {sorted(blocks)}")
+    return blocks[spec.block]["report"]
 
 
 def write_quality(protocol: ProtocolConfig, out: Path, command: str, path: Path, quick: bool = False) -> dict:
@@ -85,10 +109,22 @@ def write_quality(protocol: ProtocolConfig, out: Path, command: str, path: Path,
         # the verdicts as the current rules read the stored intervals (a block finished before a
         # rule changed is rendered like one finished after)
         report["answers"] = answers(report["results"], report["differences"], report["metric"])
+        # the cells on disk; where they are gone (results.json restored from a committed
+        # quality.json on another machine), the runs the report holds
+        held = (sum(len(e["seeds"]) for e in report["results"].values())
+                + sum(len(s["seeds"]) for s in report["sweep"]))
         combined["blocks"][block.name] = {
             "purpose": block.purpose, "report": report,
-            "cells_done": len(list((out / block.name / "cells").glob("*/cell.json"))),
+            "cells_done": max(held, len(list((out / block.name / "cells").glob("*/cell.json")))),
             "cells_planned": planned_runs(block_config(protocol, block.name, out, quick, strict=False))}
+        spec = block.pool_with
+        if spec and (spec.report or (out / spec.block / "results.json").is_file()):
+            try:
+                pooled = pool(report, pool_source(block, out), spec.methods)
+            except ValueError as err:
+                raise SystemExit(f"fedkrso-bench: block {block.name}: {err}") from None
+            combined["blocks"][block.name]["pooled"] = {"report": spec.report or "this protocol",
+                                                        "block": spec.block, **pooled}
     for name, text in (("quality.json", json.dumps(combined, indent=2) + "\n"),
                        ("QUALITY.md", render_quality(combined))):
         tmp = out / f".{name}.tmp"
@@ -111,13 +147,37 @@ def render_quality(combined: dict) -> str:
                   + f", {report['clients_per_round']} per round, {report['rounds']} rounds, seeds "
                   f"{report['seeds']}, metric {report['metric']}; runs finished {block['cells_done']} of "
                   f"{block['cells_planned']}; {timing}", ""]
-        lines += render_table(report)
-        for a in report["answers"]:
-            interval = a.get("interval")
-            detail = (f"{interval['mean']:+.2f} [{interval['low']:+.2f}, {interval['high']:+.2f}]"
-                      if interval and interval.get("low") is not None else
-                      f"{a['ratio']:.1f}x" if "ratio" in a else "one seed: no interval")
-            note = f"; {a['note']}" if a.get("note") else ""
-            lines.append(f"- **{a['verdict']}**: {a['question']} ({detail}{note})")
+        lines += render_table(report) + render_answers(report)
+        pooled = block.get("pooled")
+        if pooled:
+            seeds = "; ".join(f"{tag} {_ranges(s)}" for tag, s in pooled["pooled_seeds"].items())
+            lines += ["", f"### {name} with the seeds of {pooled['block']} ({pooled['report']})", "",
+                      f"The same settings and lrs, seeds pooled (per method: {seeds}); differences paired "
+                      "over the seeds both methods ran.", ""]
+            lines += render_table(pooled) + render_answers(pooled)
         lines += ["", f"![{name}]({name}/{report['plot']})", ""]
     return "\n".join(lines)
+
+
+def render_answers(report: dict) -> list[str]:
+    lines = []
+    for a in report["answers"]:
+        interval = a.get("interval")
+        detail = (f"{interval['mean']:+.2f} [{interval['low']:+.2f}, {interval['high']:+.2f}]"
+                  if interval and interval.get("low") is not None else
+                  f"{a['ratio']:.1f}x" if "ratio" in a else "one seed: no interval")
+        note = f"; {a['note']}" if a.get("note") else ""
+        lines.append(f"- **{a['verdict']}**: {a['question']} ({detail}{note})")
+    return lines
+
+
+def _ranges(seeds: list[int]) -> str:
+    """[0, 1, 2, 3, 5] as "0-3, 5"."""
+    parts, run = [], []
+    for s in sorted(seeds):
+        if run and s != run[-1] + 1:
+            parts.append(run)
+            run = []
+        run.append(s)
+    parts += [run] if run else []
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in parts)

@@ -76,6 +76,57 @@ def aggregate(entry: dict) -> dict:
     }
 
 
+# What two benches must share for their seeds of a method to be pooled: everything that makes
+# one seed's run, but the seed (and the lr and knobs, checked per method).
+POOLED_SETTINGS = ("metric", "data_source", "clients", "alpha", "clients_per_round", "train_rows", "val_rows",
+                   "eval_rows", "model", "task", "max_length", "batch_size", "rounds", "runner", "optimizer")
+
+
+def pool(report: dict, source: dict, methods: list[str] | None = None) -> dict:
+    """``report`` with the seeds of ``source`` pooled in: a bench of the same settings run
+    earlier, e.g. the grid's block whose seeds a follow-up extends. A method both ran must be
+    the same configuration (lr, knobs where both record them, gradient+optimizer bytes) on
+    disjoint seeds; ``source``'s other methods (``methods``: those to bring) join as they are.
+    Differences and answers are taken again over the pooled seeds. ValueError names what differs."""
+    for key in POOLED_SETTINGS:
+        if report.get(key) != source.get(key):
+            raise ValueError(f"cannot pool: {key} differs ({report.get(key)!r} against {source.get(key)!r})")
+    missing = sorted(set(methods or ()) - set(source["results"]))
+    if missing:
+        raise ValueError(f"cannot pool: the source has no method {', '.join(missing)}")
+    results = {tag: {**e, "seeds": dict(e["seeds"])} for tag, e in report["results"].items()}
+    for tag, theirs in source["results"].items():
+        if methods is not None and tag not in methods:
+            continue
+        mine = results.setdefault(tag, {**theirs, "seeds": {}})
+        if mine["seeds"]:
+            _same_method(tag, mine, theirs)
+        overlap = sorted({int(s) for s in mine["seeds"]} & {int(s) for s in theirs["seeds"]})
+        if overlap:
+            raise ValueError(f"cannot pool {tag}: both ran seeds {overlap}")
+        seeds = {str(s): v for s, v in (*theirs["seeds"].items(), *mine["seeds"].items())}
+        mine["seeds"] = dict(sorted(seeds.items(), key=lambda kv: int(kv[0])))
+        mine["aggregate"] = aggregate(mine)
+    pooled = {**report, "results": results,
+              "seeds": sorted({int(s) for e in results.values() for s in e["seeds"]}),
+              "pooled_seeds": {tag: [int(s) for s in e["seeds"]] for tag, e in results.items()}}
+    pooled["differences"] = differences(results, report["metric"])
+    pooled["answers"] = answers(results, pooled["differences"], report["metric"])
+    return pooled
+
+
+def _same_method(tag: str, mine: dict, theirs: dict) -> None:
+    if mine["lr"] != theirs["lr"]:
+        raise ValueError(f"cannot pool {tag}: lr {mine['lr']:g} against {theirs['lr']:g}")
+    if "knobs" in mine and "knobs" in theirs and mine["knobs"] != theirs["knobs"]:
+        raise ValueError(f"cannot pool {tag}: knobs {mine['knobs']} against {theirs['knobs']}")
+    # reports written before they recorded knobs: a changed set of trainables shows in the state
+    state = {s["train_state_bytes"] for e in (mine, theirs) for s in e["seeds"].values()}
+    if len(state) > 1:
+        raise ValueError(f"cannot pool {tag}: gradient+optimizer bytes differ ({sorted(state)}): "
+                         "not the same configuration")
+
+
 def points(metric: str) -> float:
     """Scale at which differences are read: points (x100) for scores in [0, 1] or [-1, 1]."""
     return 1.0 if not higher_is_better(metric) else 100.0
@@ -102,29 +153,33 @@ def answers(results: dict[str, dict], diffs: dict[str, dict], metric: str) -> li
     out = []
     sign = 1.0 if higher_is_better(metric) else -1.0  # for a loss, "at least as good" is lower
 
-    def ask(question: str, a: str, b: str, threshold: float) -> None:
-        interval = diffs.get(a, {}).get(b)
-        if interval is None:
-            return
-        finals = {v["final"] for m in (a, b) for v in results[m]["seeds"].values()}
-        if len(finals) == 1:  # e.g. every run at the majority class (MCC 0): nothing to compare
-            out.append({"question": question, "interval": interval, "verdict": "no signal",
-                        "note": f"every run of both scored {finals.pop()}"})
-            return
-        oriented = {k: (sign * v if isinstance(v, float) else v) for k, v in interval.items()}
-        if sign < 0:
-            oriented["low"], oriented["high"] = oriented["high"], oriented["low"]
-        out.append({"question": question, "interval": interval, "verdict": verdict(oriented, threshold)})
+    def ask(question: str, method: str, b: str, threshold: float) -> None:
+        # the method's own row and every labelled variant of it (e.g. fedkrso-r16), named as such
+        for a in [t for t, e in results.items() if (e.get("base_method") or t) == method]:
+            interval = diffs.get(a, {}).get(b)
+            if interval is None:
+                continue
+            asked = question if a == method else question.replace(" ", f" ({a}) ", 1)
+            finals = {v["final"] for m in (a, b) for v in results[m]["seeds"].values()}
+            if len(finals) == 1:  # e.g. every run at the majority class (MCC 0): nothing to compare
+                out.append({"question": asked, "interval": interval, "verdict": "no signal",
+                            "note": f"every run of both scored {finals.pop()}"})
+                continue
+            oriented = {k: (sign * v if isinstance(v, float) else v) for k, v in interval.items()}
+            if sign < 0:
+                oriented["low"], oriented["high"] = oriented["high"], oriented["low"]
+            out.append({"question": asked, "interval": interval, "verdict": verdict(oriented, threshold)})
 
     ask("FedKRSO within 1.0 point of FedAvg (full fine-tuning)", "fedkrso", "fedavg", -1.0)
     ask("FedKRSO at least as good as FedIT", "fedkrso", "fedit", 0.0)
     ask("FedKRSO at least as good as FFA-LoRA", "fedkrso", "ffa-lora", 0.0)
     ask("FedTT+ within 1 point of FedIT", "fedtt+", "fedit", -1.0)
-    if "fedtt+" in results and "fedit" in results:
-        a = results["fedtt+"]["aggregate"]["uplink_payload_per_client_round"]
+    for tag in [t for t, e in results.items() if (e.get("base_method") or t) == "fedtt+"] if "fedit" in results else []:
+        a = results[tag]["aggregate"]["uplink_payload_per_client_round"]
         b = results["fedit"]["aggregate"]["uplink_payload_per_client_round"]
         if a and b:
-            out.append({"question": "FedTT+ uploads at least 5x fewer bytes than FedIT",
+            name = "FedTT+" if tag == "fedtt+" else f"FedTT+ ({tag})"
+            out.append({"question": f"{name} uploads at least 5x fewer bytes than FedIT",
                         "ratio": b / a, "verdict": "yes" if b / a >= 5 else "no"})
     return out
 

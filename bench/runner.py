@@ -136,7 +136,7 @@ def run_bench(cfg: BenchConfig, out: Path, command: str = "fedkrso-bench",
                 report["sweep"].append({"method": spec.tag, "lr": lr, "seeds": cfg.seeds[: cfg.sweep_seeds],
                                         "score": shown, "chosen": lr == chosen})
             save()
-        entry = {"method": spec.tag, "base_method": spec.name, "lr": chosen, "seeds": {}}
+        entry = {"method": spec.tag, "base_method": spec.name, "knobs": spec.knobs(), "lr": chosen, "seeds": {}}
         report["results"][spec.tag] = entry
         for seed in cfg.seeds:
             entry["seeds"][seed] = cell(spec, chosen, seed, cfg.rounds, "eval")

@@ -155,6 +155,58 @@ def test_protocol_runs_blocks_and_writes_the_combined_report(tmp_path, tiny_bert
     assert "## iid" in text and "## skew" in text and "runs finished 1 of 1" in text
 
 
+def test_pool_with_adds_the_seeds_of_a_committed_report(tmp_path, tiny_bert):
+    """A block with pool_with is also reported with another bench's seeds of the same settings
+    (the grid's quality.json): pooled means, differences paired over all seeds; what cannot be
+    pooled (another lr or setting, the same seed twice, a missing report) is refused by name."""
+    from fedkrso.bench.report import pool
+    from fedkrso.bench.stats import paired_interval
+
+    methods = [{"name": "fedkrso", "k": 2, "rank": 2, "intervals": 1, "interval_steps": 2, "lrs": [2e-3]},
+               {"name": "fedit", "steps": 2, "rank": 2, "lrs": [2e-3]}]
+    base = bench_config(tmp_path, tiny_bert, seeds=[0], methods=methods)
+
+    def protocol(name, blocks):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"name": name, "base": base, "blocks": blocks}))
+        return path
+
+    grid = tmp_path / "grid"
+    main(["--protocol", str(protocol("grid", [{"name": "iid"}])), "--out", str(grid)])
+    more = protocol("more", [{"name": "iid-more", "seeds": [1],
+                              "pool_with": {"report": str(grid / "quality.json"), "block": "iid"}}])
+    main(["--protocol", str(more), "--out", str(tmp_path / "more")])
+    block = json.loads((tmp_path / "more" / "quality.json").read_text())["blocks"]["iid-more"]
+    own, pooled = block["report"], block["pooled"]
+    source = json.loads((grid / "quality.json").read_text())["blocks"]["iid"]["report"]
+    assert own["seeds"] == [1] and pooled["seeds"] == [0, 1]
+    assert pooled["pooled_seeds"] == {"fedkrso": [0, 1], "fedit": [0, 1]}
+    assert pooled["results"]["fedkrso"]["aggregate"]["final"]["n"] == 2
+    finals = {m: {s: 100 * r["results"][m]["seeds"][str(s)]["final"] for r, s in ((source, 0), (own, 1))}
+              for m in ("fedkrso", "fedit")}
+    interval = pooled["differences"]["fedkrso"]["fedit"]
+    assert interval["n"] == 2 and interval["seeds"] == [0, 1]
+    assert interval["mean"] == pytest.approx(paired_interval(finals["fedkrso"], finals["fedit"])["mean"])
+    text = (tmp_path / "more" / "QUALITY.md").read_text()
+    assert "### iid-more with the seeds of iid" in text and "fedkrso 0-1" in text
+
+    with pytest.raises(ValueError, match="both ran seeds \\[1\\]"):
+        pool(own, own)
+    other_lr = json.loads(json.dumps(source))
+    other_lr["results"]["fedit"]["lr"] = 1e-3
+    with pytest.raises(ValueError, match="cannot pool fedit: lr"):
+        pool(own, other_lr)
+    with pytest.raises(ValueError, match="cannot pool: rounds differs"):
+        pool(own, {**source, "rounds": 9})
+    with pytest.raises(ValueError, match="no method fedavg"):
+        pool(own, source, ["fedavg"])
+    assert set(pool(own, source, ["fedit"])["pooled_seeds"]) == {"fedkrso", "fedit"}
+    missing = protocol("missing", [{"name": "x", "pool_with": {"report": str(tmp_path / "nope.json"), "block": "iid"}}])
+    with pytest.raises(SystemExit, match="nope.json, which is missing"):
+        main(["--protocol", str(missing), "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()  # refused before any run
+
+
 def test_lrs_from_waits_for_the_source_block_to_choose(tmp_path, tiny_bert):
     """A block with lrs_from does not run while its source block has not chosen an lr for a
     method both run (the source's results.json is rewritten after every run, so it exists
@@ -195,6 +247,25 @@ def test_statistics_match_hand_computation():
     assert interval["low"] == pytest.approx(7 / 3 - half) and interval["high"] == pytest.approx(7 / 3 + half)
     assert verdict(interval, 0.0) == "yes" and verdict(interval, 5.0) == "no" and verdict(interval, 2.0) == "inconclusive"
     assert paired_interval({0: 1.0}, {0: 0.5})["low"] is None
+
+
+def test_answers_cover_labelled_variants_of_a_method():
+    """A row run under a label (fedkrso-r16, fedtt+-lr) is asked the questions of its method,
+    named by its label; the peer is always the unlabelled row."""
+    from fedkrso.bench.report import answers, differences
+
+    def entry(base, finals, up=1000.0):
+        return {"base_method": base, "lr": 1e-3,
+                "seeds": {str(i): {"final": f, "uplink_payload_per_client_round": up} for i, f in enumerate(finals)},
+                "aggregate": {"uplink_payload_per_client_round": up}}
+
+    results = {"fedit": entry("fedit", [0.80, 0.82, 0.81], up=6000.0),
+               "fedtt+-lr": entry("fedtt+", [0.70, 0.71, 0.69]),
+               "fedkrso-r16": entry("fedkrso", [0.81, 0.83, 0.82])}
+    got = {a["question"]: a["verdict"] for a in answers(results, differences(results, "accuracy"), "accuracy")}
+    assert got == {"FedKRSO (fedkrso-r16) at least as good as FedIT": "yes",
+                   "FedTT+ (fedtt+-lr) within 1 point of FedIT": "no",
+                   "FedTT+ (fedtt+-lr) uploads at least 5x fewer bytes than FedIT": "yes"}
 
 
 def test_instruction_bench_with_client_evaluation(tmp_path, tiny_models):
