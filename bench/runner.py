@@ -10,6 +10,8 @@ bench that is stopped still reports what it finished and resumes where it stoppe
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,8 +52,12 @@ def partition(cfg: BenchConfig, seed: int, out: Path) -> dict:
                           max_examples=d.max_examples, max_eval=d.max_eval,
                           client_eval_fraction=d.client_eval_fraction)
     save_partition(part, out)
-    if val is not None:
-        val.save_to_disk(str(out / "val"))
+    if val is not None:  # under its name only when whole: a run cut off here redoes it, not reuses half
+        tmp = out / ".val.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out / "val", ignore_errors=True)
+        val.save_to_disk(str(tmp))
+        os.replace(tmp, out / "val")
     return read_partition_info(out) | {"val_rows": len(val) if val is not None else 0}
 
 

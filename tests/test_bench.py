@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import random
+import shutil
 
 import pytest
 import yaml
@@ -247,6 +248,23 @@ def test_statistics_match_hand_computation():
     assert interval["low"] == pytest.approx(7 / 3 - half) and interval["high"] == pytest.approx(7 / 3 + half)
     assert verdict(interval, 0.0) == "yes" and verdict(interval, 5.0) == "no" and verdict(interval, 2.0) == "inconclusive"
     assert paired_interval({0: 1.0}, {0: 0.5})["low"] is None
+
+
+def test_a_partition_cut_off_while_writing_its_validation_split_is_written_again(tmp_path):
+    """The validation split gets its name only when whole, so a bench stopped while writing it
+    partitions again on resume (same shards, same split) instead of reusing half a split."""
+    from fedkrso.bench.config import BenchConfig
+    from fedkrso.bench.runner import partition
+    from fedkrso.common.data import load_split
+
+    cfg = BenchConfig.model_validate(bench_config(tmp_path, "unused"))
+    first = partition(cfg, 0, tmp_path / "p")
+    val = [r["text"] for r in load_split(tmp_path / "p" / "val")]
+    shutil.rmtree(tmp_path / "p" / "val")
+    (tmp_path / "p" / ".val.tmp").mkdir()  # where the cut-off write was going
+    assert partition(cfg, 0, tmp_path / "p") == first
+    assert sorted(x.name for x in (tmp_path / "p").iterdir()) == ["eval", "partition.json", "shard0", "shard1", "val"]
+    assert [r["text"] for r in load_split(tmp_path / "p" / "val")] == val
 
 
 def test_answers_cover_labelled_variants_of_a_method():
