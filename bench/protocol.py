@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from .config import BenchConfig, ProtocolConfig, load_protocol
-from .report import answers, pool, render_table
+from .report import answers, pool, render_answers, render_table
 from .runner import run_bench
 
 
@@ -157,18 +157,6 @@ def render_quality(combined: dict) -> str:
             lines += render_table(pooled) + render_answers(pooled)
         lines += ["", f"![{name}]({name}/{report['plot']})", ""]
     return "\n".join(lines)
-
-
-def render_answers(report: dict) -> list[str]:
-    lines = []
-    for a in report["answers"]:
-        interval = a.get("interval")
-        detail = (f"{interval['mean']:+.2f} [{interval['low']:+.2f}, {interval['high']:+.2f}]"
-                  if interval and interval.get("low") is not None else
-                  f"{a['ratio']:.1f}x" if "ratio" in a else "one seed: no interval")
-        note = f"; {a['note']}" if a.get("note") else ""
-        lines.append(f"- **{a['verdict']}**: {a['question']} ({detail}{note})")
-    return lines
 
 
 def _ranges(seeds: list[int]) -> str:

@@ -208,6 +208,16 @@ def fmt_interval(interval: dict | None) -> str:
     return f"{interval['mean']:+.2f} [{interval['low']:+.2f}, {interval['high']:+.2f}]"
 
 
+def render_answers(report: dict) -> list[str]:
+    """The report's answers, one markdown line each: verdict, question, interval or ratio."""
+    lines = []
+    for a in report["answers"]:
+        detail = fmt_interval(a.get("interval")) if "interval" in a else f"{a['ratio']:.1f}x"
+        note = f"; {a['note']}" if a.get("note") else ""
+        lines.append(f"- **{a['verdict']}**: {a['question']} ({detail}{note})")
+    return lines
+
+
 def render_table(report: dict) -> list[str]:
     """The results table of one bench report (markdown lines)."""
     metric, scale = report["metric"], points(report["metric"])
@@ -242,11 +252,7 @@ def render(report: dict) -> str:
              "difference per seed, mean and 95% t-interval", ""]
     lines += render_table(report)
     if report["answers"]:
-        lines += ["", "## Answers", ""]
-        for a in report["answers"]:
-            detail = fmt_interval(a.get("interval")) if "interval" in a else f"{a['ratio']:.1f}x"
-            note = f"; {a['note']}" if a.get("note") else ""
-            lines.append(f"- **{a['verdict']}**: {a['question']} ({detail}{note})")
+        lines += ["", "## Answers", ""] + render_answers(report)
     lines += ["", "## Learning-rate selection (validation split)", "",
               f"| method | lr | seeds | score ({report['select_by']} {metric}) | chosen |", "|---|---|---|---|---|"]
     for s in report["sweep"]:
