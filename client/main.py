@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
         log.error("credential_refused", client=name, reason=str(err))
         sys.exit(4)
     except (ClientError, ParticipantError) as err:
-        log.error("client_refused", reason=str(err))
+        from ..common.accounting import peak_rss_bytes
+
+        log.error("client_refused", reason=str(err), peak_rss_bytes=peak_rss_bytes())
         sys.exit(3)
     except grpc.RpcError as err:
         log.error("rpc_failed", code=err.code().name, details=err.details())

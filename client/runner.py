@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-import resource
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import structlog
 from fedkrso.v1 import coordinator_pb2 as pb
 from fedkrso.v1 import coordinator_pb2_grpc as pb_grpc
 
+from ..common.accounting import peak_rss_bytes
 from ..common.config import address_host, is_loopback
 from ..common.data import load_client_eval, load_split
 from ..common.logs import bounded, progress
@@ -85,10 +85,6 @@ class Report:
     state_fingerprint: str = ""
     snapshots: int = 0
     deltas_applied: int = 0
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def make_channel(opts: ClientOptions) -> grpc.Channel:
@@ -302,7 +298,7 @@ class FedClient:
 
     def _submit(self, update: PreparedUpdate) -> None:
         def send(metadata):  # a fresh stream per attempt
-            stream = update.requests(self.run_id, _peak_rss_bytes(), self.chunk)
+            stream = update.requests(self.run_id, peak_rss_bytes(), self.chunk)
             return self.stub.SubmitUpdate(stream, metadata=metadata, timeout=600)
 
         try:
@@ -324,7 +320,7 @@ class FedClient:
         sub = SecureSubmission(self.stub, lambda fn, arg, t: self._call(fn, arg, timeout=t), self.run_id,
                                self.client_id, update, self.participant.delta_spec(seeds), sa.ring_bits, timeout)
         try:
-            resp = sub.run(_peak_rss_bytes(), self.chunk)
+            resp = sub.run(peak_rss_bytes(), self.chunk)
         except grpc.RpcError as err:
             if err.code() not in (grpc.StatusCode.ABORTED, grpc.StatusCode.FAILED_PRECONDITION,
                                   grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.ALREADY_EXISTS):

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-import resource
 from pathlib import Path
 
 import structlog
 
-from ..common.accounting import message_bytes, payload_bytes
+from ..common.accounting import message_bytes, payload_bytes, peak_rss_bytes
 from ..common.config import ConfigError, RunConfig
 from ..common.data import load_client_eval, load_split
 from ..common.participant import Participant
@@ -43,10 +42,6 @@ def shard_folders(data_root: Path) -> dict[str, Path]:
     if not found:
         raise FileNotFoundError(f"no shard folders under {data_root}; write them with fedkrso-partition")
     return dict(sorted(found.items(), key=lambda kv: int(kv[0][5:])))
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class Simulation:
@@ -110,7 +105,7 @@ class Simulation:
         seeds = p.seeds(task.seeds)
         p.check_plan(task.round, seeds, task.plan_fingerprint)
         update = await asyncio.to_thread(p.train, task.round, seeds)
-        rss = _peak_rss_bytes()
+        rss = peak_rss_bytes()
         up_message = sum(message_bytes(m) for m in update.requests(coord.run_id, rss, self.cfg.server.max_chunk_bytes))
         header = update.header(coord.run_id, rss)  # what the service reads: the same checks, the same report
         rs = coord.intake.check_header(client_id, header.run_id, header.round, header.num_samples,
