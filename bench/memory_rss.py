@@ -23,6 +23,7 @@ import psutil
 import torch
 from torch import nn
 
+from ..common.accounting import vm_hwm_bytes
 from .memory_arms import ARMS, make_batches
 
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -38,11 +39,10 @@ def _reset_peak_rss() -> bool:
 
 
 def _vm_hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    hwm = vm_hwm_bytes()
+    if hwm is None:
+        raise RuntimeError("no VmHWM in /proc/self/status")
+    return hwm
 
 
 class PeakPoller:

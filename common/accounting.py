@@ -31,6 +31,12 @@ def peak_rss_bytes() -> int:
     (VmHWM). Not ``ru_maxrss``, which also holds the RSS of the process that forked it, folded
     in at exec (a client started by a 1.6 GB test worker reported 1.6 GB); that where /proc is
     missing."""
+    hwm = vm_hwm_bytes()
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def vm_hwm_bytes() -> int | None:
+    """VmHWM of /proc/self/status in bytes; None where the kernel does not report it."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -38,7 +44,7 @@ def peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
 
 SEED_BYTES = 8  # a seed travels as one uint64
 GRPC_FRAME_BYTES = 5  # gRPC length-prefixed message: 1 flag byte + 4 length bytes
