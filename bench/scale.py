@@ -4,7 +4,7 @@
 
 For each N a real ``fedkrso.server.main`` subprocess is started (tiny BERT from
 ``build_tiny``, FedKRSO, ``clients_per_round = min_clients = N``, no eval data). One pool
-process (this one) joins N clients over N gRPC channels on loopback, long-polls
+process (this one) joins N clients over N gRPC channels (N connections) on loopback, long-polls
 ``StartRound`` for each, and submits a valid synthetic FedKRSO update per selected client:
 ``acc.{k}.{module}`` (d_m, rank) for the seeds the client's interval RNG draws (the same
 ``seed_choices`` a real client uses) plus every ``dense.{param}``, with the right
@@ -34,6 +34,12 @@ from pathlib import Path
 import yaml
 
 from .launch import Cluster
+
+# Each pool client on its own TCP connection, as separate client processes are: channels of one
+# process with the same target and options otherwise share one connection (gRPC's global
+# subchannel pool), and past ``server.max_streams_per_connection`` concurrent long-polls the
+# rest wait in the pool, so no round opens until polls time out (the regression of issue 26).
+POOL_CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 
 
 def write_config(path: Path, model: Path, out: Path, n: int, rounds: int, method: dict) -> Path:
@@ -140,7 +146,7 @@ async def client_task(i: int, target: str, factory: UpdateFactory, stats: dict, 
     from ..common.wire import tensor_batches
 
     name = f"pool{i:04d}"
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with grpc.aio.insecure_channel(target, options=POOL_CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         call = stub.Join(pb.JoinRequest(name=name, num_samples=samples, software_version="bench"))
         resp = await call

@@ -44,6 +44,9 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.enable_retries", 1),
+    # its own connection even beside other clients in one process (tests, an embedding): the
+    # server bounds the streams of one connection (server.max_streams_per_connection)
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 
