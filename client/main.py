@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                3: "refused to go on (a different base model, inconsistent state, a server "
                                "that breaks the protocol: client/streams.py)",
                                4: "an RPC failed for good, or the server refused the credential",
+                               5: "left the run: a round would take this data's DP-SGD epsilon past its budget "
+                               "(--dp-sgd-budget, the ledger at --dp-ledger)",
                                130: "interrupted"})
     p.add_argument("--server", required=True, help="coordinator address host:port")
     p.add_argument("--data", required=True, help="shard name (e.g. shard3) or path of a saved split")
@@ -49,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reconnect-seconds", type=float, default=300.0,
                    help="how long to keep retrying an unreachable server (rides out a restart)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 per process on small hosts)")
+    p.add_argument("--dp-sgd-budget", type=float, metavar="EPSILON",
+                   help="under privacy.dp_sgd: this data's own sample-level epsilon budget, over every run its "
+                   "ledger records; a round that would pass it is refused (default: the run's "
+                   "dp_sgd.epsilon_budget)")
+    p.add_argument("--dp-ledger", help="under privacy.dp_sgd: the file recording what this data released "
+                   "(default: <data>/dp_sgd_ledger.json)")
     add_placement_args(p)
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-json", action="store_true", default=None)
@@ -79,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from ..common.participant import ParticipantError
+    from ..common.privacy.ledger import BudgetExceeded
     from .runner import ClientError, ClientOptions, CredentialRefused, FedClient
 
     torch.set_num_threads(args.threads)
@@ -88,11 +97,14 @@ def main(argv: list[str] | None = None) -> None:
                          poll_seconds=args.poll_seconds, report=path(args.report), ca=path(args.ca),
                          cert=path(args.cert), key=path(args.key), token_file=path(args.token_file),
                          insecure=args.insecure, server_name=args.server_name,
-                         reconnect_seconds=args.reconnect_seconds, device=args.device, dtype=args.dtype)
+                         reconnect_seconds=args.reconnect_seconds, device=args.device, dtype=args.dtype,
+                         dp_ledger=path(args.dp_ledger), dp_sgd_budget=args.dp_sgd_budget)
     try:
         if args.device:
             resolve_device(args.device)  # a device that is not there fails before joining
         FedClient(opts).run()
+    except BudgetExceeded:
+        sys.exit(5)  # logged as dp_sgd_budget_reached
     except CredentialRefused as err:
         log.error("credential_refused", client=name, reason=str(err))
         sys.exit(4)

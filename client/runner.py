@@ -30,6 +30,7 @@ from ..common.data import load_client_eval, load_split
 from ..common.logs import bounded, progress
 from ..common.participant import Participant, PreparedUpdate, Shared
 from ..common.precision import resolve_placement
+from ..common.privacy.ledger import BudgetExceeded, SampleLedger
 from ..common.privacy.secagg import SecAggError
 from ..common.protocol import TOKEN_HEADER, VERSION, bearer
 from ..common.wire import WireError
@@ -78,6 +79,8 @@ class ClientOptions:
     server_name: str | None = None
     device: str | None = None  # overrides the run's model.device (None: FEDKRSO_DEVICE, then the run's)
     dtype: str | None = None  # overrides the run's model.dtype (None: FEDKRSO_DTYPE, then the run's)
+    dp_ledger: Path | None = None  # this data's DP-SGD releases (None: <data>/dp_sgd_ledger.json)
+    dp_sgd_budget: float | None = None  # this data owner's own epsilon budget (None: the run's)
 
 
 @dataclass
@@ -185,8 +188,23 @@ class FedClient:
         m = self.cfg.model
         placement = resolve_placement(m.device, m.dtype, self.opts.device, self.opts.dtype)
         self.participant = Participant(self.cfg, self.client_id, self.dataset, Shared.load(self.cfg, spec, placement),
-                                       self.eval_dataset)
+                                       self.eval_dataset, self._ledger())
         self.participant.check_base(resp.model_fingerprint, spec)
+
+    def _ledger(self) -> SampleLedger | None:
+        """Under DP-SGD, the ledger of this data's releases, checked against the data owner's
+        budget (``--dp-sgd-budget``, else the run's): ``privacy.ledger``."""
+        sgd, o = self.cfg.privacy.dp_sgd, self.opts
+        if not sgd.enabled:
+            return None
+        budget = o.dp_sgd_budget if o.dp_sgd_budget is not None else sgd.epsilon_budget
+        try:
+            ledger = SampleLedger(o.dp_ledger or o.data / "dp_sgd_ledger.json", self.run_id, budget, sgd.delta)
+        except ValueError as err:
+            raise ClientError(str(err)) from None
+        log.info("dp_sgd_ledger", path=str(ledger.path), releases=len(ledger.releases), budget=budget,
+                 epsilon=round(ledger.epsilon(), 6))
+        return ledger
 
     @property
     def have(self) -> int:
@@ -290,8 +308,17 @@ class FedClient:
         self.participant.check_plan(header.round, seeds, header.plan_fingerprint)
         self.phase = "training"
         log.info("training", round=header.round, steps=self.cfg.method.local_steps())
-        with progress(self.cfg.method.local_steps(), f"round {header.round} training", "step") as bar:
-            update = self.participant.train(header.round, seeds, tick=bar.update)
+        try:
+            with progress(self.cfg.method.local_steps(), f"round {header.round} training", "step") as bar:
+                update = self.participant.train(header.round, seeds, tick=bar.update)
+        except BudgetExceeded as err:  # this data's own budget: leave the run rather than train past it
+            log.warning("dp_sgd_budget_reached", round=header.round, reason=str(err))
+            try:
+                self.stub.Leave(pb.LeaveRequest(run_id=self.run_id, reason="dp-sgd budget reached"),
+                                metadata=self.metadata, timeout=10)
+            except grpc.RpcError as rpc:
+                log.info("leave_not_acknowledged", code=rpc.code().name)
+            raise
         self.phase = "submitting"
         if self.cfg.privacy.secure_aggregation.enabled:
             self._submit_securely(update, seeds)

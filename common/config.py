@@ -287,6 +287,13 @@ class RunConfig(Section):
                 raise ValueError(f"{what} needs server.aggregation: mean (a trimmed mean is no sum)")
             if self.training.client_weights:
                 raise ValueError(f"{what} sums unweighted updates: training.client_weights cannot apply")
+        if p.dp.enabled and p.dp.mode == "local" and "max_update_norm" in s.model_fields_set:
+            raise ValueError("privacy.dp local mode: every update carries its own noise, so the server bounds its "
+                             "size by what the clip and the noise allow (C + z C (sqrt(D) + 8)); "
+                             "server.max_update_norm cannot apply")
+        if p.any and self.eval.client_every:
+            raise ValueError("eval.client_every: each client's evaluation would reach the server in the clear, one "
+                             "client at a time, which privacy.* rules out; evaluate on the server (eval data)")
         if p.secure_aggregation.enabled:
             if s.clip_norm is not None or (s.max_update_norm is not None and "max_update_norm" in s.model_fields_set):
                 raise ValueError("privacy.secure_aggregation: the server never sees an update, so server.clip_norm "

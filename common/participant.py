@@ -21,12 +21,16 @@ Every random choice of a round is keyed by (run seed, round, client key): batch 
 and the method's own choices, so a client that trains a round again produces the same bytes,
 and a simulated client produces what its distributed twin would. Under DP-SGD the batches and
 the step noise are keyed by the client's secret instead (the server must not know who was
-drawn), so they are the same on a retrain of the same process and nowhere else.
+drawn), and under secure aggregation so are the method's own choices (``choice_key``): the
+same on a retrain of the same process and nowhere else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import hmac
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +51,8 @@ from .models import load_model, load_tokenizer, model_fingerprint
 from .precision import Placement, bytes_by_dtype, peak_bytes, placement_of, reset_peak, resolve_placement
 from .privacy.dp import noise_multiplier, privatize, secret_rng
 from .privacy.dpsgd import SampleDP, expected_batch, poisson_batches, sampling_rate
+from .privacy.ledger import Release, SampleLedger
+from .privacy.secagg import fixed_point_bits
 from .subspace import stable_seed
 from .tensors import DTYPES
 from .wire import tensor_batches, update_digest
@@ -76,16 +82,28 @@ class PreparedUpdate:
     eval_metrics: dict[str, float] = field(default_factory=dict)  # of W^round, on held-out rows
     eval_examples: int = 0  # 0: the client did not evaluate this round
     accelerator_peak_bytes: int = 0  # peak allocated on the party's accelerator while training
+    withhold_figures: bool = False  # a privacy mode: the header carries none of the figures above
+    withhold_draws: bool = False  # secure aggregation: the header does not name the seeds drawn
 
     def header(self, run_id: str, peak_rss_bytes: int) -> pb.UpdateHeader:
-        """The UpdateHeader that opens this update's SubmitUpdate stream."""
-        return pb.UpdateHeader(
-            run_id=run_id, round=self.round, num_samples=self.num_samples, loss=self.loss, steps=self.steps,
-            seeds_used=self.seeds_used, num_tensors=len(self.tensors), update_digest=self.digest,
-            train_seconds=self.train_seconds, peak_rss_bytes=peak_rss_bytes,
-            train_state_bytes=self.train_state_bytes,
-            eval_metrics=[pb.EvalMetric(name=k, value=v) for k, v in sorted(self.eval_metrics.items())],
-            eval_examples=self.eval_examples, accelerator_peak_bytes=self.accelerator_peak_bytes)
+        """The UpdateHeader that opens this update's SubmitUpdate stream.
+
+        Under a privacy mode (``withhold_figures``) it carries only what the protocol needs:
+        the round, the row count (the update's weight and the DP-SGD ledger's rate), the steps
+        (the ledger's step count), the tensor count and the digest; the client's loss, timings,
+        memory and evaluation would reach the server one client at a time (docs/PRIVACY.md,
+        "What each party can read"). Under secure aggregation (``withhold_draws``) not even the
+        seeds it drew: its draws are keyed by its own secret (``Participant.choice_key``)."""
+        h = pb.UpdateHeader(run_id=run_id, round=self.round, num_samples=self.num_samples, steps=self.steps,
+                            num_tensors=len(self.tensors), update_digest=self.digest)
+        if not self.withhold_draws:
+            h.seeds_used.extend(self.seeds_used)
+        if not self.withhold_figures:
+            h.loss, h.train_seconds, h.peak_rss_bytes = self.loss, self.train_seconds, peak_rss_bytes
+            h.train_state_bytes, h.accelerator_peak_bytes = self.train_state_bytes, self.accelerator_peak_bytes
+            h.eval_metrics.extend(pb.EvalMetric(name=k, value=v) for k, v in sorted(self.eval_metrics.items()))
+            h.eval_examples = self.eval_examples
+        return h
 
     def requests(self, run_id: str, peak_rss_bytes: int, chunk: int) -> Iterator[pb.SubmitUpdateRequest]:
         """The SubmitUpdate stream: the header, then the tensors in batches of <= ``chunk`` bytes."""
@@ -132,7 +150,10 @@ def _counted(items: Iterator, tick: Callable[[], None] | None) -> Iterator:
 class Participant:
     """One client's model state, data and round logic (module docstring)."""
 
-    def __init__(self, cfg: RunConfig, key: str, dataset, shared: Shared, eval_dataset=None):
+    def __init__(self, cfg: RunConfig, key: str, dataset, shared: Shared, eval_dataset=None,
+                 ledger: SampleLedger | None = None):
+        """``ledger``: where this client's DP-SGD releases are recorded and its budget checked
+        (``privacy.ledger``; default: in memory, the run's ``dp_sgd.epsilon_budget``)."""
         self.cfg = cfg
         self.key = key  # keys the client's RNGs: batch order, dropout, seed choices
         self.dataset = dataset
@@ -144,6 +165,20 @@ class Participant:
         held_out = eval_dataset is not None and len(eval_dataset) > 0
         self.eval_tokens = tokenize(eval_dataset, shared.tokenizer, fmt) if held_out else None
         self.secret = secrets.token_bytes(32)  # keys this client's local DP noise (never leaves it)
+        sgd = cfg.privacy.dp_sgd
+        self.ledger = ledger or SampleLedger(None, "", sgd.epsilon_budget, sgd.delta)
+
+    @property
+    def choice_key(self) -> str:
+        """What keys the method's own random choices (FedKRSO's seed per interval, FedKSeed's
+        candidate per step). The client's id otherwise, so the server can recompute and check
+        them (``Method.keyed_update_problem``); under secure aggregation a key derived from
+        this client's secret, because the server recomputing them would know which client
+        drew each seed, and where one client alone drew a seed the unmasked sum for it is that
+        client's accumulator (docs/PRIVACY.md, section 2)."""
+        if self.cfg.privacy.secure_aggregation.enabled:
+            return hmac.new(self.secret, b"method-choices", hashlib.sha256).hexdigest()[:32]
+        return self.key
 
     @property
     def model(self) -> nn.Module:
@@ -246,6 +281,9 @@ class Participant:
         placement = placement_of(self.model)
         snapshot = self.method.training_snapshot(self.model)
         sgd = self.cfg.privacy.dp_sgd
+        release = self._release(round_id, self.method.cfg.local_steps()) if sgd.enabled else None
+        if release is not None:
+            self.ledger.check(release)  # BudgetExceeded: this data's own budget, whatever the server says
         if sgd.enabled:  # Poisson batches from the client's secret: the server cannot tell who was drawn
             data = poisson_batches(self.tokens, t.batch_size, secret_rng(self.secret, "dp-sgd-sample", run_seed, round_id))
         else:
@@ -259,20 +297,30 @@ class Participant:
                 torch.manual_seed(stable_seed("dropout", run_seed, round_id, self.key) % (2**63))
                 if private is not None:
                     data = private.batches(data)
-                update = self.method.train_round(self.model, _counted(data, tick), round_id, seeds, self.key)
+                update = self.method.train_round(self.model, _counted(data, tick), round_id, seeds, self.choice_key)
             accelerator_peak = peak_bytes(placement.device)
         finally:
             self.method.restore(self.model, snapshot)
             self.model.train(was_training)
         train_seconds = time.perf_counter() - started
+        if release is not None:  # recorded before the update can leave this client
+            self.ledger.record(dataclasses.replace(release, steps=private.steps))
         tensors = self.privatize(round_id, seeds, {k: v.detach().cpu() for k, v in update.tensors.items()})
         wire = DTYPES[self.cfg.method.wire_dtype]
         tensors = {k: v.detach().to(wire).cpu() for k, v in tensors.items()}  # canonical bytes
+        p = self.cfg.privacy
         return PreparedUpdate(round=round_id, tensors=tensors, digest=update_digest(tensors),
                               num_samples=self.num_samples, loss=update.loss, steps=update.steps,
                               seeds_used=list(update.seeds_used), train_seconds=train_seconds,
                               train_state_bytes=update.train_state_bytes, eval_metrics=eval_metrics,
-                              eval_examples=eval_examples, accelerator_peak_bytes=accelerator_peak)
+                              eval_examples=eval_examples, accelerator_peak_bytes=accelerator_peak,
+                              withhold_figures=p.any, withhold_draws=p.secure_aggregation.enabled)
+
+    def _release(self, round_id: int, steps: int) -> Release:
+        """What training round ``round_id`` under DP-SGD releases of this client's data."""
+        session = hashlib.sha256(self.secret).hexdigest()[:16]  # names this process, reveals nothing of the secret
+        rate = sampling_rate(self.cfg.training.batch_size, len(self.tokens))
+        return self.ledger.release(round_id, session, rate, steps, self.cfg.privacy.dp_sgd.noise_multiplier)
 
     @contextlib.contextmanager
     def _dp_sgd(self, round_id: int) -> Iterator[SampleDP | None]:
@@ -296,6 +344,18 @@ class Participant:
                  sampling_rate=round(sampling_rate(self.cfg.training.batch_size, rows), 6),
                  noise_multiplier=sgd.noise_multiplier, clip=sgd.clip)
 
+    def _as_sent(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The values the server sums for ``tensors`` (float64): cast to float32 and the wire
+        dtype (``train``) and, under secure aggregation, rounded to its fixed-point ring
+        (``privacy.secagg.encode``, whose step follows from the config as the server's does)."""
+        wire = DTYPES[self.cfg.method.wire_dtype]
+        out = {n: t.float().to(wire).double() for n, t in tensors.items()}
+        sa = self.cfg.privacy.secure_aggregation
+        if sa.enabled:
+            step = 2.0 ** fixed_point_bits(sa.value_bound, self.cfg.rounds.clients_per_round, sa.ring_bits)
+            out = {n: torch.round(t * step) / step for n, t in out.items()}
+        return out
+
     def privatize(self, round_id: int, seeds: list[int], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Clip (and in local mode noise) the update in the space of the model update, and give
         it the full layout secure aggregation masks (``privacy.dp.privatize``). The norm before
@@ -306,7 +366,7 @@ class Participant:
         z = noise_multiplier(p.dp, self.cfg.rounds.total, self.cfg.rounds.clients_per_round) if p.dp.enabled else 0.0
         geometry = self.method.update_geometry(self.model, seeds)
         rng = secret_rng(self.secret, "dp-noise", self.cfg.run.seed, round_id)
-        out, norm, clamped = privatize(p, geometry, tensors, z, rng)
+        out, norm, clamped = privatize(p, geometry, tensors, z, rng, self._as_sent)
         log.info("update_privatized", round=round_id, dp=p.dp.mode, norm=round(norm, 6),
                  clipped=p.dp.enabled and norm > p.dp.clip, clamped_values=clamped)
         return out

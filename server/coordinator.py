@@ -189,9 +189,10 @@ class Coordinator:
             await self.wait_change(5.0)
         seeds = self.method.round_seeds(t)
         plan_fp = await asyncio.to_thread(self.method.plan_fingerprint, self.model, seeds)
+        pool = self.registry.selectable()  # what the selection samples from: the amplification's population
         selected = set(self.registry.select(t, set(), r.clients_per_round, secret=self.privacy.secret_selection))
         rows = {c: self.registry.get(c).num_samples for c in selected}
-        if not self.privacy.allows(t, len(selected), len(self.registry.live()), rows):
+        if not self.privacy.allows(t, len(selected), len(pool), rows):
             return False
         rs = RoundState(t, seeds, plan_fp, selected, time.monotonic() + r.deadline_s,
                         aggregator=self._aggregator())
@@ -199,7 +200,8 @@ class Coordinator:
         async with self.fold_lock:
             await self.save_open(rs)
             self.current = rs
-        log.info("round_started", round=t, clients=sorted(selected), seeds=len(seeds))
+        named = {} if self.cfg.privacy.any else {"clients": sorted(selected)}  # the sample stays out of the log
+        log.info("round_started", round=t, selected=len(selected), seeds=len(seeds), **named)
         await self.notify()
         await self._await_round(rs)
         return True
@@ -261,7 +263,8 @@ class Coordinator:
             await asyncio.to_thread(self.method.apply, self.model, rs.seeds, canonical)
             fp = await asyncio.to_thread(self.method.state_fingerprint, self.model)
             self.state_fingerprints[rs.round + 1] = fp
-            row = {**round_row(rs, fp, self.fedavg_bytes), **self.privacy.row(len(self.registry.live())),
+            row = {**round_row(rs, fp, self.fedavg_bytes, private=self.cfg.privacy.any),
+                   **self.privacy.row(len(self.registry.selectable())),
                    **(self.secagg.row(rs) if self.secagg else {})}
             due = (rs.round + 1) % self.cfg.server.checkpoint_every == 0
             checkpoint = self.method.snapshot(self.model) if due else None
@@ -320,6 +323,12 @@ class Coordinator:
 
     async def leave(self, client_id: str, reason: str) -> None:
         self.registry.leave(client_id)
+        await self.drop_from_round(client_id)
+        log.info("client_left", client=client_id, reason=bounded(reason))
+
+    async def drop_from_round(self, client_id: str) -> None:
+        """``client_id`` will not submit to the open round (it left, or its update was refused
+        where nobody can retry it: the simulator): the round stops waiting for it."""
         rs = self.current
         if rs and client_id in rs.selected and client_id not in rs.submissions:
             async with self.fold_lock:
@@ -327,7 +336,6 @@ class Coordinator:
                 rs.dropped.add(client_id)
                 if self.current is rs and not rs.closing:
                     await self.save_open(rs)
-        log.info("client_left", client=client_id, reason=bounded(reason))
         await self.notify()
 
     async def finished_stream_sent(self, client_id: str) -> None:

@@ -19,6 +19,7 @@ from fedkrso.v1 import coordinator_pb2 as pb
 
 from ..common.accounting import ConnCounters
 from ..common.logs import bounded
+from ..common.privacy.config import PrivacySection
 from ..common.tensors import element_size
 from . import client_eval
 from .rounds import RoundError, RoundState, Submission, UpdateReport
@@ -29,13 +30,15 @@ if TYPE_CHECKING:
 log = structlog.get_logger("fedkrso.server")
 
 
-def report_of(h: pb.UpdateHeader) -> UpdateReport:
+def report_of(h: pb.UpdateHeader, privacy: PrivacySection) -> UpdateReport:
     """What an update's header reports besides its tensors (the service's and the
-    simulator's one reading of it); the evaluation part is checked by ``check_eval``."""
-    return UpdateReport(h.update_digest, int(h.num_samples), float(h.loss), int(h.steps), float(h.train_seconds),
-                        int(h.peak_rss_bytes), int(h.train_state_bytes), tuple(h.seeds_used),
-                        tuple((m.name, float(m.value)) for m in h.eval_metrics), int(h.eval_examples),
-                        int(h.accelerator_peak_bytes))
+    simulator's one reading of it), less what ``privacy`` keeps from the server
+    (``UpdateReport.redacted``); the evaluation part is checked by ``check_eval``."""
+    report = UpdateReport(h.update_digest, int(h.num_samples), float(h.loss), int(h.steps), float(h.train_seconds),
+                          int(h.peak_rss_bytes), int(h.train_state_bytes), tuple(h.seeds_used),
+                          tuple((m.name, float(m.value)) for m in h.eval_metrics), int(h.eval_examples),
+                          int(h.accelerator_peak_bytes))
+    return report.redacted(figures=privacy.any, draws=privacy.secure_aggregation.enabled)
 
 
 class UpdateIntake:
@@ -140,10 +143,13 @@ class UpdateIntake:
         await self._persist_folds(rs, fold)
         if duplicate:
             return False
-        log.info("update_accepted", round=rs.round, client=sub.client_id, loss=round(sub.loss, 4),
-                 weight=sub.weight, update_norm=round(norm, 6),
-                 payload_bytes=up_payload, wire_bytes=rs.traffic[sub.client_id].up_wire,
-                 received=len(rs.submissions), selected=len(rs.selected))
+        if self.coord.cfg.privacy.any:  # who was sampled, and each update's figures, stay out of the log
+            log.info("update_accepted", round=rs.round, received=len(rs.submissions), selected=len(rs.selected))
+        else:
+            log.info("update_accepted", round=rs.round, client=sub.client_id, loss=round(sub.loss, 4),
+                     weight=sub.weight, update_norm=round(norm, 6),
+                     payload_bytes=up_payload, wire_bytes=rs.traffic[sub.client_id].up_wire,
+                     received=len(rs.submissions), selected=len(rs.selected))
         await self.coord.notify()
         return True
 
@@ -160,10 +166,13 @@ class UpdateIntake:
             if problem is not None:
                 raise RoundError("INVALID_ARGUMENT", problem)
         norm = method.update_norm(model, rs.seeds, tensors)
-        bound = self.coord.cfg.server.max_update_norm
+        configured = self.coord.cfg.server.max_update_norm
+        bound = self.coord.privacy.update_bound(rs, configured)
         if not norm <= (math.inf if bound is None else bound):  # NaN (an overflow) is refused too
+            what = f"server.max_update_norm={bound:g}" if bound == configured else \
+                f"{bound:.6g}, what local DP's clip and noise allow (privacy.dp)"
             raise RoundError("INVALID_ARGUMENT", f"update norm {norm:.6g} (of the weight change it implies) "
-                             f"exceeds server.max_update_norm={bound:g}")
+                             f"exceeds {what}")
         return norm
 
     async def _persist_folds(self, rs: RoundState, fold: int) -> None:

@@ -18,7 +18,7 @@ log = structlog.get_logger("fedkrso.server")
 
 COLUMNS = [
     ("round", "round", "{}"),
-    ("clients", "clients", "{}"),
+    ("clients", "num_clients", "{}"),
     ("up payload/client", "uplink_payload_bytes_per_client", "{:,.0f}"),
     ("up wire/client", "uplink_wire_bytes_per_client", "{:,.0f}"),
     ("down payload/client", "downlink_payload_bytes_per_client", "{:,.0f}"),
@@ -43,26 +43,41 @@ def _client_figures(s: Submission) -> dict:
     return figures
 
 
-def round_row(rs: RoundState, state_fingerprint: str, fedavg_bytes: int) -> dict:
+def round_row(rs: RoundState, state_fingerprint: str, fedavg_bytes: int, private: bool = False) -> dict:
     """One metrics.jsonl object without the server's evaluation: traffic summed over the
     aggregated clients (``accounting.round_traffic``) and per client, losses, client figures,
-    and the clients' own evaluation of W^round when they made one (``client_eval.combine``)."""
+    and the clients' own evaluation of W^round when they made one (``client_eval.combine``).
+
+    ``private`` (any privacy mode): only what describes the round as a whole, the counts of
+    clients and dropouts, the traffic sums, the round's time and the state fingerprint; no
+    client is named and no client's own figure is written (docs/PRIVACY.md, "What each party
+    can read"), so the file and the trackers it feeds can be shared with whoever may see the
+    released model."""
     ids = sorted(rs.submissions)
     traffic = [rs.traffic.get(c, Traffic()) for c in ids]
+    row = {
+        "round": rs.round,
+        "num_clients": len(ids),
+        "num_dropped": len(rs.dropped),
+        **round_traffic(traffic, fedavg_bytes),
+        "round_seconds": time.monotonic() - rs.started,
+        "state_fingerprint": state_fingerprint,
+    }
+    return row if private else {**row, **_client_fields(rs, ids, traffic)}
+
+
+def _client_fields(rs: RoundState, ids: list[str], traffic: list[Traffic]) -> dict:
+    """The row's fields that name clients or carry their own figures."""
     subs = [rs.submissions[c] for c in ids]
     samples = max(sum(s.num_samples for s in subs), 1)
     return {
-        "round": rs.round,
         "clients": ids,
         "dropped": sorted(rs.dropped),
-        **round_traffic(traffic, fedavg_bytes),
         "train_loss": sum(s.loss * s.num_samples for s in subs) / samples,
         "client_train_seconds": max((s.train_seconds for s in subs), default=0.0),
         "client_peak_rss_bytes": max((s.peak_rss_bytes for s in subs), default=0),
         "client_train_state_bytes": max((s.train_state_bytes for s in subs), default=0),
         "client_accelerator_peak_bytes": max((s.accelerator_peak_bytes for s in subs), default=0),
-        "round_seconds": time.monotonic() - rs.started,
-        "state_fingerprint": state_fingerprint,
         **combine_client_eval(rs.round, subs),
         "per_client": {
             c: {"uplink_payload_bytes": t.up_payload, "uplink_wire_bytes": t.up_wire,
@@ -137,8 +152,6 @@ class MetricsWriter:
 
 def _cell(row: dict, key: str, fmt: str) -> str:
     v = row.get(key)
-    if key == "clients" and isinstance(v, list):
-        v = len(v)
     return "-" if v is None else fmt.format(v)
 
 

@@ -10,10 +10,13 @@ fixed whoever submitted. The noise comes from a Philox generator seeded with 128
 operating system's entropy, unknown to clients and never saved. Local mode: clients noised
 their own updates; the server only averages (uniform weights) and counts participations.
 
-Sample-level DP-SGD (``privacy.dp_sgd``) runs inside the clients; the server keeps its ledger
-(each client's DP-SGD steps and declared rows, hence its Poisson rate), reports the largest
-sample-level epsilon in every row and stops the run before a round would take a selected
-client past ``dp_sgd.epsilon_budget``.
+Sample-level DP-SGD (``privacy.dp_sgd``) runs inside the clients; the server keeps a ledger of
+what each client's rounds released (per round: the Poisson rate of the rows its update
+reported and its steps, at least the method's local steps), reports the largest sample-level
+epsilon in every row and stops the run before a round would take a selected client past
+``dp_sgd.epsilon_budget``. Each client keeps its own ledger too and refuses a round past its
+budget (``common/privacy/ledger.py``): the bound a data owner relies on does not rest on the
+server.
 
 The ledger (one entry per closed round, and each client's participations) is saved with every
 round commit, so a resumed run reports the same epsilon and keeps its budget.
@@ -21,6 +24,7 @@ round commit, so a resumed run reports the same epsilon and keeps its budget.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections import Counter
 
@@ -40,6 +44,7 @@ from .rounds import RoundState
 
 log = structlog.get_logger("fedkrso.server")
 Tensors = dict[str, torch.Tensor]
+LOCAL_TAIL = 8.0  # standard deviations of the noise's norm above its mean an honest update may reach
 
 
 class PrivacyGuard:
@@ -53,11 +58,10 @@ class PrivacyGuard:
         self.charges: list[accountant.RoundCharge] = []
         self.participation: dict[str, int] = {}
         self.sgd = cfg.privacy.dp_sgd
-        self.sgd_steps: dict[str, int] = {}  # client -> DP-SGD steps it ran (sample-level ledger)
-        self.sgd_rows: dict[str, int] = {}  # client -> the rows it declared (its Poisson rate)
+        self.sgd_ledger: dict[str, list[tuple[int, float, int]]] = {}  # client -> (round, rate, steps) per round
         self._rng = np.random.Generator(np.random.Philox(secrets.randbits(128)))
         self._geometry: tuple[int, UpdateGeometry] | None = None
-        self._population: dict[int, int] = {}  # round -> live clients it was sampled from
+        self._population: dict[int, int] = {}  # round -> the clients its selection drew from
         if self.dp.enabled:
             log.info("dp_enabled", mode=self.dp.mode, clip=self.dp.clip, noise_multiplier=round(self.z, 6),
                      delta=self.dp.delta, budget=self.dp.epsilon_budget, amplification=self.dp.amplification,
@@ -77,24 +81,28 @@ class PrivacyGuard:
         out = {"charges": [[c.round, c.sampled, c.population] for c in self.charges],
                "participation": dict(self.participation)}
         if self.sgd.enabled:
-            out["dp_sgd"] = {"steps": dict(self.sgd_steps), "rows": dict(self.sgd_rows)}
+            out["dp_sgd"] = {"ledger": {c: [list(e) for e in entries] for c, entries in self.sgd_ledger.items()}}
         return out
 
     def load(self, state: dict) -> None:
         self.charges = [accountant.RoundCharge(*c) for c in state.get("charges", [])]
         self.participation = {k: int(v) for k, v in state.get("participation", {}).items()}
         sgd = state.get("dp_sgd", {})
-        self.sgd_steps = {k: int(v) for k, v in sgd.get("steps", {}).items()}
-        self.sgd_rows = {k: int(v) for k, v in sgd.get("rows", {}).items()}
+        self.sgd_ledger = {c: [(int(r), float(q), int(n)) for r, q, n in entries]
+                           for c, entries in sgd.get("ledger", {}).items()}
+        for c, steps in sgd.get("steps", {}).items():  # a state saved before the per-round ledger
+            rate = sampling_rate(self.cfg.training.batch_size, int(sgd.get("rows", {}).get(c, 1)))
+            self.sgd_ledger.setdefault(c, []).append((-1, rate, int(steps)))
 
     # -- sample-level DP-SGD (privacy.dp_sgd, common/privacy/dpsgd.py) ----------------------------
-    def sample_epsilon(self, client: str, rows: int | None = None, extra_steps: int = 0) -> float:
-        """Client ``client``'s sample-level epsilon after its recorded DP-SGD steps (plus
-        ``extra_steps``), at the Poisson rate its ``rows`` give."""
-        rows = self.sgd_rows.get(client, 1) if rows is None else rows
-        rate = sampling_rate(self.cfg.training.batch_size, rows)
-        return accountant.sample_epsilon(rate, self.sgd.noise_multiplier,
-                                         self.sgd_steps.get(client, 0) + extra_steps, self.sgd.delta)
+    def sample_epsilon(self, client: str, next_rows: int | None = None) -> float:
+        """Client ``client``'s sample-level epsilon after its recorded rounds (and, with
+        ``next_rows``, one more round of the method's local steps on that many rows)."""
+        entries = [(q, n) for _, q, n in self.sgd_ledger.get(client, [])]
+        if next_rows is not None:
+            entries.append((sampling_rate(self.cfg.training.batch_size, next_rows), self.method.cfg.local_steps()))
+        return accountant.composed_sample_epsilon(((q, self.sgd.noise_multiplier, n) for q, n in entries),
+                                                  self.sgd.delta)
 
     def _sgd_over_budget(self, selected_rows: dict[str, int]) -> tuple[str, float] | None:
         """The client (of ``selected_rows``: client -> its declared rows) whose sample-level
@@ -103,8 +111,7 @@ class PrivacyGuard:
         budget = self.sgd.epsilon_budget
         if not self.sgd.enabled or budget is None:
             return None
-        steps = self.method.cfg.local_steps()
-        after = {c: self.sample_epsilon(c, rows, steps) for c, rows in selected_rows.items()}
+        after = {c: self.sample_epsilon(c, rows) for c, rows in selected_rows.items()}
         worst = max(after, key=after.get, default=None)
         return None if worst is None or after[worst] <= budget else (worst, after[worst])
 
@@ -124,7 +131,7 @@ class PrivacyGuard:
             return True
         worst, after = over
         log.warning("privacy_budget_reached", round=round_id, kind="dp_sgd", client=worst,
-                    epsilon=round(self.sample_epsilon(worst, selected_rows[worst]), 6),
+                    epsilon=round(self.sample_epsilon(worst), 6),
                     epsilon_after_next_round=round(after, 6), budget=self.sgd.epsilon_budget, delta=self.sgd.delta)
         return False
 
@@ -145,7 +152,8 @@ class PrivacyGuard:
         return accountant.RoundCharge(round_id, sampled, max(population, sampled))
 
     def allows(self, round_id: int, sampled: int, population: int, selected_rows: dict[str, int] | None = None) -> bool:
-        """Whether round ``round_id``, ``sampled`` of ``population`` live clients, stays within
+        """Whether round ``round_id``, ``sampled`` of the ``population`` clients its selection drew from
+        (live ones that asked for work), stays within
         the epsilon budget, and under DP-SGD within every selected client's sample-level budget
         (``selected_rows``: client -> its declared rows); logs ``privacy_budget_reached`` when not."""
         self._population[round_id] = population
@@ -166,6 +174,21 @@ class PrivacyGuard:
         if self._geometry is None or self._geometry[0] != rs.round:
             self._geometry = (rs.round, self.method.update_geometry(self.model, rs.seeds))
         return self._geometry[1]
+
+    def update_bound(self, rs: RoundState, configured: float | None) -> float | None:
+        """The largest model-update norm an update of ``rs`` may have: ``configured``
+        (``server.max_update_norm``), except in local mode, where every honest update carries
+        its own noise of norm about z C sqrt(D) (D = ``UpdateGeometry.dimension``, 1,400 for
+        FedKRSO on MiniLM at epsilon 8: far past any fixed bound). There it is what the clip
+        and the noise allow: C + z C (sqrt(D) + 8). The noise's norm is z C times a
+        1-Lipschitz function of a standard Gaussian whose mean is at most sqrt(D), so it
+        exceeds z C (sqrt(D) + 8) with probability below exp(-32) (Gaussian concentration):
+        no honest update is refused, and one that is larger was not clipped or noised as
+        the run says."""
+        if not (self.dp.enabled and not self.central):
+            return configured
+        c = self.dp.clip
+        return c + self.z * c * (math.sqrt(self.geometry(rs).dimension) + LOCAL_TAIL)
 
     def screen(self, rs: RoundState, tensors: Tensors) -> Tensors:
         """Central mode: an accepted update clipped again in model-update space (idempotent for
@@ -198,12 +221,13 @@ class PrivacyGuard:
         return {n: (s / m).float() for n, s in sorted(total.items())}
 
     def charge(self, rs: RoundState) -> None:
-        """Record round ``rs`` in the ledger (central: its sample of the live clients, q = 1 when
+        """Record round ``rs`` in the ledger (central: its sample of the clients it drew from, q = 1 when
         a restart lost the pool size; local: each submitter's participation)."""
-        if self.sgd.enabled:
+        if self.sgd.enabled:  # what each update released: its rows' rate, its steps (never fewer than planned)
+            steps = self.method.cfg.local_steps()
             for client, sub in rs.submissions.items():
-                self.sgd_steps[client] = self.sgd_steps.get(client, 0) + self.method.cfg.local_steps()
-                self.sgd_rows[client] = max(self.sgd_rows.get(client, 0), int(sub.num_samples))
+                rate = sampling_rate(self.cfg.training.batch_size, int(sub.num_samples))
+                self.sgd_ledger.setdefault(client, []).append((rs.round, rate, max(int(sub.steps), steps)))
         if not self.dp.enabled:
             return
         sampled = len(rs.selected | rs.dropped)
@@ -231,10 +255,9 @@ class PrivacyGuard:
         Poisson rate, and the mechanism's settings."""
         if not self.sgd.enabled:
             return {}
-        eps = {c: self.sample_epsilon(c) for c in self.sgd_steps}
+        eps = {c: self.sample_epsilon(c) for c in self.sgd_ledger}
         worst = max(eps, key=eps.get, default=None)
         return {"dp_sgd_epsilon": eps[worst] if worst else 0.0, "dp_sgd_delta": self.sgd.delta,
                 "dp_sgd_noise_multiplier": self.sgd.noise_multiplier, "dp_sgd_clip": self.sgd.clip,
-                "dp_sgd_sampling_rate": (sampling_rate(self.cfg.training.batch_size, self.sgd_rows[worst])
-                                         if worst else 0.0),
+                "dp_sgd_sampling_rate": self.sgd_ledger[worst][-1][1] if worst else 0.0,
                 "dp_sgd_epsilon_budget": self.sgd.epsilon_budget}

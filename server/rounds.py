@@ -8,6 +8,7 @@ layer (``state.py``) writes and reads them, the metrics row (``metrics.py``) sum
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -56,6 +57,17 @@ class UpdateReport:
     eval_metrics: tuple[tuple[str, float], ...] = ()  # the client's evaluation of W^round, if due
     eval_examples: int = 0
     accelerator_peak_bytes: int = 0
+
+    def redacted(self, figures: bool, draws: bool) -> UpdateReport:
+        """This report without the client's own figures (``figures``: loss, timings, memory,
+        evaluation) and without the seeds it names (``draws``): what a privacy mode lets the
+        server keep even from a client that sent them (an honest client sends none:
+        ``PreparedUpdate.header``)."""
+        out = self
+        if figures:
+            out = dataclasses.replace(out, loss=0.0, train_seconds=0.0, peak_rss_bytes=0, train_state_bytes=0,
+                                      eval_metrics=(), eval_examples=0, accelerator_peak_bytes=0)
+        return dataclasses.replace(out, seeds_used=()) if draws else out
 
 
 @dataclass

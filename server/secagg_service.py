@@ -69,7 +69,7 @@ class SecAggServicer:
         h = first.header
         sa = self._protocol(h.run_id, h.round)
         check_report(h)
-        report = report_of(h)
+        report = report_of(h, self.coord.cfg.privacy)
         intake = self.coord.intake
         rs = intake.check_header(client_id, h.run_id, h.round, h.num_samples, h.update_digest)
         if rs is not None:

@@ -162,7 +162,7 @@ class CoordinatorService(SecAggServicer, pb_grpc.CoordinatorServicer):
             raise RoundError("INVALID_ARGUMENT", "update stream must start with a header")
         h = first.header
         check_report(h)
-        report = report_of(h)
+        report = report_of(h, self.coord.cfg.privacy)
         intake = self.coord.intake
         rs = intake.check_header(client_id, h.run_id, h.round, h.num_samples, h.update_digest)  # refuse before waiting
         if rs is not None:

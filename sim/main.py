@@ -23,7 +23,9 @@ PROG = "fedkrso-sim"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = parser(PROG, __doc__, {0: "the run finished", 2: "bad flags; a missing or invalid config or data; "
+    p = parser(PROG, __doc__, {0: "the run finished", 1: "the run could not go on: every update of a round "
+                               "was refused (the message gives the server's reason)",
+                               2: "bad flags; a missing or invalid config or data; "
                                "saved state that cannot be resumed", 130: "interrupted"})
     p.add_argument("--config", required=True, help="round.yaml")
     p.add_argument("--data-root", required=True, help="folder holding shard0..shardN-1 (fedkrso-partition --out)")
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..common.config import ConfigError, check_inputs, load_config
     from ..server.metrics import format_table
     from ..server.state import StateError
-    from .runner import Simulation
+    from .runner import Simulation, SimulationError
 
     torch.set_num_threads(args.threads)
     try:
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = asyncio.run(sim.run())
     except (ConfigError, StateError, PlacementError, FileNotFoundError) as err:
         fail(PROG, err)
+    except SimulationError as err:
+        fail(PROG, err, code=1)
     except KeyboardInterrupt:
         sys.exit(130)
     print(format_table(rows), flush=True)

@@ -26,12 +26,18 @@ from ..common.config import ConfigError, RunConfig
 from ..common.data import load_client_eval, load_split
 from ..common.participant import Participant
 from ..common.precision import Placement
+from ..common.privacy.ledger import BudgetExceeded
 from ..server.coordinator import Coordinator
 from ..server.intake import report_of
 from ..server.messages import DeltaEncodings, assignment_messages, snapshot_messages
 from ..server.registry import ClientRegistry
+from ..server.rounds import RoundError
 
 log = structlog.get_logger("fedkrso.sim")
+
+
+class SimulationError(RuntimeError):
+    """The run cannot go on (no selected client of a round is left to submit); the message says why."""
 
 
 def shard_folders(data_root: Path) -> dict[str, Path]:
@@ -104,14 +110,38 @@ class Simulation:
         p.have = task.target_round  # the shared model is already at the target state
         seeds = p.seeds(task.seeds)
         p.check_plan(task.round, seeds, task.plan_fingerprint)
-        update = await asyncio.to_thread(p.train, task.round, seeds)
+        try:
+            update = await asyncio.to_thread(p.train, task.round, seeds)
+        except BudgetExceeded as err:  # as a distributed client would: it leaves rather than train past it
+            log.warning("dp_sgd_budget_reached", client=client_id, round=task.round, reason=str(err))
+            await coord.leave(client_id, "dp-sgd budget reached")
+            self._check_round_goes_on(task.round, f"{client_id} reached its DP-SGD budget: {err}")
+            return
         rss = peak_rss_bytes()
         up_message = sum(message_bytes(m) for m in update.requests(coord.run_id, rss, self.cfg.server.max_chunk_bytes))
         header = update.header(coord.run_id, rss)  # what the service reads: the same checks, the same report
-        rs = coord.intake.check_header(client_id, header.run_id, header.round, header.num_samples,
-                                       header.update_digest)
-        report = report_of(header)
-        coord.intake.check_eval(rs, client_id, report)
-        await coord.intake.accept(rs, client_id, report, {k: v.float() for k, v in update.tensors.items()},
-                                  payload_bytes(update.tensors), up_message, None, None)
+        try:
+            rs = coord.intake.check_header(client_id, header.run_id, header.round, header.num_samples,
+                                           header.update_digest)
+            report = report_of(header, self.cfg.privacy)
+            coord.intake.check_eval(rs, client_id, report)
+            await coord.intake.accept(rs, client_id, report, {k: v.float() for k, v in update.tensors.items()},
+                                      payload_bytes(update.tensors), up_message, None, None)
+        except RoundError as err:  # the service would answer with this status; the run goes on without it
+            await self._refused(client_id, task.round, err)
+            return
         log.info("client_trained", client=client_id, round=task.round, loss=round(update.loss, 4))
+
+    async def _refused(self, client_id: str, round_id: int, err: RoundError) -> None:
+        """A refused update, as a distributed client would log it; the round stops waiting for
+        this client (no deadline here to do it). When nobody is left to submit, the run cannot
+        go on: ``SimulationError`` with the server's reason."""
+        log.warning("update_refused", client=client_id, round=round_id, code=err.code, reason=str(err))
+        await self.coord.drop_from_round(client_id)
+        self._check_round_goes_on(round_id, f"the last update was refused with {err.code}: {err}")
+
+    def _check_round_goes_on(self, round_id: int, why: str) -> None:
+        """``SimulationError`` when no selected client is left to submit to round ``round_id``."""
+        rs = self.coord.current
+        if rs is not None and rs.round == round_id and not rs.selected:
+            raise SimulationError(f"round {round_id}: no selected client is left to submit; {why}")

@@ -90,7 +90,7 @@ def test_the_demo_prints_each_row_as_it_is_written(tmp_path):
     from fedkrso.bench.demo import new_rows
     from fedkrso.server.metrics import RowPrinter, format_table
 
-    rows = [{"round": r, "clients": ["a", "b"], "uplink_payload_bytes_per_client": 1_970_000 + r,
+    rows = [{"round": r, "num_clients": 2, "uplink_payload_bytes_per_client": 1_970_000 + r,
              "train_loss": 1.5 / (r + 1), "eval_accuracy": 0.5 + r / 10, "round_seconds": 12.5} for r in range(3)]
     path = tmp_path / "metrics.jsonl"
     assert new_rows(path, 0) == ([], 0)

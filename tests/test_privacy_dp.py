@@ -26,6 +26,7 @@ from fedkrso.common.privacy import accountant
 from fedkrso.common.privacy.dp import noise_multiplier
 from test_methods import FAMILIES, make, prepared, restore, snapshot, train  # noqa: F401
 from test_methods import one_thread, tiny  # noqa: F401 - fixtures
+from test_privacy_views import assert_server_view_is_aggregate
 
 DP_METHODS = sorted(n for n, cls in METHODS.items() if cls.dp_unsupported is None)
 
@@ -154,7 +155,8 @@ def run_sim(tmp_path, model, data, **sections) -> tuple[list[dict], str]:
 def test_central_dp_reports_epsilon_every_round_and_stops_before_the_budget(tmp_path, tiny_bert, shards):
     """Central DP through the coordinator: every row carries epsilon for the configured delta,
     the noise multiplier and the clip; the run stops cleanly (model saved, a log event, the
-    last row's dp_budget_stop) before the round that would take epsilon past the budget."""
+    last row's dp_budget_stop) before the round that would take epsilon past the budget; the
+    rows, the server's log and its state name no client and carry no client's own figure."""
     z, budget = 4.0, 3.0
     per_round = [accountant.epsilon([accountant.round_event(z, 1, 1)] * t, 1e-5) for t in range(1, 7)]
     allowed = sum(e <= budget for e in per_round)
@@ -173,19 +175,22 @@ def test_central_dp_reports_epsilon_every_round_and_stops_before_the_budget(tmp_
     assert (tmp_path / "out" / "final_state_fingerprint.txt").is_file()
     update_events = log_events(logs, "update_privatized")
     assert update_events and all(e["dp"] == "central" for e in update_events)
+    assert_server_view_is_aggregate(rows, logs, tmp_path / "out" / "state")
 
 
 @pytest.mark.slow
 def test_local_dp_noises_each_update_and_charges_participation(tmp_path, tiny_bert, shards):
-    """Local mode: every client's upload is already noisy (the server's mean moves even with a
-    zero learning-rate update), and epsilon counts the rounds of the client that took part most."""
-    rows, _ = run_sim(tmp_path, tiny_bert, shards, rounds={"total": 2, "clients_per_round": 2, "min_clients": 2},
-                      training={"weighting": "uniform", "batch_size": 8},
-                      privacy={"dp": {"mode": "local", "clip": 0.5, "noise_multiplier": 1.0}})
-    most = max(sum(c in r["clients"] for r in rows[: i + 1]) for i in range(len(rows)) for c in rows[i]["clients"])
-    assert rows[-1]["dp_epsilon"] == pytest.approx(
-        accountant.epsilon([accountant.round_event(1.0, 1, 1)] * most, 1e-5), rel=1e-6)
-    assert rows[0]["dp_epsilon"] < rows[1]["dp_epsilon"]
+    """Local mode: every client's upload is already noisy, and epsilon counts the rounds of the
+    client that took part most (every client, every round, here); the server's view holds no
+    client's figures."""
+    rows, logs = run_sim(tmp_path, tiny_bert, shards, rounds={"total": 2, "clients_per_round": 3, "min_clients": 3},
+                         training={"weighting": "uniform", "batch_size": 8},
+                         privacy={"dp": {"mode": "local", "clip": 0.5, "noise_multiplier": 1.0}})
+    assert_server_view_is_aggregate(rows, logs, tmp_path / "out" / "state")
+    for most, row in enumerate(rows, start=1):
+        assert row["num_clients"] == 3
+        assert row["dp_epsilon"] == pytest.approx(
+            accountant.epsilon([accountant.round_event(1.0, 1, 1)] * most, 1e-5), rel=1e-6)
 
 
 def test_privacy_protocol_gives_valid_private_runs(tmp_path):

@@ -24,6 +24,7 @@ from fedkrso.common.privacy.dpsgd import SampleDP, per_example_loss, poisson_bat
 from test_methods import FAMILIES, load, make  # noqa: F401
 from test_methods import one_thread, tiny  # noqa: F401 - fixtures
 from test_privacy_dp import run_sim
+from test_privacy_views import assert_server_view_is_aggregate
 
 SUPPORTED = [n for n, cls in METHODS.items() if cls.dp_sgd_unsupported is None]
 
@@ -224,6 +225,7 @@ def test_dp_sgd_run_reports_sample_epsilon_and_stops_before_its_budget(tmp_path,
     trained = log_events(logs, "update_dp_sgd")
     assert len(trained) == 9 and all(e["steps"] == steps for e in trained)
     assert (tmp_path / "out" / "final_state_fingerprint.txt").is_file()
+    assert_server_view_is_aggregate(out, logs, tmp_path / "out" / "state")
 
 
 @pytest.mark.slow
@@ -306,7 +308,7 @@ def test_a_replacement_client_over_its_budget_is_passed_over(tmp_path, tiny_bert
     one_round = accountant.sample_epsilon(8 / 40, 1.0, steps, 1e-5)
     assert one_round < 8.0
     rounds_to_budget = next(t for t in range(1, 500) if accountant.sample_epsilon(8 / 40, 1.0, steps * t, 1e-5) > 8.0)
-    guard.sgd_steps, guard.sgd_rows = {"worn": steps * (rounds_to_budget - 1)}, {"worn": 40}
+    guard.sgd_ledger = {"worn": [(r, 8 / 40, steps) for r in range(rounds_to_budget - 1)]}
     assert not guard.may_join(3, "worn", 40)
     assert guard.may_join(3, "fresh", 40)
     assert not guard.allows(3, 2, 2, {"worn": 40, "fresh": 40}) and guard.allows(3, 1, 2, {"fresh": 40})

@@ -8,7 +8,8 @@ fixed denominator. Neighbouring runs differ in one client's data *replaced* by a
 most 2C: the accountant's noise multiplier is z / 2.
 
 Client selection is a fixed-size sample without replacement (``ClientRegistry.select``):
-``m`` of the ``n`` live clients. With ``amplification`` the selection draws from secret
+``m`` of the ``n`` clients the round drew from (live ones that asked for work: the pool
+``select`` samples, not every live client, which would overstate the population). With ``amplification`` the selection draws from secret
 randomness and each round is ``SampledWithoutReplacementDpEvent(n, m, Gaussian(z / 2))``
 (Wang, Balle, Kasiviswanathan 2019, Theorem 27, which the library implements for exactly
 this adjacency); without it a round is ``Gaussian(z / 2)`` for a client that took part
@@ -21,6 +22,8 @@ part most.
 from __future__ import annotations
 
 import functools
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256, 512, 1024]
@@ -78,20 +81,38 @@ def calibrate(target_epsilon: float, delta: float, rounds: int, sampled: int, po
                                             dpa.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-4))
 
 
-@functools.lru_cache(maxsize=1024)
 def sample_epsilon(rate: float, noise_multiplier: float, steps: int, delta: float) -> float:
     """Sample-level epsilon of DP-SGD (``privacy.dpsgd``): ``steps`` Poisson-sampled Gaussian
     steps at rate ``rate`` with noise multiplier ``noise_multiplier`` (std over the clip), under
     add-or-remove-one-example adjacency (the relation Poisson sampling's analysis holds for)."""
-    if steps <= 0:
+    return composed_sample_epsilon(((rate, noise_multiplier, steps),), delta)
+
+
+def composed_sample_epsilon(runs: Iterable[tuple[float, float, int]], delta: float) -> float:
+    """Sample-level epsilon of a ledger of DP-SGD releases: each (rate, noise multiplier,
+    steps) ``steps`` Poisson-sampled Gaussian steps, all of them composed (rounds of one
+    client may differ in rate: its row count changed, or another run used the same data)."""
+    totals = Counter()
+    for rate, sigma, steps in runs:
+        if steps > 0:
+            totals[(min(float(rate), 1.0), float(sigma))] += int(steps)
+    return _composed(tuple(sorted(totals.items())), delta)
+
+
+@functools.lru_cache(maxsize=1024)
+def _composed(steps_by_step: tuple[tuple[tuple[float, float], int], ...], delta: float) -> float:
+    if not steps_by_step:
         return 0.0
     dpa = _dpa()
     from dp_accounting.rdp import rdp_privacy_accountant as rdp
 
-    gauss = dpa.GaussianDpEvent(noise_multiplier)
-    step = gauss if rate >= 1.0 else dpa.PoissonSampledDpEvent(rate, gauss)
+    events = []
+    for (rate, sigma), steps in steps_by_step:
+        gauss = dpa.GaussianDpEvent(sigma)
+        step = gauss if rate >= 1.0 else dpa.PoissonSampledDpEvent(rate, gauss)
+        events.append(dpa.SelfComposedDpEvent(step, steps))
     acc = rdp.RdpAccountant(INTEGER_ORDERS, dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
-    acc.compose(dpa.SelfComposedDpEvent(step, steps))
+    acc.compose(dpa.ComposedDpEvent(events))
     return float(acc.get_epsilon(delta))
 
 

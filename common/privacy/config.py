@@ -36,10 +36,10 @@ class DPSection(_Section):
         None, gt=0, description="the run stops, saving the model, before a round would take epsilon past this")
     amplification: bool = Field(
         False, description="central mode: clients are selected with secret randomness and the accountant credits "
-        "sampling without replacement (q = clients_per_round / live clients); false: no sampling credit (q = 1)")
+        "sampling without replacement (q = clients_per_round / the clients that asked for work); false: no sampling credit (q = 1)")
     population: int | None = Field(
         None, ge=1, description="with amplification and target_epsilon: the clients the run will sample from "
-        "(planned q = clients_per_round / population); the accountant always uses the live count of each round")
+        "(planned q = clients_per_round / population); the accountant always charges each round at the size of the pool it was drawn from")
 
     @property
     def enabled(self) -> bool:

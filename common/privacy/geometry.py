@@ -99,6 +99,13 @@ class UpdateGeometry:
     def _rows(self, f: RightFactor) -> int:
         return self.spec[f.names[0]][0]
 
+    @property
+    def dimension(self) -> int:
+        """D: the dimensions of the subspace the round's model updates reach, which ``noise``
+        fills (every element of an identity tensor; rows x rank of each right factor)."""
+        return (sum(math.prod(self.spec[n]) for n in self.identity)
+                + sum(self._rows(f) * f.basis.shape[1] for f in self.factors))
+
     def norm(self, tensors: Tensors) -> float:
         """L2 norm of the model update ``tensors`` make (absent tensors count as zero)."""
         total = sum(float(tensors[n].double().square().sum()) for n in self.identity if n in tensors)
