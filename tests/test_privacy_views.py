@@ -379,3 +379,15 @@ def test_a_client_leaves_rather_than_train_past_its_own_budget(tmp_path, tiny_be
     assert [r["round"] for r in json.loads(ledger.read_text())["releases"]] == [0]
     out = metric_rows(tmp_path / "out")
     assert [r["num_clients"] for r in out] == [3, 2]
+
+
+def test_the_noise_and_signal_cross_where_the_table_says():
+    """bench/dp_noise: the round size at which the noise's norm on the mean equals the
+    signal's solves (z C sqrt(D) / m)^2 = ||mu||^2 + tr(Sigma) / m."""
+    from fedkrso.bench.dp_noise import crossover, rows
+
+    r = {"dimension": 10_000, "mu_norm": 0.05, "trace_sigma": 0.2}
+    m = crossover(r, 3.0, 0.5)
+    assert (3.0 * 0.5 * 100 / m) ** 2 == pytest.approx(0.05**2 + 0.2 / m, rel=1e-9)
+    ratios = [row["ratio"] for row in rows({"x": r}, 3.0, 0.5)]
+    assert ratios == sorted(ratios, reverse=True) and ratios[0] > 1
