@@ -48,10 +48,12 @@ class RunSection(Section):
 
 class ModelSection(Section):
     name: str = Field(..., description="alias (minilm, smollm2), local folder or hub id")
-    task: Task = "sequence-classification"
-    num_labels: int = Field(2, ge=1, le=100_000)
+    task: Task = Field("sequence-classification", description="sequence-classification (a classifier or, "
+                       "with num_labels 1, a regressor on top) or causal-lm (next-token loss, perplexity)")
+    num_labels: int = Field(2, ge=1, le=100_000, description="classes of a sequence classifier; 1 = regression")
     labels: list[str] | None = Field(None, description="label names, index = class id")
-    max_length: int = Field(128, ge=8, le=8192)
+    max_length: int = Field(128, ge=8, le=8192, description="most tokens per row; longer rows are truncated "
+                            "(instruction rows lose prompt text, never the response)")
     revision: str | None = Field(
         None, description="hub revision (branch, tag or commit) of a hub id; None = the default branch")
     device: str = Field(
@@ -91,7 +93,7 @@ ClientId = Annotated[str, Field(pattern=f"^{CLIENT_ID_PATTERN}$")]
 
 
 class TrainingSection(Section):
-    batch_size: int = Field(16, ge=1, le=65536)
+    batch_size: int = Field(16, ge=1, le=65536, description="rows per local training step")
     weighting: Literal["samples", "uniform"] = Field("samples", description="w_n in aggregation")
     max_samples_per_client: int | None = Field(
         None, ge=1, description="weighting by samples: a client counts at most this many samples, "
@@ -118,7 +120,7 @@ class TrainingSection(Section):
 class EvalSection(Section):
     data: Path | None = Field(None, description="the server's evaluation split (saved by fedkrso-partition); "
                               "None: the server does not evaluate")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="rows per evaluation batch")
     max_examples: int | None = Field(None, ge=1, description="cap on evaluated examples (server and clients)")
     client_every: int = Field(
         0, ge=0, description="clients selected for a round t with t % client_every == 0 evaluate the model "

@@ -93,7 +93,7 @@ class Config(MethodConfig):
     bottleneck: int = Field(64, ge=1, le=65536, description="m: adapter width (h -> m -> h)")
     tt_rank: int = Field(5, ge=1, le=1024, description="TT rank between consecutive cores")
     cores: int = Field(3, ge=2, le=16, description="cores per TT matrix (factors of h and of m)")
-    activation: Literal["relu", "gelu", "silu"] = "relu"
+    activation: Literal["relu", "gelu", "silu"] = Field("relu", description="act in y + U act(D y)")
 
     def local_steps(self) -> int:
         return self.steps
