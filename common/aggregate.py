@@ -1,4 +1,4 @@
-"""Aggregation of named tensors (ALGORITHM.md section 5), plain or robust.
+"""Aggregation of named tensors (docs/algorithm.md section 5), plain or robust.
 
 ``StreamingAggregator`` is the default weighted mean: aggregation is linear, so each update is
 folded in as it arrives and memory is one running sum, whatever the number of clients. The

@@ -133,7 +133,7 @@ class EvalSection(Section):
 
 class InstructionSection(Section):
     """How prompt/response rows (a causal LM's instruction data) become tokens; the loss and
-    the evaluation cover the response tokens only (README, "Instruction tuning")."""
+    the evaluation cover the response tokens only (docs/guides/instruction-tuning.md)."""
 
     template: Literal["plain", "chat"] = Field(
         "plain", description="plain: prompt_format, then the response and end-of-sequence; chat: the "
@@ -219,7 +219,7 @@ class ServerSection(Section):
 
 
 class SecuritySection(Section):
-    """Transport security and client credentials (README, "Security").
+    """Transport security and client credentials (docs/guides/security.md).
 
     TLS is required for a non-loopback ``server.listen`` unless ``insecure`` is set; on
     loopback the channel may stay plaintext (tests, the demo). Without ``tokens_file`` and

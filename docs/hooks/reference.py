@@ -9,6 +9,9 @@ A page asks for a generated part with a marker comment, replaced before the page
 * ``<!-- reference: methods -->``: the method registry as a table;
 * ``<!-- reference: method NAME -->``: one method's upload formula (its
   ``upload_bytes_formula`` docstring) and the knobs its ``Config`` adds;
+* ``<!-- reference: privacy -->``: which methods ``privacy.dp`` and ``privacy.dp_sgd`` apply to,
+  and why not where they do not (``Method.dp_unsupported``, ``dp_sgd_unsupported``);
+* ``<!-- reference: layering -->``: the import-linter contracts of pyproject.toml;
 * ``<!-- reference: api PACKAGE -->``: mkdocstrings blocks for every module of a package, but
   the commands (on the command-line page) and the methods' own modules, whose docstrings are
   their pages (only their members are listed here).
@@ -39,6 +42,7 @@ from pydantic_core import PydanticUndefined
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = re.compile(r"<!-- reference: (?P<what>[\w.]+)(?: (?P<arg>\S+))? -->")
+FENCE = re.compile(r"(^```.*?^```[ \t]*$)", re.M | re.S)
 CONFIG_PAGE = "reference/config.md"
 # Fields of common/privacy/config.py that have no description yet: that file is being changed
 # elsewhere. Remove a name once its Field(description=...) lands; a stale entry fails too.
@@ -193,7 +197,7 @@ def methods_table(link) -> str:
 
     rows = ["| `method.name` | what it is |", "| --- | --- |"]
     for name, cls in METHODS.items():
-        summary = docstring(importlib.import_module(cls.__module__)).split("\n\n")[0]
+        summary = (docstring(cls) or docstring(importlib.import_module(cls.__module__))).split("\n\n")[0]
         rows.append(f"| [`{name}`]({link(method_page(name))}) | {md(summary)} |")
     return "\n".join(rows)
 
@@ -228,6 +232,16 @@ def method_reference(name: str, link) -> str:
     return "\n".join(out)
 
 
+def privacy_table(link) -> str:
+    from fedkrso.common.methods import METHODS
+
+    rows = ["| method | `privacy.dp` | `privacy.dp_sgd` |", "| --- | --- | --- |"]
+    for name, cls in METHODS.items():
+        cells = [f"no: {md(why)}" if why else "yes" for why in (cls.dp_unsupported, cls.dp_sgd_unsupported)]
+        rows.append(f"| [`{name}`]({link(method_page(name))}) | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 # -- command line ----------------------------------------------------------------------------
 
 class _Captured(Exception):
@@ -255,8 +269,20 @@ def command_parser(entry: str) -> argparse.ArgumentParser:
     raise Gaps(f"{entry} returned without parsing its arguments")
 
 
+def pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
 def commands() -> dict[str, str]:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    return pyproject()["project"]["scripts"]
+
+
+def layering() -> str:
+    rows = ["| contract | modules | may not import |", "| --- | --- | --- |"]
+    for c in pyproject()["tool"]["importlinter"]["contracts"]:
+        names = lambda key: ", ".join(f"`{m}`" for m in c[key])  # noqa: E731
+        rows.append(f"| {md(c['name'])} | {names('source_modules')} | {names('forbidden_modules')} |")
+    return "\n".join(rows)
 
 
 def option_rows(prog: str, parser: argparse.ArgumentParser) -> list[str]:
@@ -307,12 +333,15 @@ def cli_reference() -> str:
 # -- Python API ----------------------------------------------------------------------------
 
 def api_reference(package: str, link) -> str:
-    """``:::`` blocks (mkdocstrings) for the modules of ``package``, in file order."""
-    from fedkrso.common.methods import METHODS
+    """``:::`` blocks (mkdocstrings) for the modules of ``package``, in file order. A method's
+    module is described on its page and its knobs in its table, so here it gets its other public
+    members, and its method class only the methods that class defines."""
+    from fedkrso.common.methods import METHODS, MethodConfig
 
     folder = Path(importlib.import_module(package).__file__).parent
     entries = {entry.split(":")[0] for entry in commands().values()}
     pages = {cls.__module__: method_page(name) for name, cls in reversed(METHODS.items())}
+    page_of = {cls: method_page(name) for name, cls in METHODS.items()}
     out = [f"::: {package}", "    options:", "      members: false", ""]
     for path in sorted(folder.glob("*.py")):
         module = f"{package}.{path.stem}"
@@ -321,11 +350,19 @@ def api_reference(package: str, link) -> str:
         if module not in pages:
             out += [f"::: {module}", ""]
             continue
-        out += [f"## `{module}`", "", f"Described on its method's page, [{pages[module]}]({link(pages[module])}).", ""]
-        mod = importlib.import_module(module)
-        for name, obj in vars(mod).items():
-            if not name.startswith("_") and getattr(obj, "__module__", None) == module and callable(obj):
+        out += [f"## `{module}` {{#{module}}}", "", f"Described on [its method's page]({link(pages[module])}).", ""]
+        for name, obj in vars(importlib.import_module(module)).items():
+            if name.startswith("_") or getattr(obj, "__module__", None) != module or not callable(obj):
+                continue
+            if isinstance(obj, type) and issubclass(obj, MethodConfig):
+                continue  # the knobs table of the method's page
+            if obj not in page_of:
                 out += [f"::: {module}.{name}", "    options:", "      heading_level: 3", ""]
+                continue
+            out += [f"### `{module}.{name}`", "", f"The method of [{page_of[obj]}]({link(page_of[obj])}).", ""]
+            for member, fn in vars(obj).items():
+                if not member.startswith("_") and callable(fn) and fn.__doc__:
+                    out += [f"::: {module}.{name}.{member}", "    options:", "      heading_level: 4", ""]
     return "\n".join(out)
 
 
@@ -352,6 +389,10 @@ def on_page_markdown(markdown, page, config, files):
             return cli_reference()
         if what == "methods":
             return methods_table(link)
+        if what == "layering":
+            return layering()
+        if what == "privacy":
+            return privacy_table(link)
         if what == "api" and arg:
             return api_reference(arg, link)
         if what == "method" and arg:
@@ -359,7 +400,8 @@ def on_page_markdown(markdown, page, config, files):
             return method_reference(arg, link)
         raise Gaps(f"{page.file.src_uri}: unknown reference marker {m[0]!r}")
 
-    return MARKER.sub(expand, markdown)
+    parts = FENCE.split(markdown)  # a marker inside a code fence is an example, left as it is
+    return "".join(p if i % 2 else MARKER.sub(expand, p) for i, p in enumerate(parts))
 
 
 def on_env(env, config, files):
