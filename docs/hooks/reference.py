@@ -28,7 +28,6 @@ import importlib
 import inspect
 import json
 import re
-import tomllib
 import types
 import typing
 from pathlib import Path
@@ -39,6 +38,11 @@ from mkdocs.exceptions import PluginError
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: import-linter's dependency
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = re.compile(r"<!-- reference: (?P<what>[\w.]+)(?: (?P<arg>\S+))? -->")
@@ -57,6 +61,23 @@ def md(text: str) -> str:
     """``text`` for a table cell: HTML and pipes escaped outside code spans, one line."""
     parts = re.split(r"(`[^`]*`)", " ".join(text.split()))
     return "".join(p if p.startswith("`") else html.escape(p, quote=False).replace("|", "\\|") for p in parts)
+
+
+def prose(text: str) -> str:
+    """A docstring or description as Markdown: HTML escaped outside code spans (so
+    ``<run.output_dir>`` shows), and each run of indented lines (a usage example) a text block."""
+    out: list[str] = []
+    block: list[str] = []
+    for line in inspect.cleandoc(text).splitlines() + [""]:
+        if line.startswith("  ") and (block or not out or not out[-1]):
+            block.append(line.strip())
+            continue
+        if block:
+            out += ["```text", *block, "```"]
+            block = []
+        parts = re.split(r"(`[^`]*`)", line)
+        out.append("".join(p if p.startswith("`") else html.escape(p, quote=False) for p in parts))
+    return "\n".join(out).strip()
 
 
 def docstring(obj) -> str:
@@ -148,7 +169,7 @@ def section(model: type[BaseModel], path: str, level: int, missing: list[str]) -
     sections, one heading deeper."""
     out = [f"{'#' * level} `{path}` {{#{path}}}", ""]
     if doc := docstring(model):
-        out += [doc, ""]
+        out += [prose(doc), ""]
     fields = model.model_fields
     leaves = [n for n, f in fields.items() if not is_section(f.annotation)]
     if leaves:
@@ -325,7 +346,7 @@ def cli_reference() -> str:
         parser = command_parser(entry)
         usage = parser.format_usage().removeprefix("usage: ").strip()
         out += [f"## `{prog}` {{#{prog}}}", "", f"`{entry}`", "", "```text", usage, "```", "",
-                parser.description.strip() if parser.description else "", "",
+                prose(parser.description or ""), "",
                 *option_rows(prog, parser), "", *exit_codes(parser), ""]
     return "\n".join(out)
 
@@ -350,7 +371,8 @@ def api_reference(package: str, link) -> str:
         if module not in pages:
             out += [f"::: {module}", ""]
             continue
-        out += [f"## `{module}` {{#{module}}}", "", f"Described on [its method's page]({link(pages[module])}).", ""]
+        out += [f"## `{module}` {{#{module}}}", "", f"Described on [its method's page]({link(pages[module])}); "
+                "its public members:", ""]
         for name, obj in vars(importlib.import_module(module)).items():
             if name.startswith("_") or getattr(obj, "__module__", None) != module or not callable(obj):
                 continue
@@ -359,7 +381,8 @@ def api_reference(package: str, link) -> str:
             if obj not in page_of:
                 out += [f"::: {module}.{name}", "    options:", "      heading_level: 3", ""]
                 continue
-            out += [f"### `{module}.{name}`", "", f"The method of [{page_of[obj]}]({link(page_of[obj])}).", ""]
+            out += [f"### `{module}.{name}`", "", f"`method.name: {obj.name}` ([its page]({link(page_of[obj])})); "
+                    "the methods it defines:", ""]
             for member, fn in vars(obj).items():
                 if not member.startswith("_") and callable(fn) and fn.__doc__:
                     out += [f"::: {module}.{name}.{member}", "    options:", "      heading_level: 4", ""]
