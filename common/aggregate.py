@@ -67,11 +67,13 @@ class StreamingAggregator:
         self.count += 1
 
     def result(self) -> Tensors:
+        """The weighted mean of every update folded in, as float32."""
         if not self.count:
             raise ValueError("no update was aggregated")
         return {name: (s / self.total_weight).float() for name, s in sorted(self.sums.items())}
 
     def nbytes(self) -> int:
+        """Bytes the running sums hold: the aggregator's memory, whatever the client count."""
         return sum(t.numel() * t.element_size() for t in self.sums.values())
 
     def state(self) -> tuple[Tensors, dict]:
@@ -159,4 +161,5 @@ def build_aggregator(kind: str, clip_norm: float | None, trim_fraction: float) -
 
 
 def aggregator_from_state(tensors: Tensors, meta: dict) -> Aggregator:
+    """The aggregator an open round saved (``state()``), of whichever kind it was."""
     return AGGREGATORS[meta["kind"]].from_state(tensors, meta)
