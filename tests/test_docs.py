@@ -11,6 +11,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from pydantic import BaseModel, Field
@@ -87,6 +88,19 @@ def test_method_pages_list_each_knob_once():
     assert "| `rank` |" not in pages["ffa-lora"] and "FedIT's knobs" in pages["ffa-lora"]  # inherited: linked
     assert "| `bottleneck` |" not in pages["fedtt+"] and "| `freeze_ratio` |" in pages["fedtt+"]
     assert all("## Upload" in page for page in pages.values())
+
+
+def test_a_method_without_a_page_stops_the_build():
+    from fedkrso.common.methods import METHODS
+
+    page = SimpleNamespace(file=SimpleNamespace(src_uri="methods/all.md"))
+    reference.on_pre_build(None)
+    reference.on_page_markdown("\n".join(f"<!-- reference: method {n} -->" for n in METHODS if n != "fedavg"),
+                               page, None, None)
+    with pytest.raises(PluginError, match="fedavg"):
+        reference.on_env(None, None, None)
+    reference.on_page_markdown("<!-- reference: method fedavg -->", page, None, None)
+    reference.on_env(None, None, None)
 
 
 def test_cli_reference_has_every_flag_of_every_command():

@@ -218,7 +218,8 @@ def methods_table(link) -> str:
 
     rows = ["| `method.name` | what it is |", "| --- | --- |"]
     for name, cls in METHODS.items():
-        summary = (docstring(cls) or docstring(importlib.import_module(cls.__module__))).split("\n\n")[0]
+        doc = docstring(cls) or docstring(importlib.import_module(cls.__module__))
+        summary = re.split(r"(?<=\.)\s", " ".join(doc.split("\n\n")[0].split()), maxsplit=1)[0]  # its first sentence
         rows.append(f"| [`{name}`]({link(method_page(name))}) | {md(summary)} |")
     return "\n".join(rows)
 
