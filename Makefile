@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/fedkrso/v1/*.proto)
 DEMO_DIR ?= runs/demo
 
-.PHONY: install proto demo test bench bench-quick quality clean
+.PHONY: install proto demo test docs bench bench-quick quality clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ WORKERS ?= $(shell $(PY) -c 'import os; print(len(os.sched_getaffinity(0)))' 2>/
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -n $(WORKERS) --dist worksteal
 
+# The documentation site (mkdocs.yml) into site/, strictly: a broken link or reference fails.
+# `make test` builds it too (tests/test_docs.py); `$(BIN)/mkdocs serve` previews it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: $(STAMP)
 	$(BIN)/fedkrso-bench --config bench/sst2.yaml
 
@@ -43,4 +48,4 @@ quality: $(STAMP)
 	$(BIN)/fedkrso-bench --protocol bench/quality.yaml --out results/quality
 
 clean:
-	rm -rf runs results .pytest_cache
+	rm -rf runs results site .pytest_cache

@@ -17,7 +17,7 @@ from pathlib import Path
 import structlog
 
 from ..common import logs
-from ..common.cli import fail, parser, require_file
+from ..common.cli import add_log_args, fail, parser, require_file
 from ..common.precision import PlacementError, add_placement_args, resolve_device
 
 log = structlog.get_logger("fedkrso.client")
@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-file", help="file holding this client's bearer token (tokens-file servers)")
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC even to a non-loopback server")
     p.add_argument("--server-name", help="TLS name to verify instead of the --server host (tests)")
-    p.add_argument("--poll-seconds", type=float, default=20.0)
+    p.add_argument("--poll-seconds", type=float, default=20.0,
+                   help="longest one long-poll for a round waits at the server before asking again")
     p.add_argument("--reconnect-seconds", type=float, default=300.0,
                    help="how long to keep retrying an unreachable server (rides out a restart)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 per process on small hosts)")
@@ -58,8 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dp-ledger", help="under privacy.dp_sgd: the file recording what this data released "
                    "(default: <data>/dp_sgd_ledger.json)")
     add_placement_args(p)
-    p.add_argument("--log-level", default="info")
-    p.add_argument("--log-json", action="store_true", default=None)
+    add_log_args(p)
     args = p.parse_args(argv)
     if (args.cert is None) != (args.key is None):
         p.error("--cert and --key go together")

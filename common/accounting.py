@@ -12,7 +12,7 @@ Three layers are reported for every transfer:
   figure is ``None``: not measured, never a copy of the message figure.
 
 Each method states its own upload formula (``Method.upload_bytes_formula``) in terms of its
-parameters; the FedKRSO one is here because the README and the tests quote it.
+parameters; the FedKRSO one is here because docs/algorithm.md and the tests quote it.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def message_bytes(msg) -> int:
 
 
 def fedkrso_uplink_bytes(sum_dm: int, k_used: int, rank: int, dense: int, b: int) -> int:
-    """ALGORITHM.md section 6: ``K_used * r * sum_m d_m * b + dense * b`` (tensor payload)."""
+    """docs/algorithm.md section 6: ``K_used * r * sum_m d_m * b + dense * b`` (tensor payload)."""
     return k_used * rank * sum_dm * b + dense * b
 
 

@@ -1,4 +1,4 @@
-"""Aggregation of named tensors (ALGORITHM.md section 5), plain or robust.
+"""Aggregation of named tensors (docs/algorithm.md section 5), plain or robust.
 
 ``StreamingAggregator`` is the default weighted mean: aggregation is linear, so each update is
 folded in as it arrives and memory is one running sum, whatever the number of clients. The
@@ -67,11 +67,13 @@ class StreamingAggregator:
         self.count += 1
 
     def result(self) -> Tensors:
+        """The weighted mean of every update folded in, as float32."""
         if not self.count:
             raise ValueError("no update was aggregated")
         return {name: (s / self.total_weight).float() for name, s in sorted(self.sums.items())}
 
     def nbytes(self) -> int:
+        """Bytes the running sums hold: the aggregator's memory, whatever the client count."""
         return sum(t.numel() * t.element_size() for t in self.sums.values())
 
     def state(self) -> tuple[Tensors, dict]:
@@ -159,4 +161,5 @@ def build_aggregator(kind: str, clip_norm: float | None, trim_fraction: float) -
 
 
 def aggregator_from_state(tensors: Tensors, meta: dict) -> Aggregator:
+    """The aggregator an open round saved (``state()``), of whichever kind it was."""
     return AGGREGATORS[meta["kind"]].from_state(tensors, meta)

@@ -51,6 +51,13 @@ def parser(prog: str, doc: str | None, exit_codes: dict[int, str]) -> Parser:
     return p
 
 
+def add_log_args(p: argparse.ArgumentParser, level: str = "info") -> None:
+    """``--log-level`` and ``--log-json``, alike for every command that logs (``logs.configure``)."""
+    p.add_argument("--log-level", default=level, help="least severe events logged: debug, info, warning or error")
+    p.add_argument("--log-json", action="store_true", default=None,
+                   help="JSON log lines even on a terminal (they are JSON whenever stderr is not one)")
+
+
 def require_file(prog: str, path: str | Path, what: str) -> Path:
     """``path`` as a Path when it is a file; else the one-line usage failure."""
     p = Path(path)

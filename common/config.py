@@ -28,10 +28,12 @@ Tracker = Literal["tensorboard", "csv", "wandb", "mlflow", "plot"]
 
 
 class Section(BaseModel):
+    """A round.yaml section: an unknown key is an error, not ignored."""
     model_config = ConfigDict(extra="forbid")
 
 
 class RunSection(Section):
+    """Which run this is, and where what it produces goes."""
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$", description="run name (in paths)")
     seed: int = Field(0, ge=0, description="run seed: round seeds, client RNGs, head init")
     output_dir: Path = Field(Path("runs/run"), description="metrics, checkpoints, final model")
@@ -47,11 +49,15 @@ class RunSection(Section):
 
 
 class ModelSection(Section):
+    """The base model every party loads itself, and the defaults of where and in which
+    precision each party computes (docs/concepts/precision.md)."""
     name: str = Field(..., description="alias (minilm, smollm2), local folder or hub id")
-    task: Task = "sequence-classification"
-    num_labels: int = Field(2, ge=1, le=100_000)
+    task: Task = Field("sequence-classification", description="sequence-classification (a classifier or, "
+                       "with num_labels 1, a regressor on top) or causal-lm (next-token loss, perplexity)")
+    num_labels: int = Field(2, ge=1, le=100_000, description="classes of a sequence classifier; 1 = regression")
     labels: list[str] | None = Field(None, description="label names, index = class id")
-    max_length: int = Field(128, ge=8, le=8192)
+    max_length: int = Field(128, ge=8, le=8192, description="most tokens per row; longer rows are truncated "
+                            "(instruction rows lose prompt text, never the response)")
     revision: str | None = Field(
         None, description="hub revision (branch, tag or commit) of a hub id; None = the default branch")
     device: str = Field(
@@ -69,6 +75,8 @@ class ModelSection(Section):
 
 
 class RoundsSection(Section):
+    """How many rounds, how many clients each, and how long the server waits for them
+    (docs/concepts/round.md)."""
     total: int = Field(5, ge=1, description="rounds in the run")
     clients_per_round: int = Field(2, ge=1, description="clients sampled each round")
     min_clients: int = Field(1, ge=1, description="quorum: fewest updates that close a round")
@@ -91,7 +99,9 @@ ClientId = Annotated[str, Field(pattern=f"^{CLIENT_ID_PATTERN}$")]
 
 
 class TrainingSection(Section):
-    batch_size: int = Field(16, ge=1, le=65536)
+    """What every client's local training shares, and how much each client weighs in the
+    round's mean (docs/algorithm.md section 5)."""
+    batch_size: int = Field(16, ge=1, le=65536, description="rows per local training step")
     weighting: Literal["samples", "uniform"] = Field("samples", description="w_n in aggregation")
     max_samples_per_client: int | None = Field(
         None, ge=1, description="weighting by samples: a client counts at most this many samples, "
@@ -116,9 +126,11 @@ class TrainingSection(Section):
 
 
 class EvalSection(Section):
+    """Evaluation by the server on its own split, and by clients on their held-out rows
+    (docs/guides/evaluation.md)."""
     data: Path | None = Field(None, description="the server's evaluation split (saved by fedkrso-partition); "
                               "None: the server does not evaluate")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="rows per evaluation batch")
     max_examples: int | None = Field(None, ge=1, description="cap on evaluated examples (server and clients)")
     client_every: int = Field(
         0, ge=0, description="clients selected for a round t with t % client_every == 0 evaluate the model "
@@ -131,7 +143,7 @@ class EvalSection(Section):
 
 class InstructionSection(Section):
     """How prompt/response rows (a causal LM's instruction data) become tokens; the loss and
-    the evaluation cover the response tokens only (README, "Instruction tuning")."""
+    the evaluation cover the response tokens only (docs/guides/instruction-tuning.md)."""
 
     template: Literal["plain", "chat"] = Field(
         "plain", description="plain: prompt_format, then the response and end-of-sequence; chat: the "
@@ -154,6 +166,9 @@ TRANSPORT_FIELDS = {"listen", "upload_idle_s", "upload_total_s", "max_connection
 
 
 class ServerSection(Section):
+    """The coordinator: its address, streams, catch-up, update checks, aggregation and
+    checkpoints; then its limits against hostile clients and networks (docs/HOSTILE.md),
+    which shape no result and may change across a restart."""
     listen: str = Field("127.0.0.1:50051", description="host:port to bind")
     max_chunk_bytes: int = Field(1 << 20, ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES, description="stream chunk size")
     snapshot_after_rounds: int = Field(
@@ -217,7 +232,7 @@ class ServerSection(Section):
 
 
 class SecuritySection(Section):
-    """Transport security and client credentials (README, "Security").
+    """Transport security and client credentials (docs/guides/security.md).
 
     TLS is required for a non-loopback ``server.listen`` unless ``insecure`` is set; on
     loopback the channel may stay plaintext (tests, the demo). Without ``tokens_file`` and
@@ -255,6 +270,8 @@ class SecuritySection(Section):
 
 
 class RunConfig(Section):
+    """A whole round.yaml; ``method`` is the ``Config`` of one registered method, chosen by
+    its ``name``."""
     run: RunSection = RunSection()
     model: ModelSection
     method: MethodSection
@@ -343,6 +360,7 @@ class ConfigError(ValueError):
 
 
 def format_errors(source: str, err: ValidationError) -> str:
+    """One line per bad field, named by its dotted path."""
     lines = [f"{source}: {err.error_count()} invalid field(s)"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -351,6 +369,7 @@ def format_errors(source: str, err: ValidationError) -> str:
 
 
 def parse_config(data: dict, source: str = "config") -> RunConfig:
+    """A validated ``RunConfig`` from a round.yaml already read, or ``ConfigError``."""
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
@@ -365,6 +384,7 @@ def check_inputs(cfg: RunConfig) -> None:
 
 
 def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a round.yaml; ``ConfigError`` names what is wrong with it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config not found: {path}")

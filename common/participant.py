@@ -200,6 +200,7 @@ class Participant:
 
     # -- catching up ---------------------------------------------------------------------------
     def check_base(self, server_fingerprint: str, spec: str) -> None:
+        """Refuse to go on when the base model this client loaded is not the server's."""
         fp = self.shared.identity
         if fp != server_fingerprint:
             raise ParticipantError(f"base model {spec!r} differs from the server's (fingerprint "
@@ -229,6 +230,8 @@ class Participant:
         return payload_bytes(self.method.state_parameters(self.model))
 
     def apply_delta(self, round_id: int, seeds: list[int], tensors: dict[str, torch.Tensor]) -> None:
+        """Apply round ``round_id``'s aggregated delta with the method's ``apply``, as the server
+        did, after checking that it is the next round and that every tensor fits and is finite."""
         if round_id != self.have:
             raise ParticipantError(f"delta for round {round_id} but the client holds round {self.have}")
         spec = self.delta_spec(seeds)
@@ -241,6 +244,7 @@ class Participant:
         self.have = round_id + 1
 
     def load_snapshot(self, round_id: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Take the state of round ``round_id`` whole (catch-up by snapshot), once it fits the model."""
         spec = self.state_spec()
         if set(tensors) != set(spec) or any(tuple(t.shape) != spec[k] for k, t in tensors.items()):
             raise ParticipantError(f"snapshot of round {round_id} does not fit this model")
@@ -259,6 +263,7 @@ class Participant:
 
     # -- training ------------------------------------------------------------------------------
     def check_plan(self, round_id: int, seeds: list[int], plan_fingerprint: str) -> None:
+        """Refuse to train when the round's random objects rebuilt here differ from the server's."""
         if self.method.plan_fingerprint(self.model, seeds) != plan_fingerprint:
             raise ParticipantError(f"rebuilt subspaces for round {round_id} differ from the server's")
 

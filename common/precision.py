@@ -7,7 +7,7 @@ coordinate GPU clients, one client can train in bfloat16 beside another in float
 of them must still agree, bit for bit, on the state every round changes: the server sends its
 fingerprint with every round and a client refuses to train on anything else.
 
-The precision rule that makes that hold (README, "Devices and precision"):
+The precision rule that makes that hold (docs/concepts/precision.md):
 
 1. **The state is float32 on every party.** ``Method.state_parameters`` (every tensor a round
    delta changes, plus the seeded frozen parts of adapters) is float32 whatever the party's

@@ -1,4 +1,4 @@
-"""Random subspaces rebuilt from integer seeds (ALGORITHM.md section 2).
+"""Random subspaces rebuilt from integer seeds (docs/algorithm.md section 2).
 
 Every party must draw the same P for the same (seed, matrix name, r, d_n), on any machine and
 any device. So P is always drawn in float32 on a CPU ``torch.Generator`` seeded from a stable

@@ -20,7 +20,7 @@ import json
 import sys
 
 from ..common import logs
-from ..common.cli import fail, parser, require_dir
+from ..common.cli import add_log_args, fail, parser, require_dir
 
 PROG = "fedkrso-export"
 REFUSED = 3
@@ -37,8 +37,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--model", help="where to read the base model (default: the run's model spec)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (the server's count, default 1, replays to the same bits)")
-    p.add_argument("--log-level", default="warning")
-    p.add_argument("--log-json", action="store_true", default=None)
+    add_log_args(p, "warning")
     args = p.parse_args(argv)
     if args.run and args.artifact and (args.out or args.round is not None):
         p.error("--run with --artifact writes an artifact; --out and --round go with one of them only")

@@ -17,7 +17,7 @@ from pathlib import Path
 import structlog
 
 from ..common import logs
-from ..common.cli import fail, parser, require_file
+from ..common.cli import add_log_args, fail, parser, require_file
 from ..common.precision import PlacementError, add_placement_args, resolve_placement
 
 log = structlog.get_logger("fedkrso.server")
@@ -38,8 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="move saved state of an earlier run aside (<output_dir>/previous-*) instead of resuming")
     p.add_argument("--threads", type=int, default=1, help="torch threads for aggregation/eval")
     add_placement_args(p)
-    p.add_argument("--log-level", default="info")
-    p.add_argument("--log-json", action="store_true", default=None, help="JSON logs even on a terminal")
+    add_log_args(p)
     return p.parse_args(argv)
 
 

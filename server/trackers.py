@@ -73,11 +73,14 @@ class Tracker:
         self.handle = None
 
     def log(self, row: dict, rows: list[dict]) -> None:
+        """Write one round's ``row`` (``rows``: every row so far, for trackers that redraw),
+        opening the writer on first use."""
         if self.handle is None:
             self.handle = self.open()
         self.write(row, rows)
 
     def close(self) -> None:
+        """Release the writer at the end of the run, if it was opened."""
         if self.handle is not None:
             self.release()
 
@@ -86,6 +89,7 @@ class Tracker:
         return True
 
     def write(self, row: dict, rows: list[dict]) -> None:
+        """Hand ``row`` to the library's writer (each tracker's own)."""
         raise NotImplementedError
 
     def release(self) -> None:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ..common import logs
-from ..common.cli import fail, parser, require_dir, require_file
+from ..common.cli import add_log_args, fail, parser, require_dir, require_file
 from ..common.precision import PlacementError, add_placement_args, resolve_placement
 
 PROG = "fedkrso-sim"
@@ -34,8 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (a distributed client uses 1: the same count gives the same weights)")
     add_placement_args(p)
-    p.add_argument("--log-level", default="info")
-    p.add_argument("--log-json", action="store_true", default=None)
+    add_log_args(p)
     return p.parse_args(argv)
 
 

@@ -63,7 +63,7 @@ def test_fedkrso_three_rounds_two_clients(tmp_path, tiny_models, bbc_small):
         assert all(key in r for r in rows), key
     assert all(len(r["clients"]) == 2 for r in rows)
 
-    # uplink payload per client is ALGORITHM.md section 6 exactly: the accumulators of the seeds
+    # uplink payload per client is docs/algorithm.md section 6 exactly: the accumulators of the seeds
     # the client drew (K_used x r x sum of d_m) and the dense deltas, 4 bytes each (float32)
     parsed = parse_config(cfg)
     m = load_model(str(model), "sequence-classification", 5, parsed.run.seed)

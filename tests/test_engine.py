@@ -1,4 +1,4 @@
-"""FedKRSO training engine: invariants of ALGORITHM.md sections 2 to 5 on tiny models.
+"""FedKRSO training engine: invariants of docs/algorithm.md sections 2 to 5 on tiny models.
 
 One table of cases (family, K, r, dtype) runs through the same invariants; the tiny models are
 built once per module. Float tolerances are derived from the unit roundoff ``u`` of the dtype

@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=3, help="number of client shards")
     p.add_argument("--alpha", type=float,
                    help="Dirichlet label-skew concentration (small = skewed); omit for IID")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the same seed, source and flags give the same shards")
     p.add_argument("--min-size", type=int, default=10, help="fewest training rows per shard")
     p.add_argument("--eval-fraction", type=float, default=0.1,
                    help="share carved out for eval when the source has no dev split")

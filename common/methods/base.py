@@ -177,6 +177,7 @@ class Method(ABC):
             p.requires_grad_(True)
 
     def round_seeds(self, round_id: int) -> list[int]:
+        """The seeds the server hands out for round ``round_id`` (none by default)."""
         return []
 
     def plan_state(self) -> dict:
@@ -196,6 +197,7 @@ class Method(ABC):
         """Every tensor a round delta changes: what a client snapshots and fingerprints."""
 
     def state_fingerprint(self, model: nn.Module) -> str:
+        """SHA-256 of the state's tensors: what server and clients compare after every round."""
         return fingerprint(sorted(self.state_parameters(model).items()))
 
     def mastered(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -234,6 +236,7 @@ class Method(ABC):
         return self.snapshot(model)
 
     def load_snapshot(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Take a ``snapshot_tensors`` download as the state."""
         self.restore(model, tensors)
 
     def snapshot_spec(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -339,9 +342,11 @@ class Method(ABC):
 
     # -- shared helpers ----------------------------------------------------------------
     def dense(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The dense-trainables: head, norms and the target Linears' biases (``dense_parameters``)."""
         return dense_parameters(model, self.cfg)
 
     def dense_optimizer(self, params: dict[str, nn.Parameter]) -> torch.optim.Optimizer | None:
+        """One AdamW over the dense-trainables at ``dense_lr`` (default: the method's lr)."""
         return self.optim.adamw([(params.values(), self.cfg.dense_lr or self.cfg.lr)])
 
     @staticmethod

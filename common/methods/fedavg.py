@@ -1,4 +1,4 @@
-"""FedAvg-FFT: full fine-tuning with Adam, the quality and byte ceiling (ALGORITHM.md section 7).
+"""FedAvg-FFT: full fine-tuning with Adam, the quality and byte ceiling (docs/algorithm.md section 7).
 
 Trainable set (our choice, each part a config field): full fine-tuning means every weight,
 so by default the weights of every Linear the target patterns select (the same matrices
@@ -10,7 +10,8 @@ like-for-like comparison of the same matrices.
 
 A client takes ``steps`` Adam steps and uploads the change of every trained tensor
 (``delta.<param>`` and ``dense.<param>``); the server averages them and every party adds the
-mean, which is FedAvg on weights expressed as deltas. Default lr 3e-5 (ALGORITHM.md section 9).
+mean, which is FedAvg on weights expressed as deltas. Default lr 3e-5, the usual full
+fine-tuning rate; the benchmarks sweep it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""FedIT: LoRA plus FedAvg (ALGORITHM.md section 7).
+"""FedIT: LoRA plus FedAvg (docs/algorithm.md section 7).
 
 Every target matrix W (the Linears FedKRSO projects) gets a PEFT LoRA adapter
 ``W x + (alpha / r) B A x`` of rank ``r`` with dropout 0. Clients train A, B and the

@@ -1,4 +1,4 @@
-"""FedKRSO: federated K-seed random subspace optimization (ALGORITHM.md sections 2 to 5).
+"""FedKRSO: federated K-seed random subspace optimization (docs/algorithm.md sections 2 to 5).
 
 Each projected matrix W (d_m x d_n, nn.Linear convention) is trained as W + B P, where P
 (r x d_n) is rebuilt from a seed and B (d_m x r) is the only trainable part. The layer never
@@ -7,12 +7,12 @@ autograd Function, ``y = x W^T + bias + (x P^T) B^T``, that keeps only the r-col
 (plus references to W, P, B) for backward; ``grad_B = g^T (x P^T) = grad_W P^T`` without
 grad_W ever existing, and ``grad_x = g W + (g B) P``.
 
-Choices the paper leaves open (each a config field): K fresh seeds per round; a seed drawn
-uniformly per interval from a client RNG keyed by (run seed, round, client); B and its AdamW
-state reset every interval; the dense-trainables (head, norms and, with ``train_biases`` as
-in full fine-tuning, the projected layers' biases) keep one AdamW state for the whole round.
-Both follow the run's one optimizer setting (``training.optimizer``: decay, schedule,
-clipping).
+Choices the paper leaves open (docs/algorithm.md section 8 names the field or code of each):
+K fresh seeds per round; a seed drawn uniformly per interval from a client RNG keyed by (run
+seed, round, client); B and its AdamW state reset every interval; the dense-trainables (head,
+norms and, with ``train_biases`` as in full fine-tuning, the projected layers' biases) keep
+one AdamW state for the whole round. Both follow the run's one optimizer setting
+(``training.optimizer``: decay, schedule, clipping).
 
 Precision (common/precision.py): the layer computes in its weight's dtype; B is a float32
 master. Under a low-precision placement each projected weight is a copy in that dtype on the
@@ -264,7 +264,7 @@ class FedKRSO(Method):
         return set(self.dense_spec(self.dense(model)))
 
     def upload_bytes_formula(self, model: nn.Module, n_seeds_used: int = 0) -> int:
-        """uplink = K_used * r * sum_m d_m * b + dense * b (ALGORITHM.md section 6)."""
+        """uplink = K_used * r * sum_m d_m * b + dense * b (docs/algorithm.md section 6)."""
         sum_dm = sum(out_in(m)[0] for m in self.targets(model).values())
         dense = sum(p.numel() for p in self.dense(model).values())
         return fedkrso_uplink_bytes(sum_dm, n_seeds_used, self.cfg.rank, dense, self.wire_bytes(1))

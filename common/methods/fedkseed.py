@@ -1,4 +1,4 @@
-"""FedKSeed: zeroth-order full-parameter tuning with K fixed candidate seeds (ALGORITHM.md
+"""FedKSeed: zeroth-order full-parameter tuning with K fixed candidate seeds (docs/algorithm.md
 section 7; Qin et al., arXiv 2312.06353).
 
 theta, tuned zeroth-order (our choice, config fields): the weights of the target Linears

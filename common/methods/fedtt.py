@@ -1,4 +1,4 @@
-"""FedTT and FedTT+: tensor-train adapters (ALGORITHM.md section 7; Ghiasvand et al.,
+"""FedTT: tensor-train adapters, and FedTT+ (docs/algorithm.md section 7; Ghiasvand et al.,
 arXiv 2410.13097).
 
 After the attention output and the feed-forward output of every block (``adapter_modules``:
@@ -14,28 +14,7 @@ scaled so that D has variance 1/h per entry; U the same at 1/m except one core, 
 so every adapter starts as the identity. Clients train the cores (plus the dense-trainables)
 with Adam and upload core deltas; the server averages them (FedAvg on cores).
 
-FedTT+ freezes part of the tensor factors to cut what trains and travels and to resist client
-heterogeneity. The paper says it does so *adaptively* (cross-silo, all clients every round);
-its abstract is all of it we could read here, so the rule below is ours, adaptive in its spirit
-and documented as a choice (``freeze_rule``):
-
-* ``adaptive`` (default): every core index starts trainable. After each round every party
-  measures, per core index k still trained, the relative change the aggregated round made to
-  the cores of index k over every adapter and both matrices, ||mean delta G_k|| / ||G_k||.
-  The index with the smallest relative change is frozen from the next round on when that
-  change is below ``freeze_ratio`` times the largest one, one index per round, until
-  ``max_frozen`` indices are frozen (default: all but one). Slow-moving factors stop being
-  trained and sent; the fast ones keep adapting. The decision is the server's (it applies
-  the same bytes as every client), travels as the round's seeds (the trainable core indices),
-  and is saved with each round (``plan_state``) so a restart keeps it.
-* ``fixed``: ``freeze`` lists core indices (negative counts from the end) frozen from the start
-  in *both* matrices of every adapter; [0, -1] trains only the middle core of each matrix.
-
-Measured upload on MiniLM-L6 (SST-2 bench, fp32; the dense head and pooler, 148,997 values,
-travel with every method): FedTT 721 KiB per client per round, FedTT+ fixed [0, -1] 695 KiB
-(0.96x; its cores alone are about 70% of FedTT's by parameter count). U's zero-initialised
-core is the middle one, or the first trainable one if the middle is frozen from the start, so a
-core frozen at its init is never the zero one.
+FedTT+ (``FedTTPlus``) freezes part of the cores; its docstring gives the rule.
 
 The adapters do not merge into the base weights (the activation is in between), so ``export``
 returns a copy without them and ``export_extra`` returns their cores, which the server saves
@@ -93,7 +72,7 @@ class Config(MethodConfig):
     bottleneck: int = Field(64, ge=1, le=65536, description="m: adapter width (h -> m -> h)")
     tt_rank: int = Field(5, ge=1, le=1024, description="TT rank between consecutive cores")
     cores: int = Field(3, ge=2, le=16, description="cores per TT matrix (factors of h and of m)")
-    activation: Literal["relu", "gelu", "silu"] = "relu"
+    activation: Literal["relu", "gelu", "silu"] = Field("relu", description="act in y + U act(D y)")
 
     def local_steps(self) -> int:
         return self.steps
@@ -320,6 +299,29 @@ def core_index(name: str) -> int:
 
 
 class FedTTPlus(FedTT):
+    """FedTT with part of the tensor factors frozen, to cut what trains and travels and to resist
+    client heterogeneity. The paper says it does so *adaptively* (cross-silo, all clients every
+    round); its abstract is all of it we could read here, so the rule below is ours, adaptive in its
+    spirit and documented as a choice (``freeze_rule``):
+
+    * ``adaptive`` (default): every core index starts trainable. After each round every party
+      measures, per core index k still trained, the relative change the aggregated round made to the
+      cores of index k over every adapter and both matrices, ||mean delta G_k|| / ||G_k||. The index
+      with the smallest relative change is frozen from the next round on when that change is below
+      ``freeze_ratio`` times the largest one, one index per round, until ``max_frozen`` indices are
+      frozen (default: all but one). Slow-moving factors stop being trained and sent; the fast ones
+      keep adapting. The decision is the server's (it applies the same bytes as every client),
+      travels as the round's seeds (the trainable core indices), and is saved with each round
+      (``plan_state``) so a restart keeps it.
+    * ``fixed``: ``freeze`` lists core indices (negative counts from the end) frozen from the start
+      in *both* matrices of every adapter; [0, -1] trains only the middle core of each matrix.
+
+    Measured upload on MiniLM-L6 (SST-2 bench, fp32; the dense head and pooler, 148,997 values,
+    travel with every method): FedTT 721 KiB per client per round, FedTT+ fixed [0, -1] 695 KiB
+    (0.96x; its cores alone are about 70% of FedTT's by parameter count). U's zero-initialised core
+    is the middle one, or the first trainable one if the middle is frozen from the start, so a core
+    frozen at its init is never the zero one."""
+
     name = "fedtt+"
     Config = PlusConfig
     cfg: PlusConfig

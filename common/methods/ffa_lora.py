@@ -1,5 +1,5 @@
 """FFA-LoRA: LoRA with A frozen at its seeded random init; only B and the dense-trainables
-are trained and sent (ALGORITHM.md section 7).
+are trained and sent (docs/algorithm.md section 7).
 
 With A identical on every party and never changing, averaging B is exact:
 mean(B) A = mean(B A), so FedIT's aggregation discordance disappears and the upload halves
