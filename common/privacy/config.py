@@ -86,7 +86,8 @@ class DPSGDSection(_Section):
     the server and the released model included; client-level DP (``dp``) protects a whole
     client and composes with it."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="train every local step with DP-SGD (per-example clip and noise); "
+                          "each client also keeps its own ledger of what its data released")
     clip: float = Field(1.0, gt=0, description="C: bound on the L2 norm of one example's gradient per step")
     noise_multiplier: float = Field(
         1.0, gt=0, description="sigma: the noise std on each step's summed gradient is sigma * C")
@@ -97,6 +98,9 @@ class DPSGDSection(_Section):
 
 
 class PrivacySection(_Section):
+    """The privacy modes of a run. Under any of them (``any``) the server writes no client's
+    name next to a round and no client's own figure (docs/PRIVACY.md section 4)."""
+
     dp: DPSection = DPSection()
     dp_sgd: DPSGDSection = DPSGDSection()
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()

@@ -50,7 +50,7 @@ FENCE = re.compile(r"(^```.*?^```[ \t]*$)", re.M | re.S)
 CONFIG_PAGE = "reference/config.md"
 # Fields of common/privacy/config.py that have no description yet: that file is being changed
 # elsewhere. Remove a name once its Field(description=...) lands; a stale entry fails too.
-PENDING = {"privacy.dp_sgd.enabled", "privacy.secure_aggregation.enabled"}
+PENDING = {"privacy.secure_aggregation.enabled"}
 
 
 class Gaps(PluginError):
