@@ -95,7 +95,7 @@ def client(i: int, srv: Server, secure: bool, timings: list, errors: list) -> No
                                 num_samples=10, loss=0.5, steps=1)
         if secure:
             sub = SecureSubmission(stub, lambda fn, arg, t: fn(arg, metadata=md, timeout=t), resp.run_id,
-                                   resp.client_id, update, spec, 32, 900)
+                                   resp.client_id, update, spec, srv.coord.cfg.privacy.secure_aggregation, 900)
             original = sub.masked_input
 
             def timed():  # this thread's CPU seconds: the client's own work, whatever else runs
