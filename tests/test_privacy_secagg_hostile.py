@@ -335,7 +335,8 @@ def test_real_processes_a_hostile_client_crashes_nobody_and_every_round_aggregat
     honest client gave up and no round aggregated). Every round aggregates the three honest
     inputs and changes the model; every honest client exits 0 without a traceback."""
     cfg = round_config(tiny_bert, tmp_path / "out",
-                       rounds={"total": 3, "clients_per_round": 4, "min_clients": 2, "deadline_s": 120},
+                       rounds={"total": 3, "clients_per_round": 4, "min_clients": 2, "deadline_s": 120,
+                               "start_timeout_s": 180},
                        training={"weighting": "uniform", "batch_size": 8},
                        privacy={"secure_aggregation": {"enabled": True, "phase_timeout_s": 6}})
     cluster, report, log = Cluster(tmp_path), tmp_path / "mallory.json", tmp_path / "mallory.log"
