@@ -11,7 +11,8 @@ is selected for breaks one rule, in the order of ``--plan``:
   its share pair (and random commitments), then goes silent for the rest of the round.
 
 It writes ``{"client_id": ..., "rounds": {round: {rpc: status}}}`` to ``--out`` and exits 0
-when its plan is done or the run finished.
+once the run finished (it polls to the end, as a client does, so the server need not wait
+for it); a round past its plan it is selected for, it sits out silently.
 """
 
 from __future__ import annotations
@@ -90,14 +91,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     mallory, done, last = Mallory(args.server), {}, -1
-    for step in args.plan.split(","):
-        header = mallory.next_round(last)
-        if header is None:
-            break
+    steps = iter(args.plan.split(","))
+    while (header := mallory.next_round(last)) is not None:  # until the run finished: the server waits for that
         last = int(header.round)
-        done[last] = getattr(mallory, step.replace("-", "_"))(last)
+        step = next(steps, None)
+        if step is not None:  # past the plan: silent in the round
+            done[last] = getattr(mallory, step.replace("-", "_"))(last)
         args.out.write_text(json.dumps({"client_id": mallory.client_id, "rounds": done}))
-    args.out.write_text(json.dumps({"client_id": mallory.client_id, "rounds": done}))
 
 
 if __name__ == "__main__":

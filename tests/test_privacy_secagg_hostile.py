@@ -290,6 +290,29 @@ def test_shares_of_another_key_fail_the_round_cleanly_naming_their_owner(server_
         f.close()
 
 
+def test_a_secret_left_with_fewer_than_t_shares_fails_the_round_cleanly(server_factory):
+    """c3 spoils its pair to c1 (exactly t = 3 then hold its shares, itself included), sends
+    its masked input and withholds its reveal: two shares of its seed come back. The round
+    fails with the reason naming c3, the server stays up and the next round opens."""
+    srv, fakes, updates, subs = round_of(server_factory, 4)
+    c3 = subs["c3"].session
+    share = c3.share
+
+    def spoiled(roster):
+        sealed = share(roster)
+        sealed["c1"] = SealedShare(b"", sealed["c1"].mask_key_commitment, sealed["c1"].self_mask_commitment)
+        return sealed
+
+    c3.share = spoiled
+    drive(subs, {"c3": "unmask"})
+    row = closed_row(srv, 0)
+    assert "the shares of 'c3''s self-mask seed rebuild nothing: 2 shares, 3 needed" in row["secagg"]["failed"]
+    assert row["secagg"]["disputed_pairs"] == [["c1", "c3"]] and row["clients"] == [] and srv.alive()
+    assert {f.wait_train().round for f in fakes[:3]} == {1}
+    for f in fakes:
+        f.close()
+
+
 def test_keys_that_cannot_agree_or_repeat_another_are_refused_and_take_only_their_sender_out(server_factory):
     """Of five selected, m0 advertises the all-zero point and m1 the mask key c0 advertised:
     both get INVALID_ARGUMENT and are out of the round (a second try: PERMISSION_DENIED); the
