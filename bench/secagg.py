@@ -53,7 +53,8 @@ def config(model: str, out: Path, n: int, secure: bool) -> dict:
             "rounds": {"total": 1, "clients_per_round": n, "min_clients": n, "deadline_s": 900,
                        "start_timeout_s": 900},
             "training": {"weighting": "uniform"},
-            "server": {"listen": "127.0.0.1:0", "max_concurrent_uploads": 256},
+            "server": {"listen": "127.0.0.1:0", "max_concurrent_uploads": 256,
+                       "join_burst": max(32, n)},  # every client joins from one address
             "privacy": {"secure_aggregation": {"enabled": secure, "phase_timeout_s": 900}}}
 
 
@@ -78,7 +79,10 @@ class Server(threading.Thread):
 
 def client(i: int, srv: Server, secure: bool, timings: list, errors: list) -> None:
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=[("grpc.max_receive_message_length", 1 << 26)])
+        # its own connection, as a client process has: on gRPC's global subchannel pool every
+        # thread's calls share one, and past server.max_streams_per_connection streams are refused
+        channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=[("grpc.max_receive_message_length", 1 << 26),
+                                                                          ("grpc.use_local_subchannel_pool", 1)])
         stub = pb_grpc.CoordinatorStub(channel)
         resp, call = stub.Join.with_call(pb.JoinRequest(name=f"c{i:03d}", num_samples=10), timeout=60)
         md = (("authorization", f"Bearer {dict(call.initial_metadata())[TOKEN_HEADER]}"),)
@@ -95,7 +99,7 @@ def client(i: int, srv: Server, secure: bool, timings: list, errors: list) -> No
                                 num_samples=10, loss=0.5, steps=1)
         if secure:
             sub = SecureSubmission(stub, lambda fn, arg, t: fn(arg, metadata=md, timeout=t), resp.run_id,
-                                   resp.client_id, update, spec, 32, 900)
+                                   resp.client_id, update, spec, srv.coord.cfg.privacy.secure_aggregation, 900)
             original = sub.masked_input
 
             def timed():  # this thread's CPU seconds: the client's own work, whatever else runs

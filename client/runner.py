@@ -348,7 +348,7 @@ class FedClient:
         sa = self.cfg.privacy.secure_aggregation
         timeout = self.cfg.rounds.deadline_s + 4 * sa.phase_timeout_s + 60
         sub = SecureSubmission(self.stub, lambda fn, arg, t: self._call(fn, arg, timeout=t), self.run_id,
-                               self.client_id, update, self.participant.delta_spec(seeds), sa.ring_bits, timeout)
+                               self.client_id, update, self.participant.delta_spec(seeds), sa, timeout)
         try:
             resp = sub.run(peak_rss_bytes(), self.chunk)
         except grpc.RpcError as err:

@@ -1,5 +1,7 @@
-"""A client's side of secure aggregation over gRPC (``common.privacy.secagg``): the four
+"""A client's side of secure aggregation over gRPC (``common.privacy.secagg``): the five
 steps after training, each a call to the server, the masked update instead of SubmitUpdate.
+A peer's bad key or share pair is a complaint (logged, the round goes on); what only a lying
+server could send raises ``SecAggError`` (the caller logs it and leaves the round).
 
 ``SecureSubmission`` keeps the steps apart so that tests can stop a client between any two
 (a dropout); ``run`` does them all. ``call(fn, request, timeout)`` is the caller's RPC
@@ -18,7 +20,8 @@ import torch
 from fedkrso.v1 import coordinator_pb2 as pb
 
 from ..common.participant import PreparedUpdate
-from ..common.privacy.secagg import MASK_KEY, SELF_MASK, ClientSession, Roster, encode
+from ..common.privacy.config import SecureAggregationSection
+from ..common.privacy.secagg import MASK_KEY, SELF_MASK, ClientSession, Roster, SealedShare, SecAggError, encode
 from ..common.wire import tensor_batches, update_digest
 
 log = structlog.get_logger("fedkrso.client")
@@ -29,27 +32,44 @@ class SecureSubmission:
     """One round's masked submission of ``update`` (already clipped, clamped, full spec)."""
 
     def __init__(self, stub, call: Callable, run_id: str, client_id: str, update: PreparedUpdate,
-                 spec: dict[str, tuple[int, ...]], ring_bits: int, timeout: float):
+                 spec: dict[str, tuple[int, ...]], sa: SecureAggregationSection, timeout: float):
         self.stub, self.call, self.timeout = stub, call, timeout
         self.run_id, self.update, self.spec = run_id, update, spec
-        self.session = ClientSession(run_id, update.round, client_id, ring_bits)
+        self.session = ClientSession(run_id, update.round, client_id, sa.ring_bits, sa.threshold)
         self.f = 0
-        self.masked: torch.Tensor | None = None
 
     def advertise(self) -> Roster:
         c_pk, s_pk = self.session.advertise()
         resp = self.call(self.stub.AdvertiseKeys, pb.AdvertiseKeysRequest(
             run_id=self.run_id, round=self.update.round, cipher_public_key=c_pk, mask_public_key=s_pk), self.timeout)
+        bits = self.session.bits
+        if resp.ring_bits != bits or not 1 <= resp.fixed_point_bits < bits - 1:
+            raise SecAggError(f"the server's ring ({resp.ring_bits} bits, step 2^-{resp.fixed_point_bits}) is not "
+                              f"this client's {bits}-bit ring")
         self.f = resp.fixed_point_bits
         return Roster({k.client_id: (bytes(k.cipher_public_key), bytes(k.mask_public_key)) for k in resp.clients},
                       resp.threshold)
 
-    def share(self, roster: Roster) -> None:
+    def share(self, roster: Roster) -> list[str]:
+        """Send the sealed share pairs; the senders whose pair to this client was bad."""
         shares = self.session.share(roster)
-        resp = self.call(self.stub.ShareKeys, pb.ShareKeysRequest(
-            run_id=self.run_id, round=self.update.round,
-            shares=[pb.EncryptedShare(client_id=c, ciphertext=b) for c, b in sorted(shares.items())]), self.timeout)
-        self.session.receive({s.client_id: bytes(s.ciphertext) for s in resp.shares})
+        resp = self.call(self.stub.ShareKeys, pb.ShareKeysRequest(run_id=self.run_id, round=self.update.round, shares=[
+            pb.EncryptedShare(client_id=c, ciphertext=s.ciphertext, mask_key_commitment=s.mask_key_commitment,
+                              self_mask_commitment=s.self_mask_commitment) for c, s in sorted(shares.items())]),
+            self.timeout)
+        complaints = self.session.receive({s.client_id: SealedShare(
+            bytes(s.ciphertext), bytes(s.mask_key_commitment), bytes(s.self_mask_commitment)) for s in resp.shares})
+        if self.session.bad_keys or complaints:
+            log.warning("secagg_bad_peers", round=self.update.round, bad_keys=sorted(self.session.bad_keys),
+                        complaints=complaints)
+        return complaints
+
+    def confirm(self, complaints: list[str]) -> pb.ConfirmSharesResponse:
+        """Report the complaints; mask with the masking set the server answers."""
+        resp = self.call(self.stub.ConfirmShares, pb.ConfirmSharesRequest(
+            run_id=self.run_id, round=self.update.round, complaints=complaints), self.timeout)
+        self.session.confirm(list(resp.members), list(resp.excluded))
+        return resp
 
     def masked_input(self) -> dict[str, torch.Tensor]:
         """The masked ring vector, as the one tensor the server receives."""
@@ -79,6 +99,6 @@ class SecureSubmission:
         return resp
 
     def run(self, peak_rss: int, chunk: int) -> pb.UnmaskingResponse:
-        self.share(self.advertise())
+        self.confirm(self.share(self.advertise()))
         self.submit(peak_rss, chunk)
         return self.unmask()

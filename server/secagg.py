@@ -3,13 +3,16 @@ round, driven by the coordinator, fed by the service's RPC handlers.
 
 Phases, each closed when every client of the previous one answered (a client that left the
 round counts as answered) or at its deadline: *advertise* (until the round's deadline: clients
-train first), *share*, *masked*, *unmask* (``secure_aggregation.phase_timeout_s`` each). A
-client absent from a phase is out of the round (moved to ``dropped``). When fewer than the
-threshold t remain at any phase the round fails cleanly: every held call gets ABORTED with the
-reason, the round closes with no change to the model (``RoundState.failed``, the metrics row's
-``secagg_failed``) and the run goes on with the next round. Nothing of the protocol is saved:
-after a restart an open round starts its protocol again with fresh keys (clients train again,
-to the same bytes).
+train first), *share*, *confirm*, *masked*, *unmask* (``secure_aggregation.phase_timeout_s``
+each). A client absent from a phase is out of the round (moved to ``dropped``), and so is one
+whose key is refused (it cannot agree, or repeats another client's) and one whose secrets
+fewer than t members hold a good share of after the complaints of *confirm*
+(``masking_set``). When fewer than the threshold t remain at any phase, or a secret cannot be
+rebuilt from the shares revealed (each checked against its owner's commitment), the round
+fails cleanly: every held call gets ABORTED with the reason, the round closes with no change
+to the model (``RoundState.failed``, the metrics row's ``secagg_failed``) and the run goes on
+with the next round. Nothing of the protocol is saved: after a restart an open round starts
+its protocol again with fresh keys (clients train again, to the same bytes).
 
 The masked inputs are summed as they arrive (one ring vector in memory, whatever the number of
 clients); the server never holds an individual input beyond its stream.
@@ -27,8 +30,9 @@ import numpy as np
 import structlog
 
 from ..common.aggregate import StreamingAggregator
-from ..common.privacy.secagg import (MASK_KEY, SELF_MASK, Roster, decode, fixed_point_bits, threshold,
-                                     unmask)
+from ..common.privacy.secagg import (MASK_KEY, SELF_MASK, Roster, SealedShare, SecAggError, commitment,
+                                     decode, fixed_point_bits, key_point, masking_set, pair, threshold,
+                                     unmask, usable_key)
 from ..common.privacy.shamir import SHARE_BYTES
 from .rounds import RoundError, RoundState, Submission, UpdateReport
 
@@ -36,8 +40,9 @@ if TYPE_CHECKING:
     from .coordinator import Coordinator
 
 log = structlog.get_logger("fedkrso.server")
-PHASES = ("advertise", "share", "masked", "unmask")
+PHASES = ("advertise", "share", "confirm", "masked", "unmask")
 MAX_CIPHERTEXT = 512  # bytes of one encrypted share pair (about 180 in practice)
+COMMITMENT_BYTES = 32  # SHA-256
 
 
 @dataclass
@@ -62,6 +67,8 @@ class SecAggRound:
         self.total = np.zeros(self.numel, dtype=np.uint32 if self.bits == 32 else np.uint64)
         self.phases: dict[str, Phase] = {"advertise": Phase("advertise", set(rs.selected), rs.deadline)}
         self.roster: Roster | None = None
+        self.members: list[str] = []  # the masking set
+        self.disputed: set[tuple[str, str]] = set()
         self.survivors: list[str] = []
         self.dropped: list[str] = []
         self.revealed: dict[tuple[str, str], dict[int, bytes]] = {}
@@ -78,7 +85,7 @@ class SecAggRound:
             now = next((p for p in PHASES if p in self.phases and not self.phases[p].closed.is_set()), "none")
             raise RoundError("FAILED_PRECONDITION", f"secure aggregation of round {self.rs.round} is not collecting "
                              f"{name} (collecting: {now})")
-        if client not in ph.expected:
+        if client not in ph.expected or client not in self.rs.selected:
             raise RoundError("PERMISSION_DENIED", f"client is not in the {name} phase of round {self.rs.round}")
         if client in ph.got:
             raise RoundError("ALREADY_EXISTS", f"client already answered the {name} phase of round {self.rs.round}")
@@ -93,25 +100,64 @@ class SecAggRound:
     def count_bytes(self, client: str, n: int) -> None:
         self.protocol_bytes[client] = self.protocol_bytes.get(client, 0) + n
 
+    async def _leave(self, client: str, why: str) -> None:
+        """Take ``client`` out of the round now (its phases stop waiting for it)."""
+        self._out(client, why)
+        await self.coord.notify()
+
+    def _out(self, client: str, why: str) -> None:
+        self.rs.selected.discard(client)
+        self.rs.dropped.add(client)
+        log.warning("secagg_client_out", round=self.rs.round, client=client, reason=why)
+
     async def advertise(self, client: str, cipher_key: bytes, mask_key: bytes) -> Roster:
-        if len(cipher_key) != 32 or len(mask_key) != 32:
-            raise RoundError("INVALID_ARGUMENT", "X25519 public keys are 32 raw bytes")
+        """Hold the call until the roster is fixed. A key that cannot agree (its shared secrets
+        would be known to all: the peers' shares and masks for it public), or a point another
+        client advertised (a copied mask key cancels masks inside an honest input), is refused
+        and the client is out of the round: no key of it could be used."""
         ph = self._open("advertise", client)
+        if not (usable_key(cipher_key) and usable_key(mask_key)):
+            await self._leave(client, "unusable key")
+            raise RoundError("INVALID_ARGUMENT", "a public key is not a usable X25519 key (32 raw bytes, not a "
+                             f"low-order point); this client is out of round {self.rs.round}")
+        taken = {key_point(k) for keys in ph.got.values() for k in keys}
+        if {key_point(cipher_key), key_point(mask_key)} & taken:
+            await self._leave(client, "repeated key")
+            raise RoundError("INVALID_ARGUMENT", "a public key another client of this round advertised; this "
+                             f"client is out of round {self.rs.round}")
         ph.got[client] = (cipher_key, mask_key)
         await self._result(ph)
         return self.roster
 
-    async def share(self, client: str, shares: dict[str, bytes]) -> dict[str, bytes]:
+    async def share(self, client: str, shares: dict[str, SealedShare]) -> dict[str, SealedShare]:
         ph = self._open("share", client)
         others = set(self.roster.keys) - {client}
         if set(shares) != others:
             raise RoundError("INVALID_ARGUMENT", f"expected one share for each of the {len(others)} other clients "
                              "of the roster")
-        if any(len(c) > MAX_CIPHERTEXT for c in shares.values()):
+        if any(len(s.ciphertext) > MAX_CIPHERTEXT for s in shares.values()):
             raise RoundError("INVALID_ARGUMENT", f"an encrypted share exceeds {MAX_CIPHERTEXT} bytes")
+        if any(len(c) != COMMITMENT_BYTES for s in shares.values()
+               for c in (s.mask_key_commitment, s.self_mask_commitment)):
+            raise RoundError("INVALID_ARGUMENT", f"a share commitment is {COMMITMENT_BYTES} bytes")
         ph.got[client] = shares
         await self._result(ph)
         return {sender: sent[client] for sender, sent in ph.got.items() if sender != client}
+
+    async def confirm(self, client: str, complaints: list[str]) -> tuple[list[str], list[str]]:
+        """Hold the call until the masking set is fixed; the set and the members ``client``
+        disputes."""
+        ph = self._open("confirm", client)
+        if len(set(complaints)) != len(complaints):
+            raise RoundError("INVALID_ARGUMENT", "two complaints about one client")
+        if not set(complaints) <= set(self.phases["share"].got) - {client}:
+            raise RoundError("INVALID_ARGUMENT", "a complaint names a client that sent this client no share pair")
+        ph.got[client] = set(complaints)
+        await self._result(ph)
+        if client not in self.members:
+            raise RoundError("PERMISSION_DENIED", f"fewer than t={self.roster.t} clients of the masking set hold a "
+                             f"good share pair of this client; it is out of round {self.rs.round}")
+        return self.members, sorted(v for v in self.members if pair(client, v) in self.disputed)
 
     async def add_masked(self, client: str, report: UpdateReport, vector: np.ndarray) -> None:
         ph = self._open("masked", client)
@@ -133,14 +179,30 @@ class SecAggRound:
         await self._result(ph)
         return self.survivors, self.dropped
 
+    def _committed(self, owner: str, holder: str, kind: str, share: bytes) -> bool:
+        """Whether ``share`` is the one ``owner`` committed to for ``holder`` (an owner's own
+        share was never sent: it is its own to reveal)."""
+        if owner == holder:
+            return True
+        sealed = self.phases["share"].got[owner][holder]
+        made = sealed.mask_key_commitment if kind == MASK_KEY else sealed.self_mask_commitment
+        return commitment(self.coord.run_id, self.rs.round, owner, holder, kind, share) == made
+
     async def reveal(self, client: str, shares: list[tuple[str, str, bytes]]) -> None:
+        """Keep ``client``'s revealed shares if every one was asked for (of a pair it did not
+        complain of) and is the one its owner committed to: a wrong share refuses the whole
+        call, so what is kept rebuilds exactly what the owners shared."""
         ph = self._open("unmask", client)
+        refused = self.phases["confirm"].got[client]
         wanted = {(v, SELF_MASK) for v in self.survivors} | {(v, MASK_KEY) for v in self.dropped}
         for owner, kind, share in shares:
-            if (owner, kind) not in wanted:
+            if (owner, kind) not in wanted or owner in refused:
                 raise RoundError("INVALID_ARGUMENT", f"share of {owner!r} ({kind}) was not asked for")
             if len(share) != SHARE_BYTES:
                 raise RoundError("INVALID_ARGUMENT", f"a share is {SHARE_BYTES} bytes")
+            if not self._committed(owner, client, kind, share):
+                raise RoundError("INVALID_ARGUMENT", f"share of {owner!r} ({kind}) is not the one its owner "
+                                 "committed to")
         point = self.roster.point(client)
         for owner, kind, share in shares:
             self.revealed.setdefault((owner, kind), {})[point] = share
@@ -194,20 +256,28 @@ class SecAggRound:
         shared = await self._collect(share)
         if len(shared) < t:
             return self._fail(f"{len(shared)} client(s) shared keys, fewer than the threshold t={t}")
-        masked = self._next("masked", shared)
+        confirm = self._next("confirm", shared)
         share.closed.set()
+        confirmed = await self._collect(confirm)
+        if not self._fix_masking_set(confirmed):
+            return
+        masked = self._next("masked", self.members)
+        confirm.closed.set()
         survivors = await self._collect(masked)
         if len(survivors) < t:
             return self._fail(f"{len(survivors)} client(s) sent masked inputs, fewer than the threshold t={t}")
-        self.survivors, self.dropped = survivors, sorted(set(shared) - set(survivors))
+        self.survivors, self.dropped = survivors, sorted(set(self.members) - set(survivors))
         reveal = self._next("unmask", survivors)
         masked.closed.set()
         revealed = await self._collect(reveal, prune=False)  # a silent survivor's input is in the sum
         if len(revealed) < t:
             return self._fail(f"{len(revealed)} client(s) revealed shares, fewer than the threshold t={t}")
         started = time.monotonic()
-        total = await asyncio.to_thread(unmask, self.total, self.roster, self.survivors, self.dropped,
-                                        self.revealed, self.coord.run_id, rs.round, self.bits)
+        try:
+            total = await asyncio.to_thread(unmask, self.total, self.roster, self.survivors, self.dropped,
+                                            self.disputed, self.revealed, self.coord.run_id, rs.round, self.bits)
+        except SecAggError as err:
+            return self._fail(str(err))
         sums = await asyncio.to_thread(decode, total, self.spec, self.f, self.bits)
         self.unmask_seconds = time.monotonic() - started
         agg = StreamingAggregator()
@@ -217,11 +287,26 @@ class SecAggRound:
         log.info("secagg_unmasked", round=rs.round, survivors=len(self.survivors), dropped=self.dropped,
                  threshold=t, seconds=round(self.unmask_seconds, 3))
 
+    def _fix_masking_set(self, confirmed: list[str]) -> bool:
+        """The masking set from the complaints (``masking_set``); a confirmed client it leaves
+        out is out of the round. False when fewer than t remain (the round failed)."""
+        t, got = self.roster.t, self.phases["confirm"].got
+        self.members, self.disputed = masking_set(confirmed, got, t)
+        for client in sorted(set(confirmed) - set(self.members)):
+            self._out(client, f"fewer than t={t} good share holders")
+        if self.disputed:
+            log.warning("secagg_disputed_pairs", round=self.rs.round, pairs=sorted(self.disputed))
+        if len(self.members) < t:
+            self._fail(f"{len(self.members)} client(s) left to mask with good shares, fewer than the threshold t={t}")
+            return False
+        return True
+
     def row(self) -> dict:
         """The metrics fields of the round."""
         n = len(self.phases["advertise"].got)
         return {"secagg": {
             "advertised": n, "survivors": len(self.survivors), "dropped_after_sharing": self.dropped,
+            "disputed_pairs": [list(p) for p in sorted(self.disputed)],
             "threshold": self.roster.t if self.roster else None, "failed": self.failure,
             "fixed_point_step": 2.0 ** -self.f, "ring_bits": self.bits,
             "protocol_bytes_per_client": sum(self.protocol_bytes.values()) / n if n else 0,

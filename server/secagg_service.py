@@ -3,9 +3,10 @@
 Each handler authenticates the caller, checks the run, forwards to the round's protocol state
 and refuses with a ``RoundError`` that the ``StatusInterceptor`` answers with its status:
 FAILED_PRECONDITION (no such round or phase now), PERMISSION_DENIED (not a client of this
-phase), ALREADY_EXISTS (answered already), INVALID_ARGUMENT (a malformed message), ABORTED
-(the round's secure aggregation failed: the message says why; the run goes on with the next
-round). A masked input is read under the same upload gate as an update (``uploads.py``: one
+phase, or out of the round), ALREADY_EXISTS (answered already), INVALID_ARGUMENT (a malformed
+message, a public key that cannot be used, a revealed share that is not the one its owner
+committed to), ABORTED (the round's secure aggregation failed: the message says why; the run
+goes on with the next round). A masked input is read under the same upload gate as an update (``uploads.py``: one
 stream of a client at a time, idle and total time limits, bounded slots).
 """
 
@@ -17,7 +18,7 @@ import structlog
 from fedkrso.v1 import coordinator_pb2 as pb
 
 from ..common.accounting import message_bytes
-from ..common.privacy.secagg import MASK_KEY, SELF_MASK
+from ..common.privacy.secagg import MASK_KEY, SELF_MASK, SealedShare
 from .intake import report_of
 from .rounds import RoundError
 from .uploads import assemble, check_report, drain
@@ -50,11 +51,22 @@ class SecAggServicer:
     async def ShareKeys(self, request: pb.ShareKeysRequest, context) -> pb.ShareKeysResponse:
         client_id = self._client()
         sa = self._protocol(request.run_id, request.round)
-        shares = {s.client_id: bytes(s.ciphertext) for s in request.shares}
+        shares = {s.client_id: SealedShare(bytes(s.ciphertext), bytes(s.mask_key_commitment),
+                                           bytes(s.self_mask_commitment)) for s in request.shares}
         if len(shares) != len(request.shares):
             raise RoundError("INVALID_ARGUMENT", "two shares for one client")
         mine = await sa.share(client_id, shares)
-        resp = pb.ShareKeysResponse(shares=[pb.EncryptedShare(client_id=c, ciphertext=b) for c, b in sorted(mine.items())])
+        resp = pb.ShareKeysResponse(shares=[
+            pb.EncryptedShare(client_id=c, ciphertext=s.ciphertext, mask_key_commitment=s.mask_key_commitment,
+                              self_mask_commitment=s.self_mask_commitment) for c, s in sorted(mine.items())])
+        sa.count_bytes(client_id, message_bytes(request) + message_bytes(resp))
+        return resp
+
+    async def ConfirmShares(self, request: pb.ConfirmSharesRequest, context) -> pb.ConfirmSharesResponse:
+        client_id = self._client()
+        sa = self._protocol(request.run_id, request.round)
+        members, excluded = await sa.confirm(client_id, list(request.complaints))
+        resp = pb.ConfirmSharesResponse(members=members, excluded=excluded)
         sa.count_bytes(client_id, message_bytes(request) + message_bytes(resp))
         return resp
 

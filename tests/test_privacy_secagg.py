@@ -49,7 +49,8 @@ def submission(srv, fake: Fake, header: pb.RoundHeader, tensors: dict[str, torch
     spec = coord.method.update_spec(coord.model, list(header.seeds))
     update = PreparedUpdate(round=int(header.round), tensors=tensors, digest="", num_samples=fake.num_samples,
                             loss=0.5, steps=1)
-    return SecureSubmission(fake.stub, call(fake), fake.run_id, fake.client_id, update, spec, 32, 60)
+    return SecureSubmission(fake.stub, call(fake), fake.run_id, fake.client_id, update, spec,
+                            coord.cfg.privacy.secure_aggregation, 60)
 
 
 def random_update(srv, header, seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
@@ -65,7 +66,7 @@ def drive(subs: dict[str, SecureSubmission], stop: dict[str, str]) -> dict[str, 
 
     def one(name: str, sub: SecureSubmission):
         try:
-            sub.share(sub.advertise())
+            sub.confirm(sub.share(sub.advertise()))
             if stop.get(name) == "masked":
                 return "stopped"
             sub.submit(0, 1 << 16)
@@ -283,7 +284,7 @@ def test_a_repeated_masked_input_is_answered_as_a_duplicate_and_drained_within_i
     seen = {}
 
     def one(name: str, sub: SecureSubmission):
-        sub.share(sub.advertise())
+        sub.confirm(sub.share(sub.advertise()))
         first = sub.submit(0, 1 << 16)
         if name == "c0":
             seen["again"] = sub.submit(0, 1 << 16)

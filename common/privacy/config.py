@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -65,8 +65,9 @@ class SecureAggregationSection(_Section):
 
     enabled: bool = False
     threshold: float = Field(
-        0.5, gt=0, lt=1, description="t = floor(threshold * n) + 1 of the n clients that advertised keys "
-        "(at least 2): fewer colluders than t learn nothing, fewer survivors than t fail the round")
+        0.5, lt=1, description="t = floor(threshold * n) + 1 of the n clients that advertised keys "
+        "(at least 2; the fraction at least 0.5): fewer colluders than t learn nothing, fewer survivors "
+        "than t fail the round; each client refuses a smaller t than its own fraction of the roster")
     value_bound: float = Field(
         1.0, gt=0, description="B: every uploaded value is clamped to [-B, B] before fixed-point encoding "
         "(counted in the log when it bites); sets the fixed-point step with clients_per_round and ring_bits")
@@ -74,6 +75,17 @@ class SecureAggregationSection(_Section):
         32, description="masked values live in integers mod 2^ring_bits: 32 keeps the upload at float32's size")
     phase_timeout_s: float = Field(
         60.0, gt=0, description="how long each key or unmasking phase waits for the clients of the previous one")
+
+    @field_validator("threshold")
+    @classmethod
+    def _majority(cls, value: float) -> float:
+        """Below one half, 2t <= n: a server that tells one half of the clients that u survived
+        and the other half that u dropped gets t shares of u's seed and t of its mask key from
+        clients that each revealed only one, and reads u's input."""
+        if value < 0.5:
+            raise ValueError(f"threshold {value:g} is below 0.5: with 2t <= n a server that lies about who "
+                             "dropped can rebuild both secrets of a client and read its input")
+        return value
 
 
 class DPSGDSection(_Section):

@@ -35,6 +35,11 @@ def split(secret: bytes, xs: list[int], t: int) -> dict[int, bytes]:
     return out
 
 
+def valid_share(share: bytes) -> bool:
+    """A share as ``split`` makes it: SHARE_BYTES bytes naming a field element."""
+    return len(share) == SHARE_BYTES and int.from_bytes(share, "big") < PRIME
+
+
 def combine(shares: dict[int, bytes], t: int, size: int = 32) -> bytes:
     """The secret (``size`` bytes) from at least ``t`` shares: Lagrange interpolation at 0
     over the first ``t`` points."""

@@ -266,12 +266,16 @@ class AdvertiseKeysResponse(_message.Message):
     def __init__(self, clients: _Optional[_Iterable[_Union[ClientKeys, _Mapping]]] = ..., threshold: _Optional[int] = ..., fixed_point_bits: _Optional[int] = ..., ring_bits: _Optional[int] = ...) -> None: ...
 
 class EncryptedShare(_message.Message):
-    __slots__ = ("client_id", "ciphertext")
+    __slots__ = ("client_id", "ciphertext", "mask_key_commitment", "self_mask_commitment")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    SELF_MASK_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     ciphertext: bytes
-    def __init__(self, client_id: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+    mask_key_commitment: bytes
+    self_mask_commitment: bytes
+    def __init__(self, client_id: _Optional[str] = ..., ciphertext: _Optional[bytes] = ..., mask_key_commitment: _Optional[bytes] = ..., self_mask_commitment: _Optional[bytes] = ...) -> None: ...
 
 class ShareKeysRequest(_message.Message):
     __slots__ = ("run_id", "round", "shares")
@@ -288,6 +292,24 @@ class ShareKeysResponse(_message.Message):
     SHARES_FIELD_NUMBER: _ClassVar[int]
     shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
     def __init__(self, shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ...) -> None: ...
+
+class ConfirmSharesRequest(_message.Message):
+    __slots__ = ("run_id", "round", "complaints")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    COMPLAINTS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    complaints: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., complaints: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ConfirmSharesResponse(_message.Message):
+    __slots__ = ("members", "excluded")
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDED_FIELD_NUMBER: _ClassVar[int]
+    members: _containers.RepeatedScalarFieldContainer[str]
+    excluded: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, members: _Optional[_Iterable[str]] = ..., excluded: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MaskedInputRequest(_message.Message):
     __slots__ = ("header", "tensors")

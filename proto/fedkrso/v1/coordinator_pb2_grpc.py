@@ -74,6 +74,11 @@ class CoordinatorStub:
                 request_serializer=fedkrso_dot_v1_dot_coordinator__pb2.ShareKeysRequest.SerializeToString,
                 response_deserializer=fedkrso_dot_v1_dot_coordinator__pb2.ShareKeysResponse.FromString,
                 _registered_method=True)
+        self.ConfirmShares = channel.unary_unary(
+                '/fedkrso.v1.Coordinator/ConfirmShares',
+                request_serializer=fedkrso_dot_v1_dot_coordinator__pb2.ConfirmSharesRequest.SerializeToString,
+                response_deserializer=fedkrso_dot_v1_dot_coordinator__pb2.ConfirmSharesResponse.FromString,
+                _registered_method=True)
         self.SubmitMaskedInput = channel.stream_unary(
                 '/fedkrso.v1.Coordinator/SubmitMaskedInput',
                 request_serializer=fedkrso_dot_v1_dot_coordinator__pb2.MaskedInputRequest.SerializeToString,
@@ -136,8 +141,9 @@ class CoordinatorServicer:
 
     def AdvertiseKeys(self, request, context):
         """Secure aggregation (round.yaml privacy.secure_aggregation; docs/PRIVACY.md), after
-        training, in this order. AdvertiseKeys, ShareKeys and Unmasking are held by the server
-        until their phase closes (every client of the previous phase answered, or its timeout).
+        training, in this order. AdvertiseKeys, ShareKeys, ConfirmShares and Unmasking are held
+        by the server until their phase closes (every client of the previous phase answered, or
+        its timeout).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,6 +151,13 @@ class CoordinatorServicer:
 
     def ShareKeys(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmShares(self, request, context):
+        """Report the peers whose keys or share pair were bad; the answer is the masking set.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -210,6 +223,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ShareKeys,
                     request_deserializer=fedkrso_dot_v1_dot_coordinator__pb2.ShareKeysRequest.FromString,
                     response_serializer=fedkrso_dot_v1_dot_coordinator__pb2.ShareKeysResponse.SerializeToString,
+            ),
+            'ConfirmShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmShares,
+                    request_deserializer=fedkrso_dot_v1_dot_coordinator__pb2.ConfirmSharesRequest.FromString,
+                    response_serializer=fedkrso_dot_v1_dot_coordinator__pb2.ConfirmSharesResponse.SerializeToString,
             ),
             'SubmitMaskedInput': grpc.stream_unary_rpc_method_handler(
                     servicer.SubmitMaskedInput,
@@ -443,6 +461,33 @@ class Coordinator:
             '/fedkrso.v1.Coordinator/ShareKeys',
             fedkrso_dot_v1_dot_coordinator__pb2.ShareKeysRequest.SerializeToString,
             fedkrso_dot_v1_dot_coordinator__pb2.ShareKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedkrso.v1.Coordinator/ConfirmShares',
+            fedkrso_dot_v1_dot_coordinator__pb2.ConfirmSharesRequest.SerializeToString,
+            fedkrso_dot_v1_dot_coordinator__pb2.ConfirmSharesResponse.FromString,
             options,
             channel_credentials,
             insecure,
