@@ -31,7 +31,7 @@ from ..common.logs import bounded, progress
 from ..common.participant import Participant, PreparedUpdate, Shared
 from ..common.precision import resolve_placement
 from ..common.privacy.ledger import BudgetExceeded, SampleLedger
-from ..common.privacy.secagg import SecAggError
+from ..common.privacy.secagg import SecAggError, fixed_point_bits
 from ..common.protocol import TOKEN_HEADER, VERSION, bearer
 from ..common.wire import WireError
 from .secagg import SecureSubmission
@@ -348,7 +348,8 @@ class FedClient:
         sa = self.cfg.privacy.secure_aggregation
         timeout = self.cfg.rounds.deadline_s + 4 * sa.phase_timeout_s + 60
         sub = SecureSubmission(self.stub, lambda fn, arg, t: self._call(fn, arg, timeout=t), self.run_id,
-                               self.client_id, update, self.participant.delta_spec(seeds), sa, timeout)
+                               self.client_id, update, self.participant.delta_spec(seeds), sa, timeout,
+                               fixed_point_bits(sa.value_bound, self.cfg.rounds.clients_per_round, sa.ring_bits))
         try:
             resp = sub.run(peak_rss_bytes(), self.chunk)
         except grpc.RpcError as err:

@@ -32,10 +32,15 @@ class SecureSubmission:
     """One round's masked submission of ``update`` (already clipped, clamped, full spec)."""
 
     def __init__(self, stub, call: Callable, run_id: str, client_id: str, update: PreparedUpdate,
-                 spec: dict[str, tuple[int, ...]], sa: SecureAggregationSection, timeout: float):
+                 spec: dict[str, tuple[int, ...]], sa: SecureAggregationSection, timeout: float,
+                 fixed_point: int | None = None):
+        """``fixed_point``: the step exponent f the run's config gives (``fixed_point_bits``);
+        the client clipped its update for that ring (``Participant._as_sent``), so a server
+        that names another is refused."""
         self.stub, self.call, self.timeout = stub, call, timeout
         self.run_id, self.update, self.spec = run_id, update, spec
         self.session = ClientSession(run_id, update.round, client_id, sa.ring_bits, sa.threshold)
+        self.expected_f = fixed_point
         self.f = 0
 
     def advertise(self) -> Roster:
@@ -43,9 +48,10 @@ class SecureSubmission:
         resp = self.call(self.stub.AdvertiseKeys, pb.AdvertiseKeysRequest(
             run_id=self.run_id, round=self.update.round, cipher_public_key=c_pk, mask_public_key=s_pk), self.timeout)
         bits = self.session.bits
-        if resp.ring_bits != bits or not 1 <= resp.fixed_point_bits < bits - 1:
+        if resp.ring_bits != bits or not 1 <= resp.fixed_point_bits < bits - 1 or (
+                self.expected_f is not None and resp.fixed_point_bits != self.expected_f):
             raise SecAggError(f"the server's ring ({resp.ring_bits} bits, step 2^-{resp.fixed_point_bits}) is not "
-                              f"this client's {bits}-bit ring")
+                              f"this client's {bits}-bit ring (step 2^-{self.expected_f})")
         self.f = resp.fixed_point_bits
         return Roster({k.client_id: (bytes(k.cipher_public_key), bytes(k.mask_public_key)) for k in resp.clients},
                       resp.threshold)

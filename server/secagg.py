@@ -302,11 +302,12 @@ class SecAggRound:
         return True
 
     def row(self) -> dict:
-        """The metrics fields of the round."""
+        """The metrics fields of the round: counts, no client named (docs/PRIVACY.md section 4;
+        the log names who dropped and which pairs were disputed)."""
         n = len(self.phases["advertise"].got)
         return {"secagg": {
-            "advertised": n, "survivors": len(self.survivors), "dropped_after_sharing": self.dropped,
-            "disputed_pairs": [list(p) for p in sorted(self.disputed)],
+            "advertised": n, "survivors": len(self.survivors), "dropped_after_sharing": len(self.dropped),
+            "disputed_pairs": len(self.disputed),
             "threshold": self.roster.t if self.roster else None, "failed": self.failure,
             "fixed_point_step": 2.0 ** -self.f, "ring_bits": self.bits,
             "protocol_bytes_per_client": sum(self.protocol_bytes.values()) / n if n else 0,

@@ -63,7 +63,8 @@ class SecureAggregationSection(_Section):
     round's updates and nothing about any single one, and recovers from dropouts while at
     least ``threshold`` of the clients that shared keys remain."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="clients send pairwise-masked updates: the server learns each round's "
+                          "sum and nothing about any single update (docs/PRIVACY.md section 2)")
     threshold: float = Field(
         0.5, lt=1, description="t = floor(threshold * n) + 1 of the n clients that advertised keys "
         "(at least 2; the fraction at least 0.5): fewer colluders than t learn nothing, fewer survivors "

@@ -48,9 +48,6 @@ REPO = Path(__file__).resolve().parents[2]
 MARKER = re.compile(r"<!-- reference: (?P<what>[\w.]+)(?: (?P<arg>\S+))? -->")
 FENCE = re.compile(r"(^```.*?^```[ \t]*$)", re.M | re.S)
 CONFIG_PAGE = "reference/config.md"
-# Fields of common/privacy/config.py that have no description yet: that file is being changed
-# elsewhere. Remove a name once its Field(description=...) lands; a stale entry fails too.
-PENDING = {"privacy.secure_aggregation.enabled"}
 
 
 class Gaps(PluginError):
@@ -155,10 +152,8 @@ def field_rows(model: type[BaseModel], path: str, names, missing: list[str]) -> 
     for name in names:
         field = model.model_fields[name]
         where = f"{path}.{name}"
-        if not field.description and where not in PENDING:
+        if not field.description:
             missing.append(where)
-        elif field.description and where in PENDING:
-            raise Gaps(f"{where} has a description now: remove it from PENDING in {Path(__file__).name}")
         rows.append(f"| `{name}` | {md(type_text(field.annotation, field.metadata))} | {default_text(field)} "
                     f"| {md(field.description or '')} |")
     return rows
