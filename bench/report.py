@@ -146,10 +146,22 @@ def differences(results: dict[str, dict], metric: str, key: str = "final") -> di
     return out
 
 
+def _same_scores(a: dict, b: dict) -> str | None:
+    """Why two methods' runs (seed -> summary) say nothing of each other, or None: both scored
+    the same on every seed they share (a zero-width interval that would read as "yes"); for a
+    classifier that learned nothing, each seed's majority-class rate."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds or any(a[s]["final"] != b[s]["final"] for s in seeds):
+        return None
+    finals = sorted({a[s]["final"] for s in seeds})
+    return (f"every run of both scored {finals[0]}" if len(finals) == 1
+            else f"both scored the same on every seed ({', '.join(f'{v:g}' for v in finals)})")
+
+
 def answers(results: dict[str, dict], diffs: dict[str, dict], metric: str) -> list[dict]:
     """The questions the bench exists to answer, each with its interval and a verdict: the
     interval above the threshold (yes), below it (no), or across it (inconclusive); "no
-    signal" where every run of both methods scored the same (a task no method learned)."""
+    signal" where both methods scored the same on every seed (a task neither learned)."""
     out = []
     sign = 1.0 if higher_is_better(metric) else -1.0  # for a loss, "at least as good" is lower
 
@@ -160,10 +172,9 @@ def answers(results: dict[str, dict], diffs: dict[str, dict], metric: str) -> li
             if interval is None:
                 continue
             asked = question if a == method else question.replace(" ", f" ({a}) ", 1)
-            finals = {v["final"] for m in (a, b) for v in results[m]["seeds"].values()}
-            if len(finals) == 1:  # e.g. every run at the majority class (MCC 0): nothing to compare
-                out.append({"question": asked, "interval": interval, "verdict": "no signal",
-                            "note": f"every run of both scored {finals.pop()}"})
+            note = _same_scores(results[a]["seeds"], results[b]["seeds"])
+            if note:  # e.g. every run at its seed's majority class: nothing to compare
+                out.append({"question": asked, "interval": interval, "verdict": "no signal", "note": note})
                 continue
             oriented = {k: (sign * v if isinstance(v, float) else v) for k, v in interval.items()}
             if sign < 0:

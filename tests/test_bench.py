@@ -337,9 +337,9 @@ def test_packaged_bench_configs_make_valid_round_yaml(tmp_path):
 
 
 def test_a_task_no_method_learned_gets_no_verdict():
-    """Every run of both methods at the same score (CoLA at the majority class: MCC 0.0 for all)
-    is 'no signal', not a 'yes' from an interval of zero width; a real difference still gets
-    its verdict."""
+    """Both methods at the same score on every seed (CoLA at the majority class: MCC 0.0 for
+    all; DP-SGD's runs at each seed's majority rate) is 'no signal', not a 'yes' from an
+    interval of zero width; a real difference still gets its verdict."""
     from fedkrso.bench.report import answers
 
     def res(values):
@@ -349,6 +349,11 @@ def test_a_task_no_method_learned_gets_no_verdict():
     diffs = {"fedkrso": {"fedavg": paired_interval({0: 0.0, 1: 0.0, 2: 0.0}, {0: 0.0, 1: 0.0, 2: 0.0})}}
     [a] = answers(flat, diffs, "mcc")
     assert a["verdict"] == "no signal" and "every run of both scored 0.0" in a["note"]
+    # each seed at its own majority rate (DP-SGD at epsilon 8): the same per seed, not overall
+    majority = {"fedkrso": res([0.524, 0.494, 0.51]), "fedavg": res([0.524, 0.494, 0.51])}
+    diffs = {"fedkrso": {"fedavg": paired_interval({0: 52.4, 1: 49.4, 2: 51.0}, {0: 52.4, 1: 49.4, 2: 51.0})}}
+    [a] = answers(majority, diffs, "accuracy")
+    assert a["verdict"] == "no signal" and "both scored the same on every seed (0.494, 0.51, 0.524)" in a["note"]
     learned = {"fedkrso": res([0.8, 0.82, 0.81]), "fedavg": res([0.8, 0.81, 0.8])}
     diffs = {"fedkrso": {"fedavg": paired_interval({0: 80.0, 1: 82.0, 2: 81.0}, {0: 80.0, 1: 81.0, 2: 80.0})}}
     [a] = answers(learned, diffs, "accuracy")

@@ -341,3 +341,20 @@ def test_each_step_privatizes_only_its_own_examples(tiny, name):
             dp.privatize(params)
     if adapter is not None:
         adapter.close()
+
+
+def test_dp_sgd_protocol_gives_valid_private_runs(tmp_path):
+    """bench/privacy-dpsgd.yaml: FedKRSO, FFA-LoRA and FedIT under DP-SGD with the budget of 8
+    each client's ledger enforces; every run's round.yaml validates."""
+    from fedkrso.bench.cells import Cell, round_yaml
+    from fedkrso.bench.config import REPO, load_protocol
+
+    protocol = load_protocol(REPO / "bench" / "privacy-dpsgd.yaml")
+    [block] = protocol.blocks
+    cfg = protocol.bench(block)
+    assert [m.name for m in cfg.methods] == ["fedkrso", "ffa-lora", "fedit"]
+    for spec in cfg.methods:
+        assert len(spec.lrs) == 3
+        rc = parse_config(round_yaml(cfg, Cell(spec, spec.lrs[0], 0, cfg.rounds, "eval"), tmp_path, tmp_path, 2))
+        assert rc.privacy.dp_sgd.enabled and rc.privacy.dp_sgd.epsilon_budget == 8.0
+        assert rc.training.optimizer.max_grad_norm is None
