@@ -30,6 +30,9 @@ import torch
 from .memory_arms import make_batches
 from .memory_rss import PeakPoller, _reset_peak_rss, _vm_hwm
 
+# Every method DP-SGD applies to (``Method.dp_sgd_unsupported`` is None; tests/test_privacy_dpsgd.py
+# checks this covers them), at the sizes of a real MiniLM run rather than tests/method_cases.py's
+# tiny ones: the bench measures what DP-SGD costs at the settings docs/PRIVACY.md reports.
 METHODS = {
     "fedkrso": {"name": "fedkrso", "k": 4, "rank": 8, "intervals": 2, "interval_steps": 4, "lr": 1e-3},
     "fedavg": {"name": "fedavg", "steps": 8, "lr": 1e-4},

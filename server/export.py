@@ -12,7 +12,9 @@ lays out::
     DIR/peft/         FedIT / FFA-LoRA: a PEFT LoRA adapter, PeftModel.from_pretrained(base, DIR/peft)
 
 ``DIR/model`` of the last round is written by the same code as ``<run>/final``
-(``results.write_model``) from the same state, so the two hold the same tensors.
+(``results.write_model``) from the same state, so the two hold the same tensors. What a method
+adds beside it, and the ``export.json`` entries naming that, is the method's own
+(``Method.export_artifacts``): this module knows no method by name.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .state import RunStore, StateError, rebuild, run_identity, shaping_config
 
 log = structlog.get_logger("fedkrso.export")
 EXPORT_FORMAT = "fedkrso-export/1"
+MODEL_DIR = "model"  # DIR/model: the plain model, as <run>/final holds it
 
 
 class ExportError(ValueError):
@@ -127,7 +130,7 @@ def write_export(rebuilt: Rebuilt, out: str | Path) -> dict:
         raise ExportError(f"{out} exists and is not an empty folder")
     out.mkdir(parents=True, exist_ok=True)
     method, model = rebuilt.method, rebuilt.model
-    write_model(rebuilt.cfg, method, model, out / "model")
+    write_model(rebuilt.cfg, method, model, out / MODEL_DIR)
     info = {
         "format": EXPORT_FORMAT,
         "run_id": rebuilt.run_id,
@@ -137,16 +140,11 @@ def write_export(rebuilt: Rebuilt, out: str | Path) -> dict:
         "task": rebuilt.cfg.model.task,
         "num_labels": rebuilt.cfg.model.num_labels,
         "base_model": rebuilt.base,
-        "model": "model",
-        "adapters": None,
+        "model": MODEL_DIR,
+        "adapters": None,  # every export says whether it has these; the method fills them in
         "peft": None,
+        **method.export_artifacts(model, out, MODEL_DIR),
     }
-    if (out / "model" / "adapters.safetensors").is_file():
-        info["adapters"] = "model/adapters.safetensors"
-        info["adapters_loader"] = "fedkrso.common.methods.fedtt.load_adapters(model, DIR/model)"
-    if hasattr(method, "save_peft_adapter"):
-        method.save_peft_adapter(model, out / "peft")
-        info["peft"] = "peft"
     (out / "export.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     log.info("model_exported", out=str(out), round=rebuilt.round, method=method.name)
     return info

@@ -671,6 +671,12 @@ def test_build_context_builds_the_package(tmp_path):
         entry = next(n for n in names if n.endswith("entry_points.txt"))
         scripts = zf.read(entry).decode()
     assert "fedkrso/common/config.py" in names
+    # every source module of the context is in the wheel: a subpackage left out of pyproject's
+    # [tool.setuptools] packages (a method split into a package, say) would be missing
+    sources = [f.relative_to(ctx).as_posix() for folder in ("common", "server", "client", "bench", "sim")
+               for f in (ctx / folder).rglob("*.py")]
+    assert "common/methods/fedtt/layer.py" in sources
+    assert [s for s in sources if f"fedkrso/{s}" not in names] == []
     for prog in ("fedkrso-server", "fedkrso-client", "fedkrso-partition"):
         assert prog in scripts, f"{prog} (used by compose and k8s) is not an entry point"
 

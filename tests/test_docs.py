@@ -89,6 +89,24 @@ def test_method_pages_list_each_knob_once():
     assert all("## Upload" in page for page in pages.values())
 
 
+def test_api_reference_lists_the_members_of_every_method_a_package_too():
+    """A method split into a package (``fedtt``: config, layer, method) is described by its
+    package, as a one-module method by its module: one heading linked to its page, then the
+    public members of each of its files."""
+    from fedkrso.common.methods import METHODS
+
+    page = reference.api_reference("fedkrso.common.methods", lambda page: page)
+    for name, cls in METHODS.items():
+        home = reference.method_module(cls)
+        assert f"## `{home}` {{#{home}}}" in page and f"[its page]({reference.method_page(name)})" in page
+    assert reference.method_module(METHODS["fedtt"]) == "fedkrso.common.methods.fedtt"
+    for member in ("layer.TTAdapter", "layer.contract", "method.load_adapters", "method.FedTT.export_artifacts"):
+        assert f"::: fedkrso.common.methods.fedtt.{member}" in page, member
+    assert "::: fedkrso.common.methods.fedtt.config" not in page  # the knobs are the page's table
+    table = reference.methods_table(lambda page: page)
+    assert "| [`fedtt`](methods/fedtt.md) | FedTT: tensor-train adapters, and FedTT+" in table
+
+
 def test_a_method_without_a_page_stops_the_build():
     from fedkrso.common.methods import METHODS
 

@@ -5,6 +5,7 @@ state fingerprints of metrics.jsonl and the tensors of ``<run>/final``."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -17,25 +18,18 @@ from safetensors.torch import load_file, save_file
 
 from conftest import metric_rows, round_config
 from fedkrso.bench.launch import child_env
+from method_cases import small
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 PROBE = {"input_ids": torch.tensor([[101, 2204, 3185, 2466, 102, 0], [101, 2919, 2143, 2466, 3185, 102]]),
          "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])}
-METHODS = {
-    "fedkrso": {"name": "fedkrso", "k": 2, "rank": 2, "intervals": 1, "interval_steps": 2, "lr": 1e-2},
-    "fedit": {"name": "fedit", "rank": 2, "steps": 2, "lr": 1e-2},
-    "ffa-lora": {"name": "ffa-lora", "rank": 2, "steps": 2, "lr": 1e-2},
-    "fedtt": {"name": "fedtt", "steps": 2, "lr": 1e-2},
-}
-
-
 def sim_run(tmp: Path, model: Path, data: Path, method: str, **sections) -> Path:
     """A finished 3-round run of ``method`` by the simulator (checkpoint after round 1, so
     rebuilding round 2 starts from it and rounds 0 and 1 from the base); its output folder."""
     out = tmp / f"run-{method}"
-    cfg = round_config(model, out, method=METHODS[method], server={"checkpoint_every": 2}, **sections)
+    cfg = round_config(model, out, method=small(method), server={"checkpoint_every": 2}, **sections)
     config = tmp / f"{method}.yaml"
     config.write_text(yaml.safe_dump(cfg))
     proc = subprocess.run([str(BIN / "fedkrso-sim"), "--config", str(config), "--data-root", str(data)],
@@ -97,6 +91,9 @@ def test_export_of_the_last_round_is_final_bit_for_bit(krso_run, tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["round"] == 2 and summary["peft"] is None and summary["adapters"] is None
     info = json.loads((tmp_path / "last" / "export.json").read_text())
+    assert set(info) == {"format", "run_id", "round", "state_fingerprint", "method", "task", "num_labels",
+                         "base_model", "model", "adapters", "peft"}
+    assert info["model"] == "model" and info["method"] == "fedkrso" and info["format"] == "fedkrso-export/1"
     assert info["state_fingerprint"] == metric_rows(krso_run)[-1]["state_fingerprint"]
     assert info["state_fingerprint"] == (krso_run / "final_state_fingerprint.txt").read_text().strip()
     assert_same_tensors(tmp_path / "last" / "model" / "model.safetensors", krso_run / "final" / "model.safetensors")
@@ -174,12 +171,13 @@ def test_a_damaged_or_foreign_artifact_is_refused(krso_run, tmp_path, tiny_model
         rebuild_artifact(art, model=str(tiny_models("bert", 2, hidden=48)))
     # an edited config no longer hashes to the run id
     manifest = json.loads((art / "manifest.json").read_text())
+    lr = manifest["config"]["method"]["lr"]
     manifest["config"]["method"]["lr"] = 0.5
     (art / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(StateError, match="manifest was edited"):
         rebuild_artifact(art)
     # a flipped byte in a round file
-    manifest["config"]["method"]["lr"] = METHODS["fedkrso"]["lr"]
+    manifest["config"]["method"]["lr"] = lr
     (art / "manifest.json").write_text(json.dumps(manifest))
     f = art / manifest["rounds"][1]["file"]
     data = bytearray(f.read_bytes())
@@ -196,7 +194,8 @@ def test_peft_adapter_gives_the_merged_logits(tmp_path, tiny_bert, shards, metho
     from transformers import AutoModelForSequenceClassification as Auto
 
     run = sim_run(tmp_path, tiny_bert, shards, method)
-    assert export_here(run, tmp_path / "x")["peft"] == "peft"
+    info = export_here(run, tmp_path / "x")
+    assert info["peft"] == "peft" and info["adapters"] is None and "adapters_loader" not in info
     assert_same_tensors(tmp_path / "x" / "model" / "model.safetensors", run / "final" / "model.safetensors")
     merged = logits(Auto.from_pretrained(tmp_path / "x" / "model"))
     adapted = logits(PeftModel.from_pretrained(Auto.from_pretrained(tiny_bert), tmp_path / "x" / "peft"))
@@ -211,7 +210,11 @@ def test_fedtt_adapters_load_with_their_loader(tmp_path, tiny_bert, shards):
     from fedkrso.server.export import rebuild_run
 
     run = sim_run(tmp_path, tiny_bert, shards, "fedtt")
-    assert export_here(run, tmp_path / "x")["adapters"] == "model/adapters.safetensors"
+    info = export_here(run, tmp_path / "x")
+    assert info["adapters"] == "model/adapters.safetensors" and info["peft"] is None
+    assert info["adapters_loader"] == "fedkrso.common.methods.fedtt.load_adapters(model, DIR/model)"
+    module, _, function = info["adapters_loader"].partition("(")[0].rpartition(".")
+    assert getattr(importlib.import_module(module), function) is load_adapters  # the call it names works
     folder = tmp_path / "x" / "model"
     for name in ("model.safetensors", "adapters.safetensors"):
         assert_same_tensors(folder / name, run / "final" / name)

@@ -28,6 +28,8 @@ pytestmark = pytest.mark.slow
 GOLDEN = Path(__file__).parent / "golden" / "fingerprints.json"
 RECORD = os.environ.get("FEDKRSO_RECORD_GOLDEN") == "1"
 ROUNDS = 3
+# The recorded runs' own settings, not tests/method_cases.py's: the fingerprints were recorded
+# with exactly these, so they never move (test_sim.py compares the simulator with the same).
 METHODS = {  # train_biases: false where the knob came later (issue 11): the recorded behaviour
     "fedkrso": {"name": "fedkrso", "k": 2, "rank": 2, "intervals": 2, "interval_steps": 2, "lr": 1e-3,
                 "train_biases": False},

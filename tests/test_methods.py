@@ -1,8 +1,9 @@
 """Every federated method through the same invariants, on tiny models of several families.
 
-One table (``CASES``: method x family) and one test per invariant, in the spirit of PEFT's
-flat test matrix. Small settings keep each case to a fraction of a second; the learning test
-uses larger learning rates than the defaults because the models are tiny and random.
+One table (``MATRIX``: method x family) and one test per invariant, in the spirit of PEFT's
+flat test matrix. The settings are tests/method_cases.py's: small ones keep each case to a
+fraction of a second; the learning test uses larger learning rates than the defaults because
+the models are tiny and random.
 """
 
 from __future__ import annotations
@@ -23,38 +24,19 @@ from fedkrso.common.models import load_model, model_fingerprint
 from fedkrso.common.accounting import payload_bytes
 from fedkrso.common.methods.fedtt import core_index
 from fedkrso.common.tensors import decode, encode
+from method_cases import CASES, small
 
 FAMILIES = {"bert": "sequence-classification", "gpt2": "causal-lm", "llama": "causal-lm"}
-
-# Small, fast settings per method (defaults are for real models).
-FAST = {
-    "fedkrso": {"k": 3, "intervals": 2, "interval_steps": 2},
-    "fedavg": {"steps": 3},
-    "fedit": {"steps": 3, "rank": 4},
-    "ffa-lora": {"steps": 3, "rank": 4},
-    "fedkseed": {"k": 32, "steps": 6, "lr": 1e-3},
-    "fedtt": {"steps": 3, "bottleneck": 8, "tt_rank": 3},
-    "fedtt+": {"steps": 3, "bottleneck": 8, "tt_rank": 3},
-}
-# Learning rates for the loss test: a few rounds on one fixed batch must lower its loss.
-# FedKSeed: each zeroth-order step moves theta by -lr g z with g ~ grad.z, so for a small
-# enough lr every step lowers the loss on the batch it was taken on (dL ~ -lr g^2); with
-# dropout off and fixed seeds the trajectory is deterministic, so the weak check is not flaky.
-LEARN = {
-    "fedkrso": {"lr": 3e-2},
-    "fedavg": {"lr": 3e-3},
-    "fedit": {"lr": 3e-2, "train_biases": False},
-    "ffa-lora": {"lr": 3e-2, "train_biases": False},
-    "fedkseed": {"lr": 1e-3, "steps": 40},
-    "fedtt": {"lr": 3e-2},
-    "fedtt+": {"lr": 3e-2},
-}
-CASES = [(m, f) for m in FAST for f in FAMILIES]
-IDS = [f"{m}-{f}" for m, f in CASES]
+MATRIX = [(m, f) for m in CASES for f in FAMILIES]
+IDS = [f"{m}-{f}" for m, f in MATRIX]
 
 
 def test_table_covers_the_registry():
-    assert set(FAST) == set(METHODS) == set(LEARN)
+    """tests/method_cases.py has one row per registered method, valid for its Config."""
+    assert set(CASES) == set(METHODS)
+    for name, cls in METHODS.items():
+        cls.Config.model_validate(small(name))
+        cls.Config.model_validate(small(name, **CASES[name].learn))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -79,7 +61,7 @@ def load(tiny, family: str) -> torch.nn.Module:
 
 def make(name: str, **overrides) -> Method:
     cls = METHODS[name]
-    return cls(cls.Config(name=name, **{**FAST[name], **overrides}), run_seed=7)
+    return cls(cls.Config.model_validate(small(name, **overrides)), run_seed=7)
 
 
 def prepared(tiny, family: str, method: Method) -> torch.nn.Module:
@@ -138,7 +120,7 @@ def batch_loss(model, family: str) -> float:
     return model(**fixed_batch(family)).loss.item()
 
 
-@pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
+@pytest.mark.parametrize(("name", "family"), MATRIX, ids=IDS)
 def test_prepare_is_deterministic_and_keeps_the_function(tiny, name, family):
     """Two loads prepared under different global RNG states match bit for bit, prepare leaves
     the global RNG alone, and a freshly prepared model computes what the base model does."""
@@ -156,7 +138,7 @@ def test_prepare_is_deterministic_and_keeps_the_function(tiny, name, family):
     torch.testing.assert_close(logits(model, family), logits(load(tiny, family), family))
 
 
-@pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
+@pytest.mark.parametrize(("name", "family"), MATRIX, ids=IDS)
 def test_update_matches_spec_and_formula(tiny, name, family):
     method = make(name)
     model = prepared(tiny, family, method)
@@ -172,7 +154,7 @@ def test_update_matches_spec_and_formula(tiny, name, family):
     assert sent == method.upload_bytes_formula(model, len(update.seeds_used))
 
 
-@pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
+@pytest.mark.parametrize(("name", "family"), MATRIX, ids=IDS)
 def test_measured_train_state_is_grad_plus_adam_of_the_trainables(tiny, name, family):
     """A client reports its peak gradient + optimizer-state bytes, counted from the tensors:
     gradient, exp_avg and exp_avg_sq (float32) of exactly what it trains. FedKRSO trains one
@@ -193,7 +175,7 @@ def test_measured_train_state_is_grad_plus_adam_of_the_trainables(tiny, name, fa
     assert trainable > 0 or (name == "fedkseed" and not method.dense(model))  # a causal LM has no new head
 
 
-@pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
+@pytest.mark.parametrize(("name", "family"), MATRIX, ids=IDS)
 def test_server_and_clients_reach_identical_state(tiny, name, family):
     """The aggregated delta, decoded from the wire and applied by the server and by a client
     restored from its snapshot, gives the same bytes; the weighted mean is order independent."""
@@ -219,7 +201,7 @@ def test_server_and_clients_reach_identical_state(tiny, name, family):
     assert method.state_fingerprint(server) != initial
 
 
-@pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
+@pytest.mark.parametrize(("name", "family"), MATRIX, ids=IDS)
 def test_apply_replays_training_and_is_linear(tiny, name, family):
     """Applying a client's own update to its snapshot rebuilds its trained state, and applying
     the mean of two updates moves the state by the mean of their moves."""
@@ -244,10 +226,10 @@ def test_apply_replays_training_and_is_linear(tiny, name, family):
         torch.testing.assert_close(t - start[n], expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
+@pytest.mark.parametrize(("name", "family"), MATRIX, ids=IDS)
 def test_loss_decreases_over_rounds(tiny, name, family):
     torch.manual_seed(0)  # dropout draws from the global RNG: make the check order-independent
-    method = make(name, **LEARN[name])
+    method = make(name, **CASES[name].learn)
     model = prepared(tiny, family, method)
     before = batch_loss(model, family)
     for round_id in range(3):
@@ -259,7 +241,7 @@ def test_loss_decreases_over_rounds(tiny, name, family):
     assert after < before - 0.01, (before, after)
 
 
-@pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
+@pytest.mark.parametrize(("name", "family"), MATRIX, ids=IDS)
 def test_export_is_a_plain_model_that_round_trips(tiny, name, family, tmp_path):
     """export() has the base model's keys, survives save_pretrained / from_pretrained, leaves
     the training model untouched, and (with export_extra for FedTT) computes the same logits."""
@@ -408,12 +390,12 @@ def effective_weights(method: Method, model) -> dict[str, torch.Tensor]:
     return {n: t for n, t in snapshot(method, model).items() if n != CUMULATIVE}  # FedKSeed's sums: no weight
 
 
-@pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
+@pytest.mark.parametrize(("name", "family"), MATRIX, ids=IDS)
 def test_update_norm_is_the_norm_of_the_weight_change(tiny, name, family):
     """``update_norm`` (what server.max_update_norm and clip_norm bound) equals the L2 norm of
     the change of the weights the model computes with when the update is applied: the same
     space for every method. FedKSeed's is an estimate (independent Gaussian directions)."""
-    method = make(name, **LEARN[name])
+    method = make(name, **CASES[name].learn)
     model = prepared(tiny, family, method)
     seeds = method.round_seeds(0)
     start, before = snapshot(method, model), effective_weights(method, model)
@@ -430,7 +412,7 @@ def test_update_norm_is_the_norm_of_the_weight_change(tiny, name, family):
         assert method.update_norm(model, seeds, doubled) == pytest.approx(2 * norm, rel=1e-6)
 
 
-@pytest.mark.parametrize(("name", "family"), CASES, ids=IDS)
+@pytest.mark.parametrize(("name", "family"), MATRIX, ids=IDS)
 def test_honest_uploads_fit_their_clients_keyed_choices(tiny, name, family):
     """The server recomputes a client's keyed choices: an honest upload fits them, the same
     upload claimed by another client key or with ``seeds_used`` altered does not (for the

@@ -26,6 +26,7 @@ from fedkrso.common.models import build_llama, load_model, model_fingerprint
 from fedkrso.common.precision import (Placement, PlacementError, dtype_of, master, placement_of,
                                       resolve_device, resolve_placement)
 from fedkrso.server.coordinator import run_identity
+from method_cases import CASES, small
 from test_golden import GOLDEN, METHODS as GOLDEN_METHODS, float_probe, golden_config, golden_data  # noqa: F401
 
 transformers.logging.set_verbosity_error()
@@ -33,15 +34,6 @@ transformers.logging.disable_progress_bar()
 
 CPU = torch.device("cpu")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-METHODS = {
-    "fedkrso": {"name": "fedkrso", "k": 2, "rank": 2, "intervals": 2, "interval_steps": 2, "lr": 1e-2},
-    "fedavg": {"name": "fedavg", "steps": 2, "lr": 1e-3},
-    "fedit": {"name": "fedit", "steps": 2, "rank": 2, "lr": 1e-2},
-    "ffa-lora": {"name": "ffa-lora", "steps": 2, "rank": 2, "lr": 1e-2},
-    "fedkseed": {"name": "fedkseed", "k": 8, "steps": 3, "lr": 1e-4},
-    "fedtt": {"name": "fedtt", "steps": 2},
-    "fedtt+": {"name": "fedtt+", "steps": 2},
-}
 TASK = "sequence-classification"
 
 
@@ -108,9 +100,9 @@ def test_round_yaml_fields_and_run_identity(tiny_bert, tmp_path):
 
 
 # -- the rule -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_state_and_trainables_float32_frozen_in_the_dtype(tiny_llama, name):
-    meth, model, _ = party(tiny_llama, METHODS[name], torch.bfloat16)
+    meth, model, _ = party(tiny_llama, small(name), torch.bfloat16)
     state = meth.state_parameters(model)
     wide = {"fedkseed": {CUMULATIVE}}.get(name, set())  # FedKSeed's per-candidate sums: float64
     assert all(t.dtype == (torch.float64 if k in wide else torch.float32) for k, t in state.items())  # rule 1
@@ -123,7 +115,7 @@ def test_state_and_trainables_float32_frozen_in_the_dtype(tiny_llama, name):
     assert placement_of(model) == Placement(CPU, torch.bfloat16)
     mastered = meth.mastered(model)
     assert bool(mastered) == (name == "fedkrso")
-    fp32_party = party(tiny_llama, METHODS[name], torch.float32)[1]
+    fp32_party = party(tiny_llama, small(name), torch.float32)[1]
     for module_name, module in mastered.items():  # rule 5: exact float32 master, bfloat16 copy
         source = fp32_party.get_submodule(module_name).weight
         assert master(module).device == CPU and torch.equal(master(module), source)
@@ -131,12 +123,12 @@ def test_state_and_trainables_float32_frozen_in_the_dtype(tiny_llama, name):
         assert master(fp32_party.get_submodule(module_name)) is None  # float32: the weight is the master
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_parties_of_every_dtype_agree_bit_for_bit(tiny_llama, name):
     """Three parties in float32, bfloat16 and float16 start with the same identity and state
     fingerprints, train differently (their own precision), apply the same mean delta and end
     with the same state fingerprint again."""
-    parties = {dt: party(tiny_llama, METHODS[name], dt) for dt in DTYPES}
+    parties = {dt: party(tiny_llama, small(name), dt) for dt in DTYPES}
     assert len({(ident, m.state_fingerprint(model)) for m, model, ident in parties.values()}) == 1
     start = parties[torch.float32][0].state_fingerprint(parties[torch.float32][1])
     seeds = parties[torch.float32][0].round_seeds(0)
@@ -160,7 +152,7 @@ def test_parties_of_every_dtype_agree_bit_for_bit(tiny_llama, name):
 
 
 def test_fedkrso_trains_the_compute_copy_and_restores_it_from_the_master(tiny_llama):
-    meth, model, _ = party(tiny_llama, METHODS["fedkrso"], torch.bfloat16)
+    meth, model, _ = party(tiny_llama, small("fedkrso"), torch.bfloat16)
     targets = meth.targets(model)
     snap = meth.training_snapshot(model)
     assert set(snap) == {f"dense.{n}".removeprefix("dense.") for n in meth.dense(model)}  # no masters copied
@@ -174,7 +166,7 @@ def test_fedkrso_trains_the_compute_copy_and_restores_it_from_the_master(tiny_ll
 
 
 def test_fedkrso_export_saves_the_float32_masters(tiny_llama, tmp_path):
-    meth, model, _ = party(tiny_llama, METHODS["fedkrso"], torch.bfloat16)
+    meth, model, _ = party(tiny_llama, small("fedkrso"), torch.bfloat16)
     seeds = meth.round_seeds(0)
     update = meth.train_round(model, batches(3), 0, seeds, "client")
     meth.restore(model, {})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -29,6 +30,7 @@ from test_methods import one_thread, tiny  # noqa: F401 - fixtures
 from test_privacy_views import assert_server_view_is_aggregate
 
 DP_METHODS = sorted(n for n, cls in METHODS.items() if cls.dp_unsupported is None)
+NO_DP = sorted(n for n, cls in METHODS.items() if cls.dp_unsupported)
 
 
 def merged_lora(model) -> dict[str, torch.Tensor]:
@@ -51,11 +53,17 @@ def measured_update(method, model, seeds, upload) -> float:
     return math.sqrt(sum(float(d.double().square().sum()) for d in moved))
 
 
-def test_dp_applies_to_every_method_but_fedkseed_and_says_why():
-    assert DP_METHODS == sorted(set(METHODS) - {"fedkseed"})
-    with pytest.raises(ConfigError, match="privacy.dp does not apply to fedkseed: .*Gram"):
-        parse_config({"model": {"name": "x"}, "method": {"name": "fedkseed"}, "training": {"weighting": "uniform"},
-                      "privacy": {"dp": {"mode": "central", "noise_multiplier": 1.0}}})
+def test_dp_applies_where_the_method_says_it_does_and_is_refused_with_its_reason_elsewhere():
+    """Which methods take ``privacy.dp`` is each method's ``dp_unsupported``, never a list here:
+    a method that states no reason parses with DP on, one that does is refused with its reason."""
+    assert DP_METHODS and NO_DP, "the registry has methods on both sides, so both paths run"
+    dp = {"training": {"weighting": "uniform"}, "privacy": {"dp": {"mode": "central", "noise_multiplier": 1.0}}}
+    for name in DP_METHODS:
+        assert parse_config({"model": {"name": "x"}, "method": {"name": name}, **dp}).privacy.dp.mode == "central"
+    for name in NO_DP:
+        why = re.escape(METHODS[name].dp_unsupported)
+        with pytest.raises(ConfigError, match=f"privacy.dp does not apply to {re.escape(name)}: {why}"):
+            parse_config({"model": {"name": "x"}, "method": {"name": name}, **dp})
     with pytest.raises(ConfigError, match="weighting: uniform"):
         parse_config({"model": {"name": "x"}, "method": {"name": "fedkrso"},
                       "privacy": {"dp": {"mode": "local", "noise_multiplier": 1.0}}})

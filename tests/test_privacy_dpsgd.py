@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -181,10 +182,16 @@ def test_sample_epsilon_agrees_with_opacus_accountant_and_moves_the_right_way():
 
 
 def test_dp_sgd_is_refused_where_it_cannot_apply_and_says_why(tmp_path, tiny_bert):
-    unsupported = {n for n, cls in METHODS.items() if cls.dp_sgd_unsupported}
-    assert unsupported == {"fedtt", "fedtt+", "fedkseed"}
+    """Which methods take ``privacy.dp_sgd`` is each method's ``dp_sgd_unsupported``, never a
+    list here: the others parse with it on, these are refused with their own reason."""
+    unsupported = sorted(n for n, cls in METHODS.items() if cls.dp_sgd_unsupported)
+    assert SUPPORTED and unsupported, "the registry has methods on both sides, so both paths run"
+    for name in SUPPORTED:
+        cfg = parse_config(round_config(tiny_bert, tmp_path, method={"name": name}, privacy={"dp_sgd": {"enabled": True}}))
+        assert cfg.privacy.dp_sgd.enabled
     for name in unsupported:
-        with pytest.raises(ConfigError, match=f"privacy.dp_sgd does not apply to {name}"):
+        why = re.escape(METHODS[name].dp_sgd_unsupported)
+        with pytest.raises(ConfigError, match=f"privacy.dp_sgd does not apply to {re.escape(name)}: {why}"):
             parse_config(round_config(tiny_bert, tmp_path, method={"name": name},
                                       privacy={"dp_sgd": {"enabled": True}}))
     with pytest.raises(ConfigError, match="max_grad_norm cannot apply"):
@@ -192,6 +199,14 @@ def test_dp_sgd_is_refused_where_it_cannot_apply_and_says_why(tmp_path, tiny_ber
                                   privacy={"dp_sgd": {"enabled": True}}))
     cfg = parse_config(round_config(tiny_bert, tmp_path, privacy={"dp_sgd": {"enabled": True, "clip": 0.3}}))
     assert cfg.privacy.dp_sgd.clip == 0.3 and cfg.privacy.any
+
+
+def test_the_dp_sgd_bench_measures_every_method_it_applies_to():
+    from fedkrso.bench.dpsgd import METHODS as BENCHED
+
+    assert sorted(BENCHED) == sorted(SUPPORTED)
+    for name, settings in BENCHED.items():
+        METHODS[name].Config.model_validate(settings)
 
 
 def shard_rows(shards, n: int) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""Registry of federated methods: one module per method, all of the same shape (see base)."""
+"""Registry of federated methods: one module (or package) per method, all of the same shape (see base)."""
 
 from __future__ import annotations
 

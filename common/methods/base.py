@@ -1,6 +1,7 @@
 """What every federated method provides, and the machinery they share.
 
-A method is one module under ``fedkrso.common.methods`` with the same shape:
+A method is one module under ``fedkrso.common.methods`` (a package ``config``, ``layer``,
+``method`` when it has a layer of its own, as ``fedtt``) with the same shape:
 
 * ``Config``: a pydantic model of its knobs (``name`` is the discriminator in round.yaml);
 * ``prepare(model)``: freeze, inject adapters, mark dense-trainables (identical on every party);
@@ -22,7 +23,10 @@ A method is one module under ``fedkrso.common.methods`` with the same shape:
 * ``export(model)`` / ``export_extra(model)``: a plain transformers model for
   ``save_pretrained`` plus any tensors it cannot hold (FedTT's adapters), which
   ``save_extras`` writes beside it as ``adapters.safetensors`` (the method's config in the
-  file's metadata, so a loader such as ``fedtt.load_adapters`` needs nothing else).
+  file's metadata, so a loader such as ``fedtt.load_adapters`` needs nothing else);
+* ``export_artifacts(model, folder, model_dir)``: what ``fedkrso-export`` adds for the method
+  beside the plain model (FedIT's PEFT adapter folder) and the ``export.json`` entries naming
+  it (FedTT's adapters file and its loader), so the export knows no method by name.
 
 Uploads are *changes* (accumulators, weight deltas, per-seed scalars), so the server's job is
 the same for every method: a weighted mean of named tensors (``StreamingAggregator``), where a
@@ -281,6 +285,27 @@ class Method(ABC):
         base weights), saved with safetensors next to ``export(model)``; empty by default."""
         return {}
 
+    def save_extras(self, model: nn.Module, folder: Path) -> Path | None:
+        """Write ``export_extra(model)`` to ``folder/adapters.safetensors``, with the format,
+        the method's name and its config as JSON in the safetensors metadata; None (and no
+        file) when the method has nothing beyond the plain model."""
+        from safetensors.torch import save_file
+
+        extra = self.export_extra(model)
+        if not extra:
+            return None
+        path = Path(folder) / EXTRAS_FILE
+        meta = {"format": EXTRAS_FORMAT, "method": self.name, "config": json.dumps(self.cfg.model_dump(mode="json"))}
+        save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(path), metadata=meta)
+        return path
+
+    def export_artifacts(self, model: nn.Module, folder: Path, model_dir: str) -> dict[str, str]:
+        """Write into the export folder ``folder`` what the method adds to the plain model, and
+        return the ``export.json`` entries that name it (paths relative to ``folder``).
+        ``folder/model_dir`` already holds the plain model and ``save_extras``'s file, written
+        as ``<run>/final`` is. Nothing by default: a plain model needs no more."""
+        return {}
+
     # -- server: what one client's upload may be --------------------------------------------
     def allowed_update_names(self, model: nn.Module, seeds: list[int], round_id: int, client_key: str) -> set[str]:
         """Names the upload of ``client_key`` for round ``round_id`` may carry, its keyed
@@ -303,19 +328,6 @@ class Method(ABC):
         alone (weight 1) to ``model``: a method-independent size for an upload. The default
         holds for uploads that are themselves weight changes (FedAvg's deltas, dense deltas)."""
         return l2_norm(tensors.values())
-    def save_extras(self, model: nn.Module, folder: Path) -> Path | None:
-        """Write ``export_extra(model)`` to ``folder/adapters.safetensors``, with the format,
-        the method's name and its config as JSON in the safetensors metadata; None (and no
-        file) when the method has nothing beyond the plain model."""
-        from safetensors.torch import save_file
-
-        extra = self.export_extra(model)
-        if not extra:
-            return None
-        path = Path(folder) / EXTRAS_FILE
-        meta = {"format": EXTRAS_FORMAT, "method": self.name, "config": json.dumps(self.cfg.model_dump(mode="json"))}
-        save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(path), metadata=meta)
-        return path
 
     def upload_bytes_formula(self, model: nn.Module, n_seeds_used: int = 0) -> int:
         """Payload bytes of one client's upload in closed form (tensor data, no framing).

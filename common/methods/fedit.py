@@ -12,8 +12,9 @@ GPT-2's Conv1D (weight stored in x out) is handled by PEFT with ``fan_in_fan_out
 
 ``export`` merges W += (alpha / r) B A into a copy and swaps each LoRA layer back for its
 base layer, so ``save_pretrained`` writes the base model's own keys. ``save_peft_adapter``
-writes the same result as a PEFT adapter folder instead: the LoRA factors, plus every module
-holding dense-trainables (heads, norms) as PEFT ``modules_to_save``, so
+writes the same result as a PEFT adapter folder instead (``export_artifacts`` puts it in a
+``fedkrso-export`` folder as ``peft/``): the LoRA factors, plus every module holding
+dense-trainables (heads, norms) as PEFT ``modules_to_save``, so
 ``PeftModel.from_pretrained(base, folder)`` on the base checkpoint computes what the merged
 export computes.
 """
@@ -149,6 +150,11 @@ class FedIT(DeltaMethod):
         if "peft_config" in vars(plain):
             del plain.peft_config
         return plain
+
+    def export_artifacts(self, model: nn.Module, folder: Path, model_dir: str) -> dict[str, str]:
+        """The PEFT adapter folder ``peft`` beside the merged model (``save_peft_adapter``)."""
+        self.save_peft_adapter(model, folder / "peft")
+        return {"peft": "peft"}
 
     @torch.no_grad()
     def save_peft_adapter(self, model: nn.Module, folder: Path) -> Path:

@@ -13,8 +13,8 @@ A page asks for a generated part with a marker comment, replaced before the page
   and why not where they do not (``Method.dp_unsupported``, ``dp_sgd_unsupported``);
 * ``<!-- reference: layering -->``: the import-linter contracts of pyproject.toml;
 * ``<!-- reference: api PACKAGE -->``: mkdocstrings blocks for every module of a package, but
-  the commands (on the command-line page) and the methods' own modules, whose docstrings are
-  their pages (only their members are listed here).
+  the commands (on the command-line page) and the methods' own modules or packages, whose
+  docstrings are their pages (only their members are listed here).
 
 A field or a flag without a description, or a registered method without a page, fails the
 build: the reference cannot silently have gaps.
@@ -208,12 +208,19 @@ def method_page(name: str) -> str:
     return f"methods/{name.replace('+', '-plus')}.md"
 
 
+def method_module(cls: type) -> str:
+    """The module whose docstring describes method ``cls``: the package a method split into
+    ``config``, ``layer`` and ``method`` is (``fedtt``, not ``fedtt.method``), else its module."""
+    registry = "fedkrso.common.methods"
+    return f"{registry}.{cls.__module__.removeprefix(registry + '.').split('.')[0]}"
+
+
 def methods_table(link) -> str:
     from fedkrso.common.methods import METHODS
 
     rows = ["| `method.name` | what it is |", "| --- | --- |"]
     for name, cls in METHODS.items():
-        doc = docstring(cls) or docstring(importlib.import_module(cls.__module__))
+        doc = docstring(cls) or docstring(importlib.import_module(method_module(cls)))
         summary = re.split(r"(?<=\.)\s", " ".join(doc.split("\n\n")[0].split()), maxsplit=1)[0]  # its first sentence
         rows.append(f"| [`{name}`]({link(method_page(name))}) | {md(summary)} |")
     return "\n".join(rows)
@@ -350,39 +357,52 @@ def cli_reference() -> str:
 # -- Python API ----------------------------------------------------------------------------
 
 def api_reference(package: str, link) -> str:
-    """``:::`` blocks (mkdocstrings) for the modules of ``package``, in file order. A method's
-    module is described on its page and its knobs in its table, so here it gets its other public
-    members, and its method class only the methods that class defines."""
-    from fedkrso.common.methods import METHODS, MethodConfig
+    """``:::`` blocks (mkdocstrings) for the modules of ``package``, in file order (subpackages
+    have their own pages). A method's module, or the package of a method split into several
+    modules, is described on its page and its knobs in its table, so here it gets its other
+    public members, and its method class only the methods that class defines."""
+    from fedkrso.common.methods import METHODS
 
     folder = Path(importlib.import_module(package).__file__).parent
     entries = {entry.split(":")[0] for entry in commands().values()}
-    pages = {cls.__module__: method_page(name) for name, cls in reversed(METHODS.items())}
-    page_of = {cls: method_page(name) for name, cls in METHODS.items()}
+    pages = {method_module(cls): method_page(name) for name, cls in reversed(METHODS.items())}
     out = [f"::: {package}", "    options:", "      members: false", ""]
-    for path in sorted(folder.glob("*.py")):
+    for path in sorted(p for p in folder.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()):
         module = f"{package}.{path.stem}"
-        if path.stem == "__init__" or module in entries:
+        if path.stem == "__init__" or module in entries or (path.is_dir() and module not in pages):
             continue
         if module not in pages:
             out += [f"::: {module}", ""]
             continue
         out += [f"## `{module}` {{#{module}}}", "", f"Described on [its method's page]({link(pages[module])}); "
                 "its public members:", ""]
-        for name, obj in vars(importlib.import_module(module)).items():
-            if name.startswith("_") or getattr(obj, "__module__", None) != module or not callable(obj):
-                continue
-            if isinstance(obj, type) and issubclass(obj, MethodConfig):
-                continue  # the knobs table of the method's page
-            if obj not in page_of:
-                out += [f"::: {module}.{name}", "    options:", "      heading_level: 3", ""]
-                continue
-            out += [f"### `{module}.{name}`", "", f"`method.name: {obj.name}` ([its page]({link(page_of[obj])})); "
-                    "the methods it defines:", ""]
-            for member, fn in vars(obj).items():
-                if not member.startswith("_") and callable(fn) and fn.__doc__:
-                    out += [f"::: {module}.{name}.{member}", "    options:", "      heading_level: 4", ""]
+        parts = sorted(p.stem for p in path.glob("*.py") if p.stem != "__init__") if path.is_dir() else []
+        for part in [module, *(f"{module}.{p}" for p in parts)]:
+            out += method_members(part, link)
     return "\n".join(out)
+
+
+def method_members(module: str, link) -> list[str]:
+    """``:::`` blocks for the public functions and classes ``module`` defines, but the
+    ``Config`` (its page's knobs table) and, of a method class, only the methods it defines."""
+    from fedkrso.common.methods import METHODS, MethodConfig
+
+    page_of = {cls: method_page(name) for name, cls in METHODS.items()}
+    out = []
+    for name, obj in vars(importlib.import_module(module)).items():
+        if name.startswith("_") or getattr(obj, "__module__", None) != module or not callable(obj):
+            continue
+        if isinstance(obj, type) and issubclass(obj, MethodConfig):
+            continue  # the knobs table of the method's page
+        if obj not in page_of:
+            out += [f"::: {module}.{name}", "    options:", "      heading_level: 3", ""]
+            continue
+        out += [f"### `{module}.{name}`", "", f"`method.name: {obj.name}` ([its page]({link(page_of[obj])})); "
+                "the methods it defines:", ""]
+        for member, fn in vars(obj).items():
+            if not member.startswith("_") and callable(fn) and fn.__doc__:
+                out += [f"::: {module}.{name}.{member}", "    options:", "      heading_level: 4", ""]
+    return out
 
 
 # -- the hook --------------------------------------------------------------------------------

@@ -1,31 +1,7 @@
-"""FedTT: tensor-train adapters, and FedTT+ (docs/algorithm.md section 7; Ghiasvand et al.,
-arXiv 2410.13097).
-
-After the attention output and the feed-forward output of every block (``adapter_modules``:
-BERT/RoBERTa ``attention.output.dense`` and ``layer.N.output.dense``, GPT-2 ``attn.c_proj``
-and ``mlp.c_proj``, LLaMA-style ``self_attn.o_proj`` and ``mlp.down_proj``) a forward hook
-applies a bottleneck adapter ``y + U act(D y)`` with D (m x h) and U (h x m), m = 64. Each of
-D and U is a tensor-train matrix: ``cores`` cores G_k of shape (r_{k-1}, o_k, i_k, r_k), with
-h and m split into that many balanced factors (``tt_factors``: 384 -> 6*8*8, 64 -> 4*4*4) and
-TT rank r (5); the full matrix is contracted from the cores at each forward (it is small).
-
-Initialisation, from CPU generators seeded by (run seed, module, matrix, core): Gaussian cores
-scaled so that D has variance 1/h per entry; U the same at 1/m except one core, which is zero,
-so every adapter starts as the identity. Clients train the cores (plus the dense-trainables)
-with Adam and upload core deltas; the server averages them (FedAvg on cores).
-
-FedTT+ (``FedTTPlus``) freezes part of the cores; its docstring gives the rule.
-
-The adapters do not merge into the base weights (the activation is in between), so ``export``
-returns a copy without them and ``export_extra`` returns their cores, which the server saves
-beside the model as ``adapters.safetensors`` (with the adapter config in its metadata). To use
-an exported FedTT model (``<run>/final`` or a ``fedkrso-export`` folder)::
-
-    from transformers import AutoModelForSequenceClassification
-    from fedkrso.common.methods.fedtt import load_adapters
-
-    model = load_adapters(AutoModelForSequenceClassification.from_pretrained(folder), folder)
-"""
+"""The federated side of FedTT: ``FedTT`` and ``FedTTPlus`` inject the adapters of ``layer``
+after their host modules, say which cores a round trains and sends, measure and apply uploads,
+and export the plain model plus the cores; ``load_adapters`` puts exported cores back on a
+plain model. The method itself is described in the package's docstring."""
 
 from __future__ import annotations
 
@@ -34,151 +10,29 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Literal
 
 import structlog
 import torch
-import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
-from ..subspace import cpu_generator
-from ..tensors import l2_norm
-from .base import EXTRAS_FILE, EXTRAS_FORMAT, MethodConfig, out_in
-from .delta import DeltaMethod
-
-ATTR = "tt_adapter"
-DEFAULT_ADAPTER_MODULES = [
-    r"\.attention\.output\.dense$",  # BERT/RoBERTa attention output
-    r"\.(layer|layers)\.\d+\.output\.dense$",  # BERT/RoBERTa feed-forward output
-    r"\.attn\.c_proj$",  # GPT-2 attention output
-    r"\.mlp\.c_proj$",  # GPT-2 feed-forward output
-    r"\.self_attn\.o_proj$",  # LLaMA/Mistral/Qwen attention output
-    r"\.mlp\.down_proj$",  # LLaMA/Mistral/Qwen feed-forward output
-]
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+from ...tensors import l2_norm
+from ..base import EXTRAS_FILE, EXTRAS_FORMAT, out_in
+from ..delta import DeltaMethod
+from .config import Config, PlusConfig
+from .layer import ATTR, TTAdapter, adapter_hook, contract, tt_factors
 
 log = structlog.get_logger("fedkrso.methods")
-
-
-class Config(MethodConfig):
-    name: Literal["fedtt"] = "fedtt"
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate of the TT cores")
-    steps: int = Field(16, ge=1, le=100_000, description="local Adam steps per round")
-    adapter_modules: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_ADAPTER_MODULES),
-        description="regexes over module names: adapters go after these modules' outputs",
-    )
-    bottleneck: int = Field(64, ge=1, le=65536, description="m: adapter width (h -> m -> h)")
-    tt_rank: int = Field(5, ge=1, le=1024, description="TT rank between consecutive cores")
-    cores: int = Field(3, ge=2, le=16, description="cores per TT matrix (factors of h and of m)")
-    activation: Literal["relu", "gelu", "silu"] = Field("relu", description="act in y + U act(D y)")
-
-    def local_steps(self) -> int:
-        return self.steps
-
-
-class PlusConfig(Config):
-    name: Literal["fedtt+"] = "fedtt+"
-    freeze_rule: Literal["adaptive", "fixed"] = Field(
-        "adaptive", description="adaptive: freeze slow-moving core indices round by round; fixed: `freeze`")
-    freeze: list[int] = Field(
-        default_factory=lambda: [0, -1],
-        description="fixed rule: core indices frozen in both TT matrices of each adapter (negative: from end)",
-    )
-    freeze_ratio: float = Field(0.25, gt=0, lt=1, description="adaptive: freeze the slowest core index when "
-                                "its relative change is below this share of the fastest one's")
-    max_frozen: int | None = Field(None, ge=0, description="adaptive: at most this many frozen core "
-                                   "indices (default: all but one)")
-
-    @model_validator(mode="after")
-    def _some_core_trains(self) -> PlusConfig:
-        if any(not -self.cores <= i < self.cores for i in self.freeze):
-            raise ValueError(f"freeze indices must lie in [-{self.cores}, {self.cores})")
-        if len({i % self.cores for i in self.freeze}) == self.cores:
-            raise ValueError("freeze leaves no core trainable")
-        if self.max_frozen is not None and self.max_frozen >= self.cores:
-            raise ValueError(f"max_frozen must leave a core trainable (< {self.cores})")
-        return self
-
-
-def tt_factors(n: int, d: int) -> list[int]:
-    """``n`` as ``d`` balanced factors (ascending): primes, largest first, each into the bucket
-    with the smallest product. Pads with 1 where n has fewer than d prime factors."""
-    primes, rest, p = [], n, 2
-    while p * p <= rest:
-        while rest % p == 0:
-            primes.append(p)
-            rest //= p
-        p += 1
-    if rest > 1:
-        primes.append(rest)
-    buckets = [1] * d
-    for q in sorted(primes, reverse=True):
-        buckets[buckets.index(min(buckets))] *= q
-    return sorted(buckets)
-
-
-class TTMatrix(nn.Module):
-    """An (out x in) matrix stored as TT cores G_k (r_{k-1}, o_k, i_k, r_k), r_0 = r_d = 1."""
-
-    def __init__(self, out_factors: list[int], in_factors: list[int], rank: int):
-        super().__init__()
-        d = len(out_factors)
-        ranks = [1] + [rank] * (d - 1) + [1]
-        self.shape = (math.prod(out_factors), math.prod(in_factors))
-        self.cores = nn.ParameterList(
-            nn.Parameter(torch.zeros(ranks[k], out_factors[k], in_factors[k], ranks[k + 1]))
-            for k in range(d)
-        )
-
-    @torch.no_grad()
-    def init(self, variance: float, zero: int | None, seed_parts: tuple) -> None:
-        """Gaussian cores whose product has ``variance`` per entry; core ``zero`` set to 0."""
-        inner = math.prod(c.shape[-1] for c in list(self.cores)[:-1])
-        std = (variance / inner) ** (1 / (2 * len(self.cores)))
-        for k, core in enumerate(self.cores):
-            g = torch.randn(core.shape, generator=cpu_generator(*seed_parts, k)) * std
-            core.copy_(torch.zeros_like(g) if k == zero else g)
-
-    def full(self) -> torch.Tensor:
-        return contract(list(self.cores), self.shape)
-
-
-def contract(cores: list[torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-    """The (out x in) matrix of TT ``cores``."""
-    t = cores[0]
-    for core in cores[1:]:
-        a, o, i, _ = t.shape
-        _, p, j, _ = core.shape
-        t = torch.einsum("aoir,rpjs->aopijs", t, core).reshape(a, o * p, i * j, -1)
-    return t.reshape(shape)
-
-
-class TTAdapter(nn.Module):
-    """``y + U act(D y)`` with D (m x h) and U (h x m) as TT matrices."""
-
-    def __init__(self, hidden: int, cfg: Config):
-        super().__init__()
-        h, m = tt_factors(hidden, cfg.cores), tt_factors(cfg.bottleneck, cfg.cores)
-        self.down = TTMatrix(m, h, cfg.tt_rank)
-        self.up = TTMatrix(h, m, cfg.tt_rank)
-        self.activation = cfg.activation
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        z = ACTIVATIONS[self.activation](F.linear(y, self.down.full().to(y.dtype)))
-        return y + F.linear(z, self.up.full().to(y.dtype))
-
-
-def _adapter_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    # Looks the adapter up at call time, so a deepcopy of the model uses its own copy.
-    return getattr(module, ATTR)(output)
 
 
 def adapters(model: nn.Module) -> dict[str, TTAdapter]:
     """Host module name -> its adapter, in model order."""
     found = ((n, getattr(m, ATTR, None)) for n, m in model.named_modules())
     return {n: a for n, a in found if isinstance(a, TTAdapter)}
+
+
+def core_index(name: str) -> int:
+    """k of a core parameter named ``...cores.<k>``."""
+    return int(name.rsplit(".", 1)[1])
 
 
 def _out_features(module: nn.Module) -> int:
@@ -229,7 +83,7 @@ class FedTT(DeltaMethod):
             adapter.down.init(1 / hidden, None, (*seed, "down"))
             adapter.up.init(1 / self.cfg.bottleneck, self.zero_core(), (*seed, "up"))
             host.add_module(ATTR, adapter.to(host.weight.device))
-            host.register_forward_hook(_adapter_hook)
+            host.register_forward_hook(adapter_hook)
 
     def all_cores(self, model: nn.Module) -> dict[str, nn.Parameter]:
         return {
@@ -285,17 +139,18 @@ class FedTT(DeltaMethod):
         for host in self.hosts(plain).values():
             delattr(host, ATTR)
             for key, hook in list(host._forward_hooks.items()):
-                if hook is _adapter_hook:
+                if hook is adapter_hook:
                     del host._forward_hooks[key]
         return plain
 
     def export_extra(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().contiguous() for n, p in self.all_cores(model).items()}
 
-
-def core_index(name: str) -> int:
-    """k of a core parameter named ``...cores.<k>``."""
-    return int(name.rsplit(".", 1)[1])
+    def export_artifacts(self, model: nn.Module, folder: Path, model_dir: str) -> dict[str, str]:
+        """The cores ``save_extras`` wrote beside the plain model, and the call that puts them
+        on it (``load_adapters`` under the package's public name)."""
+        return {"adapters": f"{model_dir}/{EXTRAS_FILE}",
+                "adapters_loader": f"{__package__}.{load_adapters.__name__}(model, DIR/{model_dir})"}
 
 
 class FedTTPlus(FedTT):
@@ -352,7 +207,7 @@ class FedTTPlus(FedTT):
             self.trained = self.next_trained(model, seeds, delta)
 
     def next_trained(self, model: nn.Module, seeds: list[int], delta: dict[str, torch.Tensor]) -> list[int]:
-        """The adaptive rule (module docstring): maybe freeze the slowest of ``seeds``."""
+        """The adaptive rule (the class docstring): maybe freeze the slowest of ``seeds``."""
         limit = self.cfg.cores - 1 if self.cfg.max_frozen is None else self.cfg.max_frozen
         if len(seeds) <= self.cfg.cores - limit or len(seeds) < 2:
             return sorted(seeds)
