@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -60,6 +61,10 @@ async def serve(args: argparse.Namespace) -> int:
     # this process's device and dtype; cfg keeps round.yaml's, which clients receive as defaults
     placement = resolve_placement(cfg.model.device, cfg.model.dtype, args.device, args.dtype)
     coord = await asyncio.to_thread(Coordinator, cfg, args.fresh, placement=placement)
+    # the model, torch and every module loaded so far live as long as the server: keep them out
+    # of the cyclic collector's full passes, which otherwise walk them again and again while
+    # thousands of clients' calls allocate (a full pass grew with them, not with the clients)
+    gc.freeze()
     async with run_server(coord, args.listen) as port:
         log.info("server_listening", port=port, run_id=coord.run_id)
         if args.port_file:

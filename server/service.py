@@ -43,6 +43,8 @@ from .uploads import UploadGate, assemble, check_report, drain
 
 log = structlog.get_logger("fedkrso.server")
 MAX_POLL_S = 60.0
+# a waiting poll wakes at least this often to mark its client as heard from (registry.LIVENESS_S)
+POLL_TOUCH_S = 15.0
 
 
 class CoordinatorService(SecAggServicer, pb_grpc.CoordinatorServicer):
@@ -129,7 +131,7 @@ class CoordinatorService(SecAggServicer, pb_grpc.CoordinatorServicer):
                 yield pb.StartRoundResponse(header=pb.RoundHeader(
                     status=pb.ROUND_STATUS_WAIT, round=coord.completed, target_round=coord.completed))
                 return
-            await coord.wait_change(min(remaining, 5.0))
+            await coord.wait_for_work(client_id, min(remaining, POLL_TOUCH_S))
         training = task.status == "train"
         if training:
             coord.begin_download(client_id, task.round, self._counters(context))
@@ -225,6 +227,12 @@ def server_options(s: ServerSection, behind_relay: bool) -> list[tuple[str, int]
         ("grpc.server_handshake_timeout_ms", int(s.handshake_timeout_s * 1000)),
         ("grpc.max_connection_idle_ms", int(s.connection_idle_s * 1000)),
         ("grpc.max_concurrent_streams", s.max_streams_per_connection),
+        # calls that arrived but that the event loop has not taken up yet wait in gRPC's queue,
+        # which by default refuses beyond 1000 (at random from there to 3000): a round opening
+        # for 2,000 clients (their uploads and next polls at once) lost calls there. The
+        # connection and stream limits above already bound how many calls can exist.
+        ("grpc.server.max_pending_requests", s.max_connections * s.max_streams_per_connection),
+        ("grpc.server.max_pending_requests_hard_limit", s.max_connections * s.max_streams_per_connection),
     ]
 
 
