@@ -46,7 +46,7 @@ def write_config(path: Path, model: Path, out: Path, n: int, rounds: int, method
         # every client of the pool comes from one address and connects at once: lift the
         # per-address limits, the handshakes pending at once and the client table to N
         "server": {"listen": "127.0.0.1:0", "max_connections_per_peer": n + 16, "join_burst": n,
-                   "max_connections": max(1024, 2 * n), "max_pending_connections": max(128, n + 16),
+                   "max_connections": max(1024, n + 256), "max_pending_connections": max(128, n + 16),
                    "max_clients": max(4096, n + 16)},
     }
     path.write_text(yaml.safe_dump(cfg))
@@ -207,8 +207,16 @@ def _run_pools(target: str, n: int, config: Path, rounds: int, procs: int, max_i
                 p.kill()
 
 
+def _connections_held(server_log: str) -> int | None:
+    """The connections a server lowered ``max_connections`` to (its descriptor limit), if it did."""
+    for line in server_log.splitlines():
+        if '"max_connections_lowered"' in line:
+            return int(json.loads(line)["to"])
+    return None
+
+
 def run_one(n: int, rounds: int, workdir: Path, model: Path, method: dict, timeout: float,
-            max_inflight: int = 0, pool_procs: int = 1, server_log: str = "warning") -> dict:
+            max_inflight: int = 0, pool_procs: int = 1, server_log: str = "warning", relay: bool = True) -> dict:
     wd = workdir / f"n{n}"
     wd.mkdir(parents=True, exist_ok=True)
     out = wd / "out"
@@ -217,11 +225,13 @@ def run_one(n: int, rounds: int, workdir: Path, model: Path, method: dict, timeo
     cluster = Cluster(wd)
     sampler = printer = None
     try:
-        port = cluster.start_server(config, ["--log-level", server_log, "--fresh"])  # a reused workdir starts over
+        port = cluster.start_server(config, ["--log-level", server_log, "--fresh"],  # a reused workdir starts over
+                                    module="fedkrso.server.main" if relay else "fedkrso.bench.scale_server")
         pid = cluster.server.popen.pid
-        if "max_connections_lowered" in cluster.server.text():
-            raise RuntimeError(f"the server cannot hold {n} connections (its file-descriptor limit):\n"
-                               f"{cluster.server.text()[-2000:]}")
+        held = _connections_held(cluster.server.text())
+        if held is not None and held < n:
+            raise RuntimeError(f"the server can hold {held} connections, {n} clients need {n} (its "
+                               "file-descriptor limit: 3 descriptors a relayed connection; --no-relay: 1)")
         base = _proc_status(pid).get("VmRSS", 0)
         printer = RoundPrinter(out / "metrics.jsonl", n)
         printer.start()
@@ -248,6 +258,7 @@ def run_one(n: int, rounds: int, workdir: Path, model: Path, method: dict, timeo
     server_cpu, pool_cpu = sampler.cpu_between(t0, t1)
     return {
         "clients": n,
+        "relay": relay,
         "pool_procs": pool_procs,
         "max_inflight": max_inflight,
         "rounds": len(rows),
@@ -273,12 +284,12 @@ def run_one(n: int, rounds: int, workdir: Path, model: Path, method: dict, timeo
 
 
 def format_table(results: list[dict]) -> str:
-    head = ("| clients | pool procs | rounds | updates | updates/s | round s (median) | round s (max) | "
+    head = ("| clients | relay | pool procs | rounds | updates | updates/s | round s (median) | round s (max) | "
             "uplink B/client | server RSS start MiB | server peak RSS MiB | server peak fds | "
             "server CPU ms/update | pool CPU ms/update | load before |")
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
     for r in results:
-        lines.append(f"| {r['clients']} | {r['pool_procs']} | {r['rounds']} | {r['updates']} | "
+        lines.append(f"| {r['clients']} | {'yes' if r['relay'] else 'no'} | {r['pool_procs']} | {r['rounds']} | {r['updates']} | "
                      f"{r['updates_per_s']:.1f} | {r['round_s_median']:.2f} | {r['round_s_max']:.2f} | "
                      f"{r['uplink_payload_per_client']:.0f} | {r['server_rss_start_mib']:.0f} | "
                      f"{r['server_peak_rss_mib']:.0f} | {r['server_peak_fds']} | "
@@ -301,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="cap on uploads the pool streams at once (0: every client at once)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per N")
     p.add_argument("--server-log-level", default="warning", help="the server's --log-level (info: an event per update)")
+    p.add_argument("--no-relay", action="store_true",
+                   help="experiment: the server without its byte-counting relay (bench/scale_server.py)")
     args = p.parse_args(argv)
 
     import torch
@@ -315,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for n in (int(x) for x in args.clients.split(",") if x.strip()):
         r = run_one(n, args.rounds, workdir, model, method, args.timeout, args.max_inflight, args.pool_procs,
-                    args.server_log_level)
+                    args.server_log_level, relay=not args.no_relay)
         print(json.dumps(r), flush=True)
         results.append(r)
     print(format_table(results), flush=True)

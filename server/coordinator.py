@@ -386,7 +386,7 @@ class Coordinator:
             return "snapshot", []
         deltas = [self.deltas[r] for r in range(have, self.completed)]
         seeds = self.method.seeds_per_round  # fixed seeds are not resent with deltas
-        cost = sum(payload_bytes(d.tensors) + (seeds_bytes(len(d.seeds)) if seeds else 0) for d in deltas)
+        cost = sum(d.tensor_bytes + (seeds_bytes(len(d.seeds)) if seeds else 0) for d in deltas)
         if cost > self.state_bytes:  # whichever is smaller
             return "snapshot", []
         return "deltas", deltas

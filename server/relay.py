@@ -60,15 +60,16 @@ class RelayLimits:
                    s.handshake_timeout_s, s.connection_idle_s)
 
 
-def fd_budget() -> int:
+def fd_budget(per_connection: int = FDS_PER_CONNECTION) -> int:
     """Connections this process's file-descriptor limit can hold, after raising the soft limit
-    to the hard one (a connection costs ``FDS_PER_CONNECTION``)."""
+    to the hard one (a relayed connection costs ``FDS_PER_CONNECTION``, one gRPC serves
+    directly costs one)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return max((soft - FD_RESERVE) // FDS_PER_CONNECTION, 1)
+    return max((soft - FD_RESERVE) // per_connection, 1)
 
 
 @dataclass(eq=False)

@@ -8,6 +8,7 @@ layer (``state.py``) writes and reads them, the metrics row (``metrics.py``) sum
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -36,9 +37,14 @@ class RoundDelta:
     tensors: dict[str, torch.Tensor]
     state_fingerprint: str  # state after applying it
 
+    @functools.cached_property
+    def tensor_bytes(self) -> int:
+        """Its tensors' payload bytes: counted once, not for every client it is sent to."""
+        return payload_bytes(self.tensors)
+
     @property
     def payload_bytes(self) -> int:
-        return payload_bytes(self.tensors) + seeds_bytes(len(self.seeds))
+        return self.tensor_bytes + seeds_bytes(len(self.seeds))
 
 
 @dataclass(frozen=True)

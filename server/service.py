@@ -35,7 +35,7 @@ from .auth import AuthInterceptor, current_client, server_credentials
 from .coordinator import Coordinator
 from .intake import report_of
 from .messages import DeltaEncodings, assignment_messages, snapshot_messages
-from .relay import CountingRelay, RelayLimits, fd_budget
+from .relay import FDS_PER_CONNECTION, CountingRelay, RelayLimits, fd_budget
 from .rounds import Assignment, RoundError
 from .secagg_service import SecAggServicer
 from .statuses import StatusInterceptor
@@ -251,7 +251,7 @@ async def run_server(coord: Coordinator, listen: str | None = None, count_bytes:
     creds = server_credentials(sec, listen)
     auth = AuthInterceptor(sec)
     limits = RelayLimits.of(coord.cfg.server)
-    budget = fd_budget()
+    budget = fd_budget(FDS_PER_CONNECTION if count_bytes else 1)
     if limits.max_connections > budget:
         log.warning("max_connections_lowered", configured=limits.max_connections, to=budget,
                     reason="the process's file-descriptor limit")
