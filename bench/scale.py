@@ -289,7 +289,8 @@ def format_table(results: list[dict]) -> str:
             "server CPU ms/update | pool CPU ms/update | load before |")
     lines = [head, "|" + "---|" * 15]
     for r in results:
-        lines.append(f"| {r['clients']} | {'yes' if r['relay'] else 'no'} | {r['pool_procs']} | {r['rounds']} | {r['updates']} | "
+        relay = "yes" if r["relay"] else "no"
+        lines.append(f"| {r['clients']} | {relay} | {r['pool_procs']} | {r['rounds']} | {r['updates']} | "
                      f"{r['updates_per_s']:.1f} | {r['round_s_median']:.2f} | {r['round_s_max']:.2f} | "
                      f"{r['uplink_payload_per_client']:.0f} | {r['server_rss_start_mib']:.0f} | "
                      f"{r['server_peak_rss_mib']:.0f} | {r['server_peak_fds']} | "

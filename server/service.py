@@ -45,6 +45,7 @@ log = structlog.get_logger("fedkrso.server")
 MAX_POLL_S = 60.0
 # a waiting poll wakes at least this often to mark its client as heard from (registry.LIVENESS_S)
 POLL_TOUCH_S = 15.0
+CALLS_PER_CLIENT = 4  # at most at once: a poll, an upload, a heartbeat, a Leave
 
 
 class CoordinatorService(SecAggServicer, pb_grpc.CoordinatorServicer):
@@ -229,10 +230,10 @@ def server_options(s: ServerSection, behind_relay: bool) -> list[tuple[str, int]
         ("grpc.max_concurrent_streams", s.max_streams_per_connection),
         # calls that arrived but that the event loop has not taken up yet wait in gRPC's queue,
         # which by default refuses beyond 1000 (at random from there to 3000): a round opening
-        # for 2,000 clients (their uploads and next polls at once) lost calls there. The
-        # connection and stream limits above already bound how many calls can exist.
-        ("grpc.server.max_pending_requests", s.max_connections * s.max_streams_per_connection),
-        ("grpc.server.max_pending_requests_hard_limit", s.max_connections * s.max_streams_per_connection),
+        # for 2,000 clients (their uploads and next polls at once) lost calls there. Room for
+        # every connection's honest calls at once, and no more (refused beyond, as before)
+        ("grpc.server.max_pending_requests", s.max_connections * CALLS_PER_CLIENT),
+        ("grpc.server.max_pending_requests_hard_limit", s.max_connections * CALLS_PER_CLIENT),
     ]
 
 

@@ -73,9 +73,9 @@ def test_a_burst_of_calls_the_loop_has_not_taken_up_is_not_refused(server_factor
     """Calls that arrived while the event loop was busy wait in gRPC's queue, which by default
     refused beyond 1000 of them (at random, up to all beyond 3000): when a round of 2,000
     clients opened, their uploads and next polls came at once and some were cancelled. The
-    server sizes that queue to the calls its connection and stream limits admit."""
+    server sizes that queue to the honest calls its connections can carry."""
     calls = 1500
-    srv = server_factory(server={"max_streams_per_connection": 2 * calls})
+    srv = server_factory(server={"max_streams_per_connection": 2 * calls})  # one connection carries the burst
     channel = grpc.insecure_channel(srv.target)
     stub = pb_grpc.CoordinatorStub(channel)
     _, call = stub.Join.with_call(pb.JoinRequest(name="burst", num_samples=10), timeout=20)
