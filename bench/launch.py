@@ -50,11 +50,11 @@ class Cluster:
     clients: list[Proc] = field(default_factory=list)
 
     def start_server(self, config: Path, args: list[str] = (), timeout: float = 180.0,
-                     env: dict | None = None, name: str = "server") -> int:
+                     env: dict | None = None, name: str = "server", module: str = "fedkrso.server.main") -> int:
         port_file = self.workdir / f"{name}.port"
         port_file.unlink(missing_ok=True)
         log = self.workdir / f"{name}.log"
-        cmd = [sys.executable, "-m", "fedkrso.server.main", "--config", str(config),
+        cmd = [sys.executable, "-m", module, "--config", str(config),
                "--port-file", str(port_file), *args]
         self.server = Proc(name, subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                                   env=child_env(env)), log)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +36,12 @@ class Encoded:
     data: bytes
 
 
+ELEMENT_SIZES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+
+
 def element_size(dtype: str) -> int:
-    return torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    """Bytes per element of a dtype name (KeyError for an unknown one)."""
+    return ELEMENT_SIZES[dtype]
 
 
 def encode(t: torch.Tensor, dtype: str | None = None) -> Encoded:
@@ -55,8 +60,10 @@ def encode(t: torch.Tensor, dtype: str | None = None) -> Encoded:
     return Encoded(DTYPE_NAMES[t.dtype], tuple(t.shape), data)
 
 
-def decode(dtype: str, shape: tuple[int, ...] | list[int], data: bytes) -> torch.Tensor:
-    """Decode and validate: known dtype, sane shape, byte length equal to numel * itemsize."""
+def decode(dtype: str, shape: tuple[int, ...] | list[int], data: bytes | bytearray) -> torch.Tensor:
+    """Decode and validate: known dtype, sane shape, byte length equal to numel * itemsize. A
+    ``bytearray`` becomes the tensor's memory (the caller hands it over: no copy); ``bytes``,
+    which is read-only, is copied."""
     if dtype not in DTYPES:
         raise CodecError(f"unknown dtype {dtype!r}")
     shape = tuple(int(s) for s in shape)
@@ -70,15 +77,46 @@ def decode(dtype: str, shape: tuple[int, ...] | list[int], data: bytes) -> torch
         raise CodecError(f"byte length {len(data)} != {want} for {dtype}{list(shape)}")
     if numel == 0:
         return torch.empty(shape, dtype=DTYPES[dtype])
-    t = torch.frombuffer(bytearray(data), dtype=DTYPES[dtype])
+    t = torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=DTYPES[dtype])
     if sys.byteorder != "little":  # pragma: no cover
         t = t.byteswap()
     return t.reshape(shape)
 
 
+FLAT_BATCH = 1 << 20  # elements: small tensors are checked and summed this many at a time
+
+
+def _flat_batches(tensors) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """(the tensors, all their elements as one 1-D tensor), small tensors concatenated up to
+    ``FLAT_BATCH`` elements: an update of many small tensors costs a few operations instead of
+    a few per tensor, and a large tensor is never copied whole."""
+    def flat(group: list[torch.Tensor]) -> torch.Tensor:
+        return (torch.cat([g.reshape(-1) for g in group]) if len(group) > 1 else group[0].reshape(-1)).detach()
+
+    group: list[torch.Tensor] = []
+    size = 0
+    for t in tensors:
+        if group and size + t.numel() > FLAT_BATCH:
+            yield group, flat(group)
+            group, size = [], 0
+        group.append(t)
+        size += t.numel()
+    if group:
+        yield group, flat(group)
+
+
 def l2_norm(tensors) -> float:
     """L2 norm over every element of ``tensors`` (an iterable), summed in float64."""
-    return math.sqrt(sum(float(t.detach().double().square().sum()) for t in tensors))
+    return math.sqrt(sum(float(flat.double().square().sum()) for _, flat in _flat_batches(tensors)))
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding a NaN or an infinity; None when all are finite."""
+    by_id = {id(t): name for name, t in tensors.items()}
+    for group, flat in _flat_batches(tensors.values()):
+        if not bool(torch.isfinite(flat).all()):
+            return next(by_id[id(t)] for t in group if not bool(torch.isfinite(t).all()))
+    return None
 
 
 def product_norm_sq(left: torch.Tensor, right: torch.Tensor) -> float:

@@ -161,6 +161,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.tokens = TokenFile(sec.tokens_file) if sec.tokens_file else None
         self.from_cert = sec.client_id_from_cert
         self.sessions = SessionAuth()
+        self._guarded_handlers: dict[tuple[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler] = {}
 
     @property
     def mode(self) -> str:
@@ -189,7 +190,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or (self.mode == "open_enrolment" and details.method.endswith("/Join")):
             return handler
-        return self._guarded(handler, details.method.rsplit("/", 1)[-1])
+        key = (details.method, handler)  # one guarded handler per method, built once, not per call
+        guarded = self._guarded_handlers.get(key)
+        if guarded is None:
+            guarded = self._guarded_handlers[key] = self._guarded(handler, details.method.rsplit("/", 1)[-1])
+        return guarded
 
     def _guarded(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         """The same handler, authenticating first (all four streaming shapes)."""

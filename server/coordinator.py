@@ -35,12 +35,14 @@ from ..common.precision import Placement
 from ..common.tensors import DTYPES
 from .intake import UpdateIntake
 from .metrics import MetricsWriter, round_row
+from .polls import PollWaiters
 from .privacy import PrivacyGuard
 from .secagg import SecureAggregation
 from .registry import ClientRegistry
 from .results import ServerEvaluator, save_final
 from .rounds import Assignment, RoundDelta, RoundError, RoundState, StateCopy
-from .state import RunStore, SavedRun, move_aside, rebuild, restore_round, run_identity, shaping_config
+from .open_round import restore_round
+from .state import RunStore, SavedRun, move_aside, rebuild, run_identity, shaping_config
 from .trackers import Trackers
 from .weights import RoundWeights
 
@@ -85,7 +87,8 @@ class Coordinator:
         self.finished = False
         self._last_row: dict | None = None
         self._snapshot_copy: tuple[int, weakref.ref] = (-1, lambda: None)  # round, its shared copy
-        self.changed = asyncio.Condition()
+        self.changed = asyncio.Condition()  # anything changed: the round loop's own waits
+        self.polls = PollWaiters()  # clients' long-polls: woken only when their answer may change
         self.model_lock = asyncio.Lock()
         self.fold_lock = asyncio.Lock()
         self.store = RunStore(self.out / "state", self.run_id, shaping_config(cfg), self.base)
@@ -139,7 +142,7 @@ class Coordinator:
         """Persist the open round; the caller holds ``fold_lock`` so that the submissions and
         the aggregate written together agree."""
         rs.unsaved_downloads = False
-        await asyncio.to_thread(self.store.save_open, rs, with_aggregate)
+        await asyncio.to_thread(self.store.write_open, self.store.plan_open(rs, with_aggregate))
 
     # -- waiting -------------------------------------------------------------------------------
     async def notify(self) -> None:
@@ -152,6 +155,12 @@ class Coordinator:
                 await asyncio.wait_for(self.changed.wait(), timeout)
             except TimeoutError:
                 pass
+
+    async def wait_for_work(self, client_id: str, timeout: float) -> None:
+        """A poll of ``client_id`` that got no assignment waits here: until a round opens, the
+        run finishes, the client is added to the open round or leaves (``polls.py``), or
+        ``timeout``."""
+        await self.polls.wait(client_id, timeout)
 
     # -- the run -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -173,7 +182,9 @@ class Coordinator:
         give_up = time.monotonic() + r.start_timeout_s
         with progress(total=r.clients_per_round, desc="clients joined", unit="client") as bar:
             while True:
-                n = len(self.registry.selectable())
+                n = self.registry.selectable_bound()
+                if n >= r.min_clients:  # enough asked for work: how many are live
+                    n = len(self.registry.selectable())
                 bar.update(min(n, bar.total) - bar.n)
                 if n >= r.clients_per_round or (n >= r.min_clients and time.monotonic() >= give_up):
                     return
@@ -202,6 +213,7 @@ class Coordinator:
             self.current = rs
         named = {} if self.cfg.privacy.any else {"clients": sorted(selected)}  # the sample stays out of the log
         log.info("round_started", round=t, selected=len(selected), seeds=len(seeds), **named)
+        self.polls.wake_all()
         await self.notify()
         await self._await_round(rs)
         return True
@@ -216,7 +228,9 @@ class Coordinator:
             while True:
                 bar.total = len(rs.selected)
                 bar.update(len(rs.submissions) - bar.n)
-                if rs.selected and rs.selected <= set(rs.submissions):
+                # every submitter is selected: compare counts first, sets only when they agree
+                # (building the set on each of N wakeups made a round O(N^2))
+                if rs.selected and len(rs.submissions) >= len(rs.selected) and rs.selected.issubset(rs.submissions):
                     break
                 if self.deadlines and time.monotonic() >= rs.deadline:
                     if len(rs.submissions) >= self.cfg.rounds.min_clients:
@@ -244,6 +258,7 @@ class Coordinator:
         rs.dropped |= set(dropped)
         self.registry.mark_dropped(dropped)
         self.freeze_weights(rs, fresh)
+        self.polls.wake(fresh)
         rs.deadline = time.monotonic() + self.cfg.rounds.deadline_s
         log.warning("round_extended", round=rs.round, dropped=dropped, added=fresh,
                     submitted=len(rs.submissions))
@@ -295,6 +310,7 @@ class Coordinator:
     async def finish(self) -> None:
         self.finished = True
         self.current = None
+        self.polls.wake_all()
         await self.notify()
         await asyncio.to_thread(save_final, self.cfg, self.method, self.model, self.out,
                                 self.state_fingerprints[self.completed])
@@ -307,7 +323,9 @@ class Coordinator:
         so its final catch-up and Leave are not refused by a stopping server."""
         give_up = time.monotonic() + timeout
         while time.monotonic() < give_up and self.registry.still_finishing():
-            await self.wait_change(0.5)
+            # on a clock, not on every change: each check scans the client table, and N
+            # clients leaving one after the other made the wake-up per Leave O(N^2)
+            await asyncio.sleep(0.25)
 
     # -- for the service: clients ----------------------------------------------------------------
     def touch(self, client_id: str, polling: bool = False) -> None:
@@ -325,6 +343,7 @@ class Coordinator:
         self.registry.leave(client_id)
         await self.drop_from_round(client_id)
         log.info("client_left", client=client_id, reason=bounded(reason))
+        self.polls.wake([client_id])  # its own poll ends (UNAUTHENTICATED)
 
     async def drop_from_round(self, client_id: str) -> None:
         """``client_id`` will not submit to the open round (it left, or its update was refused
@@ -375,7 +394,7 @@ class Coordinator:
             return "snapshot", []
         deltas = [self.deltas[r] for r in range(have, self.completed)]
         seeds = self.method.seeds_per_round  # fixed seeds are not resent with deltas
-        cost = sum(payload_bytes(d.tensors) + (seeds_bytes(len(d.seeds)) if seeds else 0) for d in deltas)
+        cost = sum(d.tensor_bytes + (seeds_bytes(len(d.seeds)) if seeds else 0) for d in deltas)
         if cost > self.state_bytes:  # whichever is smaller
             return "snapshot", []
         return "deltas", deltas

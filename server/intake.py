@@ -20,7 +20,7 @@ from fedkrso.v1 import coordinator_pb2 as pb
 from ..common.accounting import ConnCounters
 from ..common.logs import bounded
 from ..common.privacy.config import PrivacySection
-from ..common.tensors import element_size
+from ..common.tensors import element_size, non_finite
 from . import client_eval
 from .rounds import RoundError, RoundState, Submission, UpdateReport
 
@@ -46,6 +46,8 @@ class UpdateIntake:
 
     def __init__(self, coord: Coordinator):
         self.coord = coord
+        # the open round's update spec, built once per round's seeds, not once per update
+        self._spec: tuple[tuple[int, ...], dict[str, tuple[int, ...]], set[str]] | None = None
 
     def check_header(self, client_id: str, run_id: str, round_id: int, num_samples: int,
                      digest: str) -> RoundState | None:
@@ -94,8 +96,11 @@ class UpdateIntake:
 
     def update_spec(self, rs: RoundState) -> tuple[dict[str, tuple[int, ...]], set[str]]:
         """(name -> shape of what an update of ``rs`` may carry, the names it must carry)."""
-        method, model = self.coord.method, self.coord.model
-        return method.update_spec(model, rs.seeds), method.required_names(model, rs.seeds)
+        seeds = tuple(rs.seeds)
+        if self._spec is None or self._spec[0] != seeds:
+            method, model = self.coord.method, self.coord.model
+            self._spec = (seeds, method.update_spec(model, rs.seeds), method.required_names(model, rs.seeds))
+        return self._spec[1], self._spec[2]
 
     async def accept(self, rs: RoundState, client_id: str, report: UpdateReport,
                      tensors: dict[str, torch.Tensor], up_payload: int, up_message: int,
@@ -107,9 +112,9 @@ class UpdateIntake:
         not measured) and ``down_at_submit`` their downlink count when the upload began: the
         client's wire bytes are measured from its download's mark when both are on the same
         connection, and stay unmeasured (None) when the connection changed (a restart)."""
-        for name, t in tensors.items():
-            if not torch.isfinite(t).all():
-                raise RoundError("INVALID_ARGUMENT", f"tensor {name!r} has non-finite values")
+        bad = non_finite(tensors)
+        if bad is not None:
+            raise RoundError("INVALID_ARGUMENT", f"tensor {bad!r} has non-finite values")
         norm = await asyncio.to_thread(self._check_values, rs, client_id, tensors, list(report.seeds_used))
         async with self.coord.fold_lock:
             # checked under the lock: concurrent streams of one client must not both fold
@@ -122,8 +127,8 @@ class UpdateIntake:
             if duplicate and prior.digest != sub.digest:
                 raise RoundError("ALREADY_EXISTS", f"an update for round {rs.round} was already accepted")
             if not duplicate:
-                tensors = await asyncio.to_thread(self.coord.privacy.screen, rs, tensors)
                 if self.coord.privacy.central:  # clipped to the DP bound in the same space (the weight change)
+                    tensors = await asyncio.to_thread(self.coord.privacy.screen, rs, tensors)
                     norm = min(norm, self.coord.cfg.privacy.dp.clip)
                 await asyncio.to_thread(rs.aggregator.add, tensors, sub.weight, norm)
                 traffic = rs.traffic_of(sub.client_id)

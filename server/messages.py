@@ -36,7 +36,7 @@ def assignment_messages(task: Assignment, delta_messages: Callable[[RoundDelta],
     for d in task.deltas:
         seeds = d.seeds if task.seeds_in_deltas else []
         head = pb.DeltaHeader(round=d.round, seeds=seeds, num_tensors=len(d.tensors))
-        yield pb.StartRoundResponse(delta=head), payload_bytes(d.tensors) + seeds_bytes(len(seeds))
+        yield pb.StartRoundResponse(delta=head), d.tensor_bytes + seeds_bytes(len(seeds))
         for m in delta_messages(d):
             yield m, 0
 

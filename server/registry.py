@@ -49,6 +49,7 @@ class ClientRegistry:
         self.liveness_s = liveness_s
         self.max_clients = max_clients
         self.clients: dict[str, ClientState] = {}
+        self._asked = 0  # active clients that asked for work (``selectable_bound``)
 
     def join(self, client_id: str, name: str, num_samples: int, eval_samples: int = 0, keep: Collection[str] = (),
              software_version: str = "") -> ClientState:
@@ -58,6 +59,9 @@ class ClientRegistry:
             raise RoundError("INVALID_ARGUMENT", "num_samples must be at least 1")
         if client_id not in self.clients and len(self.clients) >= self.max_clients:
             self._evict(keep)
+        old = self.clients.get(client_id)
+        if old is not None:
+            self._count(old, -1)
         client = ClientState(client_id, name, num_samples, eval_samples)
         self.clients[client_id] = client
         log.info("client_joined", client=client_id, name=name, samples=num_samples, eval_samples=eval_samples,
@@ -74,12 +78,14 @@ class ClientRegistry:
             raise RoundError("RESOURCE_EXHAUSTED", f"the client table is full ({self.max_clients} live clients, "
                              "server.max_clients); try again later")
         victim = min(gone, key=lambda c: (c.active, c.last_seen))
+        self._count(victim, -1)
         del self.clients[victim.client_id]
         log.info("client_forgotten", client=victim.client_id, table=len(self.clients))
 
     def leave(self, client_id: str) -> None:
         client = self.clients.get(client_id)
         if client:
+            self._count(client, -1)
             client.active = False
 
     def touch(self, client_id: str, polling: bool = False) -> ClientState:
@@ -92,9 +98,22 @@ class ClientRegistry:
         if not client.active:
             raise RoundError("UNAUTHENTICATED", f"client {client_id!r} left the run; join again to take part")
         client.last_seen = time.monotonic()
-        client.polled = client.polled or polling
+        if polling and not client.polled:
+            client.polled = True
+            self._count(client, +1)
         client.dropped = False
         return client
+
+    def _count(self, client: ClientState, sign: int) -> None:
+        if client.active and client.polled:
+            self._asked += sign
+
+    def selectable_bound(self) -> int:
+        """At least ``len(selectable())``, in O(1): the active clients that asked for work,
+        counted as they change. Whether they are still live takes a scan of the table, which
+        the coordinator waiting for clients makes only once this bound is high enough (a scan
+        on every Join made joining N clients O(N^2 log N))."""
+        return self._asked
 
     def get(self, client_id: str) -> ClientState:
         return self.clients[client_id]

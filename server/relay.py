@@ -60,15 +60,16 @@ class RelayLimits:
                    s.handshake_timeout_s, s.connection_idle_s)
 
 
-def fd_budget() -> int:
+def fd_budget(per_connection: int = FDS_PER_CONNECTION) -> int:
     """Connections this process's file-descriptor limit can hold, after raising the soft limit
-    to the hard one (a connection costs ``FDS_PER_CONNECTION``)."""
+    to the hard one (a relayed connection costs ``FDS_PER_CONNECTION``, one gRPC serves
+    directly costs one)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return max((soft - FD_RESERVE) // FDS_PER_CONNECTION, 1)
+    return max((soft - FD_RESERVE) // per_connection, 1)
 
 
 @dataclass(eq=False)
@@ -80,17 +81,131 @@ class _Conn:
     pending: bool = True
     server_spoke: bool = False
     closed: bool = False
-    writer: asyncio.StreamWriter | None = None
-    upstream: asyncio.StreamWriter | None = None
+    client: asyncio.Transport | None = None  # the accepted connection
+    upstream: asyncio.Transport | None = None  # the relay's connection to gRPC
+    counters: ConnCounters | None = None
+    lost: int = 0  # sides whose connection is gone
 
     def abort(self) -> None:
         """Close both sides now (a raw socket not yet handed to a transport included)."""
         self.closed = True
-        if self.writer is None:
+        if self.client is None:
             self.sock.close()
-        for w in (self.writer, self.upstream):
-            if w is not None:
-                w.transport.abort()
+        for t in (self.client, self.upstream):
+            if t is not None:
+                t.abort()
+
+
+class _Side(asyncio.Protocol):
+    """One side of a relayed connection. Bytes go straight from ``data_received`` to the other
+    side's transport: no task, no await per chunk (the relay carries every byte of every
+    client, so its cost per chunk is the server's). When the other side's write buffer fills,
+    this side stops reading until it drained (asyncio's flow control: ``pause_writing``)."""
+
+    def __init__(self, relay: CountingRelay, conn: _Conn):
+        self.relay, self.conn = relay, conn
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def other(self) -> asyncio.Transport | None:
+        raise NotImplementedError
+
+    def pause_writing(self) -> None:
+        other = self.other()
+        if other is not None:
+            other.pause_reading()
+
+    def resume_writing(self) -> None:
+        other = self.other()
+        if other is not None and not other.is_closing():
+            other.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        other = self.other()
+        if other is not None:
+            other.close()  # what it still buffers is written first
+        self.relay._side_lost(self.conn)
+
+
+class _ClientSide(_Side):
+    """The accepted connection. Its first bytes open the upstream connection (an idle TCP
+    connection costs one socket, not three)."""
+
+    def __init__(self, relay: CountingRelay, conn: _Conn, port: int):
+        super().__init__(relay, conn)
+        self.port = port
+        self.first: list[bytes] | None = None  # read while the upstream connection opens
+
+    def other(self) -> asyncio.Transport | None:
+        return self.conn.upstream
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.conn.client = transport
+        if self.conn.closed:  # evicted before it was served
+            transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        conn.last = time.monotonic()
+        if conn.upstream is None:
+            if self.first is None:
+                self.first = []
+                self.transport.pause_reading()
+                self.relay._spawn(self._open_upstream())
+            self.first.append(data)
+            return
+        conn.counters.up += len(data)
+        if conn.pending and conn.server_spoke:
+            self.relay._settle(conn)
+        if not conn.upstream.is_closing():
+            conn.upstream.write(data)
+
+    async def _open_upstream(self) -> None:
+        conn, relay = self.conn, self.relay
+        try:
+            await asyncio.get_running_loop().create_connection(
+                lambda: _UpstreamSide(relay, conn), relay.target_host, relay.target_port)
+        except OSError:
+            conn.abort()
+            return
+        if conn.closed:
+            conn.abort()
+            return
+        port = conn.upstream.get_extra_info("sockname")[1]
+        conn.counters = ConnCounters(client=f"{conn.host}:{self.port}")
+        relay.conns[port] = conn.counters
+        first, self.first = b"".join(self.first), None
+        conn.counters.up += len(first)
+        conn.upstream.write(first)
+        self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        return False  # the client is done: close, and the upstream side after it
+
+
+class _UpstreamSide(_Side):
+    """The relay's connection to the gRPC port."""
+
+    def other(self) -> asyncio.Transport | None:
+        return self.conn.client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.conn.upstream = transport
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        conn.last = time.monotonic()
+        conn.counters.down += len(data)
+        conn.server_spoke = True
+        if not conn.client.is_closing():
+            conn.client.write(data)
+
+    def eof_received(self) -> bool:
+        return False
 
 
 def _reset(sock: socket.socket) -> None:
@@ -109,7 +224,6 @@ class CountingRelay:
     target_host: str
     target_port: int
     limits: RelayLimits = field(default_factory=RelayLimits)
-    chunk: int = 1 << 16
     conns: dict[int, ConnCounters] = field(default_factory=dict)
     stats: Counter = field(default_factory=Counter)
     _sock: socket.socket | None = None
@@ -144,9 +258,7 @@ class CountingRelay:
             if conn is None:
                 _reset(sock)
             else:
-                task = asyncio.create_task(self._handle(conn, peer))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._serve(conn, peer))
 
     def lookup(self, peer: str) -> ConnCounters | None:
         """Counters for a gRPC peer string such as ``ipv4:127.0.0.1:54321``."""
@@ -198,65 +310,37 @@ class CountingRelay:
             if not self._per_peer[conn.host]:
                 del self._per_peer[conn.host]
 
-    async def _handle(self, conn: _Conn, peer: tuple) -> None:
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: _Conn, peer: tuple) -> None:
+        """Hand the accepted socket to a transport; its protocol (``_ClientSide``) relays."""
+        if conn.closed:  # evicted before it was served
+            return
         try:
-            if conn.closed:  # evicted before it was served
-                return
-            reader, writer = await asyncio.open_connection(sock=conn.sock)
-            conn.writer = writer
-            if conn.closed:
-                return
-            first = await reader.read(self.chunk)  # the sweeper closes it past handshake_s
-            if not first or conn.closed:
-                return
-            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
-            conn.upstream = up_writer
-            port = up_writer.get_extra_info("sockname")[1]
-            counters = ConnCounters(client=f"{conn.host}:{peer[1]}")
-            self.conns[port] = counters
-            counters.up += len(first)
-            up_writer.write(first)
-            await self._relay(conn, counters, reader, writer, up_reader, up_writer)
-            counters.open = False
-        except (ConnectionError, OSError):
-            pass
-        except asyncio.CancelledError:  # relay closing: the connection just ends
-            pass
-        finally:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: _ClientSide(self, conn, peer[1]),
+                                                                     conn.sock)
+        except OSError:
             self._release(conn)
             conn.abort()
+
+    def _side_lost(self, conn: _Conn) -> None:
+        """A side of ``conn`` closed. Once both did (or the client's, when the upstream one
+        never opened) it stops counting against the limits and its counters are final; until
+        then the other side is flushing what it holds, bounded by the idle sweep."""
+        conn.lost += 1
+        if conn.lost < (2 if conn.upstream is not None else 1):
+            return
+        self._release(conn)
+        conn.closed = True
+        if conn.counters is not None:
+            conn.counters.open = False
         # keep closed connections' counters briefly: a round may still read them
         if len(self.conns) > 4096:
             for key in [k for k, c in self.conns.items() if not c.open][:2048]:
                 del self.conns[key]
-
-    async def _relay(self, conn: _Conn, counters: ConnCounters, reader, writer, up_reader, up_writer) -> None:
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
-            try:
-                while data := await src.read(self.chunk):
-                    conn.last = time.monotonic()
-                    if up:
-                        counters.up += len(data)
-                        if conn.pending and conn.server_spoke:
-                            self._settle(conn)
-                    else:
-                        counters.down += len(data)
-                        conn.server_spoke = True
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    dst.close()
-
-        tasks = [asyncio.create_task(pipe(reader, up_writer, True)),
-                 asyncio.create_task(pipe(up_reader, writer, False))]
-        try:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            for t in tasks:
-                t.cancel()
 
     async def _sweep(self) -> None:
         """Close pending connections past ``handshake_s`` and idle ones past ``idle_s``; log

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -37,9 +38,14 @@ class RoundDelta:
     tensors: dict[str, torch.Tensor]
     state_fingerprint: str  # state after applying it
 
+    @functools.cached_property
+    def tensor_bytes(self) -> int:
+        """Its tensors' payload bytes: counted once, not for every client it is sent to."""
+        return payload_bytes(self.tensors)
+
     @property
     def payload_bytes(self) -> int:
-        return payload_bytes(self.tensors) + seeds_bytes(len(self.seeds))
+        return self.tensor_bytes + seeds_bytes(len(self.seeds))
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,12 @@ class RoundState:
     # client -> the shard size it declared when the round selected it: its weight in this round
     # follows from it (server/weights.py) and a later Join cannot change it
     declared: dict[str, int] = field(default_factory=dict)
+    # the selection's weight cap and what it was computed for (weights.RoundWeights.round_cap)
+    weight_cap: tuple[tuple[int, int, int], float] | None = None
     traffic: dict[str, Traffic] = field(default_factory=dict)
+    # clients whose submission or traffic changed since the open round was last saved: what
+    # the next save's journal line holds (open_round.py); marked by ``traffic_of``
+    changed: set[str] = field(default_factory=set)
     aggregator: Aggregator | None = None
     closing: bool = False
     failed: str | None = None  # why the round closes without changing the model (secure aggregation)
@@ -130,7 +141,9 @@ class RoundState:
         return not self.closing and client_id in self.selected and client_id not in self.submissions
 
     def traffic_of(self, client_id: str) -> Traffic:
-        """The client's traffic meter of this round, created on first use."""
+        """The client's traffic meter of this round, created on first use, and the client
+        marked as changed: whoever asks for the meter is about to change it, or its submission."""
+        self.changed.add(client_id)
         return self.traffic.setdefault(client_id, Traffic())
 
 

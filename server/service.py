@@ -35,7 +35,7 @@ from .auth import AuthInterceptor, current_client, server_credentials
 from .coordinator import Coordinator
 from .intake import report_of
 from .messages import DeltaEncodings, assignment_messages, snapshot_messages
-from .relay import CountingRelay, RelayLimits, fd_budget
+from .relay import FDS_PER_CONNECTION, CountingRelay, RelayLimits, fd_budget
 from .rounds import Assignment, RoundError
 from .secagg_service import SecAggServicer
 from .statuses import StatusInterceptor
@@ -43,6 +43,9 @@ from .uploads import UploadGate, assemble, check_report, drain
 
 log = structlog.get_logger("fedkrso.server")
 MAX_POLL_S = 60.0
+# a waiting poll wakes at least this often to mark its client as heard from (registry.LIVENESS_S)
+POLL_TOUCH_S = 15.0
+CALLS_PER_CLIENT = 4  # at most at once: a poll, an upload, a heartbeat, a Leave
 
 
 class CoordinatorService(SecAggServicer, pb_grpc.CoordinatorServicer):
@@ -129,7 +132,7 @@ class CoordinatorService(SecAggServicer, pb_grpc.CoordinatorServicer):
                 yield pb.StartRoundResponse(header=pb.RoundHeader(
                     status=pb.ROUND_STATUS_WAIT, round=coord.completed, target_round=coord.completed))
                 return
-            await coord.wait_change(min(remaining, 5.0))
+            await coord.wait_for_work(client_id, min(remaining, POLL_TOUCH_S))
         training = task.status == "train"
         if training:
             coord.begin_download(client_id, task.round, self._counters(context))
@@ -225,6 +228,12 @@ def server_options(s: ServerSection, behind_relay: bool) -> list[tuple[str, int]
         ("grpc.server_handshake_timeout_ms", int(s.handshake_timeout_s * 1000)),
         ("grpc.max_connection_idle_ms", int(s.connection_idle_s * 1000)),
         ("grpc.max_concurrent_streams", s.max_streams_per_connection),
+        # calls that arrived but that the event loop has not taken up yet wait in gRPC's queue,
+        # which by default refuses beyond 1000 (at random from there to 3000): a round opening
+        # for 2,000 clients (their uploads and next polls at once) lost calls there. Room for
+        # every connection's honest calls at once, and no more (refused beyond, as before)
+        ("grpc.server.max_pending_requests", s.max_connections * CALLS_PER_CLIENT),
+        ("grpc.server.max_pending_requests_hard_limit", s.max_connections * CALLS_PER_CLIENT),
     ]
 
 
@@ -243,7 +252,7 @@ async def run_server(coord: Coordinator, listen: str | None = None, count_bytes:
     creds = server_credentials(sec, listen)
     auth = AuthInterceptor(sec)
     limits = RelayLimits.of(coord.cfg.server)
-    budget = fd_budget()
+    budget = fd_budget(FDS_PER_CONNECTION if count_bytes else 1)
     if limits.max_connections > budget:
         log.warning("max_connections_lowered", configured=limits.max_connections, to=budget,
                     reason="the process's file-descriptor limit")

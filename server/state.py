@@ -17,13 +17,15 @@ the folder), so a crash at any instant leaves either the old or the new version 
 - ``checkpoint-RRRRRR.safetensors``: ``method.state_parameters`` after R rounds, every
   ``server.checkpoint_every`` rounds (only the latest is kept), so a restart replays at most
   that many deltas.
-- ``open_round.json`` + ``open-RRRRRR-NNNN.safetensors``: the round in progress (seeds,
-  selection, deadline left, accepted submissions, every client's traffic so far) and its
-  aggregator's running state. The JSON is the commit point: it names the tensor file written
-  just before it. The coordinator saves it before acknowledging an update, so an acknowledged
-  update is never lost, and after each finished download, so a client that downloaded before
-  a crash and submits after it keeps its downlink bytes. ``open_record`` and ``restore_round``
-  are the only code that writes and reads that record.
+- ``open_round.json`` + ``open-RRRRRR-T.jsonl`` + ``open-RRRRRR-NNNN.safetensors``: the round
+  in progress (seeds, selection, deadline left, accepted submissions, every client's traffic
+  so far), the journal of what changed since that record was written (``open_round.py``: a
+  line per save, fsynced, O(what changed)), and its aggregator's running state. The JSON
+  names the journal and the last journal line names the tensor file written just before it.
+  The coordinator saves before acknowledging an update, so an acknowledged update is never
+  lost, and after each finished download, so a client that downloaded before a crash and
+  submits after it keeps its downlink bytes. ``open_round.py`` builds and merges the
+  records; this module writes and reads them.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 import torch
@@ -45,14 +48,14 @@ from safetensors.torch import load_file as load_tensor_file
 from safetensors.torch import save_file as save_tensor_file
 from torch import nn
 
-from ..common.accounting import Traffic
-from ..common.aggregate import Aggregator, aggregator_from_state
 from ..common.config import TRANSPORT_FIELDS, RunConfig
 from ..common.methods import Method
-from .rounds import RoundState, Submission
+from .open_round import OpenSave, SavePlanner, merge
+from .rounds import RoundState
 
 log = structlog.get_logger("fedkrso.server")
-FORMAT = 2  # 2: the open round's traffic is its own record (every client, not only submitters)
+FORMAT = 3  # 2: the open round's traffic is its own record (every client, not only submitters); 3: its journal
+READABLE_FORMATS = (2, FORMAT)  # a format-2 open round has no journal: read as it is
 Tensors = dict[str, torch.Tensor]
 
 
@@ -139,33 +142,6 @@ def move_aside(out: Path) -> Path | None:
     return dest
 
 
-def open_record(rs: RoundState) -> dict:
-    """The JSON record of an open round (its aggregator's tensors are saved beside it)."""
-    now = time.monotonic()
-    return {"round": rs.round, "seeds": list(rs.seeds), "plan_fingerprint": rs.plan_fingerprint,
-            "selected": sorted(rs.selected), "dropped": sorted(rs.dropped),
-            "deadline_remaining_s": max(rs.deadline - now, 0.0), "elapsed_s": now - rs.started,
-            "submissions": {c: asdict(s) for c, s in rs.submissions.items()}, "declared": dict(rs.declared),
-            "traffic": {c: t.numbers() for c, t in rs.traffic.items()}}
-
-
-def restore_round(o: dict, tensors: Tensors, fresh_aggregator: Aggregator, min_remaining_s: float) -> RoundState:
-    """The open round of a record, after a restart. Its deadline is at least
-    ``min_remaining_s`` away, so clients still reconnecting with backoff are not dropped by a
-    restart that came near the deadline."""
-    now = time.monotonic()
-    remaining = max(float(o["deadline_remaining_s"]), min_remaining_s)
-    rs = RoundState(o["round"], o["seeds"], o["plan_fingerprint"], set(o["selected"]), now + remaining,
-                    started=now - o["elapsed_s"], dropped=set(o["dropped"]))
-    rs.declared = {c: int(n) for c, n in o.get("declared", {}).items()}
-    for client_id, numbers in o["traffic"].items():
-        rs.traffic[client_id] = Traffic(**numbers)
-    for client_id, sub in o["submissions"].items():
-        rs.submissions[client_id] = Submission(**sub)
-    rs.aggregator = aggregator_from_state(tensors, o["aggregator"]) if o["aggregator"] else fresh_aggregator
-    return rs
-
-
 @dataclass
 class History:
     """What ``rebuild`` replays: each round's seeds, the state fingerprint recorded after every
@@ -239,6 +215,8 @@ class RunStore:
         self.base = base  # models.base_identity of the base model, kept in the manifest
         self.manifest: dict = {}
         self._open_agg: tuple[str | None, dict | None] = (None, None)  # (tensor file, meta)
+        self.planner = SavePlanner()  # whole record or journal line (open_round.py)
+        self._journal: BinaryIO | None = None  # the open round's journal, open for appending
         self._lock = threading.Lock()
 
     @property
@@ -258,17 +236,18 @@ class RunStore:
         if m.get("run_id") != self.run_id:
             raise StateError(f"{self.root} holds the state of run {m.get('run_id')!r}, but this config is "
                              f"run {self.run_id!r}; restart with --fresh to move the old state aside")
-        if m.get("format") != FORMAT:
+        if m.get("format") not in READABLE_FORMATS:
             raise StateError(f"{self.manifest_path}: state format {m.get('format')!r}, expected {FORMAT}")
+        m["format"] = FORMAT  # what this server writes from now on
         self.manifest = m
         open_round, open_tensors = None, {}
         if self.open_path.exists():
             o = json.loads(self.open_path.read_text())
             if o.get("run_id") == self.run_id and o["round"] == m["completed"]:  # else: it closed
-                open_round = o
-                if o["tensors"]:
-                    open_tensors = read_tensors(self.root / o["tensors"])
-                self._open_agg = (o["tensors"], o["aggregator"])
+                open_round = merge(o, self._journal_lines(o.get("journal")))
+                if open_round["tensors"]:
+                    open_tensors = read_tensors(self.root / open_round["tensors"])
+                self._open_agg = (open_round["tensors"], open_round["aggregator"])
         return SavedRun(
             completed=m["completed"],
             seeds={int(r): s for r, s in m["seeds"].items()},
@@ -281,6 +260,15 @@ class RunStore:
             open_round=open_round,
             open_tensors=open_tensors,
         )
+
+    def _journal_lines(self, name: str | None) -> list[dict]:
+        """The complete lines of an open round's journal (a torn last line was never
+        acknowledged: left out)."""
+        path = self.root / name if name else None
+        if path is None or not path.exists():
+            return []
+        *complete, _torn = path.read_bytes().split(b"\n")
+        return [json.loads(line) for line in complete]
 
     def delta(self, round_id: int) -> Tensors:
         return read_tensors(self.root / f"round-{round_id:06d}.safetensors")
@@ -329,28 +317,64 @@ class RunStore:
             write_json(self.manifest_path, m)
             if checkpoint is not None and previous:
                 (self.root / previous["file"]).unlink(missing_ok=True)
+            self._close_journal()
             self.open_path.unlink(missing_ok=True)
-            self._drop_open_tensors(keep=None)
+            self._drop_open_files(keep=())
             self._open_agg = (None, None)
 
-    def save_open(self, rs: RoundState, with_aggregate: bool) -> None:
-        """Save the open round ``rs``; its aggregate too when ``with_aggregate`` (an update was
-        folded), else the last saved aggregate stays (selection, deadline or traffic changed)."""
-        self.save_open_round(open_record(rs), rs.aggregator.state() if with_aggregate else None)
+    def plan_open(self, rs: RoundState, with_aggregate: bool) -> OpenSave:
+        """What saving the open round ``rs`` writes, taken now, on the event loop (while the
+        caller holds ``fold_lock``): nothing the loop changes later leaks into the write, which
+        ``write_open`` does in a worker thread. The aggregate goes too when ``with_aggregate``
+        (an update was folded), else the last saved aggregate stays."""
+        return self.planner.plan(rs, with_aggregate)
 
-    def save_open_round(self, record: dict, aggregator: tuple[Tensors, dict] | None) -> None:
-        """Save an open-round record and, when it changed, its aggregator's ``state()``."""
+    def write_open(self, save: OpenSave) -> None:
+        """Write ``save`` (``plan_open``): the aggregator's tensors first, then the whole record
+        with a new empty journal, or a journal line; both name the tensor file."""
         with self._lock:
-            if aggregator is not None:
-                tensors, meta = aggregator
-                name = f"open-{record['round']:06d}-{meta['count']:04d}.safetensors"
-                write_tensors(self.root / name, tensors)
-                self._open_agg = (name, meta)
-            name, meta = self._open_agg
-            write_json(self.open_path, {**record, "run_id": self.run_id, "tensors": name, "aggregator": meta})
-            self._drop_open_tensors(keep=name)
+            try:
+                if save.aggregator is not None:
+                    tensors, meta = save.aggregator
+                    name = f"open-{save.round:06d}-{meta['count']:04d}.safetensors"
+                    write_tensors(self.root / name, tensors)
+                    self._open_agg = (name, meta)
+                name, meta = self._open_agg
+                if save.record is not None:
+                    self._start_journal(save, name, meta)
+                else:
+                    self._journal.write(json.dumps({**save.line, "tensors": name, "aggregator": meta},
+                                                   sort_keys=True).encode() + b"\n")
+                    self._journal.flush()
+                    os.fsync(self._journal.fileno())
+            except BaseException:
+                self.planner.journal_open = False  # the next save writes the whole record
+                self._close_journal()
+                raise
+            self._drop_open_files(keep=(name, self._journal_name))
 
-    def _drop_open_tensors(self, keep: str | None) -> None:
-        for p in self.root.glob("open-*.safetensors"):
-            if p.name != keep:
+    def _start_journal(self, save: OpenSave, tensors: str | None, meta: dict | None) -> None:
+        """A new, empty journal (a name the record on disk does not hold), then the record
+        that names it."""
+        self._close_journal()
+        journal = f"open-{save.round:06d}-{time.time_ns()}.jsonl"
+        atomic_write(self.root / journal, b"")
+        write_json(self.open_path, {**save.record, "run_id": self.run_id, "tensors": tensors, "aggregator": meta,
+                                    "journal": journal})
+        self._journal = open(self.root / journal, "ab")  # noqa: SIM115 - kept open for the round's appends
+        self.planner.journal_open = True
+
+    @property
+    def _journal_name(self) -> str | None:
+        return Path(self._journal.name).name if self._journal is not None else None
+
+    def _close_journal(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+    def _drop_open_files(self, keep: Collection[str | None]) -> None:
+        """Tensor files and journals of the open round other than ``keep``."""
+        for p in self.root.glob("open-*"):
+            if p.name not in keep:
                 p.unlink(missing_ok=True)

@@ -78,16 +78,23 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, client: Callable[[], str | None]):
         self.client = client
+        self._wrapped: dict[tuple[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None:
             return None
-        method = details.method.rsplit("/", 1)[-1]
-        type_name = f"fedkrso.v1.{method}Request"
-        streams = handler.request_streaming
-        return rewrap(handler, lambda inner, streaming: self._streaming(inner, method, streams) if streaming
-                      else self._unary(inner, method, streams), _tolerant(handler.request_deserializer, type_name))
+        key = (details.method, handler)  # one wrapped handler per method, built once, not per call
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            method = details.method.rsplit("/", 1)[-1]
+            type_name = f"fedkrso.v1.{method}Request"
+            streams = handler.request_streaming
+            wrapped = rewrap(handler, lambda inner, streaming: self._streaming(inner, method, streams) if streaming
+                             else self._unary(inner, method, streams),
+                             _tolerant(handler.request_deserializer, type_name))
+            self._wrapped[key] = wrapped
+        return wrapped
 
     async def _refuse(self, context, method: str, err: Exception) -> None:
         if isinstance(err, RoundError):

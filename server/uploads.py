@@ -28,7 +28,7 @@ from fedkrso.v1 import coordinator_pb2 as pb
 
 from ..common.accounting import message_bytes
 from ..common.tensors import element_size
-from ..common.wire import TensorAssembler, WireError, update_digest
+from ..common.wire import TensorAssembler, WireError
 from .rounds import RoundError
 
 MAX_WAITING = 4  # streams of one client waiting for its turn (an honest client retries one)
@@ -147,7 +147,7 @@ async def assemble(upload: Upload, h: pb.UpdateHeader, spec: dict, required: set
         tensors = asm.finish(required)
         if len(tensors) != h.num_tensors:
             raise WireError(f"header announced {h.num_tensors} tensors, stream carried {len(tensors)}")
-        if update_digest(tensors) != h.update_digest:
+        if asm.digest() != h.update_digest:
             raise WireError("update_digest does not match the tensors received")
     except WireError as err:
         raise RoundError("INVALID_ARGUMENT", str(err)) from None

@@ -68,5 +68,21 @@ class RoundWeights:
         weight = self.frozen(client_id, rs.declared[client_id])
         if client_id not in t.client_weights and t.weighting == "samples":
             weight = min(weight, float(claimed_samples))
+        return min(weight, self.round_cap(rs, client_id))
+
+    def round_cap(self, rs: RoundState, client_id: str) -> float:
+        """``share_cap`` over the frozen weights of the round's selected clients (and of
+        ``client_id``). Computed once per selection, not once per update: sorting N weights
+        for each of N updates made a round O(N^2 log N). The selection's frozen weights change
+        only when clients are selected, leave or are replaced: a replacement assigns a new
+        selection (and declares new weights), a leave shrinks it, so the selection's identity
+        and size and the number of declared weights key the cached cap."""
+        key = (id(rs.selected), len(rs.selected), len(rs.declared))
+        cached = rs.weight_cap
+        if client_id in rs.selected and cached is not None and cached[0] == key:
+            return cached[1]
         selection = [self.frozen(c, rs.declared[c]) for c in sorted(rs.selected | set(rs.submissions) | {client_id})]
-        return min(weight, share_cap(selection, t.max_weight_share))
+        cap = share_cap(selection, self.training.max_weight_share)
+        if client_id in rs.selected:
+            rs.weight_cap = (key, cap)
+        return cap

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -28,7 +29,8 @@ from fedkrso.common.methods.base import out_in
 from fedkrso.common.methods.fedkrso import Config, FedKRSO, SubspaceAdapter
 from fedkrso.common.models import load_model, model_fingerprint
 from fedkrso.common.subspace import fingerprint, round_seeds, subspace, subspace_fingerprint
-from fedkrso.common.tensors import CodecError, decode, encode
+from fedkrso.common.tensors import FLAT_BATCH, CodecError, decode, encode, l2_norm, non_finite
+from fedkrso.common.wire import TensorAssembler, tensor_batches, update_digest
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
@@ -494,6 +496,31 @@ def test_codec_casts_to_wire_dtype():
 def test_codec_rejects_bad_descriptions(dtype, shape, nbytes):
     with pytest.raises(CodecError):
         decode(dtype, shape, b"\0" * nbytes)
+
+
+def test_assembler_digest_is_the_update_digest_without_decoding():
+    """The server hashes an update from its bytes as they arrived (``TensorAssembler.digest``)
+    instead of from the decoded tensors: the very ``update_digest`` a client sends, for every
+    dtype, shape and chunking, a 0-d and an empty tensor included."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"acc.0.w": torch.randn(5, 3, generator=gen), "b": torch.randn(7, generator=gen).to(torch.bfloat16),
+               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4), "n": torch.arange(6, dtype=torch.int64)}
+    for chunk in (8, 1 << 20):
+        asm = TensorAssembler()
+        for batch in tensor_batches(tensors, None, chunk):
+            asm.add(batch)
+        decoded = asm.finish()
+        assert asm.digest() == update_digest(tensors) == update_digest(decoded)
+
+
+def test_non_finite_names_the_tensor_and_l2_norm_sums_every_element():
+    t = {f"t{i}": torch.full((3, 2), float(i)) for i in range(40)} | {"big": torch.ones(FLAT_BATCH + 5)}
+    assert non_finite(t) is None
+    assert l2_norm(t.values()) == pytest.approx(math.sqrt(sum(6 * i * i for i in range(40)) + FLAT_BATCH + 5))
+    t["t17"][1, 0] = float("nan")
+    assert non_finite(t) == "t17"
+    t["t17"][1, 0], t["big"][-1] = 0.0, float("inf")
+    assert non_finite(t) == "big"
 
 
 def test_codec_rejects_unknown_wire_dtype():

@@ -7,8 +7,11 @@ the same config, and the run must end exactly as a run without the crash would.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,10 +19,14 @@ import torch
 
 from conftest import ClusterRun, finish_cluster, log_events, metric_rows, round_config, wait_until, write_round_yaml
 from fedkrso.bench.launch import Cluster, Proc
+from fedkrso.common.accounting import Traffic
+from fedkrso.common.aggregate import StreamingAggregator
 from fedkrso.common.config import parse_config
 from fedkrso.server import state as state_mod
 from fedkrso.server.coordinator import Coordinator, run_identity
 from fedkrso.server.metrics import MetricsWriter
+from fedkrso.server.open_round import OpenSave
+from fedkrso.server.rounds import RoundState, Submission
 from fedkrso.server.state import RunStore, StateError, atomic_write, read_tensors, write_tensors
 
 
@@ -53,9 +60,10 @@ def test_store_commits_rounds_and_refuses_another_run(tmp_path):
     assert store.load() is None
     store.start("fp0")
     delta = {"x": torch.ones(2)}
-    store.save_open_round({"round": 0, "seeds": [7], "plan_fingerprint": "p", "selected": ["a"], "dropped": [],
-                           "deadline_remaining_s": 5.0, "elapsed_s": 1.0, "submissions": {}},
-                          ({"x": torch.ones(2, dtype=torch.float64)}, {"kind": "mean", "count": 1}))
+    store.write_open(OpenSave(0, record={"round": 0, "seeds": [7], "plan_fingerprint": "p", "selected": ["a"],
+                                         "dropped": [], "deadline_remaining_s": 5.0, "elapsed_s": 1.0,
+                                         "submissions": {}},
+                              aggregator=({"x": torch.ones(2, dtype=torch.float64)}, {"kind": "mean", "count": 1})))
     opened = RunStore(tmp_path / "state", "run-a").load()
     assert opened.completed == 0 and opened.open_round["selected"] == ["a"]
     assert torch.equal(opened.open_tensors["x"], torch.ones(2, dtype=torch.float64))
@@ -102,6 +110,106 @@ def test_metrics_writer_repairs_a_torn_last_line(tmp_path):
     assert [r["x"] for r in writer.rows()] == [1, 2]
     path.write_text('{"round": 0, "x": 1}\n{"round": 1, "x": 2}')
     assert MetricsWriter(path).has(1) and path.read_text().endswith("}\n")
+
+
+# -- the open round: a whole record, then a journal of what changed (server/open_round.py) ---------
+def open_round(n: int) -> RoundState:
+    rs = RoundState(0, [7], "p", {f"c{i:04d}" for i in range(n)}, time.monotonic() + 60,
+                    aggregator=StreamingAggregator())
+    rs.declared = {c: 10 for c in rs.selected}
+    return rs
+
+
+def accept(rs: RoundState, client: str) -> None:
+    """What ``UpdateIntake.accept`` records of an update."""
+    rs.aggregator.add({"x": torch.ones(2)}, 1.0)
+    rs.traffic_of(client).up_payload = 8
+    rs.submissions[client] = Submission(client, f"d-{client}", 10, 0.5, 4, 1.0, 0, 0, [7], weight=1.0)
+
+
+def test_the_open_round_is_journaled_and_resumes_from_record_and_journal(tmp_path):
+    """The round's first save writes the whole record; a save after an update appends one
+    line holding only what changed (its size does not grow with the round's clients); a load
+    merges record and lines, leaving out a line a crash tore; the first save after a load
+    writes the whole record again, with a fresh journal."""
+    store = RunStore(tmp_path / "state", "run-a")
+    store.start("fp0")
+    rs = open_round(500)
+    store.write_open(store.plan_open(rs, with_aggregate=False))
+    record_bytes = (tmp_path / "state" / "open_round.json").stat().st_size
+    for group in (["c0001", "c0002"], ["c0003"]):
+        for c in group:
+            accept(rs, c)
+        store.write_open(store.plan_open(rs, with_aggregate=True))
+    (journal,) = (tmp_path / "state").glob("open-*.jsonl")
+    lines = journal.read_bytes().splitlines()
+    assert [sorted(json.loads(line)["submissions"]) for line in lines] == [["c0001", "c0002"], ["c0003"]]
+    assert b"c0001" not in lines[1] and len(lines[1]) * 10 < record_bytes  # not the 500 clients
+
+    with journal.open("ab") as f:  # a crash in the middle of the next line
+        f.write(b'{"submissions": {"c0004": ')
+    saved = RunStore(tmp_path / "state", "run-a").load()
+    assert sorted(saved.open_round["submissions"]) == ["c0001", "c0002", "c0003"]
+    assert saved.open_round["traffic"]["c0003"]["up_payload"] == 8
+    assert torch.equal(saved.open_tensors["x"], torch.full((2,), 3.0, dtype=torch.float64))
+
+    reopened = RunStore(tmp_path / "state", "run-a")
+    reopened.load()
+    assert reopened.plan_open(rs, with_aggregate=False).record is not None  # never appended after a torn line
+    reopened.write_open(reopened.plan_open(rs, with_aggregate=False))
+    assert journal.name not in [p.name for p in (tmp_path / "state").glob("open-*.jsonl")]
+
+
+def test_a_selection_change_writes_the_whole_record(tmp_path):
+    """A line holds submissions and traffic only: a client dropped or added, or a new deadline,
+    goes into a whole record."""
+    store = RunStore(tmp_path / "state", "run-a")
+    store.start("fp0")
+    rs = open_round(3)
+    store.write_open(store.plan_open(rs, with_aggregate=False))
+    accept(rs, "c0000")
+    assert store.plan_open(rs, with_aggregate=True).line is not None
+    rs.selected.discard("c0002")
+    rs.dropped.add("c0002")
+    save = store.plan_open(rs, with_aggregate=False)
+    assert save.record is not None and save.record["dropped"] == ["c0002"]
+
+
+def test_the_open_round_is_read_on_the_event_loop_never_in_a_worker_thread(tmp_path, tiny_bert, monkeypatch):
+    """The record used to be built in the worker thread that writes it while the event loop
+    went on changing the round: a download starting meanwhile added to ``rs.traffic`` in the
+    middle of the iteration ("dictionary changed size during iteration"), and every update of
+    that group commit was refused with INTERNAL (seen at 1,000 clients). It is taken on the
+    loop, while ``fold_lock`` is held; the thread only writes it."""
+    coord = Coordinator(parse_config(round_config(tiny_bert, tmp_path / "out")))
+    rs = open_round(2)
+    accept(rs, "c0000")
+    readers = set()
+    numbers = Traffic.numbers
+    monkeypatch.setattr(Traffic, "numbers", lambda t: readers.add(threading.get_ident()) or numbers(t))
+
+    async def save() -> int:
+        async with coord.fold_lock:
+            await coord.save_open(rs, with_aggregate=True)
+        return threading.get_ident()
+
+    assert readers == {asyncio.run(save())}
+
+
+def test_a_state_written_before_the_journal_still_resumes(tmp_path):
+    """Format 2 (no journal): its open round is read as it is, and the store writes format 3."""
+    store = RunStore(tmp_path / "state", "run-a")
+    store.start("fp0")
+    manifest = json.loads(store.manifest_path.read_text())
+    store.manifest_path.write_text(json.dumps({**manifest, "format": 2}))
+    store.open_path.write_text(json.dumps({"round": 0, "seeds": [7], "plan_fingerprint": "p", "selected": ["a"],
+                                           "dropped": [], "deadline_remaining_s": 5.0, "elapsed_s": 1.0,
+                                           "submissions": {}, "traffic": {}, "run_id": "run-a", "tensors": None,
+                                           "aggregator": None}))
+    reopened = RunStore(tmp_path / "state", "run-a")
+    saved = reopened.load()
+    assert saved.open_round["selected"] == ["a"] and reopened.manifest["format"] == 3
+
 
 # -- real processes ------------------------------------------------------------------------------
 # The first server binds port 0; a restarted one listens on the port the first one got

@@ -28,7 +28,9 @@ import itertools
 import math
 import random
 import types
+import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -40,7 +42,7 @@ from ..accounting import fedkrso_uplink_bytes
 from ..precision import master, sync_compute
 from ..privacy.geometry import RightFactor, UpdateGeometry
 from ..subspace import round_seeds, stable_seed, subspace, subspace_fingerprint
-from ..tensors import l2_norm, product_norm_sq
+from ..tensors import l2_norm
 from .base import (LocalUpdate, Method, MethodConfig, forward_loss, is_conv1d, out_in, target_linears,
                    train_state_bytes)
 
@@ -186,10 +188,30 @@ class SubspaceAdapter:
         self._installed.clear()
 
 
+@dataclass
+class _Grams:
+    """``FedKRSO._grams``: per target matrix (d_m, P P^T for every seed, K r x K r, float64),
+    and the stacked sub-matrices of the seed indices updates carried, built on first use."""
+
+    model: weakref.ref
+    seeds: tuple[int, ...]
+    full: dict[str, tuple[int, torch.Tensor]]
+    subs: dict[tuple[tuple[str, ...], tuple[int, ...]], torch.Tensor] = field(default_factory=dict)
+
+    def sub(self, names: list[str], ks: tuple[int, ...], rank: int) -> torch.Tensor:
+        """(len(names), |ks| r, |ks| r): each matrix's Gram restricted to the seeds ``ks``."""
+        key = (tuple(names), ks)
+        if key not in self.subs:
+            rows = [k * rank + i for k in ks for i in range(rank)]
+            self.subs[key] = torch.stack([self.full[n][1][rows][:, rows] for n in names])
+        return self.subs[key]
+
+
 class FedKRSO(Method):
     name = "fedkrso"
     Config = Config
     cfg: Config
+    _gram_cache: _Grams | None = None
 
     def targets(self, model: nn.Module) -> dict[str, nn.Module]:
         found = target_linears(model, self.cfg.target_modules)
@@ -297,17 +319,36 @@ class FedKRSO(Method):
 
     def update_norm(self, model: nn.Module, seeds: list[int], tensors: dict[str, torch.Tensor]) -> float:
         """||sum_k A_k P_k||_F per matrix (the weight change ``apply`` makes), with the dense
-        deltas: each matrix's norm from the (K r x K r) Gram matrices, never the d_m x d_n delta."""
-        total = 0.0
-        for name, module in self.targets(model).items():
-            ks = [k for k in range(len(seeds)) if f"acc.{k}.{name}" in tensors]
+        deltas: each matrix's norm from the (K r x K r) Gram matrices, never the d_m x d_n delta
+        (``product_norm_sq``: sum((A^T A) * (P P^T)), P P^T from ``_grams``). Matrices of the
+        same height that carry the same seeds are batched: a few operations per update, not a
+        few per matrix (the server sizes every update it receives)."""
+        grams = self._grams(model, seeds)
+        groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+        for name, (d_m, _) in grams.full.items():
+            ks = tuple(k for k in range(len(seeds)) if f"acc.{k}.{name}" in tensors)
             if ks:
-                d_n = out_in(module)[1]
-                a = torch.cat([tensors[f"acc.{k}.{name}"] for k in ks], dim=1)
-                p = torch.cat([subspace(seeds[k], name, self.cfg.rank, d_n) for k in ks], dim=0)
-                total += product_norm_sq(a, p)
+                groups.setdefault((d_m, ks), []).append(name)
+        total = 0.0
+        for (_, ks), names in groups.items():
+            a = torch.cat([torch.stack([tensors[f"acc.{k}.{n}"] for n in names]) for k in ks], dim=2).double()
+            total += float((a.transpose(1, 2) @ a).mul_(grams.sub(names, ks, self.cfg.rank)).sum())
         dense = l2_norm(t for n, t in tensors.items() if n.startswith("dense."))
         return math.sqrt(total + dense * dense)
+
+    def _grams(self, model: nn.Module, seeds: list[int]) -> _Grams:
+        """P P^T of every target matrix under ``seeds``, drawn once per model and seeds and
+        kept: the server sizes every update of a round against the same subspaces, and drawing
+        them again for each update cost more than the rest of its checks."""
+        cached = self._gram_cache
+        if cached is None or cached.model() is not model or cached.seeds != tuple(seeds):
+            full = {}
+            for name, module in self.targets(model).items():
+                d_m, d_n = out_in(module)
+                p = torch.cat([subspace(s, name, self.cfg.rank, d_n) for s in seeds]).double()
+                full[name] = (d_m, p @ p.T)
+            cached = self._gram_cache = _Grams(weakref.ref(model), tuple(seeds), full)
+        return cached
 
     def train_round(
         self,
