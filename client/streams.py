@@ -84,6 +84,8 @@ class RoundReader:
         self._budget = participant.state_bytes()  # deltas together are never larger than a snapshot
 
     def add(self, msg: pb.StartRoundResponse) -> None:
+        """Take in one message of the StartRound stream: its header, a delta's header or a batch of a
+        delta's tensors; ``ClientError`` on a stream out of order or past what it announced."""
         kind = msg.WhichOneof("body")
         try:
             if kind == "header" and self.header is None:
@@ -144,6 +146,8 @@ class RoundReader:
         self.deltas.append((dh, TensorAssembler(spec, self.wire, max_bytes=limit)))
 
     def finish(self) -> tuple[pb.RoundHeader, list[tuple[pb.DeltaHeader, TensorAssembler]]]:
+        """The round header and every announced delta once the stream ended; ``ClientError`` when some
+        were missing."""
         if self.header is None:
             raise ClientError("the server's round stream carried no header")
         if len(self.deltas) != self.header.num_deltas:
@@ -163,6 +167,8 @@ class SnapshotReader:
         self._messages_left = 2 + len(spec) + size // MIN_CHUNK_BYTES
 
     def add(self, msg: pb.GetSnapshotResponse) -> None:
+        """Take in one message of the GetSnapshot stream; ``ClientError`` on a stream that goes past
+        the state's size or names another round."""
         self._messages_left -= 1
         if self._messages_left < 0:
             raise ClientError(f"the snapshot of round {self.round_id} goes on past the state's size")

@@ -56,6 +56,7 @@ def payload_bytes(tensors: dict[str, torch.Tensor], dtype: str | None = None) ->
 
 
 def seeds_bytes(n_seeds: int) -> int:
+    """Payload bytes of ``n_seeds`` seeds on the wire (``SEED_BYTES`` each)."""
     return n_seeds * SEED_BYTES
 
 
@@ -105,9 +106,12 @@ class SocketMark:
 
     @classmethod
     def now(cls, counters: ConnCounters | None) -> SocketMark | None:
+        """A mark at the connection's counters as they stand now; None when they are not measured."""
         return None if counters is None else cls(counters, counters.up, counters.down)
 
     def same_connection(self, counters: ConnCounters | None) -> bool:
+        """Whether ``counters`` are those of the connection this mark was taken on (a reconnect makes
+        new ones)."""
         return counters is self.counters
 
 
@@ -128,9 +132,12 @@ class Traffic:
     NUMBERS = ("down_payload", "down_message", "down_wire", "up_payload", "up_message", "up_wire")
 
     def numbers(self) -> dict:
+        """The byte counts of ``NUMBERS`` as a dict (a metrics row's per-client part, and what a saved
+        open round keeps)."""
         return {k: getattr(self, k) for k in self.NUMBERS}
 
     def add_down(self, payload: int, message: int) -> None:
+        """Count one message sent down: its tensor payload and its serialized size."""
         self.down_payload += payload
         self.down_message += message
 

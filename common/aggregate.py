@@ -83,6 +83,7 @@ class StreamingAggregator:
 
     @classmethod
     def from_state(cls, tensors: Tensors, meta: dict) -> StreamingAggregator:
+        """The aggregator that ``state`` described (a restarted server's open round)."""
         agg = cls(meta["clip_norm"])
         agg.sums = {name: t.to(torch.float64) for name, t in tensors.items()}
         agg.total_weight, agg.count = float(meta["total_weight"]), int(meta["count"])
@@ -109,15 +110,20 @@ class TrimmedMeanAggregator:
 
     @property
     def count(self) -> int:
+        """Updates folded in so far."""
         return len(self.updates)
 
     def add(self, tensors: Tensors, weight: float, norm: float | None = None) -> None:
+        """Keep one update (clipped to ``clip_norm`` by ``norm``) for the coordinate-wise trimmed mean;
+        ``weight`` must be positive and is otherwise unused (the trimmed mean is unweighted)."""
         if not weight > 0:
             raise ValueError(f"weight must be positive, got {weight}")
         clipped = clip_update(tensors, self.clip_norm, norm)
         self.updates.append({n: t.detach().to("cpu", torch.float32).clone() for n, t in clipped.items()})
 
     def result(self) -> Tensors:
+        """Per coordinate, the mean of the updates left after cutting the ``trim_fraction`` largest and
+        smallest values (at most (n - 1) // 2 each side), as float32."""
         n = self.count
         if not n:
             raise ValueError("no update was aggregated")
@@ -131,15 +137,19 @@ class TrimmedMeanAggregator:
         return out
 
     def nbytes(self) -> int:
+        """Bytes the kept updates hold: linear in the clients of the round, unlike the streaming mean."""
         return sum(t.numel() * t.element_size() for u in self.updates for t in u.values())
 
     def state(self) -> tuple[Tensors, dict]:
+        """(tensors named ``<index>/<name>``, JSON-able numbers) from which ``from_state`` rebuilds
+        this aggregator."""
         tensors = {f"{i}/{name}": t for i, u in enumerate(self.updates) for name, t in u.items()}
         return tensors, {"kind": self.kind, "clip_norm": self.clip_norm,
                          "trim_fraction": self.trim_fraction, "count": self.count}
 
     @classmethod
     def from_state(cls, tensors: Tensors, meta: dict) -> TrimmedMeanAggregator:
+        """The aggregator that ``state`` described (a restarted server's open round)."""
         agg = cls(meta["trim_fraction"], meta["clip_norm"])
         agg.updates = [{} for _ in range(int(meta["count"]))]
         for key, t in tensors.items():

@@ -37,6 +37,7 @@ class Parser(argparse.ArgumentParser):
     block, still exit status 2."""
 
     def error(self, message: str) -> NoReturn:
+        """A usage error: the message and a pointer to --help on stderr, exit code ``USAGE`` (2)."""
         print(f"{self.prog}: {message} (see --help)", file=sys.stderr)
         sys.exit(USAGE)
 

@@ -9,6 +9,8 @@ import structlog
 
 
 def configure(level: str = "info", json: bool | None = None) -> None:
+    """Set up structlog at ``level``: JSON lines when ``json`` (default: when stderr is not a
+    terminal), readable lines otherwise."""
     json = (not sys.stderr.isatty()) if json is None else json
     processors = [
         structlog.contextvars.merge_contextvars,

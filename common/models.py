@@ -54,6 +54,7 @@ def resolve(spec: str) -> tuple[str, str | None]:
 
 
 def load_tokenizer(spec: str, revision: str | None = None):
+    """The tokenizer of a model ``spec`` (a hub name, a local folder, or a GGUF file), at ``revision``."""
     from transformers import AutoTokenizer
 
     path, gguf = resolve(spec)

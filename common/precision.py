@@ -96,6 +96,7 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def dtype_of(name: str) -> torch.dtype:
+    """The torch dtype named ``name`` (one of ``DTYPE_NAMES``); ``PlacementError`` otherwise."""
     if name not in DTYPE_NAMES:
         raise PlacementError(f"unknown dtype {name!r}: one of {', '.join(DTYPE_NAMES)}")
     return getattr(torch, name)
@@ -110,6 +111,8 @@ class Placement:
 
     @property
     def low_precision(self) -> bool:
+        """Whether the model's dtype is lower than float32 (then masters and autocast apply: the
+        precision rule)."""
         return self.dtype != torch.float32
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -218,6 +221,7 @@ def bytes_by_dtype(model: nn.Module) -> dict[str, int]:
 
 
 def masters(model: nn.Module) -> Iterator[torch.Tensor]:
+    """Every float32 master copy that low-precision training keeps on ``model``'s modules."""
     for module in model.modules():
         m = master(module)
         if m is not None:

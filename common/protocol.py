@@ -15,6 +15,8 @@ CLIENT_ID_PATTERN = r"[A-Za-z0-9_-]{1,48}"
 
 
 def valid_client_id(name: str) -> bool:
+    """Whether ``name`` is a valid client id (``CLIENT_ID_PATTERN``: 1 to 48 ASCII letters, digits, '-'
+    or '_')."""
     return re.fullmatch(CLIENT_ID_PATTERN, name) is not None
 
 

@@ -31,6 +31,8 @@ class CodecError(ValueError):
 
 @dataclass(frozen=True)
 class Encoded:
+    """One tensor as it travels: its wire dtype's name, its shape and its little-endian bytes."""
+
     dtype: str
     shape: tuple[int, ...]
     data: bytes

@@ -83,6 +83,7 @@ class TensorAssembler:
         self._parts: dict[str, bytearray] = {}
 
     def add(self, batch: tensor_pb2.TensorBatch) -> None:
+        """Take in one batch of chunks (each checked against the announced specs and bounds)."""
         for chunk in batch.chunks:
             self._add_chunk(chunk)
 

@@ -77,6 +77,7 @@ class SessionAuth:
         self._tokens: dict[str, str] = {}  # client id -> token
 
     def enrol(self, client_id: str) -> str:
+        """A fresh session token for ``client_id`` (open enrolment); it replaces the client's previous one."""
         old = self._tokens.pop(client_id, None)
         if old is not None:
             del self._ids[old]
@@ -85,6 +86,7 @@ class SessionAuth:
         return token
 
     def lookup(self, token: str) -> str | None:
+        """The client id a session token belongs to, or None."""
         return self._ids.get(token)
 
     def __len__(self) -> int:
@@ -144,6 +146,8 @@ class TokenFile:
             log.error("tokens_file_invalid", path=str(self.path), error=str(err))
 
     def lookup(self, token: str) -> str | None:
+        """The client id whose token in the file is ``token`` (re-read when the file changed), or None;
+        compared in constant time over every entry."""
         self._refresh()
         presented = token.encode()
         found = None
@@ -165,6 +169,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     @property
     def mode(self) -> str:
+        """How callers are identified: ``tokens_file``, ``certificate`` (mutual TLS) or ``open_enrolment``."""
         return "tokens_file" if self.tokens else "certificate" if self.from_cert else "open_enrolment"
 
     def identify(self, context: grpc.aio.ServicerContext) -> tuple[str | None, str]:
@@ -187,6 +192,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         _CLIENT.set(client_id)
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
+        """The handler of ``details.method``, guarded to run only for an identified caller (Join under
+        open enrolment is not guarded)."""
         handler = await continuation(details)
         if handler is None or (self.mode == "open_enrolment" and details.method.endswith("/Join")):
             return handler

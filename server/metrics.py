@@ -131,6 +131,7 @@ class MetricsWriter:
             log.warning("metrics_repaired", path=str(self.path), cut_bytes=len(data) - keep)
 
     def has(self, round_id: int) -> bool:
+        """Whether round ``round_id`` has a row already."""
         return round_id in self.rounds
 
     def write(self, row: dict) -> bool:
@@ -145,6 +146,7 @@ class MetricsWriter:
         return True
 
     def rows(self) -> list[dict]:
+        """Every row written so far, in order."""
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -176,6 +178,7 @@ class RowPrinter:
         self.widths: list[int] = []
 
     def lines(self, row: dict) -> list[str]:
+        """The console lines for ``row``: the table's header before the first row, then the row's cells."""
         out = []
         if not self.cols:
             self.cols = [(h, k, f) for h, k, f in COLUMNS if k in row]

@@ -87,6 +87,9 @@ class SavePlanner:
         return rs.round, len(rs.selected), len(rs.dropped), len(rs.declared), rs.deadline
 
     def plan(self, rs: RoundState, with_aggregate: bool) -> OpenSave:
+        """What the next save of the open round writes: one journal line of what changed when the
+        round's shape (selection, deadline) is as last written whole, else the whole record; the
+        aggregate too when ``with_aggregate``."""
         aggregator = rs.aggregator.state() if with_aggregate else None
         changed, rs.changed = rs.changed, set()
         shape = self._shape_of(rs)

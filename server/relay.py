@@ -48,6 +48,8 @@ FD_RESERVE = 256  # files, the model, gRPC's own pipes
 
 @dataclass(frozen=True)
 class RelayLimits:
+    """The relay's connection limits, from round.yaml's ``server`` section (``of``)."""
+
     max_connections: int = 1024
     max_per_peer: int = 64
     max_pending: int = 128
@@ -56,6 +58,7 @@ class RelayLimits:
 
     @classmethod
     def of(cls, s: ServerSection) -> RelayLimits:
+        """The limits that ``server`` configures."""
         return cls(s.max_connections, s.max_connections_per_peer, s.max_pending_connections,
                    s.handshake_timeout_s, s.connection_idle_s)
 
@@ -236,6 +239,7 @@ class CountingRelay:
     _tasks: set[asyncio.Task] = field(default_factory=set)
 
     async def start(self) -> int:
+        """Listen on the public address and start accepting; returns the bound port."""
         family = socket.AF_INET6 if ":" in self.listen_host else socket.AF_INET
         self._sock = socket.create_server((self.listen_host, self.listen_port), family=family, backlog=1024)
         self._sock.setblocking(False)
@@ -359,6 +363,7 @@ class CountingRelay:
                 logged, last_log = Counter(self.stats), now
 
     async def close(self) -> None:
+        """Stop accepting and abort every relayed connection."""
         for task in (self._acceptor, self._sweeper, *self._tasks):
             if task is not None:
                 task.cancel()

@@ -114,6 +114,7 @@ def atomic_write(path: Path, data: bytes | Callable[[Path], None]) -> None:
 
 
 def write_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` to ``path`` as sorted JSON, atomically (a crash leaves the old file or the new one)."""
     atomic_write(path, json.dumps(obj, sort_keys=True).encode())
 
 
@@ -125,6 +126,7 @@ def write_tensors(path: Path, tensors: Tensors) -> None:
 
 
 def read_tensors(path: Path) -> Tensors:
+    """The tensors of a safetensors file."""
     return load_tensor_file(str(path))
 
 
@@ -221,10 +223,12 @@ class RunStore:
 
     @property
     def manifest_path(self) -> Path:
+        """The run's manifest: completed rounds, seeds, fingerprints, checkpoint."""
         return self.root / "manifest.json"
 
     @property
     def open_path(self) -> Path:
+        """The open round's record (and its journal lines, ``open_round.py``)."""
         return self.root / "open_round.json"
 
     # -- reading -----------------------------------------------------------------------------
@@ -271,9 +275,11 @@ class RunStore:
         return [json.loads(line) for line in complete]
 
     def delta(self, round_id: int) -> Tensors:
+        """The mean update of round ``round_id``, as committed when it closed."""
         return read_tensors(self.root / f"round-{round_id:06d}.safetensors")
 
     def checkpoint(self) -> Tensors:
+        """The state tensors of the last checkpoint."""
         return read_tensors(self.root / self.manifest["checkpoint"]["file"])
 
     def history(self, saved: SavedRun) -> History:

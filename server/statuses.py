@@ -29,6 +29,7 @@ class Undecodable:
         self.type_name = type_name
 
     def error(self) -> RoundError:
+        """The refusal for a request that did not decode: INVALID_ARGUMENT naming the message type."""
         return RoundError("INVALID_ARGUMENT", f"a request message does not decode as {self.type_name}")
 
 
@@ -81,6 +82,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped: dict[tuple[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
+        """The handler of ``details.method``, wrapped so that a ``RoundError`` (or anything unexpected)
+        ends the call with a precise status and a log event."""
         handler = await continuation(details)
         if handler is None:
             return None

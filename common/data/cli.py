@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``fedkrso-partition``: split a data source into client shards and an evaluation split."""
     args = _parser().parse_args(argv)
     try:
         data = load_source(

@@ -51,6 +51,8 @@ class Pieces:
 
     @classmethod
     def build(cls, tokenizer: PreTrainedTokenizerBase, template: Template, prompt_format: str) -> Pieces:
+        """The token ids of ``prompt_format``'s text before and after the prompt and of ``template``'s
+        turn markers, tokenized once."""
         def ids(text: str) -> list[int]:
             return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 

@@ -132,6 +132,8 @@ def subsample(n: int, k: int | None, stage: str, seed: int) -> np.ndarray:
 
 
 class SplitInfo(BaseModel):
+    """One split of a partition as partition.json records it: its name, rows and label histogram."""
+
     name: str
     size: int
     label_histogram: list[int] | None = Field(
@@ -173,6 +175,9 @@ class PartitionInfo(BaseModel):
 
 @dataclass
 class Partition:
+    """What partitioning made: one dataset per shard, the server's evaluation split, the info written
+    as partition.json, and per shard a held-out evaluation split when asked for."""
+
     shards: list[Dataset]
     eval: Dataset
     info: PartitionInfo

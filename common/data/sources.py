@@ -50,6 +50,7 @@ class Columns:
 
     @property
     def instruction(self) -> bool:
+        """Whether the source is instruction data (it names a prompt column)."""
         return self.prompt is not None
 
 

@@ -53,6 +53,7 @@ class TokenFormat:
 
 
 def is_instruction(dataset: Dataset) -> bool:
+    """Whether ``dataset`` holds instruction rows (``prompt`` and ``response`` columns)."""
     return {"prompt", "response"} <= set(dataset.column_names)
 
 

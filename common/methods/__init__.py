@@ -15,6 +15,7 @@ METHODS: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
+    """Add a ``Method`` class to the registry under its ``name`` (round.yaml's ``method.name``)."""
     METHODS[cls.name] = cls
     return cls
 
@@ -24,6 +25,7 @@ for _cls in (FedKRSO, FedAvg, FedIT, FFALoRA, FedKSeed, FedTT, FedTTPlus):
 
 
 def get_method(name: str) -> type[Method]:
+    """The registered ``Method`` class named ``name``; ``ValueError`` naming the known ones otherwise."""
     try:
         return METHODS[name]
     except KeyError:

@@ -363,6 +363,8 @@ class Method(ABC):
 
     @staticmethod
     def dense_spec(dense: dict[str, nn.Parameter]) -> dict[str, tuple[int, ...]]:
+        """The upload spec of parameters trained densely (biases, norms, heads), each under
+        ``dense.<name>``."""
         return {f"dense.{n}": tuple(p.shape) for n, p in dense.items()}
 
     @staticmethod
@@ -377,11 +379,13 @@ class Method(ABC):
 
     @classmethod
     def dense_deltas(cls, dense: dict[str, nn.Parameter], start: dict[str, torch.Tensor]):
+        """The change of each dense parameter since ``start``, named ``dense.<name>``."""
         return cls.deltas(dense, start, "dense.")
 
     @staticmethod
     @torch.no_grad()
     def apply_dense(model: nn.Module, delta: dict[str, torch.Tensor]) -> None:
+        """Add the round's mean dense changes (``dense.<name>``) to ``model``'s parameters."""
         params = dict(model.named_parameters())
         for key, d in delta.items():
             if key.startswith("dense."):

@@ -19,6 +19,7 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalization layer (LayerNorm or RMSNorm, by type or class name)."""
     name = type(module).__name__
     return isinstance(module, nn.LayerNorm) or "LayerNorm" in name or "RMSNorm" in name
 

@@ -29,6 +29,9 @@ from torch import nn
 
 
 class OptimizerConfig(BaseModel):
+    """round.yaml's ``training.optimizer``: one setting of AdamW for every method (decay, warmup,
+    schedule, clipping)."""
+
     model_config = ConfigDict(extra="forbid")
 
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (matrices only)")
@@ -88,6 +91,7 @@ class Optimization:
 
     @staticmethod
     def zero_grad(optimizers: Iterable[torch.optim.Optimizer | None]) -> None:
+        """Zero (set to None) the gradients of every optimizer given; None entries are skipped."""
         for opt in optimizers:
             if opt is not None:
                 opt.zero_grad(set_to_none=True)

@@ -43,6 +43,7 @@ class DPSection(_Section):
 
     @property
     def enabled(self) -> bool:
+        """Whether client-level DP is on (``mode`` is not ``off``)."""
         return self.mode != "off"
 
     @model_validator(mode="after")
@@ -120,4 +121,6 @@ class PrivacySection(_Section):
 
     @property
     def any(self) -> bool:
+        """Whether any privacy mode is on (DP, DP-SGD or secure aggregation): then per-client figures
+        stay out of the server's view (docs/PRIVACY.md section 4)."""
         return self.dp.enabled or self.dp_sgd.enabled or self.secure_aggregation.enabled

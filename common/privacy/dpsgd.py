@@ -128,10 +128,12 @@ class SampleDP:
 
 
 def expected_batch(batch_size: int, rows: int) -> int:
+    """The expected Poisson batch of a shard of ``rows``: ``batch_size``, at most the shard, at least 1."""
     return max(1, min(batch_size, rows))
 
 
 def sampling_rate(batch_size: int, rows: int) -> float:
+    """Poisson sampling rate q of one DP-SGD step: the expected batch over the shard's rows."""
     return expected_batch(batch_size, rows) / max(rows, 1)
 
 

@@ -65,11 +65,14 @@ class RightFactor:
         self.matrix = m
 
     def stack(self, tensors: Tensors, rows: int) -> torch.Tensor:
+        """The factor's upload tensors side by side as one (rows x sum of widths) float64 matrix, zeros
+        for a name not in ``tensors``."""
         parts = [tensors[n].double() if n in tensors else torch.zeros(rows, w, dtype=torch.float64)
                  for n, w in zip(self.names, self.widths)]
         return torch.cat(parts, dim=1)
 
     def split(self, x: torch.Tensor) -> Tensors:
+        """The inverse of ``stack``: the matrix cut back into one tensor per name."""
         return dict(zip(self.names, torch.split(x, self.widths, dim=1)))
 
     def coords(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,9 +80,12 @@ class RightFactor:
         return (x @ self.basis) * self.scale
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the directions that change no weight removed (projected on the factor's row space)."""
         return (x @ self.basis) @ self.basis.T
 
     def noise(self, rows: int, std: float, rng: np.random.Generator) -> torch.Tensor:
+        """Upload-space noise of ``rows`` rows whose weight change is N(0, std^2) on every coordinate
+        of the factor's subspace."""
         y = torch.from_numpy(rng.standard_normal((rows, self.basis.shape[1]))) * std
         return (y / self.scale) @ self.basis.T
 

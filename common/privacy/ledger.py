@@ -47,6 +47,8 @@ class Release:
     noise_multiplier: float
 
     def key(self) -> tuple[str, int, str]:
+        """What identifies one release: (run, round, session); a retrain of the same round by the same
+        process is charged once."""
         return self.run_id, self.round, self.session
 
 

@@ -111,18 +111,24 @@ def _hkdf(secret: bytes, info: bytes) -> bytes:
 
 
 def agree(private: X25519PrivateKey, peer_public: bytes, info: bytes) -> bytes:
+    """The shared secret of an X25519 agreement between ``private`` and ``peer_public``, through HKDF
+    with ``info``."""
     return _hkdf(private.exchange(X25519PublicKey.from_public_bytes(peer_public)), info)
 
 
 def context(run_id: str, round_id: int, what: str) -> bytes:
+    """The HKDF info of one use (``what``) of a key agreement in one round of one run: no secret serves
+    two rounds or two uses."""
     return f"fedkrso-secagg|{what}|{run_id}|{round_id}".encode()
 
 
 def private_bytes(key: X25519PrivateKey) -> bytes:
+    """``key``'s raw 32 private bytes (what a secret share splits)."""
     return key.private_bytes(RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())
 
 
 def public_bytes(key: X25519PrivateKey) -> bytes:
+    """``key``'s raw 32-byte public key, as advertised."""
     return key.public_key().public_bytes(RAW, serialization.PublicFormat.Raw)
 
 
@@ -180,6 +186,7 @@ class Roster:
     t: int
 
     def point(self, client: str) -> int:
+        """``client``'s Shamir evaluation point: its 1-based rank among the roster's ids."""
         return sorted(self.keys).index(client) + 1
 
 
@@ -257,6 +264,8 @@ class ClientSession:
     partners: list[str] = field(default_factory=list)  # the members this client masks with
 
     def advertise(self) -> tuple[bytes, bytes]:
+        """The two public keys this client advertises: (cipher key for the shares' channel, mask key
+        for the pairwise masks)."""
         return public_bytes(self.cipher), public_bytes(self.mask)
 
     def _channel(self, other: str) -> AESGCM:
