@@ -39,19 +39,25 @@ class DeltaMethod(Method):
         return self.own(model, None)
 
     def prepare(self, model: nn.Module) -> None:
+        """Mark every parameter the method may train as requiring gradients."""
         super().prepare(model)
         for p in self.every_own(model).values():
             p.requires_grad_(True)
 
     def state_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Every parameter the method may train, its own and the dense ones: the state a fingerprint
+        covers and a snapshot carries."""
         state: dict[str, torch.Tensor] = dict(self.every_own(model))
         state.update(self.dense(model))
         return state
 
     def trainable_count(self, model: nn.Module) -> int:
+        """Elements trained in a round (round 0's plan): the method's own parameters and the dense ones."""
         return sum(p.numel() for p in (self.own(model, self.round_seeds(0)) | self.dense(model)).values())
 
     def update_spec(self, model: nn.Module, seeds: list[int]) -> dict[str, tuple[int, ...]]:
+        """``delta.<name>`` for each own parameter the round's plan trains, and ``dense.<name>`` for
+        each dense one."""
         spec = {f"delta.{n}": tuple(p.shape) for n, p in self.own(model, seeds).items()}
         spec.update(self.dense_spec(self.dense(model)))
         return spec
@@ -64,6 +70,8 @@ class DeltaMethod(Method):
         seeds: list[int],
         client_key: str,
     ) -> LocalUpdate:
+        """Train the round's parameters with AdamW on ``batches`` and return the change of each
+        (``delta.*``, ``dense.*``)."""
         model.train()
         own, dense = self.own(model, seeds), self.dense(model)
         for name, p in self.every_own(model).items():

@@ -26,6 +26,8 @@ from .delta import DeltaMethod
 
 
 class Config(MethodConfig):
+    """FedAvg's knobs: full fine-tuning of every linear weight (and, by default, the embeddings) with Adam."""
+
     name: Literal["fedavg"] = "fedavg"
     lr: float = Field(3e-5, gt=0, description="Adam learning rate of every trained weight")
     steps: int = Field(16, ge=1, le=100_000, description="local Adam steps per round")
@@ -33,6 +35,7 @@ class Config(MethodConfig):
                                    "full fine-tuning; false = only what FedKRSO can reach")
 
     def local_steps(self) -> int:
+        """Adam steps per client round."""
         return self.steps
 
 
@@ -57,11 +60,16 @@ def embedding_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 class FedAvg(DeltaMethod):
+    """Federated full fine-tuning (the module docstring): each client uploads the change of every
+    weight it trained; the server averages them."""
+
     name = "fedavg"
     Config = Config
     cfg: Config
 
     def trainable(self, model: nn.Module, seeds: list[int] | None = None) -> dict[str, nn.Parameter]:
+        """Every targeted linear weight, and every embedding table when ``train_embeddings`` (biases
+        are dense)."""
         params = linear_parameters(model, self.cfg.target_modules, biases=False)  # biases are dense
         if self.cfg.train_embeddings:
             params.update(embedding_parameters(model))

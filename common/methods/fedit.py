@@ -39,6 +39,8 @@ ADAPTER = "default"
 
 
 class Config(MethodConfig):
+    """FedIT's knobs: PEFT LoRA of rank ``rank`` on the targeted linears, trained with Adam."""
+
     name: Literal["fedit"] = "fedit"
     lr: float = Field(3e-4, gt=0, description="Adam learning rate of the LoRA factors")
     steps: int = Field(16, ge=1, le=100_000, description="local Adam steps per round")
@@ -46,28 +48,36 @@ class Config(MethodConfig):
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r")
 
     def local_steps(self) -> int:
+        """Adam steps per client round."""
         return self.steps
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``model``'s PEFT LoRA layers by module name (none before ``FedIT.inject``)."""
     from peft.tuners.lora import LoraLayer  # peft costs ~2 s to import: only when used
 
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 class FedIT(DeltaMethod):
+    """Federated LoRA (the module docstring): clients train and upload both LoRA factors; the server
+    averages A and B apart."""
+
     name = "fedit"
     Config = Config
     cfg: Config
     train_a = True  # FFA-LoRA freezes A
 
     def prepare(self, model: nn.Module) -> None:
+        """Inject the LoRA layers (once; a model that has them keeps them), then mark what trains."""
         if not lora_layers(model):
             self.inject(model)
         super().prepare(model)
 
     @torch.no_grad()
     def inject(self, model: nn.Module) -> None:
+        """Put PEFT LoRA layers on every targeted linear, A drawn from the run seed so every party
+        draws it alike, B zero."""
         from peft import LoraConfig, inject_adapter_in_model
 
         targets = target_linears(model, self.cfg.target_modules)
@@ -93,6 +103,7 @@ class FedIT(DeltaMethod):
             layer.lora_B[ADAPTER].weight.zero_()
 
     def trainable(self, model: nn.Module, seeds: list[int] | None = None) -> dict[str, nn.Parameter]:
+        """Every LoRA layer's B, and its A unless the method freezes A (FFA-LoRA)."""
         kinds = ("lora_A", "lora_B") if self.train_a else ("lora_B",)
         out: dict[str, nn.Parameter] = {}
         for name, layer in lora_layers(model).items():

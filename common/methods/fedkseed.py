@@ -52,6 +52,9 @@ CUMULATIVE = "fedkseed_cumulative"  # model buffer: per-candidate sums of every 
 
 
 class Config(MethodConfig):
+    """FedKSeed's knobs: the run's K candidate seeds, the zeroth-order step and perturbation, and the
+    head's first-order lr."""
+
     name: Literal["fedkseed"] = "fedkseed"
     lr: float = Field(3e-7, gt=0, description="constant zeroth-order learning rate")
     dense_lr: float | None = Field(1e-3, gt=0, description="AdamW lr of the first-order head")
@@ -62,6 +65,7 @@ class Config(MethodConfig):
         "first-order", description="how the head, pooler and norms train: AdamW, or perturbed with the body")
 
     def local_steps(self) -> int:
+        """Zeroth-order steps per client round (one candidate seed and two forward passes each)."""
         return self.steps
 
 
@@ -71,6 +75,9 @@ def direction(seed: int, name: str, shape: torch.Size) -> torch.Tensor:
 
 
 class FedKSeed(Method):
+    """Federated zeroth-order fine-tuning with K seeds fixed for the run (the module docstring): a
+    client uploads one scalar gradient per seed it stepped with."""
+
     name = "fedkseed"
     Config = Config
     cfg: Config
@@ -87,6 +94,7 @@ class FedKSeed(Method):
 
     @property
     def first_order_dense(self) -> bool:
+        """Whether the task head trains first-order (AdamW) and is uploaded densely."""
         return self.cfg.dense_mode == "first-order"
 
     def head(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -128,6 +136,8 @@ class FedKSeed(Method):
         return fingerprint((f"{s}:{name}", direction(s, name, p.shape)) for s in seeds)
 
     def state_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The zeroth-order weights, the head and the per-seed cumulative scalars: what a fingerprint
+        covers."""
         state: dict[str, torch.Tensor] = dict(self.theta(model))
         state.update(self.head(model))
         state[CUMULATIVE] = getattr(model, CUMULATIVE)
@@ -146,6 +156,8 @@ class FedKSeed(Method):
         return out
 
     def snapshot_spec(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
+        """What a snapshot carries: the head and the K cumulative scalars, from which the weights are
+        rebuilt by replay."""
         spec = {k: tuple(v.shape) for k, v in self.head(model).items()}
         spec[CUMULATIVE] = (self.cfg.k,)
         return spec
@@ -166,6 +178,7 @@ class FedKSeed(Method):
         return sum(p.numel() for p in self.head(model).values())
 
     def update_spec(self, model: nn.Module, seeds: list[int]) -> dict[str, tuple[int, ...]]:
+        """One scalar per candidate seed (``scalars``) and the head's dense changes."""
         spec: dict[str, tuple[int, ...]] = {"scalars": (len(seeds),)}
         spec.update(self.dense_spec(self.head(model)))
         return spec
@@ -213,6 +226,8 @@ class FedKSeed(Method):
     @staticmethod
     @torch.no_grad()
     def perturb(theta: dict[str, nn.Parameter], seed: int, scale: float) -> None:
+        """Move every weight of ``theta`` by ``scale`` times seed ``seed``'s direction (drawn again,
+        never stored)."""
         for name, p in theta.items():
             p.add_(direction(seed, name, p.shape).to(p), alpha=scale)
 
@@ -224,6 +239,8 @@ class FedKSeed(Method):
         seeds: list[int],
         client_key: str,
     ) -> LocalUpdate:
+        """Zeroth-order steps over ``batches``: per step one of the client's keyed candidate seeds, two
+        perturbed forward passes, the projected gradients summed per seed."""
         model.eval()
         theta, head, eps, lr = self.theta(model), self.head(model), self.cfg.eps, self.cfg.lr
         start = {n: p.detach().clone() for n, p in head.items()}

@@ -20,10 +20,15 @@ from .fedit import Config as FedITConfig
 
 
 class Config(FedITConfig):
+    """FFA-LoRA's knobs: FedIT's, under its own name."""
+
     name: Literal["ffa-lora"] = "ffa-lora"
 
 
 class FFALoRA(FedIT):
+    """FedIT with every A frozen at its seeded draw (the module docstring): clients train and upload
+    only B, so the mean of the Bs is the mean update."""
+
     name = "ffa-lora"
     Config = Config
     cfg: Config

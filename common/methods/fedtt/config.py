@@ -20,6 +20,9 @@ DEFAULT_ADAPTER_MODULES = [
 
 
 class Config(MethodConfig):
+    """FedTT's knobs: where the adapters go, their bottleneck, the TT shape and ranks, and the Adam
+    setting of the cores."""
+
     name: Literal["fedtt"] = "fedtt"
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of the TT cores")
     steps: int = Field(16, ge=1, le=100_000, description="local Adam steps per round")
@@ -33,10 +36,13 @@ class Config(MethodConfig):
     activation: Literal["relu", "gelu", "silu"] = Field("relu", description="act in y + U act(D y)")
 
     def local_steps(self) -> int:
+        """Adam steps per client round."""
         return self.steps
 
 
 class PlusConfig(Config):
+    """FedTT+'s knobs: FedTT's and the rule that freezes cores (``freeze_rule``, ``freeze``)."""
+
     name: Literal["fedtt+"] = "fedtt+"
     freeze_rule: Literal["adaptive", "fixed"] = Field(
         "adaptive", description="adaptive: freeze slow-moving core indices round by round; fixed: `freeze`")

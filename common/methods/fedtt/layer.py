@@ -68,6 +68,7 @@ class TTMatrix(nn.Module):
             core.copy_(torch.zeros_like(g) if k == zero else g)
 
     def full(self) -> torch.Tensor:
+        """The dense matrix the cores contract to."""
         return contract(list(self.cores), self.shape)
 
 
@@ -82,6 +83,7 @@ class TTAdapter(nn.Module):
         self.activation = cfg.activation
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """``y + U act(D y)``, with D and U contracted from their cores in ``y``'s dtype."""
         z = ACTIVATIONS[self.activation](F.linear(y, self.down.full().to(y.dtype)))
         return y + F.linear(z, self.up.full().to(y.dtype))
 

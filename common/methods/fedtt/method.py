@@ -40,6 +40,9 @@ def _out_features(module: nn.Module) -> int:
 
 
 class FedTT(DeltaMethod):
+    """Federated tensor-train adapters (the package docstring): clients train and upload the TT cores;
+    the server averages them core by core."""
+
     name = "fedtt"
     Config = Config
     cfg: Config
@@ -62,6 +65,7 @@ class FedTT(DeltaMethod):
         return middle if middle not in frozen else min(set(range(self.cfg.cores)) - frozen)
 
     def hosts(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The modules an adapter follows (``adapter_modules``); ``ValueError`` when none matches."""
         found = {
             n: m for n, m in model.named_modules()
             if hasattr(m, "weight") and any(re.search(p, n) for p in self.cfg.adapter_modules)
@@ -71,11 +75,14 @@ class FedTT(DeltaMethod):
         return found
 
     def prepare(self, model: nn.Module) -> None:
+        """Inject the adapters (once; a model that has them keeps them), then mark what trains."""
         if not adapters(model):
             self.inject(model)
         super().prepare(model)
 
     def inject(self, model: nn.Module) -> None:
+        """Put a ``TTAdapter`` after every host module, its cores drawn from the run seed and U's zero
+        core zero (the adapter starts as the identity)."""
         for name, host in self.hosts(model).items():
             hidden = _out_features(host)
             adapter = TTAdapter(hidden, self.cfg)
@@ -86,6 +93,7 @@ class FedTT(DeltaMethod):
             host.register_forward_hook(adapter_hook)
 
     def all_cores(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """Every core of every adapter, trained this round or not, by parameter name."""
         return {
             f"{host}.{ATTR}.{n}": p
             for host, adapter in adapters(model).items()
@@ -144,6 +152,7 @@ class FedTT(DeltaMethod):
         return plain
 
     def export_extra(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The cores, saved beside the exported plain model (``export_artifacts``)."""
         return {n: p.detach().cpu().contiguous() for n, p in self.all_cores(model).items()}
 
     def export_artifacts(self, model: nn.Module, folder: Path, model_dir: str) -> dict[str, str]:
@@ -186,22 +195,28 @@ class FedTTPlus(FedTT):
         self.trained = super().round_seeds(0)  # adaptive: the indices the next round trains
 
     def frozen_cores(self) -> set[int]:
+        """Under ``fixed``, the configured ``freeze`` indices; under ``adaptive`` none from the start."""
         if self.cfg.freeze_rule == "fixed":
             return {i % self.cfg.cores for i in self.cfg.freeze}
         return set()
 
     def round_seeds(self, round_id: int) -> list[int]:
+        """The core indices the round trains: those still trained (adaptive), or all but the frozen
+        ones (fixed)."""
         return list(self.trained) if self.cfg.freeze_rule == "adaptive" else super().round_seeds(round_id)
 
     def plan_state(self) -> dict:
+        """The adaptive rule's state, saved with the run (the indices still trained)."""
         return {"trained": list(self.trained)}
 
     def load_plan_state(self, state: dict) -> None:
+        """Restore what ``plan_state`` saved."""
         if "trained" in state:
             self.trained = sorted(int(k) for k in state["trained"])
 
     @torch.no_grad()
     def apply(self, model: nn.Module, seeds: list[int], delta: dict[str, torch.Tensor]) -> None:
+        """Apply the round's mean, then (adaptive) decide which core indices the next round trains."""
         super().apply(model, seeds, delta)
         if self.cfg.freeze_rule == "adaptive":
             self.trained = self.next_trained(model, seeds, delta)
