@@ -62,6 +62,8 @@ class _SnapshotMoved(Exception):
 
 @dataclass
 class ClientOptions:
+    """What ``fedkrso-client`` was asked to do: the server, the data, identity and transport, and timings."""
+
     server: str
     data: Path
     eval_data: Path | None = None  # held-out rows (default: <data>/eval when it exists)
@@ -85,6 +87,9 @@ class ClientOptions:
 
 @dataclass
 class Report:
+    """What a client did in a run (``--report``): its id, the rounds it trained, its last round and
+    state fingerprint, and how it caught up."""
+
     client_id: str = ""
     rounds_trained: list[int] = field(default_factory=list)
     have_round: int = 0
@@ -107,6 +112,9 @@ def make_channel(opts: ClientOptions) -> grpc.Channel:
 
 
 class FedClient:
+    """One client process: joins, polls for rounds, catches up by deltas or a snapshot, trains its
+    round (``Participant``) and submits, until the run finishes."""
+
     def __init__(self, opts: ClientOptions):
         self.opts = opts
         self.channel = make_channel(opts)
@@ -178,6 +186,8 @@ class FedClient:
         return resp
 
     def join(self) -> None:
+        """Load the data, enrol with the server, load the base model and check it against the run's
+        fingerprint."""
         self.dataset = load_split(self.opts.data)
         o = self.opts
         self.eval_dataset = load_split(o.eval_data) if o.eval_data else load_client_eval(o.data)
@@ -212,6 +222,8 @@ class FedClient:
         return self.participant.have if self.participant is not None else 0
 
     def run(self) -> Report:
+        """Join, then take part in every round the server gives this client until the run finishes;
+        returns what it did."""
         self.join()
         hb = threading.Thread(target=self._heartbeat, daemon=True)
         hb.start()

@@ -44,6 +44,8 @@ class SecureSubmission:
         self.f = 0
 
     def advertise(self) -> Roster:
+        """Send this round's two public keys; returns the roster of every client's keys once the server
+        has them, checked (ring, fixed-point step, threshold, key validity)."""
         c_pk, s_pk = self.session.advertise()
         resp = self.call(self.stub.AdvertiseKeys, pb.AdvertiseKeysRequest(
             run_id=self.run_id, round=self.update.round, cipher_public_key=c_pk, mask_public_key=s_pk), self.timeout)
@@ -84,6 +86,8 @@ class SecureSubmission:
         return {"masked": torch.from_numpy(signed.copy())}
 
     def requests(self, tensors: dict[str, torch.Tensor], peak_rss: int, chunk: int) -> Iterator[pb.MaskedInputRequest]:
+        """The masked input's request stream: a header that names no seed and no figure, then the
+        masked ring tensor in batches."""
         header = self.update.header(self.run_id, peak_rss)
         header.num_tensors, header.update_digest = 1, update_digest(tensors)
         yield pb.MaskedInputRequest(header=header)
@@ -91,11 +95,14 @@ class SecureSubmission:
             yield pb.MaskedInputRequest(tensors=batch)
 
     def submit(self, peak_rss: int, chunk: int) -> pb.MaskedInputResponse:
+        """Send the masked input (a fresh stream per attempt, the same bytes)."""
         tensors = self.masked_input()  # a fresh request stream per attempt, the same bytes
         return self.call(lambda t, **kw: self.stub.SubmitMaskedInput(self.requests(t, peak_rss, chunk), **kw),
                          tensors, self.timeout)
 
     def unmask(self) -> pb.UnmaskingResponse:
+        """Learn who survived and who dropped, and reveal the shares that unmask the sum (self-mask
+        shares of survivors, mask-key shares of the dropped)."""
         resp = self.call(self.stub.Unmasking, pb.UnmaskingRequest(run_id=self.run_id, round=self.update.round),
                          self.timeout)
         reveals = self.session.reveal(list(resp.survivors), list(resp.dropped))
@@ -105,6 +112,7 @@ class SecureSubmission:
         return resp
 
     def run(self, peak_rss: int, chunk: int) -> pb.UnmaskingResponse:
+        """The whole protocol for this client's update: advertise, share, confirm, submit, unmask."""
         self.confirm(self.share(self.advertise()))
         self.submit(peak_rss, chunk)
         return self.unmask()

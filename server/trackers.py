@@ -97,28 +97,37 @@ class Tracker:
 
 
 class TensorBoard(Tracker):
+    """Rows as TensorBoard scalars under ``<output_dir>/tensorboard``, one step per round."""
+
     name = "tensorboard"
     needs = ("tensorboard", "tensorboard")
 
     def open(self):
+        """A ``SummaryWriter`` on ``<output_dir>/tensorboard``."""
         from torch.utils.tensorboard import SummaryWriter
 
         return SummaryWriter(log_dir=str(self.out / "tensorboard"))
 
     def write(self, row: dict, rows: list[dict]) -> None:
+        """Every numeric field of ``row`` as a scalar at the round's step."""
         for key, value in scalars(row).items():
             self.handle.add_scalar(key, value, global_step=row["round"])
         self.handle.flush()
 
     def release(self) -> None:
+        """Close the writer."""
         self.handle.close()
 
 
 class Csv(Tracker):
+    """Rows as ``<output_dir>/metrics.csv``: the numeric fields and state fingerprint of every round,
+    rewritten whole (atomically) each round, so the columns can grow."""
+
     name = "csv"
     history = True
 
     def write(self, row: dict, rows: list[dict]) -> None:
+        """Write every row so far, with the union of their fields as columns."""
         fields: dict[str, None] = {"round": None}
         lines = []
         for r in rows:
@@ -133,10 +142,14 @@ class Csv(Tracker):
 
 
 class Wandb(Tracker):
+    """Rows logged to an offline Weights & Biases run under ``<output_dir>/wandb`` (id = the run id,
+    resumed with it; project = ``run.name``), with round.yaml's shaping settings as its config."""
+
     name = "wandb"
     needs = ("wandb", "wandb")
 
     def open(self):
+        """The offline W&B run of this run id (a resumed run goes on in it)."""
         import wandb
 
         (self.out / "wandb").mkdir(parents=True, exist_ok=True)
@@ -145,9 +158,11 @@ class Wandb(Tracker):
                           settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
 
     def write(self, row: dict, rows: list[dict]) -> None:
+        """Every numeric field of ``row`` at the round's step."""
         self.handle.log({**scalars(row), "round": row["round"]}, step=row["round"])
 
     def release(self) -> None:
+        """Finish the W&B run."""
         self.handle.finish()
 
 
@@ -162,6 +177,9 @@ def _flat(config: dict, prefix: str = "") -> dict[str, str]:
 
 
 class Mlflow(Tracker):
+    """Rows logged to an MLflow run in the file store ``<output_dir>/mlruns`` (experiment =
+    ``run.name``, tagged with the run id), with round.yaml's shaping settings as params."""
+
     name = "mlflow"
     needs = ("mlflow", "mlflow-skinny")
 
@@ -187,6 +205,7 @@ class Mlflow(Tracker):
         return client, run
 
     def write(self, row: dict, rows: list[dict]) -> None:
+        """Every numeric field of ``row`` as a metric at the round's step."""
         from mlflow.entities import Metric
 
         client, run = self.handle
@@ -196,6 +215,7 @@ class Mlflow(Tracker):
             client.log_batch(run, metrics=metrics[i:i + 1000])
 
     def release(self) -> None:
+        """End the MLflow run."""
         client, run = self.handle
         client.set_terminated(run)
 
@@ -212,6 +232,7 @@ class Plot(Tracker):
     history = True
 
     def write(self, row: dict, rows: list[dict]) -> None:
+        """Redraw the plots from every row so far."""
         from matplotlib.figure import Figure  # no pyplot: safe off the main thread
 
         fig = Figure(figsize=(7, 6.5))
