@@ -1,0 +1,106 @@
+"""Sizing a quality protocol's budget by measurement: how many rounds of how many local steps
+FedAvg (federated full fine-tuning) needs before its validation metric stops moving.
+
+For each FedAvg variant of a block (``label``led rows that differ in ``steps``), one seed runs
+``rounds`` rounds on the block's validation split (never the reported split) at the variant's
+first lr; its curve is read for the first round at which the metric changed by less than
+``--tolerance`` points (x100) over the last ``--window`` rounds: the plateau. The budget is
+the variant with the fewest local steps in all (rounds x steps) whose plateau value is within
+``--tolerance`` of the best variant's. The cells are the bench's own (``cells.py``), so a
+stopped sizing resumes; the answer is ``<out>/<block>/sizing.json`` with every curve.
+
+    python -m fedkrso.bench.sizing --protocol bench/converged.yaml --out results/converged --blocks sizing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..common import cli
+from .cells import Cell, run_cell
+from .config import BenchConfig, load_protocol
+from .protocol import block_config
+from .report import higher_is_better, summarise
+from .runner import partition, task_metric
+
+METHOD = "fedavg"
+
+
+def plateau(values: list[float | None], window: int, tolerance: float) -> int | None:
+    """The first 1-based round r >= ``window`` at which the last ``window`` values (x100) span
+    less than ``tolerance`` points; None when the curve never settles."""
+    for r in range(window, len(values) + 1):
+        last = values[r - window:r]
+        if all(v is not None for v in last) and 100 * (max(last) - min(last)) < tolerance:
+            return r
+    return None
+
+
+def sizing(cfg: BenchConfig, out: Path, window: int, tolerance: float, log=print) -> dict:
+    """Every FedAvg variant's curve and plateau under ``out`` (the block's folder), and the budget."""
+    variants = [m for m in cfg.methods if m.name == METHOD]
+    if not variants:
+        raise SystemExit(f"python -m fedkrso.bench.sizing: block {cfg.name} runs no {METHOD}")
+    seed = cfg.seeds[0]
+    data = out / "data" / f"seed{seed}"
+    info = partition(cfg, seed, data)
+    if not info.get("val_rows"):
+        raise SystemExit("python -m fedkrso.bench.sizing: the block has no validation split (val_fraction)")
+    metric = task_metric(cfg, info)
+    num_labels = cfg.model.num_labels or info.get("num_labels") or 2
+    sign = 1 if higher_is_better(metric) else -1
+    found = []
+    for spec in variants:
+        lr = spec.lrs[0] if spec.lrs else spec.model_extra.get("lr")
+        steps = spec.knobs().get("steps")
+        log(f"  sizing {spec.tag}: {cfg.rounds} rounds of {steps} local steps at lr {lr:g}, seed {seed}, on val")
+        summary = summarise(run_cell(cfg, Cell(spec, lr, seed, cfg.rounds, "val"), data, out, num_labels), metric)
+        values = [p["metric"] for p in summary["curve"]]
+        at = plateau(values, window, tolerance)
+        found.append({"method": spec.tag, "steps": steps, "lr": lr, "plateau_round": at,
+                      "plateau_value": values[at - 1] if at else None, "best": summary["best"],
+                      "local_steps_to_plateau": at * steps if at and steps else None,
+                      "curve": values, "seconds": summary["seconds"]})
+        log(f"  sizing {spec.tag}: plateau at round {at} ({values[at - 1] if at else None}), best {summary['best']}")
+    settled = [f for f in found if f["plateau_round"]]
+    budget = None
+    if settled:
+        top = max(sign * f["plateau_value"] for f in settled)
+        near = [f for f in settled if 100 * (top - sign * f["plateau_value"]) < tolerance]
+        budget = min(near, key=lambda f: f["local_steps_to_plateau"])
+    answer = {"block": cfg.name, "metric": metric, "seed": seed, "split": "val", "rounds": cfg.rounds,
+              "window": window, "tolerance_points": tolerance, "clients": cfg.clients,
+              "clients_per_round": cfg.clients_per_round, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer,
+              "variants": found,
+              "budget": None if budget is None else {"rounds": budget["plateau_round"], "steps": budget["steps"],
+                                                      "method": budget["method"]}}
+    (out / "sizing.json").write_text(json.dumps(answer, indent=2) + "\n")
+    return answer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (module docstring)."""
+    p = cli.parser("python -m fedkrso.bench.sizing", __doc__, {0: "sized (or said that nothing settled)"})
+    p.add_argument("--protocol", required=True, type=Path, help="the protocol YAML holding the sizing block")
+    p.add_argument("--out", required=True, type=Path, help="the protocol's output folder")
+    p.add_argument("--blocks", nargs="+", required=True, help="the sizing block(s): FedAvg variants, one seed")
+    p.add_argument("--window", type=int, default=5, help="rounds over which the metric must settle")
+    p.add_argument("--tolerance", type=float, default=0.3, help="points (metric x 100) the window may span")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Size every named block, resumable."""
+    args = parse_args(argv)
+    protocol = load_protocol(args.protocol)
+    for name in args.blocks:
+        cfg = block_config(protocol, name, args.out, strict=False)
+        print(f"block {name}: sizing {cfg.rounds} rounds of FedAvg on {cfg.data.source}", flush=True)
+        a = sizing(cfg, args.out / name, args.window, args.tolerance)
+        print(f"block {name}: budget {a['budget']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

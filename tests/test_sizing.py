@@ -1,0 +1,38 @@
+"""Sizing a protocol's budget (bench/sizing.py): FedAvg variants run on the validation split,
+the plateau read from each curve, the cheapest settled variant chosen."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from fedkrso.bench.sizing import main, plateau
+from test_bench import bench_config
+
+
+def test_the_plateau_is_the_first_round_whose_window_spans_less_than_the_tolerance():
+    curve = [0.50, 0.70, 0.80, 0.805, 0.806, 0.8061, 0.85]
+    assert plateau(curve, 3, 0.7) == 5  # 0.800..0.806: 0.6 points; 0.70..0.805 was not
+    assert plateau(curve, 3, 0.1) is None  # the last window spans 4.4 points
+    assert plateau([0.5, None, 0.5, 0.5], 2, 1.0) == 4  # an unevaluated round does not settle it
+
+
+@pytest.mark.slow
+def test_sizing_runs_each_variant_on_validation_and_picks_the_cheapest_settled(tmp_path, tiny_bert):
+    base = bench_config(tmp_path, tiny_bert, seeds=[0], rounds=3, methods=[
+        {"name": "fedavg", "label": "fedavg-s4", "steps": 4, "lrs": [1e-3]},
+        {"name": "fedavg", "label": "fedavg-s2", "steps": 2, "lrs": [1e-3]}])
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "base": base, "blocks": [{"name": "sizing"}]}))
+    out = tmp_path / "out"
+    main(["--protocol", str(path), "--out", str(out), "--blocks", "sizing", "--window", "2", "--tolerance", "101"])
+    a = json.loads((out / "sizing" / "sizing.json").read_text())
+    assert a["split"] == "val" and [v["method"] for v in a["variants"]] == ["fedavg-s4", "fedavg-s2"]
+    for v in a["variants"]:
+        assert len(v["curve"]) == 3 and v["plateau_round"] == 2  # any 2 rounds span < 101 points
+        assert v["plateau_value"] == v["curve"][1]
+    assert a["budget"] == {"rounds": 2, "steps": 2, "method": "fedavg-s2"}  # 4 local steps against 8
+    cells = sorted((out / "sizing" / "cells").glob("*-val-r3/cell.json"))
+    assert len(cells) == 2  # the bench's own cells, on the validation split: resumable
