@@ -90,9 +90,9 @@ def test_method_pages_list_each_knob_once():
 
 
 def test_api_reference_lists_the_members_of_every_method_a_package_too():
-    """A method split into a package (``fedtt``: config, layer, method) is described by its
-    package, as a one-module method by its module: one heading linked to its page, then the
-    public members of each of its files."""
+    """A method split into a package (``fedkrso``, ``fedtt``: config, layer, method) is described
+    by its package, as a one-module method by its module: one heading linked to its page, then
+    the public members of each of its files."""
     from fedkrso.common.methods import METHODS
 
     page = reference.api_reference("fedkrso.common.methods", lambda page: page)
@@ -103,6 +103,9 @@ def test_api_reference_lists_the_members_of_every_method_a_package_too():
     for member in ("layer.TTAdapter", "layer.contract", "method.load_adapters", "method.FedTT.export_artifacts"):
         assert f"::: fedkrso.common.methods.fedtt.{member}" in page, member
     assert "::: fedkrso.common.methods.fedtt.config" not in page  # the knobs are the page's table
+    assert reference.method_module(METHODS["fedkrso"]) == "fedkrso.common.methods.fedkrso"
+    for member in ("layer.SubspaceAdapter", "method.FedKRSO.apply"):
+        assert f"::: fedkrso.common.methods.fedkrso.{member}" in page, member
     table = reference.methods_table(lambda page: page)
     assert "| [`fedtt`](methods/fedtt.md) | FedTT: tensor-train adapters, and FedTT+" in table
 

@@ -8,7 +8,7 @@ One step, for a client with n rows, expected batch b = min(training.batch_size, 
 2. every example's gradient of everything the step trains (the method's own parameters and
    the dense-trainables, jointly) is clipped to L2 norm C; Opacus's grad samplers give the
    per-example gradients of module parameters (``GradSampleModule`` hooks, attached for the
-   round), FedKRSO's fused layer gives its B's (``fedkrso._SubspaceLinear``);
+   round), FedKRSO's fused layer gives its B's (``fedkrso.layer._SubspaceLinear``);
 3. the sum gets Gaussian noise of std sigma * C on every coordinate, from a generator keyed
    by the client's secret, and is divided by b; the optimizer steps on that.
 

@@ -1,25 +1,8 @@
-"""FedKRSO: federated K-seed random subspace optimization (docs/algorithm.md sections 2 to 5).
-
-Each projected matrix W (d_m x d_n, nn.Linear convention) is trained as W + B P, where P
-(r x d_n) is rebuilt from a seed and B (d_m x r) is the only trainable part. The layer never
-forms W + B P nor a full-size gradient: while B is active the layer's forward is one fused
-autograd Function, ``y = x W^T + bias + (x P^T) B^T``, that keeps only the r-column ``x P^T``
-(plus references to W, P, B) for backward; ``grad_B = g^T (x P^T) = grad_W P^T`` without
-grad_W ever existing, and ``grad_x = g W + (g B) P``.
-
-Choices the paper leaves open (docs/algorithm.md section 8 names the field or code of each):
-K fresh seeds per round; a seed drawn uniformly per interval from a client RNG keyed by (run
-seed, round, client); B and its AdamW state reset every interval; the dense-trainables (head,
-norms and, with ``train_biases`` as in full fine-tuning, the projected layers' biases) keep
-one AdamW state for the whole round. Both follow the run's one optimizer setting
-(``training.optimizer``: decay, schedule, clipping).
-
-Precision (common/precision.py): the layer computes in its weight's dtype; B is a float32
-master. Under a low-precision placement each projected weight is a copy in that dtype on the
-party's device and its float32 master lives in host memory (``precision.master``): the
-state, fingerprints and ``apply`` use the masters, training merges ``B P`` into the copies
-only, and ``restore`` rebuilds the copies from the masters.
-"""
+"""The federated side of FedKRSO: ``FedKRSO`` hands out K seeds a round, trains a client's
+intervals with ``layer``'s ``SubspaceAdapter``, says what an upload may carry (the accumulators
+of the seeds a client drew), measures uploads and applies the round's mean to the projected
+weights (their float32 masters where they have one). The method itself is described in the
+package's docstring."""
 
 from __future__ import annotations
 
@@ -27,165 +10,21 @@ import copy
 import itertools
 import math
 import random
-import types
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from ..accounting import fedkrso_uplink_bytes
-from ..precision import master, sync_compute
-from ..privacy.geometry import RightFactor, UpdateGeometry
-from ..subspace import round_seeds, stable_seed, subspace, subspace_fingerprint
-from ..tensors import l2_norm
-from .base import (LocalUpdate, Method, MethodConfig, forward_loss, is_conv1d, out_in, target_linears,
-                   train_state_bytes)
-
-
-class Config(MethodConfig):
-    name: Literal["fedkrso"] = "fedkrso"
-    k: int = Field(4, ge=1, le=4096, description="K: seeds (subspaces) handed out per round")
-    rank: int = Field(8, ge=1, le=4096, description="r: rows of each subspace P")
-    intervals: int = Field(2, ge=1, le=4096, description="I: intervals per round, one seed each")
-    interval_steps: int = Field(8, ge=1, le=100_000, description="J: optimizer steps per interval")
-
-    def local_steps(self) -> int:
-        return self.intervals * self.interval_steps
-
-
-class _SubspaceLinear(torch.autograd.Function):
-    """``y = x W^T + bias + (x P^T) B^T`` on 2-D ``x`` (N x d_n), W frozen.
-
-    Saves W, P, B (references, no copies) and ``xp = x P^T`` (N x r), never ``x``: backward
-    needs x only through xp, since ``grad_B = g^T xp`` and ``grad_x = g W + (g B) P``.
-    ``w_in_out`` marks GPT-2's Conv1D, whose weight is stored transposed (d_n x d_m). x, W,
-    bias and P share one dtype, the compute dtype (the caller casts x); B is the float32 master:
-    it is cast to that dtype for the products and its gradient comes back in float32.
-    Autocast is off inside: the dtypes are this function's own. W and P receive no gradient
-    (the adapter falls back to the unfused path when W requires one)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, p, b, w_in_out: bool, examples: int = 0):
-        with torch.autocast(x.device.type, enabled=False):
-            bc = b.to(x.dtype)
-            xp = torch.mm(x, p.T)  # (N, r): all that grad_B needs
-            wt = weight if w_in_out else weight.T  # (d_n, d_m) view
-            y = torch.mm(x, wt) if bias is None else torch.addmm(bias, x, wt)
-            y.addmm_(xp, bc.T)
-        ctx.w_in_out = w_in_out
-        ctx.examples = examples
-        ctx.b_param = b if examples else None
-        ctx.save_for_backward(weight, p, b, xp)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        weight, p, b, xp = ctx.saved_tensors
-        need_x, _, need_bias, _, need_b, _, _ = ctx.needs_input_grad
-        g = g.contiguous()
-        gx = gbias = gb = None
-        if need_x:
-            bc = b.to(g.dtype)
-            gx = torch.mm(g, weight.T if ctx.w_in_out else weight)  # (N, d_n)
-            gx.addmm_(torch.mm(g, bc), p)
-        if need_bias:
-            gbias = g.sum(0)
-        if need_b:
-            gb = torch.mm(g.T, xp).to(b.dtype)  # (d_m, r)
-            if ctx.examples:
-                _per_example_grad_b(ctx.b_param, g, xp, ctx.examples)
-        return gx, None, gbias, None, gb, None, None
-
-
-def _per_example_grad_b(b: torch.Tensor, g: torch.Tensor, xp: torch.Tensor, examples: int) -> None:
-    """DP-SGD (``privacy.dpsgd``): example i's grad_B, ``g_i^T xp_i`` summed over its positions,
-    times ``examples`` (the loss is the batch mean, Opacus's ``loss_reduction="mean"``
-    convention), stored as ``b.grad_sample`` (examples x d_m x r, float32), added to what an
-    earlier use of B in the same step left there."""
-    d_m, r = g.shape[-1], xp.shape[-1]
-    sample = torch.einsum("bsm,bsr->bmr", g.float().view(examples, -1, d_m), xp.float().view(examples, -1, r))
-    sample.mul_(examples)
-    prior = getattr(b, "grad_sample", None)
-    b.grad_sample = sample if prior is None else prior + sample
-
-
-class SubspaceAdapter:
-    """Trainable B (d_m x r) in a fixed subspace P for each target module.
-
-    While the adapter is open, each target's ``forward`` is an instance attribute that runs
-    ``_SubspaceLinear`` when that target has an active B and the module's own forward
-    otherwise; no parameter or buffer is added, so ``state_dict`` keys do not change.
-    ``start(seed)`` draws P for every target and zeroes B; ``merge()`` folds ``B P`` into the
-    frozen weight in place and returns the B's; ``close()`` restores the original forwards."""
-
-    def __init__(self, targets: dict[str, nn.Module], rank: int, per_example: bool = False):
-        self.targets = targets
-        self.rank = rank
-        self.per_example = per_example  # DP-SGD: each B gets a grad_sample (batch-first inputs)
-        self.p: dict[str, torch.Tensor] = {}
-        self.b: dict[str, nn.Parameter] = {}
-        # name -> (module, its own instance-level forward if it had one, our bound wrapper)
-        self._installed: dict[str, tuple[nn.Module, object, object]] = {}
-        for name, module in targets.items():
-            own = module.__dict__.get("forward")
-            wrapper = types.MethodType(self._forward(name, own), module)
-            module.forward = wrapper
-            self._installed[name] = (module, own, wrapper)
-
-    def _forward(self, name: str, own):
-        def forward(module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            b = self.b.get(name)
-            if b is None:  # no active B: the module's own forward, unchanged
-                return own(x, *args, **kwargs) if own is not None else (
-                    type(module).forward(module, x, *args, **kwargs))
-            w = module.weight
-            if w.requires_grad or args or kwargs:
-                # (under DP-SGD also Opacus's functorch re-run of a Conv1D for its bias's
-                # per-example gradient; B's come from the fused call of the real forward)
-                # grad_W would need the full x (or an unexpected call): stay unfused.
-                out = own(x, *args, **kwargs) if own is not None else (
-                    type(module).forward(module, x, *args, **kwargs))
-                return out + F.linear(F.linear(x, self.p[name].to(x.dtype)), b.to(x.dtype))
-            # compute in the weight's dtype: under autocast x may arrive in float32 (after a
-            # float32 norm); the cast is an autograd op, so grad_x returns in x's dtype
-            y = _SubspaceLinear.apply(x.reshape(-1, x.shape[-1]).to(w.dtype), w, module.bias,
-                                      self.p[name], b, is_conv1d(module), x.shape[0] if self.per_example else 0)
-            return y.view(*x.shape[:-1], y.shape[-1])
-
-        return forward
-
-    def start(self, seed: int) -> list[nn.Parameter]:
-        for name, module in self.targets.items():
-            d_m, d_n = out_in(module)
-            w = module.weight
-            self.p[name] = subspace(seed, name, self.rank, d_n, device=w.device, dtype=w.dtype)
-            self.b[name] = nn.Parameter(torch.zeros(d_m, self.rank, device=w.device))
-        return list(self.b.values())
-
-    @torch.no_grad()
-    def merge(self) -> dict[str, torch.Tensor]:
-        """W += B P for every target; returns the B's (float32) and deactivates them."""
-        out = {}
-        for name, module in self.targets.items():
-            b = self.b.pop(name).detach()
-            delta = b.to(self.p[name].dtype) @ self.p.pop(name)
-            module.weight.add_(delta.T if is_conv1d(module) else delta)
-            out[name] = b.float()
-        return out
-
-    def close(self) -> None:
-        for module, own, wrapper in self._installed.values():
-            if module.__dict__.get("forward") is wrapper:
-                if own is None:
-                    del module.forward
-                else:
-                    module.forward = own
-        self._installed.clear()
+from ...accounting import fedkrso_uplink_bytes
+from ...precision import master, sync_compute
+from ...privacy.geometry import RightFactor, UpdateGeometry
+from ...subspace import round_seeds, stable_seed, subspace, subspace_fingerprint
+from ...tensors import l2_norm
+from ..base import LocalUpdate, Method, forward_loss, is_conv1d, out_in, target_linears, train_state_bytes
+from .config import Config
+from .layer import SubspaceAdapter
 
 
 @dataclass
