@@ -117,6 +117,8 @@ class SubspaceAdapter:
         return forward
 
     def start(self, seed: int) -> list[nn.Parameter]:
+        """Begin an interval on subspace ``seed``: every target gets its P drawn from the seed and a
+        fresh zero B; returns the Bs to optimize."""
         for name, module in self.targets.items():
             d_m, d_n = out_in(module)
             w = module.weight
@@ -136,6 +138,7 @@ class SubspaceAdapter:
         return out
 
     def close(self) -> None:
+        """Give every target its own forward back."""
         for module, own, wrapper in self._installed.values():
             if module.__dict__.get("forward") is wrapper:
                 if own is None:

@@ -47,25 +47,34 @@ class _Grams:
 
 
 class FedKRSO(Method):
+    """Federated K-seed random subspace optimization (the package docstring): a client trains B in
+    seeded subspaces P and uploads one accumulator per seed it drew; every party adds the mean
+    accumulators' B P to the weights."""
+
     name = "fedkrso"
     Config = Config
     cfg: Config
     _gram_cache: _Grams | None = None
 
     def targets(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The linear modules projected (``target_modules``); ``ValueError`` when none matches."""
         found = target_linears(model, self.cfg.target_modules)
         if not found:
             raise ValueError(f"no Linear module matches target_modules={self.cfg.target_modules}")
         return found
 
     def prepare(self, model: nn.Module) -> None:
+        """The base preparation, failing early on a ``target_modules`` that selects nothing."""
         super().prepare(model)
         self.targets(model)  # fail early on a pattern that selects nothing
 
     def round_seeds(self, round_id: int) -> list[int]:
+        """The K seeds of round ``round_id``, from the run seed (docs/algorithm.md)."""
         return round_seeds(self.run_seed, round_id, self.cfg.k)
 
     def plan_fingerprint(self, model: nn.Module, seeds: list[int]) -> str:
+        """A digest of the round's subspaces (seeds, shapes, rank): client and server check they drew
+        the same."""
         shapes = {n: out_in(m) for n, m in self.targets(model).items()}
         return subspace_fingerprint(seeds, shapes, self.cfg.rank)
 
@@ -101,6 +110,7 @@ class FedKRSO(Method):
         return self.cfg.rank * sum_dm + sum(p.numel() for p in self.dense(model).values())
 
     def update_spec(self, model: nn.Module, seeds: list[int]) -> dict[str, tuple[int, ...]]:
+        """``acc.<k>.<module>`` (d_m x r) for each of the round's seeds and targets, and the dense changes."""
         spec: dict[str, tuple[int, ...]] = {}
         for k in range(len(seeds)):
             for n, m in self.targets(model).items():
@@ -197,6 +207,8 @@ class FedKRSO(Method):
         seeds: list[int],
         client_key: str,
     ) -> LocalUpdate:
+        """I intervals, each on the seed its keyed choice draws: J AdamW steps of a fresh B in that
+        seed's subspace (with the dense-trainables), B summed into that seed's accumulator."""
         model.train()
         dense = self.dense(model)
         dense_start = self.start_values(dense)
