@@ -60,9 +60,6 @@ def embedding_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 class FedAvg(DeltaMethod):
-    """Federated full fine-tuning (the module docstring): each client uploads the change of every
-    weight it trained; the server averages them."""
-
     name = "fedavg"
     Config = Config
     cfg: Config

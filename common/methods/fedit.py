@@ -60,9 +60,6 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 class FedIT(DeltaMethod):
-    """Federated LoRA (the module docstring): clients train and upload both LoRA factors; the server
-    averages A and B apart."""
-
     name = "fedit"
     Config = Config
     cfg: Config

@@ -75,9 +75,6 @@ def direction(seed: int, name: str, shape: torch.Size) -> torch.Tensor:
 
 
 class FedKSeed(Method):
-    """Federated zeroth-order fine-tuning with K seeds fixed for the run (the module docstring): a
-    client uploads one scalar gradient per seed it stepped with."""
-
     name = "fedkseed"
     Config = Config
     cfg: Config

@@ -26,9 +26,6 @@ class Config(FedITConfig):
 
 
 class FFALoRA(FedIT):
-    """FedIT with every A frozen at its seeded draw (the module docstring): clients train and upload
-    only B, so the mean of the Bs is the mean update."""
-
     name = "ffa-lora"
     Config = Config
     cfg: Config

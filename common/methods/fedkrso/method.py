@@ -47,10 +47,6 @@ class _Grams:
 
 
 class FedKRSO(Method):
-    """Federated K-seed random subspace optimization (the package docstring): a client trains B in
-    seeded subspaces P and uploads one accumulator per seed it drew; every party adds the mean
-    accumulators' B P to the weights."""
-
     name = "fedkrso"
     Config = Config
     cfg: Config

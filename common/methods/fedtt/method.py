@@ -40,9 +40,6 @@ def _out_features(module: nn.Module) -> int:
 
 
 class FedTT(DeltaMethod):
-    """Federated tensor-train adapters (the package docstring): clients train and upload the TT cores;
-    the server averages them core by core."""
-
     name = "fedtt"
     Config = Config
     cfg: Config
