@@ -14,6 +14,9 @@ the final, best and last-3 values), paired differences to FedAvg and FedIT with 
 intervals, and the answers to the questions the bench exists for.
 
 Finished runs are kept (``<out>/cells/*/cell.json``) and not run again: a stopped bench resumes.
+``--ray`` runs the runs of each phase (the sweeps, then the reported runs) as Ray tasks, as many
+at once as the cluster has CPUs for; the results are the same files. Either way the bench
+prints the runs done and left, and each run's rounds as they close.
 ``--protocol bench/quality.yaml`` runs several benches (blocks of one base config) and writes
 their combined report (``QUALITY.md``, ``quality.json``).
 
@@ -51,6 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--blocks", help="with --protocol: comma-separated subset of its blocks")
     p.add_argument("--device", help="model.device of every run: cpu, cuda, cuda:N, mps, auto (overrides the config)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="model.dtype of every run (overrides the config)")
+    p.add_argument("--ray", action="store_true",
+                   help="run the cells of each phase as Ray tasks, several at once (a local Ray unless --address)")
+    p.add_argument("--address", help="with --ray: the Ray cluster to join (auto, or the head's HOST:PORT); "
+                   "--out must then be a folder every node sees at the same path")
     p.add_argument("--report-only", metavar="DIR",
                    help="rewrite DIR/results.md and the plot from DIR/results.json, running nothing")
     args = p.parse_args(argv)
@@ -63,6 +70,20 @@ def main(argv: list[str] | None = None) -> None:
         print((out / "results.md").read_text())
         return
 
+    if args.address and not args.ray:
+        fail(PROG, "--address needs --ray")
+    from .ray_cells import CellPool, RayCellPool
+
+    pool = CellPool
+    if args.ray:
+        from ..sim.ray_connect import RayUnavailable, connect
+
+        try:
+            connect(args.address)
+        except RayUnavailable as err:
+            fail(PROG, err)
+        pool = RayCellPool
+
     if args.protocol:
         from .protocol import run_protocol
 
@@ -70,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.out or "results/quality").resolve()
         command = "fedkrso-bench " + " ".join(sys.argv[1:] if argv is None else argv)
         try:
-            run_protocol(Path(args.protocol), out, args.blocks.split(",") if args.blocks else None, command, args.quick)
+            run_protocol(Path(args.protocol), out, args.blocks.split(",") if args.blocks else None, command, args.quick,
+                         cell_pool=pool)
         except BenchConfigError as err:
             fail(PROG, err)
         except RuntimeError as err:  # a run failed; its log tail is in the message
@@ -115,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     from .runner import run_bench
 
     try:
-        report = run_bench(cfg, out.resolve(), command, log=lambda s: print(s, flush=True))
+        report = run_bench(cfg, out.resolve(), command, log=lambda s: print(s, flush=True), pool=pool)
     except RuntimeError as err:  # a server or client of a run failed; its log tail is in the message
         fail(PROG, err, 1)
     print((out / "results.md").read_text())

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .config import BenchConfig, ProtocolConfig, load_protocol
 from .report import answers, pool, render_answers, render_table
+from .ray_cells import CellPool
 from .runner import run_bench
 
 
@@ -61,7 +62,8 @@ def block_config(protocol: ProtocolConfig, name: str, out: Path, quick: bool = F
     return cfg
 
 
-def run_protocol(path: Path, out: Path, only: list[str] | None, command: str, quick: bool = False) -> dict:
+def run_protocol(path: Path, out: Path, only: list[str] | None, command: str, quick: bool = False,
+                 cell_pool: type[CellPool] = CellPool) -> dict:
     protocol = load_protocol(path)
     unknown = set(only or ()) - {b.name for b in protocol.blocks}
     if unknown:
@@ -73,7 +75,7 @@ def run_protocol(path: Path, out: Path, only: list[str] | None, command: str, qu
     for block in protocol.blocks:
         if only is None or block.name in only:
             run_bench(block_config(protocol, block.name, out, quick), out / block.name, command,
-                      log=lambda s: print(s, flush=True))
+                      log=lambda s: print(s, flush=True), pool=cell_pool)
             combined = write_quality(protocol, out, command, path, quick)
     return combined
 

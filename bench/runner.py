@@ -3,8 +3,10 @@ training rows, the eval split), then for every method an lr sweep scored on the 
 split and the chosen lr's runs on every seed, scored on the eval split.
 
 Every run is a result cell (``cells.py``): finished cells are loaded, not run again, and
-``run_bench`` rewrites ``results.json``, ``results.md`` and the plot after each cell, so a long
-bench that is stopped still reports what it finished and resumes where it stopped.
+``run_bench`` rewrites ``results.json``, ``results.md`` and the plot after each phase, so a long
+bench that is stopped still reports what it finished and resumes where it stopped. The cells
+of a phase (every method's sweep, then every method's reported runs) go to a pool
+(``ray_cells.py``): one after another here, or as Ray tasks with ``--ray``.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from ..common.config import parse_config
-from .cells import Cell, method_section, run_cell
+from .cells import Cell, method_section
 from .config import BenchConfig, MethodSpec
 from .plot import plot
+from .ray_cells import CellPool, Progress
 from .report import aggregate, answers, differences, render, summarise, sweep_score
 
 
@@ -89,8 +92,9 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def run_bench(cfg: BenchConfig, out: Path, command: str = "fedkrso-bench",
-              log: Callable[[str], None] = print) -> dict:
-    """The whole bench of ``cfg`` under ``out``; the report that results.json holds."""
+              log: Callable[[str], None] = print, pool: type[CellPool] = CellPool) -> dict:
+    """The whole bench of ``cfg`` under ``out``; the report that results.json holds. ``pool``:
+    where the cells run (``RayCellPool``: as Ray tasks, several at once)."""
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     data = {s: out / "data" / f"seed{s}" for s in cfg.seeds}
@@ -118,35 +122,51 @@ def run_bench(cfg: BenchConfig, out: Path, command: str = "fedkrso-bench",
         (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
         write_report(report, out)
 
-    def cell(spec: MethodSpec, lr: float, seed: int, rounds: int, where: str) -> dict:
-        result = run_cell(cfg, Cell(spec, lr, seed, rounds, where), data[seed], out, num_labels)
-        summary = summarise(result, metric)
-        log(f"  {spec.tag} lr={lr:g} seed={seed} on {where}: {metric} {summary['final']} "
-            f"({result['seconds']:.0f} s)")
-        return summary
+    sweeps = {spec.tag: spec.lrs for spec in cfg.methods if spec.lrs and len(spec.lrs) > 1}
+    planned = sum(len(lrs) * len(cfg.seeds[: cfg.sweep_seeds]) for lrs in sweeps.values())
+    cells = pool(Progress(planned + len(cfg.methods) * len(cfg.seeds), log))
 
+    def run_phase(phase: list[Cell]) -> list[dict]:
+        """The phase's cells through the pool (at once where it can), each logged with its figure."""
+        results = cells.run(cfg, phase, data, out, num_labels)
+        summaries = []
+        for c, result in zip(phase, results):
+            summary = summarise(result, metric)
+            log(f"  {c.spec.tag} lr={c.lr:g} seed={c.seed} on {c.split}: {metric} {summary['final']} "
+                f"({result['seconds']:.0f} s)")
+            summaries.append(summary)
+        return summaries
+
+    # the lr sweeps of every method, then every method's reported runs at its chosen lr
+    phase = [Cell(spec, lr, s, cfg.sweep_rounds, split) for spec in cfg.methods if spec.tag in sweeps
+             for lr in spec.lrs for s in cfg.seeds[: cfg.sweep_seeds]]
+    swept = {c.tag: r for c, r in zip(phase, run_phase(phase))}
+    chosen = {}
     for spec in cfg.methods:
         lrs = spec.lrs or [default_lr(cfg, spec)]
-        chosen = lrs[0]
-        if len(lrs) > 1:
+        chosen[spec.tag] = lrs[0]
+        if spec.tag in sweeps:
             scores = {}
             for lr in lrs:
-                runs = [cell(spec, lr, s, cfg.sweep_rounds, split) for s in cfg.seeds[: cfg.sweep_seeds]]
+                runs = [swept[Cell(spec, lr, s, cfg.sweep_rounds, split).tag] for s in cfg.seeds[: cfg.sweep_seeds]]
                 values = [sweep_score(r, cfg.select_by, metric) for r in runs]
                 scores[lr] = sum(values) / len(values)
-            chosen = max(lrs, key=lambda lr: scores[lr])
+            chosen[spec.tag] = max(lrs, key=lambda lr: scores[lr])
             for lr in lrs:
                 shown = scores[lr] if scores[lr] != float("-inf") else None
                 if shown is not None and metric in ("loss", "perplexity"):
                     shown = -shown
                 report["sweep"].append({"method": spec.tag, "lr": lr, "seeds": cfg.seeds[: cfg.sweep_seeds],
-                                        "score": shown, "chosen": lr == chosen})
+                                        "score": shown, "chosen": lr == chosen[spec.tag]})
             save()
-        entry = {"method": spec.tag, "base_method": spec.name, "knobs": spec.knobs(), "lr": chosen, "seeds": {}}
+    phase = [Cell(spec, chosen[spec.tag], seed, cfg.rounds, "eval") for spec in cfg.methods for seed in cfg.seeds]
+    reported = {c.tag: r for c, r in zip(phase, run_phase(phase))}
+    for spec in cfg.methods:
+        entry = {"method": spec.tag, "base_method": spec.name, "knobs": spec.knobs(), "lr": chosen[spec.tag],
+                 "seeds": {}}
         report["results"][spec.tag] = entry
         for seed in cfg.seeds:
-            entry["seeds"][seed] = cell(spec, chosen, seed, cfg.rounds, "eval")
+            entry["seeds"][seed] = reported[Cell(spec, chosen[spec.tag], seed, cfg.rounds, "eval").tag]
             entry["aggregate"] = aggregate(entry)
-            save()
     save()
     return report

@@ -754,3 +754,58 @@ def test_make_secrets_certificate_works_for_grpc_tls(tmp_path):
         assert status_with(wrong_ca / "ca.crt") == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(None)
+
+
+# ---------------------------------------------------------------------------------------------
+# KubeRay: deploy/k8s-ray (the Ray backend of fedkrso-sim and fedkrso-bench)
+
+K8S_RAY = DEPLOY / "k8s-ray"
+# The fields of KubeRay's RayCluster (ray.io/v1) this manifest may use, from its CRD; the pod
+# templates inside are checked against the Kubernetes schema itself.
+RAYCLUSTER_FIELDS = {
+    "spec": {"autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions", "headGroupSpec",
+             "headServiceAnnotations", "managedBy", "rayVersion", "suspend", "workerGroupSpecs"},
+    "head": {"enableIngress", "headService", "rayStartParams", "serviceType", "template"},
+    "worker": {"groupName", "idleTimeoutSeconds", "maxReplicas", "minReplicas", "numOfHosts", "rayStartParams",
+               "replicas", "scaleStrategy", "suspend", "template"},
+}
+
+
+def ray_templates(doc: dict) -> list[dict]:
+    return [doc["spec"]["headGroupSpec"]["template"], *(g["template"] for g in doc["spec"]["workerGroupSpecs"])]
+
+
+@pytest.mark.parametrize("version", k8s_versions())
+def test_raycluster_renders_and_validates(tmp_path, version):
+    """Rendered by kustomize; the RayCluster's own fields are KubeRay's, its pod templates valid
+    Kubernetes (strict), non-root, with resources; Ray's version is requirements.lock's; every
+    pod mounts the shards at one path, and the head the run's output."""
+    need("kubernetes_validate")
+    (doc,) = kustomize_build(K8S_RAY)
+    assert (doc["apiVersion"], doc["kind"], doc["metadata"]["namespace"]) == ("ray.io/v1", "RayCluster", "fedkrso")
+    spec = doc["spec"]
+    assert set(spec) <= RAYCLUSTER_FIELDS["spec"] and set(spec["headGroupSpec"]) <= RAYCLUSTER_FIELDS["head"]
+    for group in spec["workerGroupSpecs"]:
+        assert set(group) <= RAYCLUSTER_FIELDS["worker"]
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    for params in [spec["headGroupSpec"]["rayStartParams"], *(g["rayStartParams"] for g in spec["workerGroupSpecs"])]:
+        assert all(isinstance(v, str) for v in params.values()), "rayStartParams values are strings"
+    pin = next(x for x in (ROOT / "requirements.lock").read_text().splitlines() if x.startswith("ray=="))
+    assert pin == f"ray=={spec['rayVersion']}"
+    claims = {d["metadata"]["name"] for _, d in k8s_docs() if d["kind"] == "PersistentVolumeClaim"}
+    for i, template in enumerate(ray_templates(doc)):
+        validate_k8s({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"ray-{i}"},
+                      "template": template}, version)
+        pod = template["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == UID
+        (c,) = pod["containers"]
+        assert c["image"] == "fedkrso:cpu" and c["resources"]["requests"] and c["resources"]["limits"]
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert mounts["/data"] == "data" and volumes["data"]["persistentVolumeClaim"]["claimName"] == "fedkrso-data"
+        for v in volumes.values():
+            if "persistentVolumeClaim" in v:
+                assert v["persistentVolumeClaim"]["claimName"] in claims, "a claim deploy/k8s makes"
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", "the head is the driver's node, no actors"
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "/runs" in {m["mountPath"] for m in head["volumeMounts"]}

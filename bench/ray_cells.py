@@ -1,0 +1,141 @@
+"""Where a bench's result cells run, and what the bench shows while they do.
+
+``CellPool`` runs the cells of a phase (the lr sweep, then the reported runs) one after
+another in this process, as the bench always did; ``RayCellPool`` (``fedkrso-bench --ray``)
+runs them as Ray tasks, each granted the CPUs its run computes with (``threads`` for a
+simulated run, one per client process for ``runner: processes``), so a cluster runs as many
+at once as it has room for. Either way a cell is ``cells.run_cell``: the same round.yaml, the
+same ``cell.json``, loaded instead of run when it finished before, so a stopped bench
+resumes exactly as before. On several machines ``--out`` must be a folder every node sees
+at the same path (the cells write there).
+
+``Progress`` prints, while cells run, the runs done and left and each run's rounds as they
+close (read from the run's own ``metrics.jsonl``), every ``every`` seconds at most.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from .cells import Cell, run_cell
+from .config import BenchConfig
+
+Log = Callable[[str], None]
+
+
+class Progress:
+    """Runs done and left, and the rounds of the runs in flight (module docstring)."""
+
+    def __init__(self, total: int, log: Log, every: float = 2.0):
+        self.total, self.log, self.every = total, log, every
+        self.done = 0
+        self._flying: dict[str, tuple[Path, int, int]] = {}  # tag -> (metrics file, rounds, rows shown)
+        self._lock = threading.Lock()
+
+    def start(self, cell: Cell, out: Path) -> None:
+        with self._lock:
+            self._flying[cell.tag] = (out / "cells" / cell.tag / "metrics.jsonl", cell.rounds, 0)
+
+    def poll(self) -> None:
+        """Print the rounds that closed since the last poll."""
+        with self._lock:
+            for tag, (metrics, rounds, shown) in list(self._flying.items()):
+                try:
+                    lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
+                except OSError:
+                    continue
+                for line in lines[shown:]:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:  # a line being written: read it next time
+                        break
+                    shown += 1
+                    figure = next((f"{k} {row[k]:.4g}" for k in ("eval_accuracy", "eval_loss", "eval_f1")
+                                   if isinstance(row.get(k), float)), "")
+                    self.log(f"    {tag}: round {row.get('round', shown - 1) + 1}/{rounds} closed {figure}".rstrip())
+                self._flying[tag] = (metrics, rounds, shown)
+
+    def finish(self, cell: Cell, result: dict, loaded: bool) -> None:
+        self.poll()
+        with self._lock:
+            self._flying.pop(cell.tag, None)
+            self.done += 1
+        how = "kept from before" if loaded else f"{result['seconds']:.0f} s"
+        self.log(f"  [{self.done}/{self.total} runs done, {self.total - self.done} left] {cell.tag} ({how})")
+
+
+def _stamp(out: Path, cell: Cell) -> int | None:
+    """When the cell's result was written (None: not yet): unchanged after a call, it was loaded."""
+    try:
+        return (out / "cells" / cell.tag / "cell.json").stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+class CellPool:
+    """The cells of a phase one after another, in this process."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+
+    def run(self, cfg: BenchConfig, cells: list[Cell], data: dict[int, Path], out: Path,
+            num_labels: int) -> list[dict]:
+        results = []
+        for cell in cells:
+            before = _stamp(out, cell)
+            self.progress.start(cell, out)
+            stop = threading.Event()
+            watcher = threading.Thread(target=self._watch, args=(stop,), daemon=True)
+            watcher.start()
+            try:
+                result = run_cell(cfg, cell, data[cell.seed], out, num_labels)
+            finally:
+                stop.set()
+                watcher.join()
+            self.progress.finish(cell, result, before is not None and _stamp(out, cell) == before)
+            results.append(result)
+        return results
+
+    def _watch(self, stop: threading.Event) -> None:
+        while not stop.wait(self.progress.every):
+            self.progress.poll()
+
+
+def _cell_cpus(cfg: BenchConfig) -> float:
+    """What one run computes with: a simulated run's torch threads, or one per client process
+    (the server's process mostly waits)."""
+    return float(cfg.threads if cfg.runner == "sim" else cfg.clients)
+
+
+class RayCellPool(CellPool):
+    """The cells of a phase as Ray tasks (module docstring); connect to Ray first."""
+
+    def run(self, cfg: BenchConfig, cells: list[Cell], data: dict[int, Path], out: Path,
+            num_labels: int) -> list[dict]:
+        import ray
+
+        task = ray.remote(run_cell).options(num_cpus=_cell_cpus(cfg), max_retries=0)
+        refs, kept = {}, {}
+        for cell in cells:
+            kept[cell.tag] = _stamp(out, cell)
+            refs[task.remote(cfg, cell, data[cell.seed], out, num_labels)] = cell
+            self.progress.start(cell, out)
+        results: dict[str, dict] = {}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=self.progress.every)
+            self.progress.poll()
+            for ref in ready:
+                cell = refs[ref]
+                try:
+                    results[cell.tag] = ray.get(ref)
+                except ray.exceptions.RayTaskError as err:  # the run's own failure, its log tail included
+                    for other in pending:
+                        ray.cancel(other)
+                    raise RuntimeError(f"{cell.tag}: {err.cause if err.cause else err}") from None
+                self.progress.finish(cell, results[cell.tag], kept[cell.tag] is not None
+                                     and _stamp(out, cell) == kept[cell.tag])
+        return [results[c.tag] for c in cells]
