@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from ..common.config import ConfigError, check_inputs, load_config
-    from ..server.metrics import format_table
-    from ..server.state import StateError
+    from ..server.port import StateError, format_table
     from .runner import Simulation, SimulationError
 
     torch.set_num_threads(args.threads)
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     keys = ("round", "eval_accuracy", "eval_loss", "eval_perplexity", "client_eval_accuracy", "client_eval_loss",
             "client_eval_perplexity")
     summary = {k: rows[-1][k] for k in keys if k in rows[-1]} if rows else {}
-    print(json.dumps({"run_id": sim.coord.run_id, "output_dir": str(sim.coord.out), "clients": len(sim.participants),
+    print(json.dumps({"run_id": sim.port.run_id, "output_dir": str(sim.port.output_dir), "clients": len(sim.participants),
                       "seconds": round(time.monotonic() - started, 1), **summary}), flush=True)
     sys.exit(0)
 
