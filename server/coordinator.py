@@ -28,7 +28,7 @@ from pathlib import Path
 import structlog
 import torch
 
-from ..common.accounting import ConnCounters, SocketMark, Traffic, full_model_bytes, payload_bytes, seeds_bytes
+from ..common.accounting import full_model_bytes, payload_bytes, seeds_bytes
 from ..common.aggregate import Aggregator, build_aggregator
 from ..common.config import RunConfig
 from ..common.logs import bounded, progress
@@ -98,6 +98,7 @@ class Coordinator:
         self._snapshot_copy: tuple[int, weakref.ref] = (-1, lambda: None)  # round, its shared copy
         self.polls = PollWaiters()  # clients' long-polls: woken only when their answer may change
         self.model_lock = asyncio.Lock()
+        self._wakeups: set[asyncio.Task] = set()  # notifications scheduled by ``touch``
         saved = None if fresh else self.store.load()
         if saved is None:
             move_aside(self.out)
@@ -331,7 +332,15 @@ class Coordinator:
 
     # -- for the port: clients ----------------------------------------------------------------
     def touch(self, client_id: str, polling: bool = False) -> None:
+        """``client_id`` was heard from (``polling``: it asks for work). A client asking for the
+        first time may let a waiting round start: the round loop is woken then (once per
+        client), so it never waits for a clock to notice."""
+        asked = self.registry.selectable_bound()
         self.registry.touch(client_id, polling)
+        if self.registry.selectable_bound() != asked:
+            task = asyncio.get_running_loop().create_task(self.notify())
+            self._wakeups.add(task)
+            task.add_done_callback(self._wakeups.discard)
 
     async def join(self, client_id: str, name: str, num_samples: int, eval_samples: int = 0,
                    software_version: str = "") -> None:
@@ -400,42 +409,6 @@ class Coordinator:
         if cost > self.state_bytes:  # whichever is smaller
             return "snapshot", []
         return "deltas", deltas
-
-    def _open_traffic(self, client_id: str, round_id: int | None = None) -> Traffic | None:
-        """The client's traffic meter in the open round, when it is selected there."""
-        rs = self.current
-        if rs is None or client_id not in rs.selected or (round_id is not None and rs.round != round_id):
-            return None
-        return rs.traffic_of(client_id)
-
-    def begin_download(self, client_id: str, round_id: int, counters: ConnCounters | None) -> None:
-        """A selected client starts downloading round ``round_id``: a fresh meter, marked at
-        its connection's counters."""
-        if self._open_traffic(client_id, round_id) is not None:
-            self.current.traffic[client_id] = Traffic(download=SocketMark.now(counters))
-
-    def count_download(self, client_id: str, payload: int, message: int) -> None:
-        """Bytes sent for the open round's download (deltas or snapshot) of ``client_id``."""
-        traffic = self._open_traffic(client_id)
-        if traffic is not None:
-            traffic.add_down(payload, message)
-
-    def end_download(self, client_id: str) -> None:
-        """The download was sent whole: save its bytes with the open round, in the background
-        (group-committed with other downloads), so they survive a restart."""
-        rs = self.current
-        if self._open_traffic(client_id) is None:
-            return
-        rs.unsaved_downloads = True
-        if rs.record_flusher is None or rs.record_flusher.done():
-            rs.record_flusher = asyncio.create_task(self._flush_record(rs))
-
-    async def _flush_record(self, rs: RoundState) -> None:
-        while rs.unsaved_downloads:
-            async with self.fold_lock:
-                if rs.closing or self.current is not rs:
-                    return
-                await self.save_open(rs)
 
     async def snapshot(self, round_id: int) -> tuple[dict[str, torch.Tensor], str]:
         """A copy of the state after ``round_id`` rounds (the current one) and its fingerprint.

@@ -45,6 +45,7 @@ from ..common.precision import Placement
 from ..common.update import UpdateRecord
 from .clock import Clock
 from .coordinator import Coordinator
+from .downloads import DownloadMeter
 from .intake import Admission
 from .messages import DeltaEncodings, assignment_messages, snapshot_messages
 from .metrics import format_table
@@ -62,6 +63,7 @@ class RoundPort:
 
     def __init__(self, coord: Coordinator):
         self.coord = coord
+        self.meter = DownloadMeter(coord.ledger)
         s = coord.cfg.server
         self.chunk = s.max_chunk_bytes
         self._deltas = DeltaEncodings(self.chunk, s.snapshot_after_rounds)
@@ -180,30 +182,29 @@ class RoundPort:
         """The answer to ``task``: its header, then every delta the client lacks, counted into
         its traffic when it trains (from ``counters``' mark: the connection's socket bytes, None
         when not measured). A FINISHED stream yielded whole marks the client done."""
-        coord, training = self.coord, task.status == "train"
+        meter, training = self.meter, task.status == "train"
         if training:
-            coord.begin_download(client_id, task.round, counters)
+            meter.begin(client_id, task.round, counters)
         async with self._downloads if task.deltas else contextlib.nullcontext():
             for msg, payload in assignment_messages(task, self._deltas):
                 if training:
-                    coord.count_download(client_id, payload, message_bytes(msg))
+                    meter.count(client_id, payload, message_bytes(msg))
                 yield msg
         if training:
-            coord.end_download(client_id)
+            meter.end(client_id)
         else:
-            await coord.finished_stream_sent(client_id)
+            await self.coord.finished_stream_sent(client_id)
 
     async def snapshot_stream(self, client_id: str, round_id: int) -> AsyncIterator[pb.GetSnapshotResponse]:
         """The state after ``round_id`` rounds (the current one), counted into ``client_id``'s
         downlink of the open round like deltas."""
-        coord = self.coord
         async with self._downloads:  # one copy of the state per stream: bounded like deltas
-            state, fp = await coord.snapshot(round_id)
+            state, fp = await self.coord.snapshot(round_id)
             log.info("snapshot_sent", client=client_id, round=round_id)
             for msg, payload in snapshot_messages(round_id, state, fp, self.chunk):
-                coord.count_download(client_id, payload, message_bytes(msg))
+                self.meter.count(client_id, payload, message_bytes(msg))
                 yield msg
-        coord.end_download(client_id)
+        self.meter.end(client_id)
 
     # -- uploads ---------------------------------------------------------------------------------
     def admit(self, client_id: str, header: pb.UpdateHeader) -> Admission:

@@ -2,7 +2,8 @@
 
 ``common/`` is the core and imports neither ``server/``, ``client/``, ``bench/`` nor ``sim/``; a
 client never loads server code; the server never imports the client; the simulator runs the
-server's coordinator with the shared client round, never the gRPC client. The source folders install as
+shared client round against the server's round port (``server/port.py``, nothing else of
+``server/``), never the gRPC client. The source folders install as
 ``fedkrso.<folder>`` (pyproject's package-dir), which import-linter cannot see from the flat
 checkout, so the check runs on a mirror of the installed layout: every ``.py`` file of the
 folders copied under ``<tmp>/fedkrso/``. The second test breaks the layering in a mirror on

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import round_config
-from fedkrso.common.accounting import message_bytes, payload_bytes
+from fedkrso.common.accounting import message_bytes, payload_bytes, seeds_bytes
 from fedkrso.common.config import parse_config
 from fedkrso.common.data import load_split
 from fedkrso.common.participant import Participant
@@ -26,6 +26,7 @@ from fedkrso.server.coordinator import Coordinator
 from fedkrso.server.deadlines import DeadlinePolicy
 from fedkrso.server.port import RoundError, RoundPort
 from fedkrso.server.rounds import RoundState
+from method_cases import CASES, small
 
 
 async def until(predicate: Callable[[], object], what: str, timeout: float = 60.0) -> None:
@@ -78,10 +79,13 @@ class Run:
         return folded, update
 
 
-def test_a_round_driven_through_the_port_without_grpc(tiny_bert, shards, tmp_path):
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_a_round_driven_through_the_port_without_grpc(tiny_bert, shards, tmp_path, method):
     """Join, the assignment stream with its bytes counted, submit (header record + tensors +
-    message bytes), an idempotent resubmission and precise refusals: one round, no socket."""
-    run = Run(tiny_bert, shards, tmp_path / "out", rounds={"total": 1, "clients_per_round": 2, "min_clients": 2})
+    message bytes), an idempotent resubmission and precise refusals: one round of every
+    method, no socket."""
+    run = Run(tiny_bert, shards, tmp_path / "out", method=small(method),
+              rounds={"total": 1, "clients_per_round": 2, "min_clients": 2})
 
     async def scenario() -> dict:
         port = run.port
@@ -92,7 +96,7 @@ def test_a_round_driven_through_the_port_without_grpc(tiny_bert, shards, tmp_pat
         msgs = {name: await run.download(name) for name in ("shard0", "shard1")}
         traffic = run.rs.traffic["shard0"]
         assert traffic.down_message == sum(message_bytes(m) for m in msgs["shard0"]) > 0
-        assert traffic.down_payload > 0
+        assert traffic.down_payload == seeds_bytes(len(run.tasks["shard0"].seeds))  # round 0: no delta to send
         folded, update = await run.train_and_submit("shard0")
         assert folded and run.rs.submissions["shard0"].digest == update.digest
         assert run.rs.traffic["shard0"].up_payload == payload_bytes(update.tensors)
