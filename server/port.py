@@ -19,7 +19,9 @@ a client's protobuf messages in memory (a cluster backend). What it may ask:
 
 Refusals are ``RoundError`` with the gRPC status code a transport answers with. Nothing here
 knows gRPC; the byte counts and the order of checks are the ones a distributed run has, so a
-simulated run reaches the fingerprints and traffic figures of a distributed one.
+simulated run reaches the fingerprints and traffic figures of a distributed one. The module
+also names what a transport's command needs of the server besides (``StateError``,
+``format_table``): ``sim/`` imports nothing else of ``server/`` (an import-linter contract).
 """
 
 from __future__ import annotations

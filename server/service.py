@@ -14,7 +14,6 @@ are bounded (``logs.bounded``) wherever they are logged or echoed.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import math
