@@ -20,7 +20,6 @@ Anything else raises ``ClientError`` with a bounded description; the client exit
 from __future__ import annotations
 
 import json
-import math
 import re
 
 from pydantic import ValidationError
@@ -31,7 +30,7 @@ from ..common.config import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, RunConfig
 from ..common.logs import bounded
 from ..common.participant import Participant, ParticipantError
 from ..common.protocol import valid_client_id
-from ..common.tensors import element_size
+from ..common.tensors import spec_bytes
 from ..common.wire import TensorAssembler, WireError
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -41,11 +40,6 @@ RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 class ClientError(RuntimeError):
     """A condition under which the client must not go on (e.g. a different base model, a
     malformed stream from the server)."""
-
-
-def spec_bytes(spec: dict[str, tuple[int, ...]], dtype: str) -> int:
-    """The most bytes tensors of ``spec`` can hold in ``dtype``: a stream's allocation bound."""
-    return sum(math.prod(shape) for shape in spec.values()) * element_size(dtype)
 
 
 def _fingerprint(value: str, what: str) -> str:

@@ -55,6 +55,7 @@ from .privacy.ledger import Release, SampleLedger
 from .privacy.secagg import fixed_point_bits
 from .subspace import stable_seed
 from .tensors import DTYPES
+from .update import UpdateRecord
 from .wire import tensor_batches, update_digest
 
 
@@ -85,25 +86,23 @@ class PreparedUpdate:
     withhold_figures: bool = False  # a privacy mode: the header carries none of the figures above
     withhold_draws: bool = False  # secure aggregation: the header does not name the seeds drawn
 
-    def header(self, run_id: str, peak_rss_bytes: int) -> pb.UpdateHeader:
-        """The UpdateHeader that opens this update's SubmitUpdate stream.
+    def record(self, peak_rss_bytes: int) -> UpdateRecord:
+        """What this update's header reports (``common.update``), as this client sends it.
 
-        Under a privacy mode (``withhold_figures``) it carries only what the protocol needs:
-        the round, the row count (the update's weight and the DP-SGD ledger's rate), the steps
-        (the ledger's step count), the tensor count and the digest; the client's loss, timings,
-        memory and evaluation would reach the server one client at a time (docs/PRIVACY.md,
-        "What each party can read"). Under secure aggregation (``withhold_draws``) not even the
-        seeds it drew: its draws are keyed by its own secret (``Participant.choice_key``)."""
-        h = pb.UpdateHeader(run_id=run_id, round=self.round, num_samples=self.num_samples, steps=self.steps,
-                            num_tensors=len(self.tensors), update_digest=self.digest)
-        if not self.withhold_draws:
-            h.seeds_used.extend(self.seeds_used)
-        if not self.withhold_figures:
-            h.loss, h.train_seconds, h.peak_rss_bytes = self.loss, self.train_seconds, peak_rss_bytes
-            h.train_state_bytes, h.accelerator_peak_bytes = self.train_state_bytes, self.accelerator_peak_bytes
-            h.eval_metrics.extend(pb.EvalMetric(name=k, value=v) for k, v in sorted(self.eval_metrics.items()))
-            h.eval_examples = self.eval_examples
-        return h
+        Under a privacy mode (``withhold_figures``) only what the protocol needs: the client's
+        loss, timings, memory and evaluation would reach the server one client at a time
+        (docs/PRIVACY.md, "What each party can read"). Under secure aggregation
+        (``withhold_draws``) not even the seeds it drew: its draws are keyed by its own secret
+        (``Participant.choice_key``)."""
+        full = UpdateRecord(self.round, self.digest, self.num_samples, self.steps, len(self.tensors), self.loss,
+                            self.train_seconds, peak_rss_bytes, self.train_state_bytes, tuple(self.seeds_used),
+                            tuple(sorted(self.eval_metrics.items())), self.eval_examples,
+                            self.accelerator_peak_bytes)
+        return full.redacted(figures=self.withhold_figures, draws=self.withhold_draws)
+
+    def header(self, run_id: str, peak_rss_bytes: int) -> pb.UpdateHeader:
+        """The UpdateHeader that opens this update's SubmitUpdate stream (``record``)."""
+        return self.record(peak_rss_bytes).header(run_id)
 
     def requests(self, run_id: str, peak_rss_bytes: int, chunk: int) -> Iterator[pb.SubmitUpdateRequest]:
         """The SubmitUpdate stream: the header, then the tensors in batches of <= ``chunk`` bytes."""

@@ -46,6 +46,17 @@ def element_size(dtype: str) -> int:
     return ELEMENT_SIZES[dtype]
 
 
+def spec_numel(spec: dict[str, tuple[int, ...]]) -> int:
+    """How many values tensors of ``spec`` (name -> shape) hold together."""
+    return sum(math.prod(shape) for shape in spec.values())
+
+
+def spec_bytes(spec: dict[str, tuple[int, ...]], dtype: str) -> int:
+    """The most bytes tensors of ``spec`` can hold in ``dtype``: the one bound a stream of
+    them is read under (an update on the server, a delta or snapshot on the client)."""
+    return spec_numel(spec) * element_size(dtype)
+
+
 def encode(t: torch.Tensor, dtype: str | None = None) -> Encoded:
     """Encode ``t`` (cast to ``dtype`` if given) as raw little-endian bytes."""
     if dtype is not None:

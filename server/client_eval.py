@@ -24,7 +24,8 @@ import math
 
 from ..common.config import RunConfig
 from ..common.evaluate import client_metric_names
-from .rounds import RoundError, Submission, UpdateReport
+from ..common.update import UpdateRecord
+from .rounds import RoundError, Submission
 
 PREFIX = "client_eval_"
 
@@ -33,7 +34,7 @@ def _refuse(message: str) -> RoundError:
     return RoundError("INVALID_ARGUMENT", message)
 
 
-def check(cfg: RunConfig, round_id: int, report: UpdateReport, declared_eval: int) -> None:
+def check(cfg: RunConfig, round_id: int, report: UpdateRecord, declared_eval: int) -> None:
     """Refuse (INVALID_ARGUMENT) a report whose evaluation part is not what this run's
     clients send (module docstring); a report without one passes."""
     metrics, examples = report.eval_metrics, report.eval_examples

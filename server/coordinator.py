@@ -1,12 +1,16 @@
 """The round loop of a run: wait for clients, open a round, fold updates, close it, repeat.
 
-No gRPC here: the service (``service.py``) validates requests and forwards them to the
-methods under "for the service"; it never touches the state below. The coordinator's
+No gRPC here: every transport (the gRPC service, the simulator) drives a round through the
+round port (``port.py``), which calls the methods under "for the port"; no transport touches
+the state below. The coordinator's
 collaborators each hold one concept: the client registry (``registry.py``: join, leave,
 liveness, selection), the round records (``rounds.py``), persistence (``state.py``), the
 metrics row (``metrics.py``) and where else it goes (``trackers.py``: ``run.report_to``),
-evaluation and the final model (``results.py``). All state
-lives on one asyncio loop; heavy work (aggregation, applying deltas, evaluation) runs in a
+evaluation and the final model (``results.py``), the deadline policy (``deadlines.py``) on
+the run's clock (``clock.py``), and the open-round ledger (``ledger.py``) that the update
+intake (``intake.py``) and secure aggregation (``secagg.py``) see instead of the coordinator.
+Transports reach it only through the round port (``port.py``). All state lives on one asyncio
+loop; heavy work (aggregation, applying deltas, evaluation) runs in a
 worker thread while ``model_lock`` or ``fold_lock`` is held.
 
 Every state change that must survive a crash goes through ``state.py`` before it is
@@ -18,14 +22,13 @@ with the same config resumes from there.
 from __future__ import annotations
 
 import asyncio
-import time
 import weakref
 from pathlib import Path
 
 import structlog
 import torch
 
-from ..common.accounting import ConnCounters, SocketMark, Traffic, full_model_bytes, payload_bytes, seeds_bytes
+from ..common.accounting import full_model_bytes, payload_bytes, seeds_bytes
 from ..common.aggregate import Aggregator, build_aggregator
 from ..common.config import RunConfig
 from ..common.logs import bounded, progress
@@ -33,7 +36,10 @@ from ..common.models import base_identity
 from ..common.participant import Shared
 from ..common.precision import Placement
 from ..common.tensors import DTYPES
+from .clock import Clock, RealClock
+from .deadlines import DeadlinePolicy
 from .intake import UpdateIntake
+from .ledger import RoundLedger
 from .metrics import MetricsWriter, round_row
 from .polls import PollWaiters
 from .privacy import PrivacyGuard
@@ -53,13 +59,15 @@ class Coordinator:
     """The state of one federated run on the server."""
 
     def __init__(self, cfg: RunConfig, fresh: bool = False, *, registry: ClientRegistry | None = None,
-                 deadlines: bool = True, placement: Placement | None = None):
+                 deadlines: bool = True, placement: Placement | None = None, clock: Clock | None = None):
         """Load the base model (on ``placement``, default round.yaml's ``model.device`` and
         ``model.dtype``; one copy, common/precision.py) and, unless ``fresh``, resume the
         saved state of this run_id from ``<output_dir>/state`` (``StateError`` if it belongs
         to another run or does not replay to its recorded fingerprints). The in-process
         simulator passes a registry in which clients stay live and turns ``deadlines`` off: it
-        trains clients one after the other and every selected client always submits."""
+        trains clients one after the other and every selected client always submits. ``clock``
+        (default the host's): the time of deadlines and phase timeouts; a test passes a
+        ``clock.FakeClock`` to move it by hand."""
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -73,25 +81,24 @@ class Coordinator:
         self.state_bytes = payload_bytes(self.method.snapshot_tensors(self.model))  # a snapshot's payload
         self.fedavg_bytes = full_model_bytes(self.model)
         self.privacy = PrivacyGuard(cfg, self.method, self.model)
-        self.secagg = SecureAggregation(self) if cfg.privacy.secure_aggregation.enabled else None
         self.registry = registry or ClientRegistry(cfg.run.seed, max_clients=cfg.server.max_clients)
-        self.deadlines = deadlines
+        self.clock = clock or RealClock()
+        self.deadlines = DeadlinePolicy(cfg.rounds, self.clock, enabled=deadlines)
         self.evaluate = ServerEvaluator(cfg)
-        self.intake = UpdateIntake(self)
         self.weights = RoundWeights(cfg.training)
-        self.completed = 0
+        self.store = RunStore(self.out / "state", self.run_id, shaping_config(cfg), self.base)
+        self.ledger = RoundLedger(self.run_id, self.clock, self.store, lambda c: self.registry.get(c).num_samples)
+        self.intake = UpdateIntake(self.ledger, cfg, self.method, self.model, self.weights, self.privacy,
+                                   lambda c: self.registry.get(c).eval_samples)
+        self.secagg = SecureAggregation(self.ledger, cfg, lambda seeds: self.method.update_spec(self.model, seeds)) \
+            if cfg.privacy.secure_aggregation.enabled else None
         self.deltas: dict[int, RoundDelta] = {}
-        self.accepted_digests: dict[tuple[int, str], str] = {}  # (round, client) -> digest
         self.state_fingerprints = {0: self.method.state_fingerprint(self.model)}
-        self.current: RoundState | None = None
-        self.finished = False
         self._last_row: dict | None = None
         self._snapshot_copy: tuple[int, weakref.ref] = (-1, lambda: None)  # round, its shared copy
-        self.changed = asyncio.Condition()  # anything changed: the round loop's own waits
         self.polls = PollWaiters()  # clients' long-polls: woken only when their answer may change
         self.model_lock = asyncio.Lock()
-        self.fold_lock = asyncio.Lock()
-        self.store = RunStore(self.out / "state", self.run_id, shaping_config(cfg), self.base)
+        self._wakeups: set[asyncio.Task] = set()  # notifications scheduled by ``touch``
         saved = None if fresh else self.store.load()
         if saved is None:
             move_aside(self.out)
@@ -120,11 +127,10 @@ class Coordinator:
         self.privacy.load(saved.privacy)
         self.completed = saved.completed
         self.state_fingerprints = dict(saved.state_fingerprints)
-        self.accepted_digests = dict(saved.accepted_digests)
+        self.ledger.accepted_digests = dict(saved.accepted_digests)
         self._last_row = saved.last_row
         if saved.open_round is not None:
-            self.current = restore_round(saved.open_round, saved.open_tensors, self._aggregator(),
-                                         self.cfg.rounds.resume_grace_s)
+            self.current = restore_round(saved.open_round, saved.open_tensors, self._aggregator(), self.deadlines)
             if self.secagg is not None:  # its protocol was not saved: it starts again, fresh keys
                 self.current.submissions.clear()
             for client_id, sub in self.current.submissions.items():
@@ -132,29 +138,32 @@ class Coordinator:
         rs = self.current
         log.info("run_resumed", round=self.completed, checkpoint=start, replayed=self.completed - start,
                  open_round=rs is not None, accepted=len(rs.submissions) if rs else 0,
-                 deadline_remaining_s=round(rs.deadline - time.monotonic(), 1) if rs else None)
+                 deadline_remaining_s=round(rs.deadline - self.clock.monotonic(), 1) if rs else None)
 
     def _aggregator(self) -> Aggregator:
         s = self.cfg.server
         return build_aggregator(s.aggregation, s.clip_norm, s.trim_fraction)
 
+    # -- the ledger's state, read here as the coordinator's ----------------------------------
+    current = property(lambda self: self.ledger.current, lambda self, rs: setattr(self.ledger, "current", rs),
+                       doc="The open round, if any.")
+    completed = property(lambda self: self.ledger.completed,
+                         lambda self, n: setattr(self.ledger, "completed", n), doc="Rounds completed.")
+    finished = property(lambda self: self.ledger.finished,
+                        lambda self, done: setattr(self.ledger, "finished", done), doc="The run is over.")
+    accepted_digests = property(lambda self: self.ledger.accepted_digests, doc="(round, client) -> digest.")
+    fold_lock = property(lambda self: self.ledger.fold_lock, doc="Held while updates are folded or saved.")
+    changed = property(lambda self: self.ledger.changed, doc="Notified on any change of the run.")
+
     async def save_open(self, rs: RoundState, with_aggregate: bool = False) -> None:
-        """Persist the open round; the caller holds ``fold_lock`` so that the submissions and
-        the aggregate written together agree."""
-        rs.unsaved_downloads = False
-        await asyncio.to_thread(self.store.write_open, self.store.plan_open(rs, with_aggregate))
+        await self.ledger.save_open(rs, with_aggregate)
 
     # -- waiting -------------------------------------------------------------------------------
     async def notify(self) -> None:
-        async with self.changed:
-            self.changed.notify_all()
+        await self.ledger.notify()
 
     async def wait_change(self, timeout: float) -> None:
-        async with self.changed:
-            try:
-                await asyncio.wait_for(self.changed.wait(), timeout)
-            except TimeoutError:
-                pass
+        await self.ledger.wait_change(timeout)
 
     async def wait_for_work(self, client_id: str, timeout: float) -> None:
         """A poll of ``client_id`` that got no assignment waits here: until a round opens, the
@@ -179,16 +188,17 @@ class Coordinator:
 
     async def _wait_for_clients(self) -> None:
         r = self.cfg.rounds
-        give_up = time.monotonic() + r.start_timeout_s
+        clock = self.clock
+        give_up = clock.monotonic() + r.start_timeout_s
         with progress(total=r.clients_per_round, desc="clients joined", unit="client") as bar:
             while True:
                 n = self.registry.selectable_bound()
                 if n >= r.min_clients:  # enough asked for work: how many are live
                     n = len(self.registry.selectable())
                 bar.update(min(n, bar.total) - bar.n)
-                if n >= r.clients_per_round or (n >= r.min_clients and time.monotonic() >= give_up):
+                if n >= r.clients_per_round or (n >= r.min_clients and clock.monotonic() >= give_up):
                     return
-                if time.monotonic() >= give_up + r.start_timeout_s:
+                if clock.monotonic() >= give_up + r.start_timeout_s:
                     raise RuntimeError(f"only {n} client(s) joined; need {r.min_clients}")
                 await self.wait_change(1.0)
 
@@ -205,9 +215,9 @@ class Coordinator:
         rows = {c: self.registry.get(c).num_samples for c in selected}
         if not self.privacy.allows(t, len(selected), len(pool), rows):
             return False
-        rs = RoundState(t, seeds, plan_fp, selected, time.monotonic() + r.deadline_s,
+        rs = RoundState(t, seeds, plan_fp, selected, self.deadlines.deadline(), started=self.clock.monotonic(),
                         aggregator=self._aggregator())
-        self.freeze_weights(rs, selected)
+        self.ledger.declare(rs, selected)
         async with self.fold_lock:
             await self.save_open(rs)
             self.current = rs
@@ -219,55 +229,48 @@ class Coordinator:
         return True
 
     async def _await_round(self, rs: RoundState) -> None:
-        """Until every selected client submitted, or the deadline passed with a quorum (with
-        secure aggregation: until its protocol unmasked the sum or failed)."""
+        """Until every selected client submitted, or the deadline passed with a quorum
+        (``deadlines.py``; with secure aggregation: until its protocol unmasked the sum or
+        failed)."""
         if self.secagg is not None:
             await self.secagg.run(rs)
             return await self._close_round(rs)
+        policy = self.deadlines
         with progress(total=len(rs.selected), desc=f"round {rs.round} updates", unit="update") as bar:
             while True:
                 bar.total = len(rs.selected)
                 bar.update(len(rs.submissions) - bar.n)
-                # every submitter is selected: compare counts first, sets only when they agree
-                # (building the set on each of N wakeups made a round O(N^2))
-                if rs.selected and len(rs.submissions) >= len(rs.selected) and rs.selected.issubset(rs.submissions):
+                verdict = policy.verdict(rs)
+                if verdict == "complete":
                     break
-                if self.deadlines and time.monotonic() >= rs.deadline:
-                    if len(rs.submissions) >= self.cfg.rounds.min_clients:
-                        rs.dropped |= rs.selected - set(rs.submissions)  # silent past the deadline
-                        self.registry.mark_dropped(rs.selected - set(rs.submissions))
-                        break
+                if verdict == "quorum":
+                    silent = policy.silent(rs)
+                    rs.dropped |= silent
+                    self.registry.mark_dropped(silent)
+                    break
+                if verdict == "short":
                     async with self.fold_lock:
                         self._replace_silent(rs)
                         await self.save_open(rs)
                     continue
-                await self.wait_change(min(1.0, max(0.05, rs.deadline - time.monotonic())))
+                await self.wait_change(policy.next_check_s(rs))
         await self._close_round(rs)
 
     def _replace_silent(self, rs: RoundState) -> None:
-        """Deadline passed without quorum: replace the silent by fresh live clients where there
-        are any and extend. A silent client with no replacement stays selected: dropping it
-        would leave the round nobody to wait for (a slow start is not a death)."""
-        silent = self.registry.by_staleness(rs.selected - set(rs.submissions))
-        room = self.cfg.rounds.clients_per_round - len(rs.submissions)
+        """The deadline passed without a quorum: the policy swaps silent clients for fresh
+        live ones the registry and privacy allow, and extends the deadline."""
+        policy = self.deadlines
+        silent = self.registry.by_staleness(policy.silent(rs))
         # a secret sample charged at its size takes no replacements
-        fresh = [] if self.privacy.secret_selection else self.registry.select(rs.round, rs.selected | rs.dropped, room)
+        fresh = [] if self.privacy.secret_selection else \
+            self.registry.select(rs.round, rs.selected | rs.dropped, policy.room(rs))
         fresh = [c for c in fresh if self.privacy.may_join(rs.round, c, self.registry.get(c).num_samples)]
-        dropped = silent[:len(fresh)]  # the longest unheard first
-        rs.selected = (rs.selected - set(dropped)) | set(fresh)
-        rs.dropped |= set(dropped)
+        dropped = policy.replace(rs, silent, fresh)
         self.registry.mark_dropped(dropped)
-        self.freeze_weights(rs, fresh)
+        self.ledger.declare(rs, fresh)
         self.polls.wake(fresh)
-        rs.deadline = time.monotonic() + self.cfg.rounds.deadline_s
         log.warning("round_extended", round=rs.round, dropped=dropped, added=fresh,
                     submitted=len(rs.submissions))
-
-    def freeze_weights(self, rs: RoundState, clients) -> None:
-        """Fix the declared shard size, hence the weight (server/weights.py), of newly selected
-        ``clients`` for round ``rs``: a later Join declaring another size does not change it."""
-        for c in clients:
-            rs.declared.setdefault(c, self.registry.get(c).num_samples)
 
     async def _close_round(self, rs: RoundState) -> None:
         rs.closing = True
@@ -278,7 +281,7 @@ class Coordinator:
             await asyncio.to_thread(self.method.apply, self.model, rs.seeds, canonical)
             fp = await asyncio.to_thread(self.method.state_fingerprint, self.model)
             self.state_fingerprints[rs.round + 1] = fp
-            row = {**round_row(rs, fp, self.fedavg_bytes, private=self.cfg.privacy.any),
+            row = {**round_row(rs, fp, self.fedavg_bytes, private=self.cfg.privacy.any, now=self.clock.monotonic()),
                    **self.privacy.row(len(self.registry.selectable())),
                    **(self.secagg.row(rs) if self.secagg else {})}
             due = (rs.round + 1) % self.cfg.server.checkpoint_every == 0
@@ -302,7 +305,7 @@ class Coordinator:
         evaluation = await asyncio.to_thread(self.evaluate, self.model)
         row = {**row, **evaluation}
         if started is not None:
-            row["round_seconds"] = time.monotonic() - started
+            row["round_seconds"] = self.clock.monotonic() - started
         if self.metrics.write(row):
             await self.trackers.log(row, self.metrics.rows)
         log.info("round_closed", **{k: v for k, v in row.items() if k != "per_client"})
@@ -321,15 +324,23 @@ class Coordinator:
         """After the run, before the server stops: wait (at most ``timeout``) until every live
         client has left, or got its whole FINISHED stream a moment ago (its Leave was lost),
         so its final catch-up and Leave are not refused by a stopping server."""
-        give_up = time.monotonic() + timeout
-        while time.monotonic() < give_up and self.registry.still_finishing():
+        give_up = self.clock.monotonic() + timeout
+        while self.clock.monotonic() < give_up and self.registry.still_finishing():
             # on a clock, not on every change: each check scans the client table, and N
             # clients leaving one after the other made the wake-up per Leave O(N^2)
-            await asyncio.sleep(0.25)
+            await self.clock.wait(asyncio.Event().wait(), 0.25)
 
-    # -- for the service: clients ----------------------------------------------------------------
+    # -- for the port: clients ----------------------------------------------------------------
     def touch(self, client_id: str, polling: bool = False) -> None:
+        """``client_id`` was heard from (``polling``: it asks for work). A client asking for the
+        first time may let a waiting round start: the round loop is woken then (once per
+        client), so it never waits for a clock to notice."""
+        asked = self.registry.selectable_bound()
         self.registry.touch(client_id, polling)
+        if self.registry.selectable_bound() != asked:
+            task = asyncio.get_running_loop().create_task(self.notify())
+            self._wakeups.add(task)
+            task.add_done_callback(self._wakeups.discard)
 
     async def join(self, client_id: str, name: str, num_samples: int, eval_samples: int = 0,
                    software_version: str = "") -> None:
@@ -363,7 +374,7 @@ class Coordinator:
         self.registry.mark_finished(client_id)
         await self.notify()
 
-    # -- for the service: downloads --------------------------------------------------------------
+    # -- for the port: downloads --------------------------------------------------------------
     def assignment(self, client_id: str, have: int, holds_seeds: bool = False) -> Assignment | None:
         """The run is over, or ``client_id`` is selected for the open round: what to do and how
         to catch up from ``have``; None while it has to wait. ``holds_seeds``: the client says
@@ -383,7 +394,7 @@ class Coordinator:
         if status == "train":
             a.seeds = list(rs.seeds) if seeds_travel else []
             a.plan_fingerprint = rs.plan_fingerprint
-            a.deadline_unix = time.time() + (rs.deadline - time.monotonic())
+            a.deadline_unix = self.clock.wall() + (rs.deadline - self.clock.monotonic())
         return a
 
     def catch_up_plan(self, have: int) -> tuple[str, list[RoundDelta]]:
@@ -398,42 +409,6 @@ class Coordinator:
         if cost > self.state_bytes:  # whichever is smaller
             return "snapshot", []
         return "deltas", deltas
-
-    def _open_traffic(self, client_id: str, round_id: int | None = None) -> Traffic | None:
-        """The client's traffic meter in the open round, when it is selected there."""
-        rs = self.current
-        if rs is None or client_id not in rs.selected or (round_id is not None and rs.round != round_id):
-            return None
-        return rs.traffic_of(client_id)
-
-    def begin_download(self, client_id: str, round_id: int, counters: ConnCounters | None) -> None:
-        """A selected client starts downloading round ``round_id``: a fresh meter, marked at
-        its connection's counters."""
-        if self._open_traffic(client_id, round_id) is not None:
-            self.current.traffic[client_id] = Traffic(download=SocketMark.now(counters))
-
-    def count_download(self, client_id: str, payload: int, message: int) -> None:
-        """Bytes sent for the open round's download (deltas or snapshot) of ``client_id``."""
-        traffic = self._open_traffic(client_id)
-        if traffic is not None:
-            traffic.add_down(payload, message)
-
-    def end_download(self, client_id: str) -> None:
-        """The download was sent whole: save its bytes with the open round, in the background
-        (group-committed with other downloads), so they survive a restart."""
-        rs = self.current
-        if self._open_traffic(client_id) is None:
-            return
-        rs.unsaved_downloads = True
-        if rs.record_flusher is None or rs.record_flusher.done():
-            rs.record_flusher = asyncio.create_task(self._flush_record(rs))
-
-    async def _flush_record(self, rs: RoundState) -> None:
-        while rs.unsaved_downloads:
-            async with self.fold_lock:
-                if rs.closing or self.current is not rs:
-                    return
-                await self.save_open(rs)
 
     async def snapshot(self, round_id: int) -> tuple[dict[str, torch.Tensor], str]:
         """A copy of the state after ``round_id`` rounds (the current one) and its fingerprint.

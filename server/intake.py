@@ -1,5 +1,9 @@
-"""Taking in updates: a header checked against the open round, the tensors folded into the
+"""Taking in updates: a record checked against the open round, the tensors folded into the
 round's running aggregate, durably, before the acknowledgement.
+
+The intake sees the run through narrow parts only: the open-round ledger (``ledger.py``), the
+method and model (the update's spec, keyed choices and size), the weights, the privacy guard
+and the clients' declared held-out rows; never the coordinator.
 
 Group commit: every accepted update must be on disk before it is acknowledged, but one write
 of the open round saves every update folded so far, so the updates that arrive while a write
@@ -10,59 +14,101 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 import torch
-
-from fedkrso.v1 import coordinator_pb2 as pb
+from torch import nn
 
 from ..common.accounting import ConnCounters
+from ..common.config import RunConfig
 from ..common.logs import bounded
+from ..common.methods import Method
 from ..common.privacy.config import PrivacySection
-from ..common.tensors import element_size, non_finite
+from ..common.tensors import non_finite, spec_bytes
+from ..common.update import UpdateRecord
 from . import client_eval
-from .rounds import RoundError, RoundState, Submission, UpdateReport
-
-if TYPE_CHECKING:
-    from .coordinator import Coordinator
+from .ledger import RoundLedger
+from .privacy import PrivacyGuard
+from .rounds import RoundError, RoundState, Submission
+from .weights import RoundWeights
 
 log = structlog.get_logger("fedkrso.server")
+Spec = dict[str, tuple[int, ...]]
 
 
-def report_of(h: pb.UpdateHeader, privacy: PrivacySection) -> UpdateReport:
-    """What an update's header reports besides its tensors (the service's and the
-    simulator's one reading of it), less what ``privacy`` keeps from the server
-    (``UpdateReport.redacted``); the evaluation part is checked by ``check_eval``."""
-    report = UpdateReport(h.update_digest, int(h.num_samples), float(h.loss), int(h.steps), float(h.train_seconds),
-                          int(h.peak_rss_bytes), int(h.train_state_bytes), tuple(h.seeds_used),
-                          tuple((m.name, float(m.value)) for m in h.eval_metrics), int(h.eval_examples),
-                          int(h.accelerator_peak_bytes))
-    return report.redacted(figures=privacy.any, draws=privacy.secure_aggregation.enabled)
+def kept(record: UpdateRecord, privacy: PrivacySection) -> UpdateRecord:
+    """What the server keeps of a received record: less what ``privacy`` keeps from it
+    (``UpdateRecord.redacted``), whatever the client sent."""
+    return record.redacted(figures=privacy.any, draws=privacy.secure_aggregation.enabled)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """An update record that passed its checks: for the open round ``rs`` (None: the same
+    update was accepted already, a duplicate to answer as such), and what its tensors may be
+    (``spec`` names and shapes in ``wire`` dtype, ``required`` names)."""
+
+    client_id: str
+    record: UpdateRecord
+    rs: RoundState | None
+    spec: Spec
+    required: frozenset[str]
+    wire: str
+
+    @property
+    def duplicate(self) -> bool:
+        return self.rs is None
+
+    @property
+    def max_bytes(self) -> int:
+        """The most tensor bytes its stream may carry (a duplicate's is read and dropped)."""
+        return spec_bytes(self.spec, self.wire)
 
 
 class UpdateIntake:
-    """Validates and folds the updates of a coordinator's open round."""
+    """Validates and folds the updates of the open round."""
 
-    def __init__(self, coord: Coordinator):
-        self.coord = coord
+    def __init__(self, ledger: RoundLedger, cfg: RunConfig, method: Method, model: nn.Module,
+                 weights: RoundWeights, privacy: PrivacyGuard, eval_rows: Callable[[str], int]):
+        """``eval_rows(client)``: the held-out rows the client declared when it joined."""
+        self.ledger, self.cfg, self.method, self.model = ledger, cfg, method, model
+        self.weights, self.privacy, self.eval_rows = weights, privacy, eval_rows
         # the open round's update spec, built once per round's seeds, not once per update
-        self._spec: tuple[tuple[int, ...], dict[str, tuple[int, ...]], set[str]] | None = None
+        self._spec: tuple[tuple[int, ...], Spec, set[str]] | None = None
+
+    def admit(self, client_id: str, run_id: str, record: UpdateRecord) -> Admission:
+        """Check ``record`` (as received) against the open round and the client's evaluation;
+        the ``Admission``, holding the record less what the run's privacy keeps from the server
+        (``UpdateRecord.redacted``), or a ``RoundError`` naming the status to answer with."""
+        for name in ("loss", "train_seconds"):  # reported figures end up in metrics.jsonl
+            if not math.isfinite(getattr(record, name)):
+                raise RoundError("INVALID_ARGUMENT", f"header {name} is not finite")
+        record = kept(record, self.cfg.privacy)
+        rs = self.check_header(client_id, run_id, record.round, record.num_samples, record.digest)
+        wire = self.cfg.method.wire_dtype
+        if rs is None:
+            spec = self.method.update_spec(self.model, self.method.round_seeds(record.round))
+            return Admission(client_id, record, None, spec, frozenset(), wire)
+        self.check_eval(rs, client_id, record)
+        spec, required = self.update_spec(rs)
+        return Admission(client_id, record, rs, spec, frozenset(required), wire)
 
     def check_header(self, client_id: str, run_id: str, round_id: int, num_samples: int,
                      digest: str) -> RoundState | None:
         """Validate an update header. Returns the open round, or None for an idempotent
         resubmission of an update already accepted (same digest)."""
-        c = self.coord
-        if run_id != c.run_id:
-            raise RoundError("FAILED_PRECONDITION", f"update for run {bounded(run_id)}, this run is {c.run_id!r}")
-        rs = c.current
-        if round_id < c.completed or (rs is None and round_id == c.completed and c.finished):
-            prior = c.accepted_digests.get((round_id, client_id))
+        led = self.ledger
+        if run_id != led.run_id:
+            raise RoundError("FAILED_PRECONDITION", f"update for run {bounded(run_id)}, this run is {led.run_id!r}")
+        rs = led.current
+        if round_id < led.completed or (rs is None and round_id == led.completed and led.finished):
+            prior = led.accepted_digests.get((round_id, client_id))
             if prior is not None and prior == digest:
                 return None  # resubmission of an update already folded into a closed round
             raise RoundError("FAILED_PRECONDITION", f"stale update for round {round_id}; round "
-                             f"{c.completed} is current{' (already accepted)' if prior else ''}")
+                             f"{led.completed} is current{' (already accepted)' if prior else ''}")
         if rs is None or round_id != rs.round:
             raise RoundError("FAILED_PRECONDITION", f"update for round {round_id}, which is not open "
                              f"(open: {rs.round if rs else 'none'})")
@@ -76,60 +122,56 @@ class UpdateIntake:
             raise RoundError("PERMISSION_DENIED", f"client is not selected for round {round_id}")
         if rs.closing:
             raise RoundError("FAILED_PRECONDITION", f"round {round_id} is closing; update too late")
-        c.freeze_weights(rs, [client_id])  # a no-op unless restored from an older state format
+        led.declare(rs, [client_id])  # a no-op unless restored from an older state format
         declared = rs.declared[client_id]
         if not 1 <= num_samples <= declared:
             raise RoundError("INVALID_ARGUMENT", f"num_samples={num_samples} outside [1, {declared}] "
                              "(the shard size declared when the round selected it)")
         return rs
 
-    def max_update_bytes(self, round_id: int) -> int:
-        """The most tensor bytes an update of round ``round_id`` can carry (wire dtype)."""
-        method, model = self.coord.method, self.coord.model
-        spec = method.update_spec(model, method.round_seeds(round_id))
-        return sum(math.prod(s) for s in spec.values()) * element_size(self.coord.cfg.method.wire_dtype)
-    def check_eval(self, rs: RoundState, client_id: str, report: UpdateReport) -> None:
-        """The client's evaluation in ``report`` is one this run's clients send
+    def check_eval(self, rs: RoundState, client_id: str, record: UpdateRecord) -> None:
+        """The client's evaluation in ``record`` is one this run's clients send
         (``client_eval.check``): INVALID_ARGUMENT otherwise, before any tensor is read."""
-        declared = self.coord.registry.get(client_id).eval_samples
-        client_eval.check(self.coord.cfg, rs.round, report, declared)
+        client_eval.check(self.cfg, rs.round, record, self.eval_rows(client_id))
 
     def update_spec(self, rs: RoundState) -> tuple[dict[str, tuple[int, ...]], set[str]]:
         """(name -> shape of what an update of ``rs`` may carry, the names it must carry)."""
         seeds = tuple(rs.seeds)
         if self._spec is None or self._spec[0] != seeds:
-            method, model = self.coord.method, self.coord.model
+            method, model = self.method, self.model
             self._spec = (seeds, method.update_spec(model, rs.seeds), method.required_names(model, rs.seeds))
         return self._spec[1], self._spec[2]
 
-    async def accept(self, rs: RoundState, client_id: str, report: UpdateReport,
-                     tensors: dict[str, torch.Tensor], up_payload: int, up_message: int,
+    async def accept(self, adm: Admission, tensors: dict[str, torch.Tensor], up_payload: int, up_message: int,
                      counters: ConnCounters | None, down_at_submit: int | None) -> bool:
-        """Fold a validated update into the round's running sum. False: the same update was
-        already folded (a duplicate), nothing changed.
+        """Fold the tensors of an admitted update into the round's running sum (as float32).
+        False: the same update was already folded (a duplicate), nothing changed.
 
         ``counters`` are the socket counters of the connection the update came on (None when
         not measured) and ``down_at_submit`` their downlink count when the upload began: the
         client's wire bytes are measured from its download's mark when both are on the same
         connection, and stay unmeasured (None) when the connection changed (a restart)."""
+        rs, client_id, report = adm.rs, adm.client_id, adm.record
+        tensors = {k: v.float() for k, v in tensors.items()}
         bad = non_finite(tensors)
         if bad is not None:
             raise RoundError("INVALID_ARGUMENT", f"tensor {bad!r} has non-finite values")
         norm = await asyncio.to_thread(self._check_values, rs, client_id, tensors, list(report.seeds_used))
-        async with self.coord.fold_lock:
+        led = self.ledger
+        async with led.fold_lock:
             # checked under the lock: concurrent streams of one client must not both fold
-            if rs.closing or self.coord.current is not rs:
+            if not led.is_open(rs):
                 raise RoundError("FAILED_PRECONDITION", f"round {rs.round} closed before the update completed")
-            weight = self.coord.weights.fold_weight(rs, client_id, report.num_samples)
+            weight = self.weights.fold_weight(rs, client_id, report.num_samples)
             sub = Submission.of(client_id, report, weight, norm)
             prior = rs.submissions.get(sub.client_id)
             duplicate = prior is not None
             if duplicate and prior.digest != sub.digest:
                 raise RoundError("ALREADY_EXISTS", f"an update for round {rs.round} was already accepted")
             if not duplicate:
-                if self.coord.privacy.central:  # clipped to the DP bound in the same space (the weight change)
-                    tensors = await asyncio.to_thread(self.coord.privacy.screen, rs, tensors)
-                    norm = min(norm, self.coord.cfg.privacy.dp.clip)
+                if self.privacy.central:  # clipped to the DP bound in the same space (the weight change)
+                    tensors = await asyncio.to_thread(self.privacy.screen, rs, tensors)
+                    norm = min(norm, self.cfg.privacy.dp.clip)
                 await asyncio.to_thread(rs.aggregator.add, tensors, sub.weight, norm)
                 traffic = rs.traffic_of(sub.client_id)
                 traffic.up_payload, traffic.up_message = up_payload, up_message
@@ -139,8 +181,7 @@ class UpdateIntake:
                     traffic.down_wire = down_at_submit - mark.down
                 else:
                     traffic.up_wire = None
-                rs.submissions[sub.client_id] = sub
-                self.coord.accepted_digests[(rs.round, sub.client_id)] = sub.digest
+                led.accepted(rs, sub)
                 rs.folds += 1
             fold = rs.folds
         # before the acknowledgement; a duplicate (the same update, folded by a concurrent
@@ -148,14 +189,14 @@ class UpdateIntake:
         await self._persist_folds(rs, fold)
         if duplicate:
             return False
-        if self.coord.cfg.privacy.any:  # who was sampled, and each update's figures, stay out of the log
+        if self.cfg.privacy.any:  # who was sampled, and each update's figures, stay out of the log
             log.info("update_accepted", round=rs.round, received=len(rs.submissions), selected=len(rs.selected))
         else:
             log.info("update_accepted", round=rs.round, client=sub.client_id, loss=round(sub.loss, 4),
                      weight=sub.weight, update_norm=round(norm, 6),
                      payload_bytes=up_payload, wire_bytes=rs.traffic[sub.client_id].up_wire,
                      received=len(rs.submissions), selected=len(rs.selected))
-        await self.coord.notify()
+        await led.notify()
         return True
 
     def _check_values(self, rs: RoundState, client_id: str, tensors: dict[str, torch.Tensor],
@@ -163,7 +204,7 @@ class UpdateIntake:
         """Refuse an update outside its client's keyed choices (the method recomputes them from
         run seed, round and client id) or larger than ``server.max_update_norm``; its size
         (``method.update_norm``: the norm of the weight change it implies) otherwise."""
-        method, model, dp = self.coord.method, self.coord.model, self.coord.cfg.privacy.dp
+        method, model, dp = self.method, self.model, self.cfg.privacy.dp
         # local DP noises every tensor of the spec, drawn or not (common/privacy/dp.py): there
         # the keyed choices cannot be checked, the size bound below still holds
         if not (dp.enabled and dp.mode == "local"):
@@ -171,8 +212,8 @@ class UpdateIntake:
             if problem is not None:
                 raise RoundError("INVALID_ARGUMENT", problem)
         norm = method.update_norm(model, rs.seeds, tensors)
-        configured = self.coord.cfg.server.max_update_norm
-        bound = self.coord.privacy.update_bound(rs, configured)
+        configured = self.cfg.server.max_update_norm
+        bound = self.privacy.update_bound(rs, configured)
         if not norm <= (math.inf if bound is None else bound):  # NaN (an overflow) is refused too
             what = f"server.max_update_norm={bound:g}" if bound == configured else \
                 f"{bound:.6g}, what local DP's clip and noise allow (privacy.dp)"
@@ -197,9 +238,9 @@ class UpdateIntake:
             await asyncio.shield(rs.flusher)
 
     async def _flush_open(self, rs: RoundState) -> None:
-        async with self.coord.fold_lock:
+        async with self.ledger.fold_lock:
             if rs.closing:  # _close_round commits every fold
                 return
             folds = rs.folds
-            await self.coord.save_open(rs, with_aggregate=True)
+            await self.ledger.save_open(rs, with_aggregate=True)
             rs.saved_folds = folds

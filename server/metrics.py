@@ -43,7 +43,8 @@ def _client_figures(s: Submission) -> dict:
     return figures
 
 
-def round_row(rs: RoundState, state_fingerprint: str, fedavg_bytes: int, private: bool = False) -> dict:
+def round_row(rs: RoundState, state_fingerprint: str, fedavg_bytes: int, private: bool = False,
+              now: float | None = None) -> dict:
     """One metrics.jsonl object without the server's evaluation: traffic summed over the
     aggregated clients (``accounting.round_traffic``) and per client, losses, client figures,
     and the clients' own evaluation of W^round when they made one (``client_eval.combine``).
@@ -52,7 +53,7 @@ def round_row(rs: RoundState, state_fingerprint: str, fedavg_bytes: int, private
     clients and dropouts, the traffic sums, the round's time and the state fingerprint; no
     client is named and no client's own figure is written (docs/PRIVACY.md, "What each party
     can read"), so the file and the trackers it feeds can be shared with whoever may see the
-    released model."""
+    released model. ``now``: the run's clock (``clock.py``; default the host's)."""
     ids = sorted(rs.submissions)
     traffic = [rs.traffic.get(c, Traffic()) for c in ids]
     row = {
@@ -60,7 +61,7 @@ def round_row(rs: RoundState, state_fingerprint: str, fedavg_bytes: int, private
         "num_clients": len(ids),
         "num_dropped": len(rs.dropped),
         **round_traffic(traffic, fedavg_bytes),
-        "round_seconds": time.monotonic() - rs.started,
+        "round_seconds": (time.monotonic() if now is None else now) - rs.started,
         "state_fingerprint": state_fingerprint,
     }
     return row if private else {**row, **_client_fields(rs, ids, traffic)}

@@ -16,26 +16,27 @@ the interpreter lock against the event loop. So a save is one of two things:
 
 Loading merges the record and its journal's complete lines in order (``merge``); a torn last
 line was never acknowledged, and nothing is appended after it: the first save after a load is
-a whole record. Everything here runs on the event loop; ``state.RunStore`` does the I/O.
+a whole record. Everything here runs on the event loop; ``state.RunStore`` does the I/O. Times
+are the run's clock (``clock.py``), read by the caller.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from ..common.accounting import Traffic
 from ..common.aggregate import Aggregator, aggregator_from_state
+from .deadlines import DeadlinePolicy
 from .rounds import RoundState, Submission
 
 Tensors = dict[str, torch.Tensor]
 
 
-def open_record(rs: RoundState) -> dict:
-    """The JSON record of an open round (its aggregator's tensors are saved beside it)."""
-    now = time.monotonic()
+def open_record(rs: RoundState, now: float) -> dict:
+    """The JSON record of an open round at ``now`` on the run's clock (its aggregator's tensors
+    are saved beside it)."""
     return {"round": rs.round, "seeds": list(rs.seeds), "plan_fingerprint": rs.plan_fingerprint,
             "selected": sorted(rs.selected), "dropped": sorted(rs.dropped),
             "deadline_remaining_s": max(rs.deadline - now, 0.0), "elapsed_s": now - rs.started,
@@ -43,9 +44,8 @@ def open_record(rs: RoundState) -> dict:
             "traffic": {c: t.numbers() for c, t in rs.traffic.items()}}
 
 
-def journal_line(rs: RoundState, clients: set[str]) -> dict:
-    """What changed for ``clients`` since the previous save, and the clock."""
-    now = time.monotonic()
+def journal_line(rs: RoundState, clients: set[str], now: float) -> dict:
+    """What changed for ``clients`` since the previous save, and the clock at ``now``."""
     return {"deadline_remaining_s": max(rs.deadline - now, 0.0), "elapsed_s": now - rs.started,
             "submissions": {c: asdict(rs.submissions[c]) for c in sorted(clients) if c in rs.submissions},
             "traffic": {c: rs.traffic[c].numbers() for c in sorted(clients) if c in rs.traffic}}
@@ -86,26 +86,26 @@ class SavePlanner:
         # sizes, a leave or a drop-out moves a client from selected to dropped
         return rs.round, len(rs.selected), len(rs.dropped), len(rs.declared), rs.deadline
 
-    def plan(self, rs: RoundState, with_aggregate: bool) -> OpenSave:
+    def plan(self, rs: RoundState, with_aggregate: bool, now: float) -> OpenSave:
         """What the next save of the open round writes: one journal line of what changed when the
         round's shape (selection, deadline) is as last written whole, else the whole record; the
-        aggregate too when ``with_aggregate``."""
+        aggregate too when ``with_aggregate``. ``now``: the clock's reading the deadline is saved
+        against."""
         aggregator = rs.aggregator.state() if with_aggregate else None
         changed, rs.changed = rs.changed, set()
         shape = self._shape_of(rs)
         if self.journal_open and shape == self._shape:
-            return OpenSave(rs.round, line=journal_line(rs, changed), aggregator=aggregator)
+            return OpenSave(rs.round, line=journal_line(rs, changed, now), aggregator=aggregator)
         self.journal_open, self._shape = False, shape  # until the whole record is written
-        return OpenSave(rs.round, record=open_record(rs), aggregator=aggregator)
+        return OpenSave(rs.round, record=open_record(rs, now), aggregator=aggregator)
 
 
-def restore_round(o: dict, tensors: Tensors, fresh_aggregator: Aggregator, min_remaining_s: float) -> RoundState:
-    """The open round of a record, after a restart. Its deadline is at least
-    ``min_remaining_s`` away, so clients still reconnecting with backoff are not dropped by a
-    restart that came near the deadline."""
-    now = time.monotonic()
-    remaining = max(float(o["deadline_remaining_s"]), min_remaining_s)
-    rs = RoundState(o["round"], o["seeds"], o["plan_fingerprint"], set(o["selected"]), now + remaining,
+def restore_round(o: dict, tensors: Tensors, fresh_aggregator: Aggregator, deadlines: DeadlinePolicy) -> RoundState:
+    """The open round of a record, after a restart, on the clock of ``deadlines``, whose
+    ``resumed`` gives it a deadline at least ``rounds.resume_grace_s`` away."""
+    now = deadlines.clock.monotonic()
+    rs = RoundState(o["round"], o["seeds"], o["plan_fingerprint"], set(o["selected"]),
+                    deadlines.resumed(float(o["deadline_remaining_s"])),
                     started=now - o["elapsed_s"], dropped=set(o["dropped"]))
     rs.declared = {c: int(n) for c, n in o.get("declared", {}).items()}
     for client_id, numbers in o["traffic"].items():

@@ -8,7 +8,6 @@ layer (``state.py``) writes and reads them, the metrics row (``metrics.py``) sum
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import torch
 
 from ..common.accounting import Traffic, payload_bytes, seeds_bytes
 from ..common.aggregate import Aggregator
+from ..common.update import UpdateRecord
 
 
 class RoundError(Exception):
@@ -48,38 +48,12 @@ class RoundDelta:
         return self.tensor_bytes + seeds_bytes(len(self.seeds))
 
 
-@dataclass(frozen=True)
-class UpdateReport:
-    """What an update's header reports besides its tensors, as the service received it."""
-
-    digest: str
-    num_samples: int
-    loss: float
-    steps: int
-    train_seconds: float
-    peak_rss_bytes: int
-    train_state_bytes: int
-    seeds_used: tuple[int, ...]
-    eval_metrics: tuple[tuple[str, float], ...] = ()  # the client's evaluation of W^round, if due
-    eval_examples: int = 0
-    accelerator_peak_bytes: int = 0
-
-    def redacted(self, figures: bool, draws: bool) -> UpdateReport:
-        """This report without the client's own figures (``figures``: loss, timings, memory,
-        evaluation) and without the seeds it names (``draws``): what a privacy mode lets the
-        server keep even from a client that sent them (an honest client sends none:
-        ``PreparedUpdate.header``)."""
-        out = self
-        if figures:
-            out = dataclasses.replace(out, loss=0.0, train_seconds=0.0, peak_rss_bytes=0, train_state_bytes=0,
-                                      eval_metrics=(), eval_examples=0, accelerator_peak_bytes=0)
-        return dataclasses.replace(out, seeds_used=()) if draws else out
-
-
 @dataclass
 class Submission:
-    """An accepted update of the open round: who sent it and what its header reported (its
-    tensors are folded into the aggregate, not kept)."""
+    """An accepted update of the open round: who sent it, what its record reported
+    (``common.update.UpdateRecord``, less what is only checked: round, tensor count) and what
+    it was folded with. Its tensors are folded into the aggregate, not kept. Flat, because it
+    is the open round's saved form (``open_round.py``): older saved rounds still load."""
 
     client_id: str
     digest: str
@@ -98,11 +72,11 @@ class Submission:
     accelerator_peak_bytes: int = 0  # absent from open rounds saved before it existed
 
     @classmethod
-    def of(cls, client_id: str, report: UpdateReport, weight: float, update_norm: float | None) -> Submission:
-        return cls(client_id, report.digest, report.num_samples, report.loss, report.steps,
-                   report.train_seconds, report.peak_rss_bytes, report.train_state_bytes,
-                   list(report.seeds_used), weight, update_norm, dict(report.eval_metrics), report.eval_examples,
-                   report.accelerator_peak_bytes)
+    def of(cls, client_id: str, record: UpdateRecord, weight: float, update_norm: float | None) -> Submission:
+        return cls(client_id, record.digest, record.num_samples, record.loss, record.steps,
+                   record.train_seconds, record.peak_rss_bytes, record.train_state_bytes,
+                   list(record.seeds_used), weight, update_norm, dict(record.eval_metrics), record.eval_examples,
+                   record.accelerator_peak_bytes)
 
 
 @dataclass

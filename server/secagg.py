@@ -21,10 +21,8 @@ clients); the server never holds an individual input beyond its stream.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import structlog
@@ -34,10 +32,11 @@ from ..common.privacy.secagg import (MASK_KEY, SELF_MASK, Roster, SealedShare, S
                                      decode, fixed_point_bits, key_point, masking_set, pair, threshold,
                                      unmask, usable_key)
 from ..common.privacy.shamir import SHARE_BYTES
-from .rounds import RoundError, RoundState, Submission, UpdateReport
-
-if TYPE_CHECKING:
-    from .coordinator import Coordinator
+from ..common.config import RunConfig
+from ..common.tensors import spec_numel
+from ..common.update import UpdateRecord
+from .ledger import RoundLedger
+from .rounds import RoundError, RoundState, Submission
 
 log = structlog.get_logger("fedkrso.server")
 PHASES = ("advertise", "share", "confirm", "masked", "unmask")
@@ -57,13 +56,15 @@ class Phase:
 class SecAggRound:
     """One round's protocol state (module docstring)."""
 
-    def __init__(self, coord: Coordinator, rs: RoundState):
-        sa = coord.cfg.privacy.secure_aggregation
-        self.coord, self.rs, self.cfg = coord, rs, sa
+    def __init__(self, ledger: RoundLedger, cfg: RunConfig, spec: dict[str, tuple[int, ...]], rs: RoundState):
+        """``spec``: the names and shapes of an update of ``rs`` (summed as one vector)."""
+        sa = cfg.privacy.secure_aggregation
+        self.ledger, self.rs, self.cfg = ledger, rs, sa
+        self.min_clients = cfg.rounds.min_clients
         self.bits = sa.ring_bits
-        self.f = fixed_point_bits(sa.value_bound, coord.cfg.rounds.clients_per_round, self.bits)
-        self.spec = coord.method.update_spec(coord.model, rs.seeds)
-        self.numel = sum(math.prod(s) for s in self.spec.values())
+        self.f = fixed_point_bits(sa.value_bound, cfg.rounds.clients_per_round, self.bits)
+        self.spec = spec
+        self.numel = spec_numel(spec)
         self.total = np.zeros(self.numel, dtype=np.uint32 if self.bits == 32 else np.uint64)
         self.phases: dict[str, Phase] = {"advertise": Phase("advertise", set(rs.selected), rs.deadline)}
         self.roster: Roster | None = None
@@ -92,7 +93,7 @@ class SecAggRound:
         return ph
 
     async def _result(self, ph: Phase) -> None:
-        await self.coord.notify()
+        await self.ledger.notify()
         await ph.closed.wait()
         if self.failure:
             raise RoundError("ABORTED", self.failure)
@@ -103,7 +104,7 @@ class SecAggRound:
     async def _leave(self, client: str, why: str) -> None:
         """Take ``client`` out of the round now (its phases stop waiting for it)."""
         self._out(client, why)
-        await self.coord.notify()
+        await self.ledger.notify()
 
     def _out(self, client: str, why: str) -> None:
         self.rs.selected.discard(client)
@@ -159,16 +160,20 @@ class SecAggRound:
                              f"good share pair of this client; it is out of round {self.rs.round}")
         return self.members, sorted(v for v in self.members if pair(client, v) in self.disputed)
 
-    async def add_masked(self, client: str, report: UpdateReport, vector: np.ndarray) -> None:
+    @property
+    def wire(self) -> str:
+        """The dtype a masked input travels in: the ring's width."""
+        return "int32" if self.bits == 32 else "int64"
+
+    async def add_masked(self, client: str, report: UpdateRecord, vector: np.ndarray) -> None:
         ph = self._open("masked", client)
         if vector.shape != (self.numel,):
             raise RoundError("INVALID_ARGUMENT", f"masked input has {vector.size} values, the round's spec {self.numel}")
         ph.got[client] = report
         self.total += vector
         # summed unweighted (config: weighting uniform, no pinned weights); its size is hidden
-        self.rs.submissions[client] = Submission.of(client, report, 1.0, None)
-        self.coord.accepted_digests[(self.rs.round, client)] = report.digest
-        await self.coord.notify()
+        self.ledger.accepted(self.rs, Submission.of(client, report, 1.0, None))
+        await self.ledger.notify()
 
     async def unmasking(self, client: str) -> tuple[list[str], list[str]]:
         if self.failure:
@@ -186,7 +191,7 @@ class SecAggRound:
             return True
         sealed = self.phases["share"].got[owner][holder]
         made = sealed.mask_key_commitment if kind == MASK_KEY else sealed.self_mask_commitment
-        return commitment(self.coord.run_id, self.rs.round, owner, holder, kind, share) == made
+        return commitment(self.ledger.run_id, self.rs.round, owner, holder, kind, share) == made
 
     async def reveal(self, client: str, shares: list[tuple[str, str, bytes]]) -> None:
         """Keep ``client``'s revealed shares if every one was asked for (of a pair it did not
@@ -207,7 +212,7 @@ class SecAggRound:
         for owner, kind, share in shares:
             self.revealed.setdefault((owner, kind), {})[point] = share
         ph.got[client] = True
-        await self.coord.notify()
+        await self.ledger.notify()
 
     # -- for the coordinator ---------------------------------------------------------------------
     async def _collect(self, ph: Phase, prune: bool = True) -> list[str]:
@@ -215,9 +220,10 @@ class SecAggRound:
         ``prune`` the silent ones leave the round."""
         while True:
             waiting = (ph.expected & self.rs.selected) - set(ph.got)
-            if not waiting or time.monotonic() >= ph.until:
+            clock = self.ledger.clock
+            if not waiting or clock.monotonic() >= ph.until:
                 break
-            await self.coord.wait_change(min(1.0, max(0.05, ph.until - time.monotonic())))
+            await self.ledger.wait_change(min(1.0, max(0.05, ph.until - clock.monotonic())))
         members = sorted(ph.got)
         if not prune:
             return members
@@ -229,7 +235,7 @@ class SecAggRound:
         return members
 
     def _next(self, name: str, expected: list[str]) -> Phase:
-        ph = Phase(name, set(expected), time.monotonic() + self.cfg.phase_timeout_s)
+        ph = Phase(name, set(expected), self.ledger.clock.monotonic() + self.cfg.phase_timeout_s)
         self.phases[name] = ph
         return ph
 
@@ -244,7 +250,7 @@ class SecAggRound:
     async def run(self) -> None:
         """Drive the phases; on success the round's aggregator holds the exact sum of the
         survivors' (clamped, fixed-point) updates, on failure ``rs.failed`` says why."""
-        rs, need = self.rs, max(2, self.coord.cfg.rounds.min_clients)
+        rs, need = self.rs, max(2, self.min_clients)
         advertised = await self._collect(self.phases["advertise"])
         if len(advertised) < need:
             return self._fail(f"{len(advertised)} client(s) advertised keys before the deadline, {need} needed")
@@ -272,14 +278,14 @@ class SecAggRound:
         revealed = await self._collect(reveal, prune=False)  # a silent survivor's input is in the sum
         if len(revealed) < t:
             return self._fail(f"{len(revealed)} client(s) revealed shares, fewer than the threshold t={t}")
-        started = time.monotonic()
+        started = time.perf_counter()  # a measurement of work, not a deadline
         try:
             total = await asyncio.to_thread(unmask, self.total, self.roster, self.survivors, self.dropped,
-                                            self.disputed, self.revealed, self.coord.run_id, rs.round, self.bits)
+                                            self.disputed, self.revealed, self.ledger.run_id, rs.round, self.bits)
         except SecAggError as err:
             return self._fail(str(err))
         sums = await asyncio.to_thread(decode, total, self.spec, self.f, self.bits)
-        self.unmask_seconds = time.monotonic() - started
+        self.unmask_seconds = time.perf_counter() - started
         agg = StreamingAggregator()
         agg.sums, agg.count, agg.total_weight = sums, len(self.survivors), float(len(self.survivors))
         rs.aggregator = agg
@@ -315,10 +321,11 @@ class SecAggRound:
 
 
 class SecureAggregation:
-    """The coordinator's secure aggregation: the open round's protocol, if any."""
+    """A run's secure aggregation: the open round's protocol, if any."""
 
-    def __init__(self, coord: Coordinator):
-        self.coord = coord
+    def __init__(self, ledger: RoundLedger, cfg: RunConfig, spec_of):
+        """``spec_of(seeds)``: the names and shapes of an update of a round with ``seeds``."""
+        self.ledger, self.cfg, self.spec_of = ledger, cfg, spec_of
         self.current: SecAggRound | None = None
 
     def round_for(self, round_id: int) -> SecAggRound:
@@ -328,7 +335,7 @@ class SecureAggregation:
         return cur
 
     async def run(self, rs: RoundState) -> None:
-        self.current = SecAggRound(self.coord, rs)
+        self.current = SecAggRound(self.ledger, self.cfg, self.spec_of(rs.seeds), rs)
         await self.current.run()
 
     def row(self, rs: RoundState) -> dict:

@@ -1,8 +1,9 @@
 """The gRPC face of the coordinator (``fedkrso.v1.Coordinator``), on grpc.aio.
 
-A thin adapter: ``auth.AuthInterceptor`` authenticates the caller before a handler runs; each
-handler validates the request, forwards it to the ``Coordinator`` (which alone changes the
-run's state) and streams the answer through ``common.wire``, counting bytes as it goes. Every
+A thin adapter over the round port (``port.py``): ``auth.AuthInterceptor`` authenticates the
+caller before a handler runs; each handler decodes the request, asks the port (which alone
+reaches the coordinator, the only one to change the run's state) and streams the port's
+messages back; the port counts their bytes. Every
 refusal is a ``RoundError`` that ``statuses.StatusInterceptor`` turns into a precise gRPC status
 with a structured log event; nothing a client sends can change server state unless the whole
 update validated. Update streams are read under ``uploads.UploadGate``'s clocks, turns and
@@ -13,7 +14,6 @@ are bounded (``logs.bounded``) wherever they are logged or echoed.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import math
@@ -26,20 +26,19 @@ import structlog
 from fedkrso.v1 import coordinator_pb2 as pb
 from fedkrso.v1 import coordinator_pb2_grpc as pb_grpc
 
-from ..common.accounting import ConnCounters, message_bytes
+from ..common.accounting import ConnCounters
 from ..common.config import ServerSection
 from ..common.logs import bounded
 from ..common.protocol import TOKEN_HEADER, bearer_token, valid_client_id
 from .admission import JoinLimiter, peer_host
 from .auth import AuthInterceptor, current_client, server_credentials
 from .coordinator import Coordinator
-from .intake import report_of
-from .messages import DeltaEncodings, assignment_messages, snapshot_messages
+from .port import RoundPort
 from .relay import FDS_PER_CONNECTION, CountingRelay, RelayLimits, fd_budget
-from .rounds import Assignment, RoundError
+from .rounds import RoundError
 from .secagg_service import SecAggServicer
 from .statuses import StatusInterceptor
-from .uploads import UploadGate, assemble, check_report, drain
+from .uploads import UploadGate, receive
 
 log = structlog.get_logger("fedkrso.server")
 MAX_POLL_S = 60.0
@@ -49,25 +48,20 @@ CALLS_PER_CLIENT = 4  # at most at once: a poll, an upload, a heartbeat, a Leave
 
 
 class CoordinatorService(SecAggServicer, pb_grpc.CoordinatorServicer):
-    """The handlers. A refusal is a ``RoundError`` raised with its status code; the
-    ``StatusInterceptor`` answers it (and anything unexpected) with a precise status."""
+    """The handlers, over the round port. A refusal is a ``RoundError`` raised with its status
+    code; the ``StatusInterceptor`` answers it (and anything unexpected) with a precise status."""
 
-    def __init__(self, coord: Coordinator, auth: AuthInterceptor, relay: CountingRelay | None = None):
-        self.coord = coord
+    def __init__(self, port: RoundPort, auth: AuthInterceptor, relay: CountingRelay | None = None):
+        self.port = port
         self.relay = relay
         self.auth = auth
-        s = coord.cfg.server
-        self.chunk = s.max_chunk_bytes
-        self._deltas = DeltaEncodings(self.chunk, s.snapshot_after_rounds)
-        # every long-poll is released at once when a round opens; each stream's serialized
-        # copies sit in gRPC's buffers until its client reads them, so bound the streams
-        self._downloads = asyncio.Semaphore(s.max_concurrent_downloads)
+        s = port.cfg.server
         self.uploads = UploadGate(s.max_concurrent_uploads, s.upload_idle_s, s.upload_total_s)
         self.joins = JoinLimiter(s.join_burst, s.join_rate_per_s)
 
     def _client(self, polling: bool = False) -> str:
         client_id = current_client()  # set by AuthInterceptor, which refused the call otherwise
-        self.coord.touch(client_id, polling)
+        self.port.touch(client_id, polling)
         return client_id
 
     def _counters(self, context) -> ConnCounters | None:
@@ -78,10 +72,6 @@ class CoordinatorService(SecAggServicer, pb_grpc.CoordinatorServicer):
         """The caller's IP address (behind the relay, the one the relay accepted)."""
         counters = self._counters(context)
         return peer_host(counters.client if counters is not None else context.peer())
-
-    def _check_run(self, run_id: str) -> None:
-        if run_id != self.coord.run_id:
-            raise RoundError("FAILED_PRECONDITION", f"run {bounded(run_id)} is not this run ({self.coord.run_id!r})")
 
     # -- RPCs ------------------------------------------------------------------------------
     async def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
@@ -94,120 +84,81 @@ class CoordinatorService(SecAggServicer, pb_grpc.CoordinatorServicer):
             raise RoundError("INVALID_ARGUMENT", f"invalid client name {bounded(name)}: 1 to 48 ASCII letters, "
                              "digits, '-' or '_'")
         client_id = current_client()
-        if client_id is None and self.coord.registry.is_live(name):
+        port = self.port
+        if client_id is None and port.is_live(name):
             holder = self.auth.sessions.lookup(bearer_token(context.invocation_metadata()) or "")
             if holder != name:
                 raise RoundError("ALREADY_EXISTS", f"client name {name!r} belongs to a live session; join under "
                                  "another name, or with that session's token")
-        await self.coord.join(client_id or name, name, int(request.num_samples), int(request.eval_samples),
-                              request.software_version)
+        await port.join(client_id or name, name, int(request.num_samples), int(request.eval_samples),
+                        request.software_version)
         if client_id is None:
             client_id = name
             sessions = self.auth.sessions
             await context.send_initial_metadata(((TOKEN_HEADER, sessions.enrol(name)),))
-            if len(sessions) > len(self.coord.registry.clients):  # some were forgotten: so are their sessions
-                sessions.retain(self.coord.registry.clients)
+            if len(sessions) > len(port.known_clients()):  # some were forgotten: so are their sessions
+                sessions.retain(port.known_clients())
         return pb.JoinResponse(
             client_id=client_id,
-            run_id=self.coord.run_id,
-            config_json=self.coord.cfg.model_dump_json(),
-            model_fingerprint=self.coord.model_fingerprint,
-            current_round=self.coord.completed,
-            max_chunk_bytes=self.chunk,
+            run_id=port.run_id,
+            config_json=port.cfg.model_dump_json(),
+            model_fingerprint=port.coord.model_fingerprint,
+            current_round=port.completed,
+            max_chunk_bytes=port.chunk,
         )
 
     async def StartRound(self, request: pb.StartRoundRequest, context) -> AsyncIterator[pb.StartRoundResponse]:
+        """A long-poll (at most ``MAX_POLL_S``) for work; then the assignment's stream."""
         client_id = self._client()
-        self._check_run(request.run_id)
-        coord = self.coord
+        port = self.port
+        port.check_run(request.run_id)
         wait = 0.0 if math.isnan(request.wait_seconds) else request.wait_seconds  # NaN stalled the loop
         give_up = time.monotonic() + min(max(wait, 0.0), MAX_POLL_S)
         while True:
-            coord.touch(client_id, polling=True)  # a Leave meanwhile ends the poll (UNAUTHENTICATED)
-            task = coord.assignment(client_id, int(request.have_round), request.holds_run_seeds)
+            port.touch(client_id, polling=True)  # a Leave meanwhile ends the poll (UNAUTHENTICATED)
+            task = port.assignment(client_id, int(request.have_round), request.holds_run_seeds)
             if task is not None:
                 break
             remaining = give_up - time.monotonic()
             if remaining <= 0:
                 yield pb.StartRoundResponse(header=pb.RoundHeader(
-                    status=pb.ROUND_STATUS_WAIT, round=coord.completed, target_round=coord.completed))
+                    status=pb.ROUND_STATUS_WAIT, round=port.completed, target_round=port.completed))
                 return
-            await coord.wait_for_work(client_id, min(remaining, POLL_TOUCH_S))
-        training = task.status == "train"
-        if training:
-            coord.begin_download(client_id, task.round, self._counters(context))
-        async for msg in self._assignment_stream(task, client_id if training else None):
-            yield msg
-        if training:
-            coord.end_download(client_id)
-        else:
-            await coord.finished_stream_sent(client_id)
-
-    async def _assignment_stream(self, task: Assignment, metered: str | None):
-        """The header, then every delta the client lacks; bytes counted for ``metered``."""
-        async with self._downloads if task.deltas else contextlib.nullcontext():
-            for msg, payload in assignment_messages(task, self._deltas):
-                if metered:
-                    self.coord.count_download(metered, payload, message_bytes(msg))
+            await port.wait_for_work(client_id, min(remaining, POLL_TOUCH_S))
+        async with contextlib.aclosing(port.assignment_stream(client_id, task, self._counters(context))) as stream:
+            async for msg in stream:
                 yield msg
 
     async def SubmitUpdate(self, request_iterator, context) -> pb.SubmitUpdateResponse:
         """Header, then tensor batches, read under the upload gate's clocks, turns and slots
-        (``uploads.py``); folded only once the whole update validated."""
+        (``uploads.receive``); folded by the port only once the whole update validated."""
         client_id = self._client()
         counters = self._counters(context)
         down_at_submit = counters.down if counters is not None else None  # all of StartRound arrived
-        upload = self.uploads.open(request_iterator, client_id)
-        first = await upload.next()
-        if first is None:
-            raise RoundError("INVALID_ARGUMENT", "empty update stream")
-        if first.WhichOneof("body") != "header":
-            raise RoundError("INVALID_ARGUMENT", "update stream must start with a header")
-        h = first.header
-        check_report(h)
-        report = report_of(h, self.coord.cfg.privacy)
-        intake = self.coord.intake
-        rs = intake.check_header(client_id, h.run_id, h.round, h.num_samples, h.update_digest)  # refuse before waiting
-        if rs is not None:
-            intake.check_eval(rs, client_id, report)
-        async with upload.turn():
-            # again: this client's previous stream may have been accepted while this one waited
-            rs = intake.check_header(client_id, h.run_id, h.round, h.num_samples, h.update_digest)
-            if rs is None:  # idempotent resubmission: read it, bounded, change nothing
-                await drain(upload, intake.max_update_bytes(h.round))
-                log.info("update_duplicate", client=client_id, round=h.round)
-                return pb.SubmitUpdateResponse(accepted=True, duplicate=True, round=h.round)
-            async with upload.slot():
-                tensors, asm, msg_bytes = await assemble(upload, h, *intake.update_spec(rs),
-                                                         self.coord.cfg.method.wire_dtype, message_bytes(first))
-                folded = await intake.accept(rs, client_id, report, {k: v.float() for k, v in tensors.items()},
-                                             asm.payload_bytes, msg_bytes, counters, down_at_submit)
-        if not folded:
-            log.info("update_duplicate", client=client_id, round=h.round)
-            return pb.SubmitUpdateResponse(accepted=True, duplicate=True, round=h.round)
-        return pb.SubmitUpdateResponse(accepted=True, round=h.round, payload_bytes=asm.payload_bytes,
-                                       message_bytes=msg_bytes)
+        got = await receive(self.uploads.open(request_iterator, client_id), "update",
+                            lambda h: self.port.admit(client_id, h),
+                            lambda adm, *sizes: self.port.fold(adm, *sizes, counters, down_at_submit))
+        round_id = got.adm.record.round
+        if not got.folded:
+            log.info("update_duplicate", client=client_id, round=round_id)
+            return pb.SubmitUpdateResponse(accepted=True, duplicate=True, round=round_id)
+        return pb.SubmitUpdateResponse(accepted=True, round=round_id, payload_bytes=got.payload_bytes,
+                                       message_bytes=got.message_bytes)
 
     async def GetSnapshot(self, request: pb.GetSnapshotRequest, context):
         client_id = self._client()
-        coord = self.coord
-        self._check_run(request.run_id)
-        async with self._downloads:  # one copy of the state per stream: bounded like deltas
-            state, fp = await coord.snapshot(int(request.round))
-            log.info("snapshot_sent", client=client_id, round=request.round)
-            # a snapshot fetched to train the open round is that round's downlink, like deltas
-            for msg, payload in snapshot_messages(int(request.round), state, fp, self.chunk):
-                coord.count_download(client_id, payload, message_bytes(msg))
+        self.port.check_run(request.run_id)
+        async with contextlib.aclosing(self.port.snapshot_stream(client_id, int(request.round))) as stream:
+            async for msg in stream:
                 yield msg
-        coord.end_download(client_id)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
-        self._client()
-        return pb.HeartbeatResponse(run_finished=self.coord.finished, current_round=self.coord.completed)
+        finished, completed = self.port.heartbeat(self._client())
+        return pb.HeartbeatResponse(run_finished=finished, current_round=completed)
 
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
         client_id = self._client()
-        await self.coord.leave(client_id, request.reason or "leave")
+        await self.port.leave(client_id, request.reason or "leave")
         self.auth.sessions.revoke(client_id)  # open enrolment: the session ends with it
         return pb.LeaveResponse()
 
@@ -267,7 +218,7 @@ async def run_server(coord: Coordinator, listen: str | None = None, count_bytes:
     relay = None
     if count_bytes:
         relay = CountingRelay(host, int(port), "127.0.0.1", bind("127.0.0.1:0"), limits)
-    service = CoordinatorService(coord, auth, relay)
+    service = CoordinatorService(RoundPort(coord), auth, relay)
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
     if not count_bytes:
         public = bind(listen)

@@ -328,12 +328,13 @@ class RunStore:
             self._drop_open_files(keep=())
             self._open_agg = (None, None)
 
-    def plan_open(self, rs: RoundState, with_aggregate: bool) -> OpenSave:
+    def plan_open(self, rs: RoundState, with_aggregate: bool, now: float | None = None) -> OpenSave:
         """What saving the open round ``rs`` writes, taken now, on the event loop (while the
         caller holds ``fold_lock``): nothing the loop changes later leaks into the write, which
         ``write_open`` does in a worker thread. The aggregate goes too when ``with_aggregate``
-        (an update was folded), else the last saved aggregate stays."""
-        return self.planner.plan(rs, with_aggregate)
+        (an update was folded), else the last saved aggregate stays. ``now``: the run's clock
+        (``clock.py``; default the host's), against which the deadline is saved as remaining."""
+        return self.planner.plan(rs, with_aggregate, time.monotonic() if now is None else now)
 
     def write_open(self, save: OpenSave) -> None:
         """Write ``save`` (``plan_open``): the aggregator's tensors first, then the whole record

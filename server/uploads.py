@@ -1,6 +1,7 @@
 """Reading update streams so that a stalled or greedy client costs nobody else their round.
 
-Each ``SubmitUpdate`` stream is read through an ``Upload`` of the service's ``UploadGate``:
+Each ``SubmitUpdate`` (and ``SubmitMaskedInput``) stream is read through an ``Upload`` of the
+service's ``UploadGate``, by ``receive``:
 
 * clocks: every message, the first included, must arrive within ``server.upload_idle_s`` of
   the previous one, and the whole stream within ``server.upload_total_s`` of its start
@@ -21,14 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from fedkrso.v1 import coordinator_pb2 as pb
 
 from ..common.accounting import message_bytes
-from ..common.tensors import element_size
 from ..common.wire import TensorAssembler, WireError
+from .intake import Admission
 from .rounds import RoundError
 
 MAX_WAITING = 4  # streams of one client waiting for its turn (an honest client retries one)
@@ -116,11 +117,61 @@ class Upload:
             self.gate._slots.release()
 
 
-def check_report(h: pb.UpdateHeader) -> None:
-    """The header's reported figures end up in metrics.jsonl: finite, or the update is refused."""
-    for name in ("loss", "train_seconds"):
-        if not math.isfinite(getattr(h, name)):
-            raise RoundError("INVALID_ARGUMENT", f"header {name} is not finite")
+class HeldUpload:
+    """An update stream already read whole, held in memory (a cluster backend's client sent its
+    SubmitUpdate messages as one answer): served to ``receive`` like an ``Upload``, without
+    clocks, turns or slots, which bound live sockets and this stream has none."""
+
+    def __init__(self, messages: list[pb.SubmitUpdateRequest]):
+        self._it = iter(messages)
+
+    async def next(self):
+        """The next message, None at the end."""
+        return next(self._it, None)
+
+    def turn(self):
+        """No other stream of its client can be in progress: nothing to wait for."""
+        return contextlib.nullcontext()
+
+    def slot(self):
+        """Nothing is read from a socket: nothing to bound."""
+        return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Received:
+    """An update stream read to its end: its admission, whether it was folded (False: a
+    duplicate, read and dropped), and its payload and message bytes."""
+
+    adm: Admission
+    folded: bool
+    payload_bytes: int = 0
+    message_bytes: int = 0
+
+
+async def receive(upload: Upload, kind: str, admit: Callable[[pb.UpdateHeader], Admission],
+                  fold: Callable[[Admission, dict, int, int], Awaitable[bool | None]]) -> Received:
+    """Read an update stream (``kind``: what it carries, for the messages): its header, checked
+    by ``admit`` before the stream waits for its client's turn and again once it has it (the
+    client's previous stream may have been accepted meanwhile); a duplicate drained within its
+    bound, otherwise the tensors assembled in a slot and handed to ``fold`` (tensors, payload
+    bytes, message bytes) there."""
+    first = await upload.next()
+    if first is None:
+        raise RoundError("INVALID_ARGUMENT", f"empty {kind} stream")
+    if first.WhichOneof("body") != "header":
+        raise RoundError("INVALID_ARGUMENT", f"{kind} stream must start with a header")
+    h = first.header
+    admit(h)  # refuse before waiting
+    async with upload.turn():
+        adm = admit(h)
+        if adm.duplicate:  # idempotent resubmission: read it, bounded, change nothing
+            await drain(upload, adm.max_bytes)
+            return Received(adm, False)
+        async with upload.slot():
+            tensors, asm, msg_bytes = await assemble(upload, h, adm, message_bytes(first))
+            folded = await fold(adm, tensors, asm.payload_bytes, msg_bytes)
+    return Received(adm, folded is not False, asm.payload_bytes, msg_bytes)
 
 
 async def drain(upload: Upload, max_bytes: int) -> None:
@@ -133,18 +184,18 @@ async def drain(upload: Upload, max_bytes: int) -> None:
             raise RoundError("INVALID_ARGUMENT", f"stream exceeds the {max_bytes}-byte limit")
 
 
-async def assemble(upload: Upload, h: pb.UpdateHeader, spec: dict, required: set[str], wire: str,
+async def assemble(upload: Upload, h: pb.UpdateHeader, adm: Admission,
                    msg_bytes: int) -> tuple[dict, TensorAssembler, int]:
-    """The update's tensors, checked against ``spec`` as they arrive and against the header
-    at the end; (tensors, the assembler, message bytes of the whole stream)."""
-    asm = TensorAssembler(spec, wire, max_bytes=sum(math.prod(s) for s in spec.values()) * element_size(wire))
+    """The update's tensors, checked against the admitted spec as they arrive and against the
+    header at the end; (tensors, the assembler, message bytes of the whole stream)."""
+    asm = TensorAssembler(adm.spec, adm.wire, max_bytes=adm.max_bytes)
     try:
         while (msg := await upload.next()) is not None:
             msg_bytes += message_bytes(msg)
             if msg.WhichOneof("body") != "tensors":
                 raise WireError("only tensor batches may follow the header")
             asm.add(msg.tensors)
-        tensors = asm.finish(required)
+        tensors = asm.finish(set(adm.required))
         if len(tensors) != h.num_tensors:
             raise WireError(f"header announced {h.num_tensors} tensors, stream carried {len(tensors)}")
         if asm.digest() != h.update_digest:

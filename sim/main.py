@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from ..common.config import ConfigError, check_inputs, load_config
-    from ..server.metrics import format_table
-    from ..server.state import StateError
+    from ..server.port import StateError, format_table
     from .ray_connect import RayUnavailable
     from .runner import Simulation, SimulationError
 
@@ -107,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
             "client_eval_perplexity")
     summary = {k: rows[-1][k] for k in keys if k in rows[-1]} if rows else {}
     extra = {"backend": "ray", "actors": sim.actor_stats} if args.backend == "ray" else {}
-    print(json.dumps({"run_id": sim.coord.run_id, "output_dir": str(sim.coord.out), "clients": len(sim.clients
-                      if args.backend == "ray" else sim.participants),
+    print(json.dumps({"run_id": sim.port.run_id, "output_dir": str(sim.port.output_dir),
+                      "clients": len(sim.clients if args.backend == "ray" else sim.participants),
                       "seconds": round(time.monotonic() - started, 1), **summary, **extra}), flush=True)
     sys.exit(0)
 

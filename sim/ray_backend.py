@@ -2,7 +2,7 @@
 of Ray actors (``ray_actor.ClientActor``), each holding one copy of the base model.
 
 The driver is the simulator's (``runner.py``) with the training moved out: the same
-``Coordinator`` with deadlines off and clients that stay live, the same join of one client
+round port (``RoundPort.in_memory``: no deadlines, clients that stay live), the same join of one client
 per shard, the same download accounting per client (the client's own StartRound and
 GetSnapshot streams, counted message by message, as if it had received them). What differs
 is where a client trains: the selected clients of a round are dispatched at once, over the
@@ -21,14 +21,13 @@ An actor that dies mid-round (killed, its node lost) loses its queue: those clie
 are run again on a live actor, which produces the same bytes. When no actor is left the run
 stops with ``SimulationError`` (exit 1).
 
-``RoundDriver`` is the one place that calls coordinator internals; it is what the round port
-of issue 22 replaces.
+``RoundDriver`` holds every call into the server's round port (``server.port.RoundPort``, the
+one part of ``server/`` that ``sim/`` may import), like ``runner.py``'s simulator does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,16 +36,10 @@ import structlog
 
 from fedkrso.v1 import coordinator_pb2 as pb
 
-from ..common.accounting import message_bytes
 from ..common.config import ConfigError, RunConfig
 from ..common.data import load_client_eval, load_split
 from ..common.precision import Placement
-from ..server.coordinator import Coordinator
-from ..server.intake import report_of
-from ..server.messages import DeltaEncodings, assignment_messages, snapshot_messages
-from ..server.registry import ClientRegistry
-from ..server.rounds import RoundError
-from ..server.uploads import assemble, check_report
+from ..server.port import RoundError, RoundPort
 from .ray_actor import ClientActor, threads_for
 from .ray_connect import RayUnavailable, connect  # noqa: F401 - fedkrso-sim's and the tests' entry
 from .runner import SimulationError, shard_folders
@@ -93,99 +86,51 @@ class _Client:
     path: Path = field(default_factory=Path)
 
 
-class _Messages:
-    """A SubmitUpdate stream already read whole, served like the service's ``Upload``."""
-
-    def __init__(self, messages: list[pb.SubmitUpdateRequest]):
-        self._it = iter(messages)
-
-    async def next(self):
-        return next(self._it, None)
-
-
 class RoundDriver:
-    """The coordinator operations the Ray driver uses, in one place (the simulator's set:
-    join, the run loop, downloads counted per client, the actors' catch-up streams, the
-    service's reading of an update, leaving and refusals)."""
+    """The round port operations the Ray driver uses, in one place (the simulator's set: join,
+    the run loop, downloads counted per client, the actors' catch-up streams, the service's
+    reading of an update, leaving and refusals)."""
 
     def __init__(self, cfg: RunConfig, fresh: bool, placement: Placement | None):
         self.cfg = cfg
-        self.coord = Coordinator(cfg, fresh=fresh, registry=ClientRegistry(cfg.run.seed, liveness_s=math.inf),
-                                 deadlines=False, placement=placement)
-        self.deltas = DeltaEncodings(cfg.server.max_chunk_bytes, cfg.server.snapshot_after_rounds)
+        self.port = RoundPort.in_memory(cfg, fresh=fresh, placement=placement)
 
     @property
     def run_id(self) -> str:
-        return self.coord.run_id
+        return self.port.run_id
 
     async def join(self, name: str, num_samples: int, eval_samples: int) -> None:
-        await self.coord.join(name, name, num_samples, eval_samples)
-        self.coord.touch(name, polling=True)  # a simulated client is always waiting for work
+        await self.port.join(name, name, num_samples, eval_samples)
+        self.port.touch(name, polling=True)  # a simulated client is always waiting for work
 
-    def waiting(self) -> list[str]:
-        """Selected clients of the open round that still have to train."""
-        rs = self.coord.current
-        if rs is None or rs.closing or self.coord.finished:
-            return []
-        return sorted(c for c in rs.selected if rs.is_open_for(c))
-
-    async def download(self, client_id: str, have: int, holds_seeds: bool) -> tuple[int, bool]:
+    async def download(self, client_id: str, have: int, holds_seeds: bool) -> tuple[int, bool, int]:
         """Count the client's StartRound (and snapshot) stream as the service would send it;
-        (the round it then holds, whether it was sent seeds)."""
-        coord = self.coord
-        task = coord.assignment(client_id, have, holds_seeds)
-        coord.begin_download(client_id, task.round, None)
-        for msg, payload in assignment_messages(task, self.deltas):
-            coord.count_download(client_id, payload, message_bytes(msg))
+        (the round it then holds, whether it was sent seeds, the round it trains)."""
+        port = self.port
+        task = port.assignment(client_id, have, holds_seeds)
+        async for _ in port.assignment_stream(client_id, task):  # counted, as sent
+            pass
         if task.catch_up == "snapshot":
-            state, fp = await coord.snapshot(task.target_round)
-            for msg, payload in snapshot_messages(task.target_round, state, fp, self.cfg.server.max_chunk_bytes):
-                coord.count_download(client_id, payload, message_bytes(msg))
-            del state
-        coord.end_download(client_id)
-        return task.target_round, bool(task.seeds)
+            async for _ in port.snapshot_stream(client_id, task.target_round):
+                pass
+        return task.target_round, bool(task.seeds), task.round
 
     async def actor_streams(self, client_id: str, have: int, holds_seeds: bool) -> tuple[list[bytes], list[bytes], int]:
         """The StartRound stream (and snapshot stream) that takes an actor at round ``have``
-        to the open round for ``client_id``, serialized; and that round."""
-        task = self.coord.assignment(client_id, have, holds_seeds)
-        stream = [m.SerializeToString() for m, _ in assignment_messages(task, self.deltas)]
+        to the open round for ``client_id``, serialized, not counted (the client's own
+        download was); and that round."""
+        task = self.port.assignment(client_id, have, holds_seeds)
+        stream = [m.SerializeToString() for m in self.port.assignment_copy(task)]
         snapshot: list[bytes] = []
         if task.catch_up == "snapshot":
-            state, fp = await self.coord.snapshot(task.target_round)
-            snapshot = [m.SerializeToString()
-                        for m, _ in snapshot_messages(task.target_round, state, fp, self.cfg.server.max_chunk_bytes)]
+            snapshot = [m.SerializeToString() for m in await self.port.snapshot_copy(task.target_round)]
         return stream, snapshot, task.target_round
 
     async def submit(self, client_id: str, requests: list[bytes]) -> None:
-        """The update as the gRPC service reads it (``service.SubmitUpdate``): header checks,
-        tensors assembled against the round's spec and digest, then the intake. RoundError
-        when refused."""
-        messages = [pb.SubmitUpdateRequest.FromString(b) for b in requests]
-        if not messages or messages[0].WhichOneof("body") != "header":
-            raise RoundError("INVALID_ARGUMENT", "update stream must start with a header")
-        h = messages[0].header
-        check_report(h)
-        report = report_of(h, self.cfg.privacy)
-        intake = self.coord.intake
-        rs = intake.check_header(client_id, h.run_id, h.round, h.num_samples, h.update_digest)
-        if rs is None:
-            return  # already folded (a rerun of a round whose first answer got through)
-        intake.check_eval(rs, client_id, report)
-        tensors, asm, msg_bytes = await assemble(_Messages(messages[1:]), h, *intake.update_spec(rs),
-                                                 self.cfg.method.wire_dtype, message_bytes(messages[0]))
-        await intake.accept(rs, client_id, report, {k: v.float() for k, v in tensors.items()},
-                            asm.payload_bytes, msg_bytes, None, None)
-
-    async def leave(self, client_id: str, reason: str) -> None:
-        await self.coord.leave(client_id, reason)
-
-    async def drop(self, client_id: str) -> None:
-        await self.coord.drop_from_round(client_id)
-
-    def nobody_left(self, round_id: int) -> bool:
-        rs = self.coord.current
-        return rs is not None and rs.round == round_id and not rs.selected
+        """The update as the gRPC service reads it (``RoundPort.submit_messages``); RoundError
+        when refused. A duplicate (a rerun of a round whose first answer got through) changes
+        nothing."""
+        await self.port.submit_messages(client_id, [pb.SubmitUpdateRequest.FromString(b) for b in requests])
 
 
 class RaySimulation:
@@ -201,7 +146,7 @@ class RaySimulation:
         self.cfg, self.pool = cfg, pool
         self.clients = {name: _Client(path=path) for name, path in shard_folders(Path(data_root)).items()}
         self.driver = RoundDriver(cfg, fresh, placement)
-        self.coord = self.driver.coord  # what fedkrso-sim's summary reads (run_id, out)
+        self.port = self.driver.port  # what fedkrso-sim's summary reads (run_id, output_dir)
         self.members: list[_Member] = []
         self.actor_stats: list[dict] = []
 
@@ -234,22 +179,21 @@ class RaySimulation:
         self._start_actors()
         log.info("ray_pool", actors=self.pool.actors, cpus_per_actor=self.pool.cpus, gpus_per_actor=self.pool.gpus,
                  clients=len(self.clients), nodes=len([n for n in ray.nodes() if n.get("Alive")]))
-        coord = self.coord
-        loop = asyncio.create_task(coord.run())
+        port = self.port
+        loop = asyncio.create_task(port.run())
         try:
-            loop.add_done_callback(lambda _: asyncio.ensure_future(coord.notify()))  # wakes the wait below
+            loop.add_done_callback(lambda _: asyncio.ensure_future(port.notify()))  # wakes the wait below
             while True:
-                async with coord.changed:
-                    await coord.changed.wait_for(lambda: loop.done() or bool(self.driver.waiting()))
+                waiting = await port.wait_pending(loop)
                 if loop.done():
                     break
-                await asyncio.gather(*(self._client_round(c) for c in self.driver.waiting()))
+                await asyncio.gather(*(self._client_round(c) for c in waiting))
             await loop  # raises what the run raised
         finally:
             loop.cancel()
             self.actor_stats = self._collect_stats()
         log.info("ray_run_done", seconds=round(time.monotonic() - started, 1), actors=self.actor_stats)
-        return coord.metrics.rows()
+        return port.rows()
 
     def _collect_stats(self) -> list[dict]:
         import ray
@@ -275,9 +219,7 @@ class RaySimulation:
         import ray
 
         driver, c = self.driver, self.clients[client_id]
-        rs = driver.coord.current
-        round_id = rs.round
-        c.have, sent = await driver.download(client_id, c.have, c.holds_seeds)
+        c.have, sent, round_id = await driver.download(client_id, c.have, c.holds_seeds)
         c.holds_seeds = c.holds_seeds or sent
         while True:
             m = self._pick()
@@ -298,18 +240,18 @@ class RaySimulation:
             break
         if "left" in answer:  # as a distributed client would: it leaves rather than train past its budget
             log.warning("dp_sgd_budget_reached", client=client_id, round=round_id, reason=answer["left"])
-            await driver.leave(client_id, "dp-sgd budget reached")
+            await self.port.leave(client_id, "dp-sgd budget reached")
             self._check_round_goes_on(round_id, f"{client_id} reached its DP-SGD budget: {answer['left']}")
             return
         try:
             await driver.submit(client_id, answer["requests"])
         except RoundError as err:  # the service would answer with this status; the run goes on without it
             log.warning("update_refused", client=client_id, round=round_id, code=err.code, reason=str(err))
-            await driver.drop(client_id)
+            await self.port.drop(client_id)
             self._check_round_goes_on(round_id, f"the last update was refused with {err.code}: {err}")
             return
         log.info("client_trained", client=client_id, round=round_id, actor=m.index, loss=round(answer["loss"], 4))
 
     def _check_round_goes_on(self, round_id: int, why: str) -> None:
-        if self.driver.nobody_left(round_id):
+        if self.port.nobody_left(round_id):
             raise SimulationError(f"round {round_id}: no selected client is left to submit; {why}")

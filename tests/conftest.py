@@ -193,8 +193,11 @@ class InProcServer:
     The test thread talks to it over real gRPC on ``port`` (the one port 0 got) and reads the
     coordinator's state directly (``coord``): the server's own loop stays the only writer."""
 
-    def __init__(self, cfg_dict: dict):
+    def __init__(self, cfg_dict: dict, clock=None):
+        """``clock``: the coordinator's (``server.clock``; default the host's); with a
+        ``FakeClock`` the test moves it on with ``advance``."""
         self.cfg = parse_config(cfg_dict)
+        self.clock = clock
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
@@ -206,7 +209,7 @@ class InProcServer:
         try:
             self.loop = asyncio.get_running_loop()
             self.stop_event = asyncio.Event()
-            self.coord = Coordinator(self.cfg)
+            self.coord = Coordinator(self.cfg, clock=self.clock)
             async with run_server(self.coord, "127.0.0.1:0") as port:
                 self.port = port
                 self.run_task = asyncio.create_task(self.coord.run())
@@ -229,6 +232,12 @@ class InProcServer:
         """Serving, and the run neither crashed nor stopped before it finished."""
         return self.thread.is_alive() and not (self.run_task.done() and not self.coord.finished)
 
+    def advance(self, seconds: float) -> None:
+        """Move the server's ``FakeClock`` on by ``seconds``, on its loop; returns once moved."""
+        moved = threading.Event()
+        self.loop.call_soon_threadsafe(lambda: (self.clock.advance(seconds), moved.set()))
+        assert moved.wait(10), "the server's loop did not take the clock's move"
+
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.stop_event.set)
         self.thread.join(15)
@@ -236,13 +245,13 @@ class InProcServer:
 
 @pytest.fixture
 def server_factory(tiny_bert, tmp_path) -> Callable[..., InProcServer]:
-    """``server_factory(**sections) -> InProcServer``: an in-process server for
-    ``round_config(tiny_bert, <fresh output dir>, **sections)``; every server it started is
-    stopped after the test."""
+    """``server_factory(clock=None, **sections) -> InProcServer``: an in-process server for
+    ``round_config(tiny_bert, <fresh output dir>, **sections)`` on ``clock`` (default the
+    host's); every server it started is stopped after the test."""
     started: list[InProcServer] = []
 
-    def make(**sections: dict) -> InProcServer:
-        srv = InProcServer(round_config(tiny_bert, tmp_path / f"out{len(started)}", **sections))
+    def make(clock=None, **sections: dict) -> InProcServer:
+        srv = InProcServer(round_config(tiny_bert, tmp_path / f"out{len(started)}", **sections), clock)
         started.append(srv)
         return srv
 

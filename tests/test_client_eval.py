@@ -23,14 +23,15 @@ from fedkrso.bench.launch import child_env
 from fedkrso.common.config import parse_config
 from fedkrso.common.data import load_source, make_partition, save_partition
 from fedkrso.server import client_eval
-from fedkrso.server.rounds import RoundError, Submission, UpdateReport
+from fedkrso.common.update import UpdateRecord
+from fedkrso.server.rounds import RoundError, Submission
 from test_reliability import Fake, complete_round  # noqa: F401 - the hand-driven protocol client
 
 SC = grpc.StatusCode
 
 
-def report(metrics=(), examples: int = 0) -> UpdateReport:
-    return UpdateReport("d", 10, 0.5, 1, 0.1, 0, 0, (), tuple(metrics), examples)
+def report(metrics=(), examples: int = 0) -> UpdateRecord:
+    return UpdateRecord(0, "d", 10, 1, loss=0.5, train_seconds=0.1, eval_metrics=tuple(metrics), eval_examples=examples)
 
 
 def config(tiny_bert: Path, **eval_section) -> object:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -28,14 +29,16 @@ from fedkrso.common.config import ConfigError, parse_config
 from fedkrso.common.participant import PreparedUpdate
 from fedkrso.common.privacy import shamir
 from fedkrso.common.privacy.secagg import encode, fixed_point_bits, threshold
+from fedkrso.server.clock import FakeClock
 from fedkrso.v1 import coordinator_pb2 as pb
 from test_reliability import Fake
 
 SA = {"enabled": True, "phase_timeout_s": 3.0, "value_bound": 1.0}
 
 
-def secure_server(server_factory, clients: int, rounds: int = 3, **privacy):
-    return server_factory(rounds={"total": rounds, "clients_per_round": clients, "min_clients": 2, "deadline_s": 60},
+def secure_server(server_factory, clients: int, rounds: int = 3, clock=None, **privacy):
+    return server_factory(clock, rounds={"total": rounds, "clients_per_round": clients, "min_clients": 2,
+                                         "deadline_s": 60},
                           training={"weighting": "uniform", "batch_size": 8},
                           privacy={"secure_aggregation": SA, **privacy})
 
@@ -60,9 +63,12 @@ def random_update(srv, header, seed: int, scale: float = 0.1) -> dict[str, torch
     return {n: (torch.rand(s, generator=gen) * 2 - 1) * scale for n, s in sorted(spec.items())}
 
 
-def drive(subs: dict[str, SecureSubmission], stop: dict[str, str]) -> dict[str, object]:
+def drive(subs: dict[str, SecureSubmission], stop: dict[str, str],
+          meanwhile: Callable[[], None] | None = None) -> dict[str, object]:
     """Run every client's steps concurrently; client c stops before step ``stop[c]``
-    (``masked`` or ``unmask``). Returns each client's UnmaskingResponse or the RpcError."""
+    (``masked`` or ``unmask``); ``meanwhile`` runs in this thread as they do (it moves a fake
+    clock past the phases the stopped clients miss). Returns each client's
+    UnmaskingResponse or the RpcError."""
 
     def one(name: str, sub: SecureSubmission):
         try:
@@ -78,7 +84,22 @@ def drive(subs: dict[str, SecureSubmission], stop: dict[str, str]) -> dict[str, 
 
     with concurrent.futures.ThreadPoolExecutor(len(subs)) as pool:
         futures = {n: pool.submit(one, n, s) for n, s in subs.items()}
+        if meanwhile is not None:
+            meanwhile()
         return {n: f.result(timeout=120) for n, f in futures.items()}
+
+
+def time_out(srv, phase: str, answered: set[str]) -> None:
+    """Once exactly ``answered`` answered ``phase`` (the others stopped), move the server's
+    fake clock past the phase's timeout: the silent are out, no real second waited."""
+
+    def got() -> set[str]:
+        sa = srv.coord.secagg.current
+        ph = sa.phases.get(phase) if sa is not None else None
+        return set(ph.got) if ph is not None else set()
+
+    wait_until(lambda: got() == answered, 60, f"{sorted(answered)} to answer {phase}")
+    srv.advance(SA["phase_timeout_s"] + 0.1)
 
 
 def submitters(srv, round_id: int) -> list[str]:
@@ -181,12 +202,14 @@ def test_dropouts_after_sharing_and_after_masking_are_recovered(server_factory):
     are removed with its key rebuilt from shares), c3 after sending its masked input (never
     reveals: its input stays in the sum, its self mask is rebuilt). The mean is over the four
     inputs, exact to the step."""
-    srv = secure_server(server_factory, 5)
+    srv = secure_server(server_factory, 5, clock=FakeClock())
     fakes = [Fake(srv, f"c{i}") for i in range(5)]
     headers = {f.client_id: f.wait_train() for f in fakes}
     updates = {c: random_update(srv, headers[c], i) for i, c in enumerate(sorted(headers))}
     subs = {f.client_id: submission(srv, f, headers[f.client_id], updates[f.client_id]) for f in fakes}
-    results = drive(subs, {"c4": "masked", "c3": "unmask"})
+    results = drive(subs, {"c4": "masked", "c3": "unmask"},
+                    lambda: (time_out(srv, "masked", {"c0", "c1", "c2", "c3"}),
+                             time_out(srv, "unmask", {"c0", "c1", "c2"})))
     for c in ("c0", "c1", "c2"):
         assert list(results[c].survivors) == ["c0", "c1", "c2", "c3"] and list(results[c].dropped) == ["c4"]
     row = closed_row(srv, 0)
@@ -204,13 +227,13 @@ def test_too_few_survivors_fail_the_round_cleanly_and_the_run_goes_on(server_fac
     """Four clients (t = 3), two stop after sharing keys: two masked inputs cannot be unmasked.
     The survivors' Unmasking answers ABORTED with the reason, the round closes without changing
     the model, and the next round opens for everyone."""
-    srv = secure_server(server_factory, 4)
+    srv = secure_server(server_factory, 4, clock=FakeClock())
     fakes = [Fake(srv, f"c{i}") for i in range(4)]
     headers = {f.client_id: f.wait_train() for f in fakes}
     before = srv.coord.state_fingerprints[0]
     subs = {f.client_id: submission(srv, f, headers[f.client_id], random_update(srv, headers[f.client_id], 0))
             for f in fakes}
-    results = drive(subs, {"c2": "masked", "c3": "masked"})
+    results = drive(subs, {"c2": "masked", "c3": "masked"}, lambda: time_out(srv, "masked", {"c0", "c1"}))
     for c in ("c0", "c1"):
         err = results[c]
         assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.ABORTED, err

@@ -28,7 +28,8 @@ from fedkrso.common.privacy.dp import privatize
 from fedkrso.common.privacy.dpsgd import sampling_rate
 from fedkrso.common.privacy.ledger import BudgetExceeded, SampleLedger
 from fedkrso.common.privacy.secagg import decode, encode, fixed_point_bits
-from fedkrso.server.intake import report_of
+from fedkrso.common.update import UpdateRecord
+from fedkrso.server.intake import kept
 from fedkrso.v1 import coordinator_pb2 as pb
 from test_reliability import Fake
 
@@ -96,10 +97,10 @@ def test_a_private_header_carries_only_what_the_protocol_needs_and_the_server_ke
                            eval_metrics=[pb.EvalMetric(name="accuracy", value=0.5)])
     cfg = parse_config({"model": {"name": "x"}, "method": {"name": "fedkrso"}, "training": {"weighting": "uniform"},
                         "rounds": {"min_clients": 2}, "privacy": {"secure_aggregation": {"enabled": True}}})
-    report = report_of(loud, cfg.privacy)
+    report = kept(UpdateRecord.of_header(loud), cfg.privacy)
     assert (report.loss, report.train_seconds, report.peak_rss_bytes, report.eval_examples) == (0.0, 0.0, 0, 0)
     assert report.eval_metrics == () and report.seeds_used == () and report.num_samples == 40 and report.steps == 8
-    plain = report_of(loud, parse_config({"model": {"name": "x"}, "method": {"name": "fedkrso"}}).privacy)
+    plain = kept(UpdateRecord.of_header(loud), parse_config({"model": {"name": "x"}, "method": {"name": "fedkrso"}}).privacy)
     assert plain.loss == 0.25 and plain.seeds_used == (11, 12)
 
 
@@ -313,7 +314,7 @@ def test_the_server_ledger_charges_each_round_at_its_own_rate(tmp_path, tiny_ber
     server's ledger keeps each round's (rate, steps), so epsilon is the composition of both,
     not both rounds at the rate of the largest row count."""
     from fedkrso.server.privacy import PrivacyGuard
-    from fedkrso.server.rounds import RoundState, Submission, UpdateReport
+    from fedkrso.server.rounds import RoundState, Submission
 
     cfg = parse_config(round_config(tiny_bert, tmp_path, training={"batch_size": 8},
                                     privacy={"dp_sgd": {"enabled": True, "noise_multiplier": 1.0}}))
@@ -321,7 +322,7 @@ def test_the_server_ledger_charges_each_round_at_its_own_rate(tmp_path, tiny_ber
     steps = cfg.method.local_steps()
     for t, rows in enumerate((40, 20)):
         rs = RoundState(t, [], "", {"c"}, 0.0)
-        report = UpdateReport("d", rows, 0.0, steps, 0.0, 0, 0, ())
+        report = UpdateRecord(t, "d", rows, steps)
         rs.submissions["c"] = Submission.of("c", report, 1.0, None)
         guard.charge(rs)
     want = accountant.composed_sample_epsilon([(8 / 40, 1.0, steps), (8 / 20, 1.0, steps)], 1e-5)

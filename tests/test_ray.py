@@ -103,11 +103,10 @@ def test_killed_actor_has_its_clients_round_rerun(tmp_path, tiny_bert, golden_da
         async def go() -> list[dict]:
             task = asyncio.create_task(run.run())
             while not task.done():  # the first dispatch of round 1: actor 0 holds a client's round
-                rs = run.coord.current
                 busy = [m for m in run.members if m.queued]
-                if not killed and rs is not None and rs.round == 1 and run.members and run.members[0].queued:
-                    ray.kill(run.members[0].handle)
-                    killed.append(rs.round)
+                if not killed and run.port.completed == 1 and run.members and run.members[0].queued:
+                    ray.kill(run.members[0].handle)  # round 1 is open: round 0 completed
+                    killed.append(1)
                 await asyncio.sleep(0.001 if not busy else 0)
             return await task
 
