@@ -327,16 +327,29 @@ class SecureAggregation:
         """``spec_of(seeds)``: the names and shapes of an update of a round with ``seeds``."""
         self.ledger, self.cfg, self.spec_of = ledger, cfg, spec_of
         self.current: SecAggRound | None = None
+        self.last_failure: tuple[int, str] | None = None  # (round, reason) of the last round that failed
 
     def round_for(self, round_id: int) -> SecAggRound:
+        """The protocol of round ``round_id`` while it runs. A call that comes after that
+        round's protocol failed (a survivor that reaches Unmasking once the round is closing)
+        gets ABORTED with the reason, as the calls held at the failure did; FAILED_PRECONDITION
+        for a round with no protocol running."""
         cur = self.current
+        if cur is not None and cur.rs.round == round_id and cur.failure:
+            raise RoundError("ABORTED", cur.failure)
+        if self.last_failure is not None and self.last_failure[0] == round_id:  # the next round already began
+            raise RoundError("ABORTED", self.last_failure[1])
         if cur is None or cur.rs.round != round_id or cur.rs.closing:
             raise RoundError("FAILED_PRECONDITION", f"no secure aggregation is running for round {round_id}")
         return cur
 
     async def run(self, rs: RoundState) -> None:
-        self.current = SecAggRound(self.ledger, self.cfg, self.spec_of(rs.seeds), rs)
-        await self.current.run()
+        self.current = sa = SecAggRound(self.ledger, self.cfg, self.spec_of(rs.seeds), rs)
+        try:
+            await sa.run()
+        finally:
+            if sa.failure:
+                self.last_failure = (rs.round, sa.failure)
 
     def row(self, rs: RoundState) -> dict:
         cur = self.current

@@ -250,6 +250,15 @@ def test_too_few_survivors_fail_the_round_cleanly_and_the_run_goes_on(server_fac
     except grpc.RpcError as err:
         code, details = err.code(), err.details()
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "not collecting share" in details
+    # a survivor that reaches Unmasking only after the failed round closed (the next one open)
+    # learns why, as the calls held at the failure did
+    try:
+        fakes[0].stub.Unmasking(pb.UnmaskingRequest(run_id=fakes[0].run_id, round=0), metadata=fakes[0].md,
+                                timeout=10)
+        code = None
+    except grpc.RpcError as err:
+        code, details = err.code(), err.details()
+    assert code == grpc.StatusCode.ABORTED and "fewer than the threshold t=3" in details
     for f in fakes:
         f.close()
 

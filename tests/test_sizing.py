@@ -21,7 +21,7 @@ def test_the_plateau_is_the_first_round_whose_window_spans_less_than_the_toleran
 
 @pytest.mark.slow
 def test_sizing_runs_each_variant_on_validation_and_picks_the_cheapest_settled(tmp_path, tiny_bert):
-    base = bench_config(tmp_path, tiny_bert, seeds=[0], rounds=3, methods=[
+    base = bench_config(tmp_path, tiny_bert, seeds=[0], rounds=2, methods=[
         {"name": "fedavg", "label": "fedavg-s4", "steps": 4, "lrs": [1e-3]},
         {"name": "fedavg", "label": "fedavg-s2", "steps": 2, "lrs": [1e-3]}])
     path = tmp_path / "p.yaml"
@@ -31,8 +31,8 @@ def test_sizing_runs_each_variant_on_validation_and_picks_the_cheapest_settled(t
     a = json.loads((out / "sizing" / "sizing.json").read_text())
     assert a["split"] == "val" and [v["method"] for v in a["variants"]] == ["fedavg-s4", "fedavg-s2"]
     for v in a["variants"]:
-        assert len(v["curve"]) == 3 and v["plateau_round"] == 2  # any 2 rounds span < 101 points
+        assert len(v["curve"]) == 2 and v["plateau_round"] == 2  # any 2 rounds span < 101 points
         assert v["plateau_value"] == v["curve"][1]
     assert a["budget"] == {"rounds": 2, "steps": 2, "method": "fedavg-s2"}  # 4 local steps against 8
-    cells = sorted((out / "sizing" / "cells").glob("*-val-r3/cell.json"))
+    cells = sorted((out / "sizing" / "cells").glob("*-val-r2/cell.json"))
     assert len(cells) == 2  # the bench's own cells, on the validation split: resumable
