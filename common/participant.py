@@ -181,14 +181,17 @@ class Participant:
 
     @property
     def model(self) -> nn.Module:
+        """The model this participant trains (shared with others in a simulator)."""
         return self.shared.model
 
     @property
     def method(self) -> Method:
+        """The run's method object."""
         return self.shared.method
 
     @property
     def num_samples(self) -> int:
+        """Rows of the client's training shard (declared at join)."""
         return len(self.dataset)
 
     @property

@@ -38,12 +38,15 @@ class RealClock:
     """The host's clocks."""
 
     def monotonic(self) -> float:
+        """The host's monotonic clock, in seconds."""
         return time.monotonic()
 
     def wall(self) -> float:
+        """The host's wall clock (Unix seconds)."""
         return time.time()
 
     async def wait(self, awaitable: Awaitable, timeout: float) -> bool:
+        """Wait for ``awaitable`` at most ``timeout`` seconds; True when it finished in time."""
         try:
             await asyncio.wait_for(awaitable, max(timeout, 0.0))
             return True
@@ -63,12 +66,16 @@ class FakeClock:
         self._order = itertools.count()
 
     def monotonic(self) -> float:
+        """The fake time: moved only by ``advance``."""
         return self.now
 
     def wall(self) -> float:
+        """The fake time plus the fixed epoch offset."""
         return self.epoch + self.now
 
     async def wait(self, awaitable: Awaitable, timeout: float) -> bool:
+        """Wait for ``awaitable`` until it finishes (True) or ``advance`` moves the fake time past
+        ``timeout`` (False)."""
         timer = asyncio.get_running_loop().create_future()
         heapq.heappush(self._due, (self.now + max(timeout, 0.0), next(self._order), timer))
         task = asyncio.ensure_future(awaitable)

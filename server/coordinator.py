@@ -156,13 +156,16 @@ class Coordinator:
     changed = property(lambda self: self.ledger.changed, doc="Notified on any change of the run.")
 
     async def save_open(self, rs: RoundState, with_aggregate: bool = False) -> None:
+        """Persist the open round (``RoundLedger.save_open``; the aggregate too with ``with_aggregate``)."""
         await self.ledger.save_open(rs, with_aggregate)
 
     # -- waiting -------------------------------------------------------------------------------
     async def notify(self) -> None:
+        """Wake whatever waits on the run's state (``RoundLedger.notify``)."""
         await self.ledger.notify()
 
     async def wait_change(self, timeout: float) -> None:
+        """Wait until the run's state changes, or ``timeout`` seconds on the run's clock."""
         await self.ledger.wait_change(timeout)
 
     async def wait_for_work(self, client_id: str, timeout: float) -> None:
@@ -311,6 +314,7 @@ class Coordinator:
         log.info("round_closed", **{k: v for k, v in row.items() if k != "per_client"})
 
     async def finish(self) -> None:
+        """End the run: no open round, every poll woken, the final model saved."""
         self.finished = True
         self.current = None
         self.polls.wake_all()
@@ -351,6 +355,7 @@ class Coordinator:
         await self.notify()
 
     async def leave(self, client_id: str, reason: str) -> None:
+        """``client_id`` leaves the run: out of the client table and of the open round, its poll ended."""
         self.registry.leave(client_id)
         await self.drop_from_round(client_id)
         log.info("client_left", client=client_id, reason=bounded(reason))

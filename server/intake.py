@@ -59,6 +59,7 @@ class Admission:
 
     @property
     def duplicate(self) -> bool:
+        """Whether the header is a resubmission of an update already folded (nothing to fold)."""
         return self.rs is None
 
     @property

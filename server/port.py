@@ -87,14 +87,17 @@ class RoundPort:
     # -- the run ---------------------------------------------------------------------------------
     @property
     def cfg(self) -> RunConfig:
+        """The run's round.yaml."""
         return self.coord.cfg
 
     @property
     def run_id(self) -> str:
+        """The run's identity (a digest of what shapes it)."""
         return self.coord.run_id
 
     @property
     def output_dir(self) -> Path:
+        """Where the run writes its state, metrics and final model."""
         return self.coord.out
 
     @property
@@ -104,13 +107,16 @@ class RoundPort:
 
     @property
     def completed(self) -> int:
+        """Rounds completed so far."""
         return self.coord.completed
 
     @property
     def finished(self) -> bool:
+        """Whether the run has finished."""
         return self.coord.finished
 
     def check_run(self, run_id: str) -> None:
+        """FAILED_PRECONDITION unless ``run_id`` is this run's."""
         if run_id != self.coord.run_id:
             raise RoundError("FAILED_PRECONDITION", f"run {bounded(run_id)} is not this run ({self.coord.run_id!r})")
 
@@ -141,6 +147,7 @@ class RoundPort:
         return self.pending()
 
     async def notify(self) -> None:
+        """Wake whatever waits on the run's state (an in-memory driver after a change of its own)."""
         await self.coord.notify()
 
     # -- membership ------------------------------------------------------------------------------
@@ -149,6 +156,7 @@ class RoundPort:
         self.coord.touch(client_id, polling)
 
     def is_live(self, client_id: str) -> bool:
+        """Whether ``client_id`` joined, has not left and was heard from recently."""
         return self.coord.registry.is_live(client_id)
 
     def known_clients(self):
@@ -157,9 +165,11 @@ class RoundPort:
 
     async def join(self, client_id: str, name: str, num_samples: int, eval_samples: int = 0,
                    software_version: str = "") -> None:
+        """Add (or rejoin) a client with its declared shard and evaluation sizes."""
         await self.coord.join(client_id, name, num_samples, eval_samples, software_version)
 
     async def leave(self, client_id: str, reason: str) -> None:
+        """``client_id`` leaves the run (out of the open round too)."""
         await self.coord.leave(client_id, reason)
 
     def heartbeat(self, client_id: str) -> tuple[bool, int]:
@@ -178,6 +188,7 @@ class RoundPort:
         return self.coord.assignment(client_id, have, holds_seeds)
 
     async def wait_for_work(self, client_id: str, timeout: float) -> None:
+        """A poll that got no assignment waits here until its answer may change, or ``timeout``."""
         await self.coord.wait_for_work(client_id, timeout)
 
     async def assignment_stream(self, client_id: str, task: Assignment,

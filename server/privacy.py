@@ -69,6 +69,7 @@ class PrivacyGuard:
 
     @property
     def central(self) -> bool:
+        """Whether client-level DP is central (the server clips and noises the sum)."""
         return self.dp.mode == "central"
 
     @property
@@ -78,6 +79,8 @@ class PrivacyGuard:
 
     # -- the ledger ------------------------------------------------------------------------------
     def state(self) -> dict:
+        """What survives a restart: the accountant's charges, each client's participation and the DP-
+        SGD ledger."""
         out = {"charges": [[c.round, c.sampled, c.population] for c in self.charges],
                "participation": dict(self.participation)}
         if self.sgd.enabled:
@@ -85,6 +88,7 @@ class PrivacyGuard:
         return out
 
     def load(self, state: dict) -> None:
+        """Restore what ``state`` saved."""
         self.charges = [accountant.RoundCharge(*c) for c in state.get("charges", [])]
         self.participation = {k: int(v) for k, v in state.get("participation", {}).items()}
         sgd = state.get("dp_sgd", {})
@@ -144,6 +148,7 @@ class PrivacyGuard:
         return [accountant.repeated(accountant.round_event(self.z, s, n), k) for (s, n), k in sorted(counts.items()) if k]
 
     def epsilon(self, extra: accountant.RoundCharge | None = None) -> float:
+        """The run's epsilon so far (with ``extra``: had one more round been charged)."""
         return accountant.epsilon(self._events(extra), self.dp.delta) if self.dp.enabled else 0.0
 
     def _charge_of(self, round_id: int, sampled: int, population: int) -> accountant.RoundCharge:
@@ -171,6 +176,7 @@ class PrivacyGuard:
 
     # -- a round ---------------------------------------------------------------------------------
     def geometry(self, rs: RoundState) -> UpdateGeometry:
+        """The update geometry of round ``rs`` (the subspace its updates reach), built once a round."""
         if self._geometry is None or self._geometry[0] != rs.round:
             self._geometry = (rs.round, self.method.update_geometry(self.model, rs.seeds))
         return self._geometry[1]

@@ -30,6 +30,9 @@ LEAVE_GRACE_S = 3.0  # after its FINISHED stream, how long a client's Leave is w
 
 @dataclass
 class ClientState:
+    """One client as the server knows it: its id and name, declared shard and evaluation sizes, when it
+    was last heard from, whether it is active and asked for work."""
+
     client_id: str
     name: str
     num_samples: int
@@ -83,6 +86,7 @@ class ClientRegistry:
         log.info("client_forgotten", client=victim.client_id, table=len(self.clients))
 
     def leave(self, client_id: str) -> None:
+        """Mark ``client_id`` as left (no longer selectable)."""
         client = self.clients.get(client_id)
         if client:
             self._count(client, -1)
@@ -116,6 +120,7 @@ class ClientRegistry:
         return self._asked
 
     def get(self, client_id: str) -> ClientState:
+        """The client's record (KeyError for an unknown id)."""
         return self.clients[client_id]
 
     def is_live(self, client_id: str) -> bool:
@@ -147,6 +152,7 @@ class ClientRegistry:
         return sorted(ids, key=lambda c: (self.clients[c].last_seen if c in self.clients else -1.0, c))
 
     def mark_finished(self, client_id: str) -> None:
+        """``client_id`` received the run's FINISHED stream (now only its Leave is awaited)."""
         client = self.clients.get(client_id)
         if client:
             client.finished_at = time.monotonic()

@@ -45,6 +45,7 @@ class RoundDelta:
 
     @property
     def payload_bytes(self) -> int:
+        """Bytes the delta carries on the wire: its tensors and its seeds."""
         return self.tensor_bytes + seeds_bytes(len(self.seeds))
 
 
@@ -73,6 +74,7 @@ class Submission:
 
     @classmethod
     def of(cls, client_id: str, record: UpdateRecord, weight: float, update_norm: float | None) -> Submission:
+        """The saved record of an accepted update: ``record``'s figures with its weight and norm."""
         return cls(client_id, record.digest, record.num_samples, record.loss, record.steps,
                    record.train_seconds, record.peak_rss_bytes, record.train_state_bytes,
                    list(record.seeds_used), weight, update_norm, dict(record.eval_metrics), record.eval_examples,
@@ -81,6 +83,9 @@ class Submission:
 
 @dataclass
 class RoundState:
+    """An open round: its seeds and plan, who is selected and dropped, the declared shard sizes, the
+    running aggregate, the submissions and traffic, and its deadline."""
+
     round: int
     seeds: list[int]
     plan_fingerprint: str
@@ -112,6 +117,7 @@ class RoundState:
     committed: asyncio.Event = field(default_factory=asyncio.Event)  # set once the round is on disk
 
     def is_open_for(self, client_id: str) -> bool:
+        """Whether ``client_id`` is selected and may still submit (the round is not closing)."""
         return not self.closing and client_id in self.selected and client_id not in self.submissions
 
     def traffic_of(self, client_id: str) -> Traffic:

@@ -46,6 +46,8 @@ COMMITMENT_BYTES = 32  # SHA-256
 
 @dataclass
 class Phase:
+    """One phase of a round's protocol: who is expected, until when, what each sent, and whether it closed."""
+
     name: str
     expected: set[str]
     until: float
@@ -99,6 +101,7 @@ class SecAggRound:
             raise RoundError("ABORTED", self.failure)
 
     def count_bytes(self, client: str, n: int) -> None:
+        """Add ``n`` protocol bytes (keys, shares, reveals) to ``client``'s count."""
         self.protocol_bytes[client] = self.protocol_bytes.get(client, 0) + n
 
     async def _leave(self, client: str, why: str) -> None:
@@ -131,6 +134,8 @@ class SecAggRound:
         return self.roster
 
     async def share(self, client: str, shares: dict[str, SealedShare]) -> dict[str, SealedShare]:
+        """Take ``client``'s encrypted share pairs for every other client of the roster; hold the call
+        until the phase closes; the pairs sent to ``client``."""
         ph = self._open("share", client)
         others = set(self.roster.keys) - {client}
         if set(shares) != others:
@@ -166,6 +171,7 @@ class SecAggRound:
         return "int32" if self.bits == 32 else "int64"
 
     async def add_masked(self, client: str, report: UpdateRecord, vector: np.ndarray) -> None:
+        """Sum ``client``'s masked ring vector into the round's total (its header kept for the row)."""
         ph = self._open("masked", client)
         if vector.shape != (self.numel,):
             raise RoundError("INVALID_ARGUMENT", f"masked input has {vector.size} values, the round's spec {self.numel}")
@@ -176,6 +182,7 @@ class SecAggRound:
         await self.ledger.notify()
 
     async def unmasking(self, client: str) -> tuple[list[str], list[str]]:
+        """Hold until the masked phase closes; (survivors, dropped): whose shares ``client`` must reveal."""
         if self.failure:
             raise RoundError("ABORTED", self.failure)
         ph = self.phases.get("masked")
@@ -344,6 +351,7 @@ class SecureAggregation:
         return cur
 
     async def run(self, rs: RoundState) -> None:
+        """Run round ``rs``'s protocol to its end (the sum unmasked, or a clean failure)."""
         self.current = sa = SecAggRound(self.ledger, self.cfg, self.spec_of(rs.seeds), rs)
         try:
             await sa.run()
@@ -352,5 +360,6 @@ class SecureAggregation:
                 self.last_failure = (rs.round, sa.failure)
 
     def row(self, rs: RoundState) -> dict:
+        """The metrics fields of round ``rs``'s protocol (counts only)."""
         cur = self.current
         return cur.row() if cur is not None and cur.rs is rs else {}

@@ -30,6 +30,8 @@ class SecAggServicer:
     ``uploads``); each phase is a method of the round's protocol (``RoundPort.secure_round``)."""
 
     async def AdvertiseKeys(self, request: pb.AdvertiseKeysRequest, context) -> pb.AdvertiseKeysResponse:
+        """A client's two public keys for the round; answered once every expected client advertised (or
+        the phase timed out) with the roster."""
         client_id = self._client()
         sa = self.port.secure_round(request.run_id, request.round)
         roster = await sa.advertise(client_id, bytes(request.cipher_public_key), bytes(request.mask_public_key))
@@ -41,6 +43,7 @@ class SecAggServicer:
         return resp
 
     async def ShareKeys(self, request: pb.ShareKeysRequest, context) -> pb.ShareKeysResponse:
+        """A client's encrypted share pairs for the others; answered with the pairs sent to it."""
         client_id = self._client()
         sa = self.port.secure_round(request.run_id, request.round)
         shares = {s.client_id: SealedShare(bytes(s.ciphertext), bytes(s.mask_key_commitment),
@@ -55,6 +58,8 @@ class SecAggServicer:
         return resp
 
     async def ConfirmShares(self, request: pb.ConfirmSharesRequest, context) -> pb.ConfirmSharesResponse:
+        """A client's complaints about the shares it got; answered with the masking set and its
+        disputed pairs."""
         client_id = self._client()
         sa = self.port.secure_round(request.run_id, request.round)
         members, excluded = await sa.confirm(client_id, list(request.complaints))
@@ -74,6 +79,7 @@ class SecAggServicer:
         return pb.MaskedInputResponse(accepted=True, round=round_id, payload_bytes=got.payload_bytes)
 
     async def Unmasking(self, request: pb.UnmaskingRequest, context) -> pb.UnmaskingResponse:
+        """Who survived and who dropped: whose shares the client must reveal."""
         client_id = self._client()
         sa = self.port.secure_round(request.run_id, request.round)
         survivors, dropped = await sa.unmasking(client_id)
@@ -82,6 +88,7 @@ class SecAggServicer:
         return resp
 
     async def RevealShares(self, request: pb.RevealSharesRequest, context) -> pb.RevealSharesResponse:
+        """A client's revealed shares, checked against their owners' commitments."""
         client_id = self._client()
         sa = self.port.secure_round(request.run_id, request.round)
         if any(s.kind not in KINDS for s in request.shares):

@@ -146,6 +146,8 @@ class CoordinatorService(SecAggServicer, pb_grpc.CoordinatorServicer):
                                        message_bytes=got.message_bytes)
 
     async def GetSnapshot(self, request: pb.GetSnapshotRequest, context):
+        """The state after a round, streamed (a client too far behind for deltas), counted into its
+        download."""
         client_id = self._client()
         self.port.check_run(request.run_id)
         async with contextlib.aclosing(self.port.snapshot_stream(client_id, int(request.round))) as stream:
@@ -153,10 +155,12 @@ class CoordinatorService(SecAggServicer, pb_grpc.CoordinatorServicer):
                 yield msg
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
+        """The client is alive; answered with whether the run finished and the current round."""
         finished, completed = self.port.heartbeat(self._client())
         return pb.HeartbeatResponse(run_finished=finished, current_round=completed)
 
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
+        """The client leaves the run; its session ends with it."""
         client_id = self._client()
         await self.port.leave(client_id, request.reason or "leave")
         self.auth.sessions.revoke(client_id)  # open enrolment: the session ends with it

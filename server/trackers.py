@@ -227,6 +227,8 @@ BYTES = (("uplink_payload_bytes_per_client", "uplink payload"), ("uplink_wire_by
 
 
 class Plot(Tracker):
+    """Rows drawn as ``<output_dir>/metrics.png``: quality and bytes per round."""
+
     name = "plot"
     needs = ("matplotlib", "matplotlib")
     history = True
@@ -303,6 +305,7 @@ class Trackers:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._log, row, read_rows)
 
     async def close(self) -> None:
+        """Release every tracker's writer at the end of the run."""
         if self.trackers:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._each, "close")
             self._thread.shutdown(wait=True)

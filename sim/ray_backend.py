@@ -58,6 +58,8 @@ class PoolSpec:
     dtype: str | None = None
 
     def check(self) -> None:
+        """ConfigError for a pool that cannot be asked of Ray (no actor, no CPU, a GPU share that is
+        neither a fraction nor whole GPUs)."""
         if self.actors < 1:
             raise ConfigError(f"--actors must be at least 1, got {self.actors}")
         if not self.cpus > 0:
@@ -97,9 +99,11 @@ class RoundDriver:
 
     @property
     def run_id(self) -> str:
+        """The run's identity."""
         return self.port.run_id
 
     async def join(self, name: str, num_samples: int, eval_samples: int) -> None:
+        """Join one shard's client; it is always waiting for work."""
         await self.port.join(name, name, num_samples, eval_samples)
         self.port.touch(name, polling=True)  # a simulated client is always waiting for work
 
