@@ -30,7 +30,7 @@ demo: $(STAMP)
 # with one torch thread (tests/conftest.py).
 WORKERS ?= $(shell $(PY) -c 'import os; print(len(os.sched_getaffinity(0)))' 2>/dev/null || echo 2)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -n $(WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -q -ra -n $(WORKERS) --dist worksteal --durations=15
 
 # The documentation site (mkdocs.yml) into site/, strictly: a broken link or reference fails.
 # `make test` builds it too (tests/test_docs.py); `$(BIN)/mkdocs serve` previews it.

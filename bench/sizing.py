@@ -7,9 +7,10 @@ first lr; its curve is read for the first round at which the metric changed by l
 ``--tolerance`` points (x100) over the last ``--window`` rounds: the plateau. The budget is
 the variant with the fewest local steps in all (rounds x steps) whose plateau value is within
 ``--tolerance`` of the best variant's. The cells are the bench's own (``cells.py``), so a
-stopped sizing resumes; the answer is ``<out>/<block>/sizing.json`` with every curve.
+stopped sizing resumes; the answer is ``<out>/<block>/sizing.json`` with every curve. With
+``--ray`` the variants run at once as Ray tasks (``ray_cells.RayCellPool``, one per core).
 
-    python -m fedkrso.bench.sizing --protocol bench/converged.yaml --out results/converged --blocks sizing
+    python -m fedkrso.bench.sizing --protocol bench/converged.yaml --out results/converged --blocks sizing --ray
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import json
 from pathlib import Path
 
 from ..common import cli
-from .cells import Cell, run_cell
+from .cells import Cell
 from .config import BenchConfig, load_protocol
 from .protocol import block_config
+from .ray_cells import CellPool, Progress, RayCellPool
 from .report import higher_is_better, summarise
 from .runner import partition, task_metric
 
@@ -38,8 +40,10 @@ def plateau(values: list[float | None], window: int, tolerance: float) -> int | 
     return None
 
 
-def sizing(cfg: BenchConfig, out: Path, window: int, tolerance: float, log=print) -> dict:
-    """Every FedAvg variant's curve and plateau under ``out`` (the block's folder), and the budget."""
+def sizing(cfg: BenchConfig, out: Path, window: int, tolerance: float, log=print,
+           pool: type[CellPool] = CellPool) -> dict:
+    """Every FedAvg variant's curve and plateau under ``out`` (the block's folder), and the budget;
+    ``pool``: where the variants run (``RayCellPool``: at once)."""
     variants = [m for m in cfg.methods if m.name == METHOD]
     if not variants:
         raise SystemExit(f"python -m fedkrso.bench.sizing: block {cfg.name} runs no {METHOD}")
@@ -51,15 +55,20 @@ def sizing(cfg: BenchConfig, out: Path, window: int, tolerance: float, log=print
     metric = task_metric(cfg, info)
     num_labels = cfg.model.num_labels or info.get("num_labels") or 2
     sign = 1 if higher_is_better(metric) else -1
-    found = []
+    cells = []
     for spec in variants:
         lr = spec.lrs[0] if spec.lrs else spec.model_extra.get("lr")
+        log(f"  sizing {spec.tag}: {cfg.rounds} rounds of {spec.knobs().get('steps')} local steps at lr {lr:g}, "
+            f"seed {seed}, on val")
+        cells.append(Cell(spec, lr, seed, cfg.rounds, "val"))
+    results = pool(Progress(len(cells), log)).run(cfg, cells, {seed: data}, out, num_labels)
+    found = []
+    for spec, cell, result in zip(variants, cells, results):
         steps = spec.knobs().get("steps")
-        log(f"  sizing {spec.tag}: {cfg.rounds} rounds of {steps} local steps at lr {lr:g}, seed {seed}, on val")
-        summary = summarise(run_cell(cfg, Cell(spec, lr, seed, cfg.rounds, "val"), data, out, num_labels), metric)
+        summary = summarise(result, metric)
         values = [p["metric"] for p in summary["curve"]]
         at = plateau(values, window, tolerance)
-        found.append({"method": spec.tag, "steps": steps, "lr": lr, "plateau_round": at,
+        found.append({"method": spec.tag, "steps": steps, "lr": cell.lr, "plateau_round": at,
                       "plateau_value": values[at - 1] if at else None, "best": summary["best"],
                       "local_steps_to_plateau": at * steps if at and steps else None,
                       "curve": values, "seconds": summary["seconds"]})
@@ -88,17 +97,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--blocks", nargs="+", required=True, help="the sizing block(s): FedAvg variants, one seed")
     p.add_argument("--window", type=int, default=5, help="rounds over which the metric must settle")
     p.add_argument("--tolerance", type=float, default=0.3, help="points (metric x 100) the window may span")
+    p.add_argument("--ray", action="store_true", help="run the variants at once as Ray tasks (a local cluster "
+                   "unless --address)")
+    p.add_argument("--address", help="with --ray: the Ray cluster to join (auto, or the head's HOST:PORT)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Size every named block, resumable."""
     args = parse_args(argv)
+    pool = CellPool
+    if args.ray:
+        from ..sim.ray_connect import RayUnavailable, connect
+
+        try:
+            connect(args.address)
+        except RayUnavailable as err:
+            raise SystemExit(f"python -m fedkrso.bench.sizing: {err}") from None
+        pool = RayCellPool
+    elif args.address:
+        raise SystemExit("python -m fedkrso.bench.sizing: --address needs --ray")
     protocol = load_protocol(args.protocol)
     for name in args.blocks:
         cfg = block_config(protocol, name, args.out, strict=False)
         print(f"block {name}: sizing {cfg.rounds} rounds of FedAvg on {cfg.data.source}", flush=True)
-        a = sizing(cfg, args.out / name, args.window, args.tolerance)
+        a = sizing(cfg, args.out / name, args.window, args.tolerance, pool=pool)
         print(f"block {name}: budget {a['budget']}", flush=True)
 
 

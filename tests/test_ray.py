@@ -4,12 +4,12 @@ in-process simulator.
 For the same config, data and torch threads the Ray backend must write the simulator's
 metrics (state fingerprint after every round, payload and message bytes, evaluation) on a
 two-node Ray cluster on loopback (Ray's own ``cluster_utils.Cluster``, each node with its own
-CPU, one actor on each), and again after one of its two actors is killed mid-round on a local
-Ray started by the test (the lost client's round is run again on the other actor). Without
-Ray, or without a cluster at ``--address``, the command exits 2 naming the fix.
+CPU, one actor on each), and again, on the same cluster, after one of its two actors is killed
+mid-round (the lost client's round is run again on the other actor). Without Ray, or without
+a cluster at ``--address``, the command exits 2 naming the fix.
 
-Kept few and small (tiny BERT, the golden job's 3 rounds of 2 clients): Ray's start costs
-seconds on 2 cores.
+Kept few and small (tiny BERT, the golden job's 3 rounds of 2 clients, one cluster for both
+runs): Ray's start costs tens of seconds on 2 cores.
 """
 
 from __future__ import annotations
@@ -64,61 +64,63 @@ def reference(tmp_path_factory, tiny_bert, golden_data) -> list[dict]:
     return rows
 
 
-def test_two_node_cluster_reaches_the_simulators_metrics(tmp_path, tiny_bert, golden_data, reference):
+def test_two_node_cluster_reaches_the_simulators_metrics_also_when_an_actor_is_killed(
+        tmp_path, tiny_bert, golden_data, reference):
+    """``fedkrso-sim --backend ray --address`` on a two-node cluster writes the simulator's
+    rows; then a driver on the same cluster kills an actor (``ray.kill``) while it holds a
+    client's round: the round is run on the other actor and the run still ends with the
+    simulator's state fingerprints."""
     from ray.cluster_utils import Cluster
 
-    started = time.monotonic()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        rows, summary = sim(tmp_path, tiny_bert, golden_data, "--backend", "ray", "--address", cluster.address,
-                            "--actors", "2", "--cpus-per-actor", "1")
-    finally:
-        cluster.shutdown()
-    assert steady(rows) == steady(reference)
-    actors = summary["actors"]
-    assert [a["alive"] for a in actors] == [True, True]
-    assert len({a["node"] for a in actors}) == 2, "one actor on each node (each node has one CPU)"
-    assert all(a["threads"] == 1 for a in actors), "torch threads = the CPUs granted"
-    assert sum(a["clients_trained"] for a in actors) == 2 * ROUNDS
-    # the base model is loaded once per actor: its clients (2 shards) are kept, the state moves by deltas
-    assert all(a["clients_held"] <= 2 and a["deltas_applied"] >= 1 and a["snapshots"] == 0 for a in actors)
-    print(f"two-node Ray run: {time.monotonic() - started:.1f} s")
-
-
-def test_killed_actor_has_its_clients_round_rerun(tmp_path, tiny_bert, golden_data, reference):
-    """An actor killed with ``ray.kill`` while it holds a client's round: the round is run on
-    the other actor and the run ends with the simulator's state fingerprints."""
     from fedkrso.common.config import parse_config
     from fedkrso.sim.ray_backend import PoolSpec, RaySimulation, connect
 
-    cfg = parse_config(golden_config(tiny_bert, tmp_path / "out", METHODS["fedkrso"]))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = time.monotonic()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    killed: list[int] = []
     try:
-        connect(None)  # the Ray this test started
-        run = RaySimulation(cfg, golden_data, PoolSpec(actors=2, cpus=1.0))
-        killed: list[int] = []
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        rows, summary = sim(tmp_path / "cli", tiny_bert, golden_data, "--backend", "ray", "--address",
+                            cluster.address, "--actors", "2", "--cpus-per-actor", "1")
+        assert steady(rows) == steady(reference)
+        actors = summary["actors"]
+        assert [a["alive"] for a in actors] == [True, True]
+        assert len({a["node"] for a in actors}) == 2, "one actor on each node (each node has one CPU)"
+        assert all(a["threads"] == 1 for a in actors), "torch threads = the CPUs granted"
+        assert sum(a["clients_trained"] for a in actors) == 2 * ROUNDS
+        # the base model is loaded once per actor: its clients (2 shards) are kept, the state moves by deltas
+        assert all(a["clients_held"] <= 2 and a["deltas_applied"] >= 1 and a["snapshots"] == 0 for a in actors)
+        print(f"two-node Ray run: {time.monotonic() - started:.1f} s")
 
-        async def go() -> list[dict]:
-            task = asyncio.create_task(run.run())
-            while not task.done():  # the first dispatch of round 1: actor 0 holds a client's round
-                busy = [m for m in run.members if m.queued]
-                if not killed and run.port.completed == 1 and run.members and run.members[0].queued:
-                    ray.kill(run.members[0].handle)  # round 1 is open: round 0 completed
-                    killed.append(1)
-                await asyncio.sleep(0.001 if not busy else 0)
-            return await task
+        cfg = parse_config(golden_config(tiny_bert, tmp_path / "killed" / "out", METHODS["fedkrso"]))
+        ray.init(address=cluster.address, log_to_driver=False)
+        try:
+            connect(cluster.address)  # the driver joined above
+            run = RaySimulation(cfg, golden_data, PoolSpec(actors=2, cpus=1.0))
 
-        rows = asyncio.run(go())
+            async def go() -> list[dict]:
+                task = asyncio.create_task(run.run())
+                while not task.done():  # the first dispatch of round 1: actor 0 holds a client's round
+                    busy = [m for m in run.members if m.queued]
+                    if not killed and run.port.completed == 1 and run.members and run.members[0].queued:
+                        ray.kill(run.members[0].handle)  # round 1 is open: round 0 completed
+                        killed.append(1)
+                    await asyncio.sleep(0.001 if not busy else 0)
+                return await task
+
+            rows = asyncio.run(go())
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
+        cluster.shutdown()
     assert killed == [1]
     assert [r["state_fingerprint"] for r in rows] == [r["state_fingerprint"] for r in reference]
     assert steady(rows) == steady(reference)
     dead, live = run.actor_stats
     assert dead == {"actor": 0, "alive": False}
     assert live["alive"] and live["clients_trained"] == 2 * ROUNDS - 1  # its own three, then actor 0's rerun and round 2
+    print(f"two-node Ray runs, one with a killed actor: {time.monotonic() - started:.1f} s")
 
 
 def test_no_ray_or_no_cluster_exits_2_naming_the_fix(tmp_path, tiny_bert, golden_data):
