@@ -5,7 +5,11 @@ A cell's result (the metrics rows, its wall time and peak memory) is written ato
 ``<out>/cells/<tag>/cell.json`` when the run ends; a bench started again loads finished cells
 instead of running them, so a long protocol can be stopped and resumed over several sittings.
 A finished cell is reused only when its round.yaml is exactly the one the bench would write
-now (any changed setting runs it again), and a cell cut off mid-run is run from its start.
+now (any changed setting runs it again). A simulated cell cut off mid-run (a stopped sitting)
+resumes from its last committed round (``fedkrso-sim --resume``: the same rounds, bit for bit,
+as an uninterrupted run; tests/test_cells.py); a cell of client processes starts again. The
+cell's ``seconds`` are the wall time of its sittings, each up to its last committed round
+(work a stop threw away is not counted), and ``sittings`` says how many there were.
 
 Runs go through ``fedkrso-sim`` (every client in one process, the default) or a real server
 and one client process per shard (``runner: processes``, socket bytes measured).
@@ -80,33 +84,60 @@ def run_cell(cfg: BenchConfig, cell: Cell, data: Path, out: Path, num_labels: in
     wanted = round_yaml(cfg, cell, data, workdir, num_labels)
     if done.exists() and yaml.safe_load(config.read_text()) == wanted:
         return json.loads(done.read_text())
-    if workdir.exists():
-        shutil.rmtree(workdir)  # cut off mid-run, or run with other settings: start it again
-    workdir.mkdir(parents=True)
-    config.write_text(yaml.safe_dump(wanted, sort_keys=False))
-    started = time.monotonic()
+    sittings = _resumable(cfg, workdir, wanted)
+    if sittings is None:
+        if workdir.exists():
+            shutil.rmtree(workdir)  # run with other settings, or nothing committed: start it again
+        workdir.mkdir(parents=True)
+        config.write_text(yaml.safe_dump(wanted, sort_keys=False))
+        sittings = []
+    sittings.append({"start": time.time(), "end": None})
+    _write_json(workdir / "sittings.json", sittings)
     if cfg.runner == "sim":
-        _simulate(cfg, config, data, workdir)
+        _simulate(cfg, config, data, workdir, resume=len(sittings) > 1)
     else:
         _processes(cfg, config, data, workdir)
+    sittings[-1]["end"] = time.time()
+    _write_json(workdir / "sittings.json", sittings)
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     for bulky in ("final", "state"):  # a bench keeps figures, not hundreds of model copies
         shutil.rmtree(workdir / bulky, ignore_errors=True)
     result = {"tag": cell.tag, "method": cell.spec.tag, "base_method": cell.spec.name, "lr": cell.lr,
               "seed": cell.seed, "rounds": cell.rounds, "split": cell.split, "runner": cfg.runner,
-              "seconds": time.monotonic() - started,
+              "seconds": sum(t["end"] - t["start"] for t in sittings), "sittings": len(sittings),
               "peak_rss_bytes": max((r.get("client_peak_rss_bytes") or 0 for r in rows), default=0),
               "rows": rows}
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result) + "\n")
-    os.replace(tmp, done)
+    _write_json(done, result)
     return result
 
 
-def _simulate(cfg: BenchConfig, config: Path, data: Path, workdir: Path) -> None:
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj) + "\n")
+    os.replace(tmp, path)
+
+
+def _resumable(cfg: BenchConfig, workdir: Path, wanted: dict) -> list[dict] | None:
+    """The earlier sittings of a simulated cell cut off after committing a round with the
+    settings wanted now, the last one closed at its last committed round; None: start again."""
+    metrics = workdir / "metrics.jsonl"
+    try:
+        if (cfg.runner != "sim" or yaml.safe_load((workdir / "round.yaml").read_text()) != wanted
+                or not (workdir / "state" / "manifest.json").is_file() or not metrics.read_text().strip()):
+            return None
+        sittings = json.loads((workdir / "sittings.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not sittings or sittings[-1].get("end") is not None:
+        return None
+    sittings[-1]["end"] = max(sittings[-1]["start"], metrics.stat().st_mtime)
+    return sittings
+
+
+def _simulate(cfg: BenchConfig, config: Path, data: Path, workdir: Path, resume: bool = False) -> None:
     cmd = [sys.executable, "-m", "fedkrso.sim.main", "--config", str(config), "--data-root", str(data),
-           "--threads", str(cfg.threads), "--log-json"]
-    with (workdir / "sim.log").open("w") as log:
+           "--threads", str(cfg.threads), "--log-json", *(["--resume"] if resume else [])]
+    with (workdir / "sim.log").open("a" if resume else "w") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
                               timeout=cfg.run_timeout_s).returncode
     if code != 0:
