@@ -3,10 +3,13 @@ FedAvg (federated full fine-tuning) needs before its validation metric stops mov
 
 For each FedAvg variant of a block (``label``led rows that differ in ``steps``), one seed runs
 ``rounds`` rounds on the block's validation split (never the reported split) at the variant's
-first lr; its curve is read for the first round at which the metric changed by less than
-``--tolerance`` points (x100) over the last ``--window`` rounds: the plateau. The budget is
-the variant with the fewest local steps in all (rounds x steps) whose plateau value is within
-``--tolerance`` of the best variant's. The cells are the bench's own (``cells.py``), so a
+first lr; its curve is read for the first round at which the mean of the last ``--window``
+rounds improved by less than ``--tolerance`` points (x100) on the mean of the ``--window``
+rounds before them: the plateau, whose value is that last window's mean. (Means of windows,
+not single rounds: on a validation split of 500 rows one example is 0.2 points, and a
+settled run's rounds still move by about a point, so no window of single rounds spans under
+0.3 points.) The budget is the variant with the fewest local steps in all (rounds x steps)
+whose plateau value is within ``--tolerance`` of the best variant's. The cells are the bench's own (``cells.py``), so a
 stopped sizing resumes; the answer is ``<out>/<block>/sizing.json`` with every curve. With
 ``--ray`` the variants run at once as Ray tasks (``ray_cells.RayCellPool``, one per core).
 
@@ -30,12 +33,19 @@ from .runner import partition, task_metric
 METHOD = "fedavg"
 
 
-def plateau(values: list[float | None], window: int, tolerance: float) -> int | None:
-    """The first 1-based round r >= ``window`` at which the last ``window`` values (x100) span
-    less than ``tolerance`` points; None when the curve never settles."""
-    for r in range(window, len(values) + 1):
-        last = values[r - window:r]
-        if all(v is not None for v in last) and 100 * (max(last) - min(last)) < tolerance:
+def window_mean(values: list[float | None], r: int, window: int) -> float | None:
+    """The mean of the ``window`` values ending at 1-based round ``r`` (None: one is missing)."""
+    part = values[r - window:r]
+    return None if len(part) < window or any(v is None for v in part) else sum(part) / window
+
+
+def plateau(values: list[float | None], window: int, tolerance: float, sign: int = 1) -> int | None:
+    """The first 1-based round r >= 2 ``window`` at which the mean of the last ``window``
+    values improved (x100, ``sign`` -1 where lower is better) by less than ``tolerance``
+    points on the mean of the ``window`` before them; None when the curve never settles."""
+    for r in range(2 * window, len(values) + 1):
+        last, before = window_mean(values, r, window), window_mean(values, r - window, window)
+        if last is not None and before is not None and 100 * sign * (last - before) < tolerance:
             return r
     return None
 
@@ -67,12 +77,12 @@ def sizing(cfg: BenchConfig, out: Path, window: int, tolerance: float, log=print
         steps = spec.knobs().get("steps")
         summary = summarise(result, metric)
         values = [p["metric"] for p in summary["curve"]]
-        at = plateau(values, window, tolerance)
+        at = plateau(values, window, tolerance, sign)
         found.append({"method": spec.tag, "steps": steps, "lr": cell.lr, "plateau_round": at,
-                      "plateau_value": values[at - 1] if at else None, "best": summary["best"],
+                      "plateau_value": window_mean(values, at, window) if at else None, "best": summary["best"],
                       "local_steps_to_plateau": at * steps if at and steps else None,
                       "curve": values, "seconds": summary["seconds"]})
-        log(f"  sizing {spec.tag}: plateau at round {at} ({values[at - 1] if at else None}), best {summary['best']}")
+        log(f"  sizing {spec.tag}: plateau at round {at} ({found[-1]['plateau_value']}), best {summary['best']}")
     settled = [f for f in found if f["plateau_round"]]
     budget = None
     if settled:
@@ -95,8 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--protocol", required=True, type=Path, help="the protocol YAML holding the sizing block")
     p.add_argument("--out", required=True, type=Path, help="the protocol's output folder")
     p.add_argument("--blocks", nargs="+", required=True, help="the sizing block(s): FedAvg variants, one seed")
-    p.add_argument("--window", type=int, default=5, help="rounds over which the metric must settle")
-    p.add_argument("--tolerance", type=float, default=0.3, help="points (metric x 100) the window may span")
+    p.add_argument("--window", type=int, default=5, help="rounds per window (the plateau compares the means of two)")
+    p.add_argument("--tolerance", type=float, default=0.3, help="points (metric x 100) a window's mean may gain on the window before")
     p.add_argument("--ray", action="store_true", help="run the variants at once as Ray tasks (a local cluster "
                    "unless --address)")
     p.add_argument("--address", help="with --ray: the Ray cluster to join (auto, or the head's HOST:PORT)")

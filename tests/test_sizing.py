@@ -8,15 +8,20 @@ import json
 import pytest
 import yaml
 
-from fedkrso.bench.sizing import main, plateau
+from fedkrso.bench.sizing import main, plateau, window_mean
 from test_bench import bench_config
 
 
-def test_the_plateau_is_the_first_round_whose_window_spans_less_than_the_tolerance():
-    curve = [0.50, 0.70, 0.80, 0.805, 0.806, 0.8061, 0.85]
-    assert plateau(curve, 3, 0.7) == 5  # 0.800..0.806: 0.6 points; 0.70..0.805 was not
-    assert plateau(curve, 3, 0.1) is None  # the last window spans 4.4 points
-    assert plateau([0.5, None, 0.5, 0.5], 2, 1.0) == 4  # an unevaluated round does not settle it
+def test_the_plateau_is_the_first_round_whose_window_mean_gained_less_than_the_tolerance():
+    curve = [0.50, 0.70, 0.80, 0.81, 0.80, 0.82, 0.81, 0.80]
+    # windows of 2, the last against the one before: +20.5 points at round 4, +5.5 at 5, +0.5 at 6,
+    # +1.0 at 7, -0.5 at 8
+    assert plateau(curve, 2, 1.0) == 6
+    assert plateau(curve, 2, 0.4) == 8  # a window that lost counts as settled
+    assert window_mean(curve, 6, 2) == pytest.approx(0.81)
+    assert plateau([0.1 * i for i in range(10)], 2, 1.0) is None  # still climbing
+    assert plateau([1.0, 0.8, 0.7, 0.69], 1, 2.0, sign=-1) == 4  # a loss: lower is better
+    assert plateau([0.5, None, 0.5, 0.5], 1, 1.0) == 4  # an unevaluated round does not settle it
 
 
 @pytest.mark.slow
@@ -27,11 +32,11 @@ def test_sizing_runs_each_variant_on_validation_and_picks_the_cheapest_settled(t
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({"name": "tiny", "base": base, "blocks": [{"name": "sizing"}]}))
     out = tmp_path / "out"
-    main(["--protocol", str(path), "--out", str(out), "--blocks", "sizing", "--window", "2", "--tolerance", "101"])
+    main(["--protocol", str(path), "--out", str(out), "--blocks", "sizing", "--window", "1", "--tolerance", "101"])
     a = json.loads((out / "sizing" / "sizing.json").read_text())
     assert a["split"] == "val" and [v["method"] for v in a["variants"]] == ["fedavg-s4", "fedavg-s2"]
     for v in a["variants"]:
-        assert len(v["curve"]) == 2 and v["plateau_round"] == 2  # any 2 rounds span < 101 points
+        assert len(v["curve"]) == 2 and v["plateau_round"] == 2  # round 2 gained < 101 points on round 1
         assert v["plateau_value"] == v["curve"][1]
     assert a["budget"] == {"rounds": 2, "steps": 2, "method": "fedavg-s2"}  # 4 local steps against 8
     cells = sorted((out / "sizing" / "cells").glob("*-val-r2/cell.json"))
