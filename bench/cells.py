@@ -11,6 +11,10 @@ as an uninterrupted run; tests/test_cells.py); a cell of client processes starts
 cell's ``seconds`` are the wall time of its sittings, each up to its last committed round
 (work a stop threw away is not counted), and ``sittings`` says how many there were.
 
+With ``reuse_sweep_runs`` (and ``sweep_rounds == rounds``), a sweep cell of a reported seed
+keeps its run state, and a reported cell whose sweep twin finished is made from it
+(``replay.py``: the same rounds scored on the reported split) instead of being run.
+
 Runs go through ``fedkrso-sim`` (every client in one process, the default) or a real server
 and one client process per shard (``runner: processes``, socket bytes measured).
 """
@@ -84,6 +88,9 @@ def run_cell(cfg: BenchConfig, cell: Cell, data: Path, out: Path, num_labels: in
     wanted = round_yaml(cfg, cell, data, workdir, num_labels)
     if done.exists() and yaml.safe_load(config.read_text()) == wanted:
         return json.loads(done.read_text())
+    twin = _sweep_twin(cfg, cell, out)
+    if twin is not None:
+        return _replayed(cell, twin, workdir, wanted)
     sittings = _resumable(cfg, workdir, wanted)
     if sittings is None:
         if workdir.exists():
@@ -101,6 +108,8 @@ def run_cell(cfg: BenchConfig, cell: Cell, data: Path, out: Path, num_labels: in
     _write_json(workdir / "sittings.json", sittings)
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     for bulky in ("final", "state"):  # a bench keeps figures, not hundreds of model copies
+        if bulky == "state" and _keeps_state(cfg, cell):
+            continue
         shutil.rmtree(workdir / bulky, ignore_errors=True)
     result = {"tag": cell.tag, "method": cell.spec.tag, "base_method": cell.spec.name, "lr": cell.lr,
               "seed": cell.seed, "rounds": cell.rounds, "split": cell.split, "runner": cfg.runner,
@@ -109,6 +118,49 @@ def run_cell(cfg: BenchConfig, cell: Cell, data: Path, out: Path, num_labels: in
               "rows": rows}
     _write_json(done, result)
     return result
+
+
+def _keeps_state(cfg: BenchConfig, cell: Cell) -> bool:
+    """A sweep cell whose run a reported cell may be made from (``reuse_sweep_runs``)."""
+    return (cfg.reuse_sweep_runs and cell.split == "val" and cell.rounds == cfg.rounds
+            and cell.seed in cfg.seeds)
+
+
+def _sweep_twin(cfg: BenchConfig, cell: Cell, out: Path) -> Path | None:
+    """The finished sweep cell (its state kept) a reported cell can be made from, if any."""
+    if not cfg.reuse_sweep_runs or cell.split != "eval":
+        return None
+    twin = out / "cells" / Cell(cell.spec, cell.lr, cell.seed, cell.rounds, "val").tag
+    if (twin / "cell.json").is_file() and (twin / "state" / "manifest.json").is_file():
+        return twin
+    return None
+
+
+def _replayed(cell: Cell, twin: Path, workdir: Path, wanted: dict) -> dict:
+    """The reported cell made from its sweep twin's run (module docstring)."""
+    from .replay import replay_rows
+
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    config = workdir / "round.yaml"
+    config.write_text(yaml.safe_dump(wanted, sort_keys=False))
+    swept = json.loads((twin / "cell.json").read_text())
+    started = time.time()
+    rows = replay_rows(twin, swept["rows"], config)
+    with (workdir / "metrics.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    result = {**swept, "tag": cell.tag, "split": cell.split, "rows": rows, "replayed_from": twin.name,
+              "replay_seconds": time.time() - started}
+    _write_json(workdir / "cell.json", result)
+    shutil.rmtree(twin / "state", ignore_errors=True)  # used: a bench keeps figures
+    return result
+
+
+def release_state(out: Path, cell: Cell) -> None:
+    """Drop the run state a sweep cell kept for a reported run that will not be made from it
+    (its lr was not chosen)."""
+    shutil.rmtree(out / "cells" / cell.tag / "state", ignore_errors=True)
 
 
 def _write_json(path: Path, obj) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..common.precision import DEVICE_PATTERN
 
@@ -121,6 +121,10 @@ class BenchConfig(Strict):
     clients_per_round: int = Field(3, ge=1)
     rounds: int = Field(10, ge=1)
     sweep_rounds: int = Field(3, ge=1)
+    reuse_sweep_runs: bool = Field(False, description="with sweep_rounds equal to rounds: a sweep run of a "
+                                   "reported seed keeps its run state, and the reported run at the chosen lr "
+                                   "is that run scored again on the reported split (bench/replay.py), not "
+                                   "trained a second time")
     batch_size: int = Field(16, ge=1)
     eval_batch_size: int = Field(64, ge=1)
     deadline_s: float = Field(900.0, gt=0)
@@ -133,6 +137,13 @@ class BenchConfig(Strict):
     client_eval_every: int = Field(0, ge=0, description="round.yaml's eval.client_every (0: server eval only)")
     methods: list[MethodSpec] = Field(min_length=1)
     quick: QuickSpec = QuickSpec()
+
+    @model_validator(mode="after")
+    def _reuse_needs_full_sweeps(self) -> BenchConfig:
+        if self.reuse_sweep_runs and self.sweep_rounds != self.rounds:
+            raise ValueError(f"reuse_sweep_runs needs sweep_rounds equal to rounds (a sweep run is reused as a "
+                             f"reported run), not {self.sweep_rounds} and {self.rounds}")
+        return self
 
     def apply_quick(self) -> BenchConfig:
         q = self.quick
@@ -153,6 +164,7 @@ class BenchConfig(Strict):
             methods.append(MethodSpec.model_validate(d))
         cfg.methods = methods
         cfg.clients_per_round = min(cfg.clients_per_round, cfg.clients)
+        cfg.reuse_sweep_runs = cfg.reuse_sweep_runs and cfg.sweep_rounds == cfg.rounds
         return cfg
 
 

@@ -55,6 +55,7 @@ def summarise(cell: dict, metric: str) -> dict:
         "accelerator_peak_bytes": max((r.get("client_accelerator_peak_bytes") or 0 for r in rows), default=0),
         "seconds": cell.get("seconds"),
         "curve": c,
+        **({"replayed_from": cell["replayed_from"]} if cell.get("replayed_from") else {}),
     }
 
 

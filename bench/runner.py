@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.config import parse_config
-from .cells import Cell, method_section
+from .cells import Cell, method_section, release_state
 from .config import BenchConfig, MethodSpec
 from .plot import plot
 from .ray_cells import CellPool, Progress
@@ -152,6 +152,10 @@ def run_bench(cfg: BenchConfig, out: Path, command: str = "fedkrso-bench",
                 values = [sweep_score(r, cfg.select_by, metric) for r in runs]
                 scores[lr] = sum(values) / len(values)
             chosen[spec.tag] = max(lrs, key=lambda lr: scores[lr])
+            for lr in lrs:
+                if lr != chosen[spec.tag]:
+                    for s in cfg.seeds[: cfg.sweep_seeds]:
+                        release_state(out, Cell(spec, lr, s, cfg.sweep_rounds, split))
             for lr in lrs:
                 shown = scores[lr] if scores[lr] != float("-inf") else None
                 if shown is not None and metric in ("loss", "perplexity"):
