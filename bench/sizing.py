@@ -9,7 +9,10 @@ rounds before them: the plateau, whose value is that last window's mean. (Means 
 not single rounds: on a validation split of 500 rows one example is 0.2 points, and a
 settled run's rounds still move by about a point, so no window of single rounds spans under
 0.3 points.) The budget is the variant with the fewest local steps in all (rounds x steps)
-whose plateau value is within ``--tolerance`` of the best variant's. The cells are the bench's own (``cells.py``), so a
+whose plateau value is within ``--tolerance`` of the highest level any variant reached (an
+unsettled variant's last window counts: one that settled below a variant still climbing is
+not converged). Several ``--blocks`` (e.g. a longer sizing added after a first that did not
+settle) are answered together as well, in ``<out>/budget.json``. The cells are the bench's own (``cells.py``), so a
 stopped sizing resumes; the answer is ``<out>/<block>/sizing.json`` with every curve. With
 ``--ray`` the variants run at once as Ray tasks (``ray_cells.RayCellPool``, one per core).
 
@@ -78,25 +81,49 @@ def sizing(cfg: BenchConfig, out: Path, window: int, tolerance: float, log=print
         summary = summarise(result, metric)
         values = [p["metric"] for p in summary["curve"]]
         at = plateau(values, window, tolerance, sign)
-        found.append({"method": spec.tag, "steps": steps, "lr": cell.lr, "plateau_round": at,
-                      "plateau_value": window_mean(values, at, window) if at else None, "best": summary["best"],
+        last = window_mean(values, len(values), window)
+        found.append({"block": cfg.name, "method": spec.tag, "steps": steps, "rounds": cfg.rounds, "lr": cell.lr,
+                      "plateau_round": at, "plateau_value": window_mean(values, at, window) if at else None,
+                      "last_window": last, "best": summary["best"],
                       "local_steps_to_plateau": at * steps if at and steps else None,
                       "curve": values, "seconds": summary["seconds"]})
-        log(f"  sizing {spec.tag}: plateau at round {at} ({found[-1]['plateau_value']}), best {summary['best']}")
-    settled = [f for f in found if f["plateau_round"]]
-    budget = None
-    if settled:
-        top = max(sign * f["plateau_value"] for f in settled)
-        near = [f for f in settled if 100 * (top - sign * f["plateau_value"]) < tolerance]
-        budget = min(near, key=lambda f: f["local_steps_to_plateau"])
+        log(f"  sizing {spec.tag}: plateau at round {at} ({found[-1]['plateau_value']}), last {window} rounds' mean "
+            f"{last}, best {summary['best']}")
     answer = {"block": cfg.name, "metric": metric, "seed": seed, "split": "val", "rounds": cfg.rounds,
               "window": window, "tolerance_points": tolerance, "clients": cfg.clients,
               "clients_per_round": cfg.clients_per_round, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer,
-              "variants": found,
-              "budget": None if budget is None else {"rounds": budget["plateau_round"], "steps": budget["steps"],
-                                                      "method": budget["method"]}}
+              "variants": found, **budget_of(found, tolerance, sign)}
     (out / "sizing.json").write_text(json.dumps(answer, indent=2) + "\n")
     return answer
+
+
+def budget_of(variants: list[dict], tolerance: float, sign: int = 1) -> dict:
+    """The budget among ``variants`` (of one block or several): the settled variant with the
+    fewest local steps to its plateau whose plateau value is within ``tolerance`` points of the
+    highest level any variant reached (a settled one's plateau value, an unsettled one's last
+    window), so a variant that settled lower than another still climbing is not a budget;
+    ``{"budget": None, "why": ...}`` when there is none."""
+    def level(v: dict) -> float | None:
+        return v["plateau_value"] if v["plateau_round"] else v["last_window"]
+
+    known = [v for v in variants if level(v) is not None]
+    if not known:
+        return {"budget": None, "why": "no variant has a full window of evaluated rounds"}
+    top = max(known, key=lambda v: sign * level(v))
+    near = [v for v in known if v["plateau_round"] and 100 * sign * (level(top) - v["plateau_value"]) < tolerance]
+    if not near:
+        settled = [f"{v['block']}/{v['method']} at round {v['plateau_round']} ({100 * v['plateau_value']:.2f})"
+                   for v in known if v["plateau_round"]]
+        return {"budget": None, "why": f"{top['block']}/{top['method']} reached {100 * level(top):.2f} (mean of its "
+                f"last rounds) and " + ("had not settled after its " + str(top["rounds"]) + " rounds"
+                                        if not top["plateau_round"] else "settled")
+                + "; " + (", ".join(settled) + f" settled more than {tolerance:g} points below it"
+                          if settled else "no variant settled") + ": raise the rounds or the local steps"}
+    b = min(near, key=lambda v: v["local_steps_to_plateau"])
+    return {"budget": {"rounds": b["plateau_round"], "steps": b["steps"], "method": b["method"], "block": b["block"]},
+            "why": f"{b['block']}/{b['method']} settled at round {b['plateau_round']} ({100 * b['plateau_value']:.2f}), "
+                   f"within {tolerance:g} points of the highest level reached ({100 * level(top):.2f}, "
+                   f"{top['block']}/{top['method']})"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -128,11 +155,19 @@ def main(argv: list[str] | None = None) -> None:
     elif args.address:
         raise SystemExit("python -m fedkrso.bench.sizing: --address needs --ray")
     protocol = load_protocol(args.protocol)
+    variants, sign = [], 1
     for name in args.blocks:
         cfg = block_config(protocol, name, args.out, strict=False)
         print(f"block {name}: sizing {cfg.rounds} rounds of FedAvg on {cfg.data.source}", flush=True)
         a = sizing(cfg, args.out / name, args.window, args.tolerance, pool=pool)
-        print(f"block {name}: budget {a['budget']}", flush=True)
+        sign = 1 if higher_is_better(a["metric"]) else -1
+        variants += a["variants"]
+        print(f"block {name}: budget {a['budget']} ({a['why']})", flush=True)
+    if len(args.blocks) > 1:  # the budget over every variant of the blocks named
+        answer = {"blocks": args.blocks, "window": args.window, "tolerance_points": args.tolerance,
+                  **budget_of(variants, args.tolerance, sign)}
+        (args.out / "budget.json").write_text(json.dumps(answer, indent=2) + "\n")
+        print(f"blocks {', '.join(args.blocks)}: budget {answer['budget']} ({answer['why']})", flush=True)
 
 
 if __name__ == "__main__":
