@@ -10,7 +10,9 @@ validation metric has not improved for ``--patience`` evaluations (or after ``--
 The lr is chosen on the validation split (the block's FedAvg lrs, or ``--lrs``, on the first
 seed); each seed's figure is then its eval-split metric at the step of its best validation
 metric (and, beside it, the last one). Every run is a cell under
-``<out>/<block>/ceiling/cells/``, so running the command again resumes.
+``<out>/<block>/ceiling/cells/``, so running the command again resumes; a run cut off mid-way
+resumes from its last evaluation (``resume.pt`` in its work folder: the model, AdamW's state,
+the RNG and the curve so far; the same curve as an uninterrupted run, tests/test_ceiling.py).
 
     python -m fedkrso.bench.ceiling --protocol bench/converged.yaml --out results/converged
 """
@@ -41,9 +43,19 @@ def _tokens(split, tokenizer, fmt):
     return tokenize(split, tokenizer, fmt)
 
 
+def _save_point(path: Path, state: dict) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def train(cfg: BenchConfig, spec: MethodSpec, lr: float, seed: int, data: Path, workdir: Path, num_labels: int,
-          metric: str, eval_every: int, patience: int, max_epochs: float, log=print) -> dict:
-    """One centralized run (module docstring): the curve of (step, validation, eval) figures."""
+          metric: str, eval_every: int, patience: int, max_epochs: float, log=print,
+          settings: dict | None = None) -> dict:
+    """One centralized run (module docstring): the curve of (step, validation, eval) figures;
+    it resumes from ``workdir/resume.pt`` when that was saved with the same ``settings``."""
     import torch
     from datasets import concatenate_datasets
 
@@ -53,6 +65,7 @@ def train(cfg: BenchConfig, spec: MethodSpec, lr: float, seed: int, data: Path, 
     from ..common.methods.base import forward_loss
     from ..common.methods.optim import Optimization
     from ..common.participant import Shared
+    from ..common.subspace import stable_seed
 
     workdir.mkdir(parents=True, exist_ok=True)
     run_cfg = parse_config(round_yaml(cfg, Cell(spec, lr, seed, 1, "val"), data, workdir, num_labels))
@@ -71,13 +84,26 @@ def train(cfg: BenchConfig, spec: MethodSpec, lr: float, seed: int, data: Path, 
     own, dense = method.own(model, seeds), method.dense(model)
     opt = optim.adamw([(own.values(), method.cfg.lr), (dense.values(), method.cfg.dense_lr or method.cfg.lr)])
     model.train()
+    torch.manual_seed(stable_seed("ceiling-dropout", seed) % (2**63))  # dropout: the same run on every machine
     data_iter = batches(train_tokens, cfg.batch_size, seed=seed)
     key = f"eval_{metric}"
     better = (lambda a, b: a > b) if higher_is_better(metric) else (lambda a, b: a < b)
     curve: list[dict] = []
-    best, since_best, losses = None, 0, []
-    started = time.monotonic()
-    for step in range(max_steps):
+    best, since_best, losses, first, before = None, 0, [], 0, 0.0
+    point_file = workdir / "resume.pt"
+    if point_file.is_file():
+        saved = torch.load(point_file, weights_only=False)
+        if saved.get("settings") == settings:  # cut off mid-run with these settings: go on from there
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+            torch.set_rng_state(saved["rng"])
+            curve, best, since_best, first = saved["curve"], saved["best"], saved["since_best"], saved["step"]
+            before = curve[-1]["seconds"] if curve else 0.0
+            for _ in range(first):  # the batches already trained on
+                next(data_iter)
+            log(f"    resumed at step {first}")
+    started = time.monotonic() - before
+    for step in range(first, max_steps):
         loss = forward_loss(model, next(data_iter))
         loss.backward()
         optim.step([opt], 0, step)
@@ -102,11 +128,16 @@ def train(cfg: BenchConfig, spec: MethodSpec, lr: float, seed: int, data: Path, 
             since_best += 1
             if since_best >= patience:
                 break
-    return {"method": METHOD, "lr": lr, "seed": seed, "metric": metric, "eval_every": eval_every,
+        _save_point(point_file, {"settings": settings, "step": step + 1, "model": model.state_dict(),
+                                 "opt": opt.state_dict(), "rng": torch.get_rng_state(), "curve": curve,
+                                 "best": best, "since_best": since_best})
+    result = {"method": METHOD, "lr": lr, "seed": seed, "metric": metric, "eval_every": eval_every,
             "patience": patience, "max_epochs": max_epochs, "steps_per_epoch": steps_per_epoch,
             "train_rows": len(train_tokens), "best": best, "last": curve[-1], "curve": curve,
             "stopped": "plateau" if since_best >= patience else "max_epochs",
             "seconds": time.monotonic() - started}
+    point_file.unlink(missing_ok=True)
+    return result
 
 
 def _cell(path: Path, wanted: dict, run) -> dict:
@@ -147,7 +178,8 @@ def ceiling(cfg: BenchConfig, out: Path, lrs: list[float] | None, eval_every: in
         log(f"  ceiling {tag}")
         result = _cell(cells / f"{tag}.json", settings | {"lr": lr, "seed": seed},
                        lambda: train(cfg, spec, lr, seed, data[seed], out / "ceiling" / "work" / tag, num_labels,
-                                     metric, eval_every, patience, max_epochs, log))
+                                     metric, eval_every, patience, max_epochs, log,
+                                     settings | {"lr": lr, "seed": seed}))
         log(f"  ceiling {tag}: best val {metric} {result['best']['val']:.4f} at step {result['best']['step']} "
             f"(eval {result['best']['eval']:.4f}), stopped by {result['stopped']}")
         return result

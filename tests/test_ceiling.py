@@ -52,3 +52,61 @@ def test_the_ceiling_trains_the_union_stops_on_validation_and_resumes(tmp_path, 
     assert {c: c.stat().st_mtime_ns for c in cells} == mtimes
     main([*args[:-2], "--max-epochs", "1"])
     assert all(c.stat().st_mtime_ns != mtimes[c] for c in cells if c.name.endswith(f"lr{s['lr']:g}-s0.json"))
+
+
+def test_a_ceiling_run_cut_off_mid_way_resumes_from_its_last_evaluation(tmp_path, tiny_bert):
+    """SIGKILLed after two evaluations, the run goes on from its saved point: the curve of an
+    uninterrupted run, figure for figure."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import wait_until
+    from fedkrso.bench.launch import child_env
+
+    base = bench_config(tmp_path, tiny_bert, seeds=[0], clients=2, methods=[{"name": "fedavg", "steps": 2,
+                                                                             "lrs": [1e-3]}])
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "base": base, "blocks": [{"name": "iid"}]}))
+
+    def args(out):
+        return ["--protocol", str(path), "--out", str(out), "--eval-every", "2", "--patience", "100",
+                "--max-epochs", "8"]
+
+    # both in child processes (the same torch threads): AdamW's first steps turn float noise
+    # in near-zero gradients into whole steps, so a run in this process is not the reference
+    done = subprocess.run([sys.executable, "-m", "fedkrso.bench.ceiling", *args(tmp_path / "whole")], env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    whole = json.loads((tmp_path / "whole" / "iid" / "ceiling" / "cells" / "fedavg-lr0.001-s0.json").read_text())
+    assert len(whole["curve"]) >= 4
+
+    out = tmp_path / "cut"
+    point = out / "iid" / "ceiling" / "work" / "fedavg-lr0.001-s0" / "resume.pt"
+    child = subprocess.Popen([sys.executable, "-m", "fedkrso.bench.ceiling", *args(out)], env=child_env(),
+                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: child.poll() is not None or (point.is_file() and _steps(point) >= 4), 300,
+                   "two evaluations")
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    cell = out / "iid" / "ceiling" / "cells" / "fedavg-lr0.001-s0.json"
+    assert point.is_file() and not cell.exists(), "the run ended before it was cut off"
+    again = subprocess.run([sys.executable, "-m", "fedkrso.bench.ceiling", *args(out)], env=child_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "resumed at step" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    resumed = json.loads(cell.read_text())
+    figures = ("step", "epoch", "train_loss", "val", "eval")
+    assert [[p[k] for k in figures] for p in resumed["curve"]] == [[p[k] for k in figures] for p in whole["curve"]]
+    assert resumed["best"]["step"] == whole["best"]["step"] and not point.exists()
+
+
+def _steps(point) -> int:
+    import torch
+
+    try:
+        return torch.load(point, weights_only=False)["step"]
+    except Exception:  # being written
+        return 0
