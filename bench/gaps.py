@@ -1,0 +1,86 @@
+"""Each method's gap to the centralized ceiling (``ceiling.py``) in a protocol's blocks.
+
+A block's federated runs and its ceiling's runs share their partitions seed by seed (the same
+shards, validation and eval splits), so the gap is paired: per seed, the method's final-round
+metric on the eval split minus the ceiling's eval metric at its best validation step, then the
+mean and 95% t-interval over the seeds both have (negative: below the ceiling). A block whose
+ceiling is another block's (SST-2 Dirichlet reads the SST-2 ceiling: the same rows in one
+place) names it after a colon. Writes ``<out>/gaps.json`` and prints the tables.
+
+    python -m fedkrso.bench.gaps --out results/converged --blocks sst2-iid:sizing sst2-dirichlet:sizing stsb-iid cola-iid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..common import cli
+from .stats import mean_std, paired_interval
+
+
+def gaps(results: dict, ceiling: dict) -> list[dict]:
+    """Per method of a bench's ``results.json``: its final metric, the ceiling's, and the paired gap."""
+    ceil = {int(s): r["best"]["eval"] for s, r in ceiling["seeds"].items()}
+    rows = []
+    for tag, entry in results["results"].items():
+        final = {int(s): c["final"] for s, c in entry["seeds"].items()}
+        rows.append({"method": tag, "lr": entry["lr"], "final": mean_std(list(final.values())),
+                     "ceiling": mean_std([ceil[s] for s in final if s in ceil]),
+                     "gap": paired_interval(final, ceil)})
+    return rows
+
+
+def _pm(stats: dict) -> str:
+    if stats.get("mean") is None:
+        return "n/a"
+    return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}" if stats.get("n", 0) > 1 else f"{100 * stats['mean']:.2f}"
+
+
+def _gap(g: dict) -> str:
+    if g["mean"] is None:
+        return "n/a"
+    if g["low"] is None:
+        return f"{100 * g['mean']:+.2f} (1 seed)"
+    return f"{100 * g['mean']:+.2f} [{100 * g['low']:+.2f}, {100 * g['high']:+.2f}]"
+
+
+def render(block: str, metric: str, rows: list[dict]) -> str:
+    """A block's gaps as a markdown table (metric x 100)."""
+    lines = [f"### {block}: gap to the centralized ceiling ({metric})", "",
+             "| method | lr | final | ceiling (same seeds) | gap [95% CI] | seeds |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['lr']:g} | {_pm(r['final'])} | {_pm(r['ceiling'])} | {_gap(r['gap'])} "
+                     f"| {r['gap']['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (module docstring)."""
+    p = cli.parser("python -m fedkrso.bench.gaps", __doc__, {0: "every block named has its gaps", 2: "usage error"})
+    p.add_argument("--out", required=True, type=Path, help="the protocol's output folder")
+    p.add_argument("--blocks", nargs="+", required=True, help="BLOCK or BLOCK:CEILING_BLOCK (whose ceiling it reads)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print and write the gaps of every named block that has both its results and a ceiling."""
+    args = parse_args(argv)
+    answer = {}
+    for spec in args.blocks:
+        block, _, source = spec.partition(":")
+        results, ceiling = args.out / block / "results.json", args.out / (source or block) / "ceiling" / "ceiling.json"
+        missing = [str(p) for p in (results, ceiling) if not p.is_file()]
+        if missing:
+            print(f"{block}: not yet ({', '.join(missing)} missing)")
+            continue
+        r = json.loads(results.read_text())
+        rows = gaps(r, json.loads(ceiling.read_text()))
+        answer[block] = {"metric": r["metric"], "ceiling_block": source or block, "methods": rows}
+        print(render(block, r["metric"], rows))
+    (args.out / "gaps.json").write_text(json.dumps(answer, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

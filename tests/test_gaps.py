@@ -1,0 +1,30 @@
+"""Each method's gap to the centralized ceiling (bench/gaps.py): paired per seed, read from a
+bench's results.json and a ceiling.json as the protocol writes them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedkrso.bench.gaps import main
+
+
+def test_gaps_are_paired_per_seed_against_the_named_ceiling(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "sst2-dirichlet").mkdir(parents=True)
+    (out / "sizing" / "ceiling").mkdir(parents=True)
+    seeds = {s: {"final": f} for s, f in (("0", 0.80), ("1", 0.82), ("2", 0.84))}
+    (out / "sst2-dirichlet" / "results.json").write_text(json.dumps(
+        {"metric": "accuracy", "results": {"fedkrso": {"lr": 2e-3, "seeds": seeds}}}))
+    ceiling = {s: {"best": {"eval": e}} for s, e in (("0", 0.86), ("1", 0.86), ("2", 0.88))}
+    (out / "sizing" / "ceiling" / "ceiling.json").write_text(json.dumps({"seeds": ceiling}))
+    main(["--out", str(out), "--blocks", "sst2-dirichlet:sizing", "cola-iid"])
+    printed = capsys.readouterr().out
+    assert "cola-iid: not yet" in printed
+    [row] = json.loads((out / "gaps.json").read_text())["sst2-dirichlet"]["methods"]
+    gap = row["gap"]
+    assert gap["diffs"] == pytest.approx([-0.06, -0.04, -0.04]) and gap["mean"] == pytest.approx(-0.14 / 3)
+    assert gap["low"] < gap["mean"] < gap["high"] < 0  # the three seeds all below: the interval too
+    assert row["ceiling"]["mean"] == pytest.approx(0.8666666, abs=1e-6)
+    assert "| fedkrso | 0.002 | 82.00 ± 2.00 | 86.67 ± 1.15 | -4.67 [" in printed
