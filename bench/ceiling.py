@@ -11,8 +11,8 @@ The lr is chosen on the validation split (the block's FedAvg lrs, or ``--lrs``, 
 seed); each seed's figure is then its eval-split metric at the step of its best validation
 metric (and, beside it, the last one). Every run is a cell under
 ``<out>/<block>/ceiling/cells/``, so running the command again resumes; a run cut off mid-way
-resumes from its last evaluation (``resume.pt`` in its work folder: the model, AdamW's state,
-the RNG and the curve so far; the same curve as an uninterrupted run, tests/test_ceiling.py).
+resumes from its last evaluation (``resume.safetensors`` in its work folder: the model,
+AdamW's state, the RNG and the curve so far, no pickle; the same curve as an uninterrupted run, tests/test_ceiling.py).
 
     python -m fedkrso.bench.ceiling --protocol bench/converged.yaml --out results/converged
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -43,19 +42,65 @@ def _tokens(split, tokenizer, fmt):
     return tokenize(split, tokenizer, fmt)
 
 
-def _save_point(path: Path, state: dict) -> None:
+def _save_point(path: Path, model, opt, step: int, progress: dict) -> None:
+    """The run's point after ``step``, atomically, in one safetensors file (no pickle): the
+    model's and AdamW's tensors and the RNG state, with everything else (the step, AdamW's
+    groups and scalars, ``progress``: settings and curve) as JSON in the file's metadata."""
     import torch
+    from safetensors.torch import save_file
 
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    from ..server.state import atomic_write
+
+    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    tensors["rng"] = torch.get_rng_state()
+    opt_state = opt.state_dict()
+    scalars: dict[str, dict] = {}
+    for idx, entry in opt_state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{idx}.{key}"] = value.detach().clone().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    meta = {"step": step, "groups": opt_state["param_groups"], "scalars": scalars, **progress}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"point": json.dumps(meta)}))
+
+
+def _point_settings(path: Path) -> dict | None:
+    """The settings a saved point was trained with (None: unreadable, e.g. an older format)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads((f.metadata() or {}).get("point", "null") or "null").get("settings")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _load_point(path: Path, model, opt) -> dict:
+    """Restore what ``_save_point`` wrote into ``model``, ``opt`` and the RNG; returns its JSON part."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["point"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {int(i): dict(v) for i, v in meta["scalars"].items()}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    groups = [g | {"betas": tuple(g["betas"])} if "betas" in g else g for g in meta["groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    torch.set_rng_state(tensors["rng"])
+    return meta
 
 
 def train(cfg: BenchConfig, spec: MethodSpec, lr: float, seed: int, data: Path, workdir: Path, num_labels: int,
           metric: str, eval_every: int, patience: int, max_epochs: float, log=print,
           settings: dict | None = None) -> dict:
     """One centralized run (module docstring): the curve of (step, validation, eval) figures;
-    it resumes from ``workdir/resume.pt`` when that was saved with the same ``settings``."""
+    it resumes from ``workdir/resume.safetensors`` when that was saved with the same ``settings``."""
     import torch
     from datasets import concatenate_datasets
 
@@ -90,18 +135,14 @@ def train(cfg: BenchConfig, spec: MethodSpec, lr: float, seed: int, data: Path, 
     better = (lambda a, b: a > b) if higher_is_better(metric) else (lambda a, b: a < b)
     curve: list[dict] = []
     best, since_best, losses, first, before = None, 0, [], 0, 0.0
-    point_file = workdir / "resume.pt"
-    if point_file.is_file():
-        saved = torch.load(point_file, weights_only=False)
-        if saved.get("settings") == settings:  # cut off mid-run with these settings: go on from there
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["opt"])
-            torch.set_rng_state(saved["rng"])
-            curve, best, since_best, first = saved["curve"], saved["best"], saved["since_best"], saved["step"]
-            before = curve[-1]["seconds"] if curve else 0.0
-            for _ in range(first):  # the batches already trained on
-                next(data_iter)
-            log(f"    resumed at step {first}")
+    point_file = workdir / "resume.safetensors"
+    if point_file.is_file() and _point_settings(point_file) == json.loads(json.dumps(settings)):
+        saved = _load_point(point_file, model, opt)  # cut off mid-run with these settings: go on from there
+        curve, best, since_best, first = saved["curve"], saved["best"], saved["since_best"], saved["step"]
+        before = curve[-1]["seconds"] if curve else 0.0
+        for _ in range(first):  # the batches already trained on
+            next(data_iter)
+        log(f"    resumed at step {first}")
     started = time.monotonic() - before
     for step in range(first, max_steps):
         loss = forward_loss(model, next(data_iter))
@@ -128,9 +169,8 @@ def train(cfg: BenchConfig, spec: MethodSpec, lr: float, seed: int, data: Path, 
             since_best += 1
             if since_best >= patience:
                 break
-        _save_point(point_file, {"settings": settings, "step": step + 1, "model": model.state_dict(),
-                                 "opt": opt.state_dict(), "rng": torch.get_rng_state(), "curve": curve,
-                                 "best": best, "since_best": since_best})
+        _save_point(point_file, model, opt, step + 1,
+                    {"settings": settings, "curve": curve, "best": best, "since_best": since_best})
     result = {"method": METHOD, "lr": lr, "seed": seed, "metric": metric, "eval_every": eval_every,
             "patience": patience, "max_epochs": max_epochs, "steps_per_epoch": steps_per_epoch,
             "train_rows": len(train_tokens), "best": best, "last": curve[-1], "curve": curve,
@@ -146,11 +186,11 @@ def _cell(path: Path, wanted: dict, run) -> dict:
         done = json.loads(path.read_text())
         if done.get("settings") == wanted:
             return done
+    from ..server.state import write_json
+
     result = run() | {"settings": wanted}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result) + "\n")
-    os.replace(tmp, path)
+    write_json(path, result)
     return result
 
 

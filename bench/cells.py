@@ -22,7 +22,6 @@ and one client process per shard (``runner: processes``, socket bytes measured).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -164,9 +163,9 @@ def release_state(out: Path, cell: Cell) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj) + "\n")
-    os.replace(tmp, path)
+    from ..server.state import write_json  # atomic; imported here: this module stays light
+
+    write_json(path, obj)
 
 
 def _resumable(cfg: BenchConfig, workdir: Path, wanted: dict) -> list[dict] | None:

@@ -83,7 +83,7 @@ def test_a_ceiling_run_cut_off_mid_way_resumes_from_its_last_evaluation(tmp_path
     assert len(whole["curve"]) >= 4
 
     out = tmp_path / "cut"
-    point = out / "iid" / "ceiling" / "work" / "fedavg-lr0.001-s0" / "resume.pt"
+    point = out / "iid" / "ceiling" / "work" / "fedavg-lr0.001-s0" / "resume.safetensors"
     child = subprocess.Popen([sys.executable, "-m", "fedkrso.bench.ceiling", *args(out)], env=child_env(),
                              start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -104,9 +104,10 @@ def test_a_ceiling_run_cut_off_mid_way_resumes_from_its_last_evaluation(tmp_path
 
 
 def _steps(point) -> int:
-    import torch
+    from safetensors import safe_open
 
     try:
-        return torch.load(point, weights_only=False)["step"]
-    except Exception:  # being written
+        with safe_open(str(point), "pt") as f:
+            return json.loads(f.metadata()["point"])["step"]
+    except Exception:  # not there yet
         return 0
