@@ -339,15 +339,25 @@ class FedClient:
         self.report.rounds_trained.append(int(header.round))
 
     def _submit(self, update: PreparedUpdate) -> None:
-        def send(metadata):  # a fresh stream per attempt
+        """Send the update, a fresh stream per attempt. DEADLINE_EXCEEDED (the server's upload
+        clocks, ``server.upload_idle_s`` / ``upload_total_s``, ran out on this stream: a stall
+        here, a busy server, a slow link) is retried like a busy server, and an update still
+        not delivered when the retries give up is left: the round goes on without it and this
+        client polls for the next one. A resubmission the server already folded is answered as
+        a duplicate, so a retry never counts twice."""
+        def send(metadata):
             stream = update.requests(self.run_id, peak_rss_bytes(), self.chunk)
             return self.stub.SubmitUpdate(stream, metadata=metadata, timeout=600)
 
         try:
-            resp = self._call(send)
+            resp = self._call(send, retry=RETRY | {grpc.StatusCode.DEADLINE_EXCEEDED})
         except grpc.RpcError as err:
             if err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED):
                 log.warning("update_refused", round=update.round, code=err.code().name, reason=bounded(err.details()))
+                return
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                log.warning("update_not_delivered", round=update.round, code=err.code().name,
+                            reason=bounded(err.details()))
                 return
             raise
         log.info("update_submitted", round=update.round, loss=round(update.loss, 4), payload_bytes=resp.payload_bytes,

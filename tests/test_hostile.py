@@ -251,12 +251,30 @@ def stalled_uploads(w: World) -> set[str]:
     w.notes["stall_saturated"] = time.time()
     for p in w.honest:
         p.popen.send_signal(signal.SIGCONT)
-    wait_until(lambda: {e["client"] for e in accepted(w.cluster, 0)} >= set(HONEST), 120,
-               "both honest updates of round 0, while mallory stalls")
+    try:
+        wait_until(lambda: honest_accepted(w), 120, "both honest updates of round 0, while mallory stalls")
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{honest_story(w)}") from None
     w.notes["stall_ended"] = time.time()
     stop.set()
     thread.join(60)
     return codes
+
+
+def honest_accepted(w: World) -> bool:
+    """Both honest updates of round 0 accepted; an honest client that exited fails at once
+    (not after the wait's whole timeout)."""
+    if any(p.popen.poll() is not None for p in w.honest):
+        raise AssertionError("an honest client exited during mallory's stall")
+    return {e["client"] for e in accepted(w.cluster, 0)} >= set(HONEST)
+
+
+def honest_story(w: World) -> str:
+    """What the honest clients and the server logged about them: a failed wait says why."""
+    about = [line for line in w.cluster.server.text().splitlines()
+             if any(f'"client": "{name}"' in line for name in HONEST)]
+    return "\n".join([*(f"== {p.name} (status {p.popen.poll()}):\n{p.text()[-2000:]}" for p in w.honest),
+                      "== the server about them:", *about[-15:]])
 
 
 def silent_stream(w: World) -> str:

@@ -692,6 +692,39 @@ def test_client_killed_mid_round_quorum_closes(tmp_path, tiny_bert, shards):
 
 
 @pytest.mark.slow
+def test_an_update_the_server_refuses_for_time_is_retried_and_never_ends_the_client(tmp_path, tiny_bert, shards):
+    """The server's upload clocks (``server.upload_total_s``) refuse an honest client's update
+    stream with DEADLINE_EXCEEDED (here: a full-model update cannot arrive within 1 ms). The
+    client sends it again like to a busy server, and when its retries give up it leaves that
+    update and polls for the next round: it does not exit (it used to, with status 4)."""
+    out = tmp_path / "out"
+    cfg = round_config(tiny_bert, out, method={"name": "fedavg", "steps": 2, "lr": 1e-4},
+                       rounds={"total": 2, "clients_per_round": 2, "min_clients": 2, "deadline_s": 8,
+                               "start_timeout_s": 120},
+                       server={"upload_total_s": 0.001})
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_server(write_round_yaml(tmp_path / "round.yaml", cfg))
+        procs = [cluster.start_client(shards / f"shard{i}", f"shard{i}", ["--reconnect-seconds", "2"])
+                 for i in range(2)]
+        wait_until(lambda: all(log_events(p.text(), "update_not_delivered") for p in procs)
+                   or any(p.popen.poll() is not None for p in procs), 120, "both updates given up")
+        assert [p.popen.poll() for p in procs] == [None, None], [p.text()[-2000:] for p in procs]
+        for p in procs:
+            busy = log_events(p.text(), "server_busy")
+            assert busy and {e["code"] for e in busy} == {"DEADLINE_EXCEEDED"}, busy
+        # the round went on without them: past its deadline it opens again, and they train it again
+        wait_until(lambda: all(len(log_events(p.text(), "training")) >= 2 for p in procs), 120,
+                   "a second training round of both clients")
+        assert [p.popen.poll() for p in procs] == [None, None]
+    finally:
+        cluster.stop()
+    refused = [e for e in log_events(cluster.server.text(), "request_refused") if e["method"] == "SubmitUpdate"]
+    assert refused and {e["code"] for e in refused} == {"DEADLINE_EXCEEDED"}
+    assert all("server.upload_total_s=0.001 s" in e["reason"] for e in refused), refused
+
+
+@pytest.mark.slow
 def test_late_joiner_catches_up_to_final_state(tmp_path, tiny_bert, shards):
     out = tmp_path / "out"
     cfg = round_config(tiny_bert, out, rounds={"total": 8, "start_timeout_s": 120},
