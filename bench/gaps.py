@@ -5,9 +5,14 @@ shards, validation and eval splits), so the gap is paired: per seed, the method'
 metric on the eval split minus the ceiling's eval metric at its best validation step, then the
 mean and 95% t-interval over the seeds both have (negative: below the ceiling). A block whose
 ceiling is another block's (SST-2 Dirichlet reads the SST-2 ceiling: the same rows in one
-place) names it after a colon. Writes ``<out>/gaps.json`` and prints the tables.
+place) names it after a colon. Writes ``<out>/gaps.json`` and prints the tables. With
+``--raw FILE`` it also gathers every finished result under ``--out`` into one JSON file (the
+raw figures a page cites: docs/quality-converged.json): per block, its ceiling's summary and
+every ceiling run's curve, its sizing curves, its bench ``results.json``, its gaps; and the
+budget (``budget.json``).
 
-    python -m fedkrso.bench.gaps --out results/converged --blocks sst2-iid:sizing sst2-dirichlet:sizing stsb-iid cola-iid
+    python -m fedkrso.bench.gaps --out results/converged --blocks sst2-iid:sizing sst2-dirichlet:sizing stsb-iid cola-iid \
+        --raw docs/quality-converged.json
 """
 
 from __future__ import annotations
@@ -61,7 +66,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.parser("python -m fedkrso.bench.gaps", __doc__, {0: "every block named has its gaps", 2: "usage error"})
     p.add_argument("--out", required=True, type=Path, help="the protocol's output folder")
     p.add_argument("--blocks", nargs="+", required=True, help="BLOCK or BLOCK:CEILING_BLOCK (whose ceiling it reads)")
+    p.add_argument("--raw", type=Path, help="also gather every finished result under --out into this JSON file")
     return p.parse_args(argv)
+
+
+def _load(path: Path):
+    return json.loads(path.read_text())
+
+
+def raw(out: Path, gaps_by_block: dict) -> dict:
+    """Every finished result of a protocol's output folder (module docstring), block by block."""
+    doc = {"what": "a quality protocol's finished results, per block: the centralized ceiling (bench/ceiling.py: "
+                   "its summary and every run's curve), the sizing (bench/sizing.py: every variant's validation "
+                   "curve), the federated bench's results.json and the gaps to the ceiling (bench/gaps.py)",
+           "blocks": {}}
+    for block in sorted(p for p in out.iterdir() if p.is_dir()):
+        c = block / "ceiling"
+        entry = {
+            "ceiling": _load(c / "ceiling.json") if (c / "ceiling.json").is_file() else None,
+            "ceiling_cells": {p.stem: _load(p) for p in sorted((c / "cells").glob("*.json"))} or None,
+            "sizing": _load(block / "sizing.json") if (block / "sizing.json").is_file() else None,
+            "results": _load(block / "results.json") if (block / "results.json").is_file() else None,
+            "gaps": gaps_by_block.get(block.name)}
+        entry = {k: v for k, v in entry.items() if v is not None}
+        if entry:
+            doc["blocks"][block.name] = entry
+    if (out / "budget.json").is_file():
+        doc["budget"] = _load(out / "budget.json")
+    return doc
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
         answer[block] = {"metric": r["metric"], "ceiling_block": source or block, "methods": rows}
         print(render(block, r["metric"], rows))
     (args.out / "gaps.json").write_text(json.dumps(answer, indent=2) + "\n")
+    if args.raw:
+        args.raw.write_text(json.dumps(raw(args.out, answer), indent=1) + "\n")
+        print(f"raw results: {args.raw}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,11 @@ def test_gaps_are_paired_per_seed_against_the_named_ceiling(tmp_path, capsys):
         {"metric": "accuracy", "results": {"fedkrso": {"lr": 2e-3, "seeds": seeds}}}))
     ceiling = {s: {"best": {"eval": e}} for s, e in (("0", 0.86), ("1", 0.86), ("2", 0.88))}
     (out / "sizing" / "ceiling" / "ceiling.json").write_text(json.dumps({"seeds": ceiling}))
-    main(["--out", str(out), "--blocks", "sst2-dirichlet:sizing", "cola-iid"])
+    (out / "sizing" / "ceiling" / "cells").mkdir()
+    (out / "sizing" / "ceiling" / "cells" / "fedavg-lr0.0001-s0.json").write_text(json.dumps({"curve": [1]}))
+    (out / "sizing" / "sizing.json").write_text(json.dumps({"budget": None}))
+    (out / "budget.json").write_text(json.dumps({"budget": {"rounds": 24}}))
+    main(["--out", str(out), "--blocks", "sst2-dirichlet:sizing", "cola-iid", "--raw", str(tmp_path / "raw.json")])
     printed = capsys.readouterr().out
     assert "cola-iid: not yet" in printed
     [row] = json.loads((out / "gaps.json").read_text())["sst2-dirichlet"]["methods"]
@@ -28,3 +32,10 @@ def test_gaps_are_paired_per_seed_against_the_named_ceiling(tmp_path, capsys):
     assert gap["low"] < gap["mean"] < gap["high"] < 0  # the three seeds all below: the interval too
     assert row["ceiling"]["mean"] == pytest.approx(0.8666666, abs=1e-6)
     assert "| fedkrso | 0.002 | 82.00 ± 2.00 | 86.67 ± 1.15 | -4.67 [" in printed
+    # --raw: every finished figure under --out in one file, with the gaps beside their block
+    doc = json.loads((tmp_path / "raw.json").read_text())
+    assert doc["budget"] == {"budget": {"rounds": 24}}
+    assert set(doc["blocks"]) == {"sizing", "sst2-dirichlet"}
+    assert doc["blocks"]["sizing"]["ceiling_cells"] == {"fedavg-lr0.0001-s0": {"curve": [1]}}
+    assert doc["blocks"]["sizing"]["sizing"] == {"budget": None} and "results" not in doc["blocks"]["sizing"]
+    assert doc["blocks"]["sst2-dirichlet"]["gaps"]["methods"][0]["gap"] == gap
