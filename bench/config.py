@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..common.precision import DEVICE_PATTERN
+from ..common.cli import DEVICE_PATTERN
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

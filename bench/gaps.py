@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _load(path: Path):
-    return json.loads(path.read_text())
+    """The JSON document at ``path``; None where there is no such file (not yet written)."""
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def raw(out: Path, gaps_by_block: dict) -> dict:
@@ -83,16 +84,16 @@ def raw(out: Path, gaps_by_block: dict) -> dict:
     for block in sorted(p for p in out.iterdir() if p.is_dir()):
         c = block / "ceiling"
         entry = {
-            "ceiling": _load(c / "ceiling.json") if (c / "ceiling.json").is_file() else None,
+            "ceiling": _load(c / "ceiling.json"),
             "ceiling_cells": {p.stem: _load(p) for p in sorted((c / "cells").glob("*.json"))} or None,
-            "sizing": _load(block / "sizing.json") if (block / "sizing.json").is_file() else None,
-            "results": _load(block / "results.json") if (block / "results.json").is_file() else None,
+            "sizing": _load(block / "sizing.json"),
+            "results": _load(block / "results.json"),
             "gaps": gaps_by_block.get(block.name)}
         entry = {k: v for k, v in entry.items() if v is not None}
         if entry:
             doc["blocks"][block.name] = entry
-    if (out / "budget.json").is_file():
-        doc["budget"] = _load(out / "budget.json")
+    if (budget := _load(out / "budget.json")) is not None:
+        doc["budget"] = budget
     return doc
 
 
@@ -103,12 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.blocks:
         block, _, source = spec.partition(":")
         results, ceiling = args.out / block / "results.json", args.out / (source or block) / "ceiling" / "ceiling.json"
-        missing = [str(p) for p in (results, ceiling) if not p.is_file()]
-        if missing:
-            print(f"{block}: not yet ({', '.join(missing)} missing)")
+        r, c = _load(results), _load(ceiling)
+        if r is None or c is None:
+            print(f"{block}: not yet ({', '.join(str(p) for p, d in ((results, r), (ceiling, c)) if d is None)} missing)")
             continue
-        r = json.loads(results.read_text())
-        rows = gaps(r, json.loads(ceiling.read_text()))
+        rows = gaps(r, c)
         answer[block] = {"metric": r["metric"], "ceiling_block": source or block, "methods": rows}
         print(render(block, r["metric"], rows))
     (args.out / "gaps.json").write_text(json.dumps(answer, indent=2) + "\n")

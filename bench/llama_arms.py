@@ -29,11 +29,11 @@ from collections.abc import Iterator
 import psutil
 import torch
 
+from ..common.cli import add_placement_args
 from ..common.methods import build_method
 from ..common.methods.base import forward_loss
 from ..common.models import load_model
-from ..common.precision import (add_placement_args, bytes_by_dtype, peak_bytes, place, reset_peak,
-                                resolve_placement)
+from ..common.precision import bytes_by_dtype, peak_bytes, place, reset_peak, resolve_placement
 from .memory_rss import _reset_peak_rss, _vm_hwm
 
 ARMS = ("fedkrso", "fedit", "fft")

@@ -32,8 +32,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..common.cli import fail, parser, require_file
-from ..common.precision import DTYPE_NAMES
+from ..common.cli import DTYPE_NAMES, fail, parser, require_file
 from .config import DEFAULT_CONFIG, BenchConfigError, ModelSpec, load_bench_config
 
 PROG = "fedkrso-bench"

@@ -42,7 +42,7 @@ import statistics
 
 import torch
 
-from ..common.precision import add_placement_args
+from ..common.cli import add_placement_args
 from .memory_arms import ARMS
 from .memory_rss import measure_memory, rss_child
 from .memory_steps import Tally, measure_side_by_side

@@ -17,8 +17,7 @@ from pathlib import Path
 import structlog
 
 from ..common import logs
-from ..common.cli import add_log_args, fail, parser, require_file
-from ..common.precision import PlacementError, add_placement_args, resolve_device
+from ..common.cli import add_log_args, add_placement_args, fail, parser, require_file
 
 log = structlog.get_logger("fedkrso.client")
 PROG = "fedkrso-client"
@@ -87,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from ..common.participant import ParticipantError
+    from ..common.precision import PlacementError, resolve_device
     from ..common.privacy.ledger import BudgetExceeded
     from .runner import ClientError, ClientOptions, CredentialRefused, FedClient
 

@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import NoReturn
 
 USAGE = 2  # a bad flag, a missing or invalid input file: the documented status of every command
+# the placement flags' names and their environment variables (what they mean: common/precision.py)
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+ENV_DEVICE = "FEDKRSO_DEVICE"
+ENV_DTYPE = "FEDKRSO_DTYPE"
 
 
 def version() -> str:
@@ -57,6 +62,15 @@ def add_log_args(p: argparse.ArgumentParser, level: str = "info") -> None:
     p.add_argument("--log-level", default=level, help="least severe events logged: debug, info, warning or error")
     p.add_argument("--log-json", action="store_true", default=None,
                    help="JSON log lines even on a terminal (they are JSON whenever stderr is not one)")
+
+
+def add_placement_args(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype`` for a command line (defaults: the environment, then
+    round.yaml; common/precision.py resolves them)."""
+    parser.add_argument("--device", help=f"cpu, cuda, cuda:N, mps or auto (overrides model.device; "
+                        f"default ${ENV_DEVICE})")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES,
+                        help=f"compute dtype (overrides model.dtype; default ${ENV_DTYPE})")
 
 
 def require_file(prog: str, path: str | Path, what: str) -> Path:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .methods import METHODS, Method, OptimizerConfig, build_method
 from .models import Task
-from .precision import DEVICE_PATTERN
+from .cli import DEVICE_PATTERN
 from .privacy.config import PrivacySection
 from .protocol import CLIENT_ID_PATTERN
 

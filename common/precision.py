@@ -56,10 +56,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
-ENV_DEVICE = "FEDKRSO_DEVICE"
-ENV_DTYPE = "FEDKRSO_DTYPE"
+from .cli import DEVICE_PATTERN, DTYPE_NAMES, ENV_DEVICE, ENV_DTYPE
+
 MASTER = "fedkrso_master"  # module attribute: the float32 host master of a low-precision weight
 PLACEMENT = "fedkrso_placement"  # model attribute: the Placement it was placed with
 
@@ -139,15 +137,6 @@ def resolve_placement(device: str, dtype: str, device_override: str | None = Non
     device = device_override or os.environ.get(ENV_DEVICE) or device
     dtype = dtype_override or os.environ.get(ENV_DTYPE) or dtype
     return Placement(resolve_device(device), dtype_of(dtype))
-
-
-def add_placement_args(parser) -> None:
-    """``--device`` and ``--dtype`` for a command line (defaults: the environment, then
-    round.yaml)."""
-    parser.add_argument("--device", help=f"cpu, cuda, cuda:N, mps or auto (overrides model.device; "
-                        f"default ${ENV_DEVICE})")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES,
-                        help=f"compute dtype (overrides model.dtype; default ${ENV_DTYPE})")
 
 
 def placement_of(model: nn.Module) -> Placement:

@@ -18,8 +18,7 @@ from pathlib import Path
 import structlog
 
 from ..common import logs
-from ..common.cli import add_log_args, fail, parser, require_file
-from ..common.precision import PlacementError, add_placement_args, resolve_placement
+from ..common.cli import add_log_args, add_placement_args, fail, parser, require_file
 
 log = structlog.get_logger("fedkrso.server")
 PROG = "fedkrso-server"
@@ -48,6 +47,7 @@ async def serve(args: argparse.Namespace, count_bytes: bool = True) -> int:
     byte-counting relay in front (the scale bench's ``--no-relay`` experiment only: no socket
     bytes, no per-address connection limits)."""
     from ..common.config import check_inputs, load_config
+    from ..common.precision import resolve_placement
     from .auth import check_security
     from .coordinator import Coordinator
     from .metrics import format_table
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None, count_bytes: bool = True) -> None:
     import torch
 
     from ..common.config import ConfigError
+    from ..common.precision import PlacementError
     from .state import StateError
 
     torch.set_num_threads(args.threads)

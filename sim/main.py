@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 
 from ..common import logs
-from ..common.cli import add_log_args, fail, parser, require_dir, require_file
-from ..common.precision import PlacementError, add_placement_args, resolve_placement
+from ..common.cli import add_log_args, add_placement_args, fail, parser, require_dir, require_file
 
 PROG = "fedkrso-sim"
 
@@ -72,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from ..common.config import ConfigError, check_inputs, load_config
+    from ..common.precision import PlacementError, resolve_placement
     from ..server.port import StateError, format_table
     from .ray_connect import RayUnavailable
     from .runner import Simulation, SimulationError

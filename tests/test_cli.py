@@ -108,3 +108,30 @@ def test_the_demo_prints_each_row_as_it_is_written(tmp_path):
     assert len(printed) == len(table) == 5
     cells = [line.split() for i, line in enumerate(printed) if i != 1]  # line 1: the rule under the header
     assert cells == [line.split() for i, line in enumerate(table) if i != 1]  # same cells, same order
+
+
+# fedkrso-partition's module sits in the data package, whose __init__ loads datasets and torch
+LIGHT = sorted(set(COMMANDS) - {"fedkrso-partition"})
+PROBE = """
+import importlib, sys
+from importlib.metadata import entry_points
+target = {e.name: e.value for e in entry_points(group="console_scripts")}.get(sys.argv[1], "fedkrso.bench.demo:main")
+module, _, func = target.partition(":")
+for flags in (["--help"], ["--version"], ["--no-such-flag"]):
+    sys.argv[1:] = flags
+    try:
+        getattr(importlib.import_module(module), func)()
+    except SystemExit:
+        pass
+print("HEAVY", sorted(m for m in ("torch", "transformers", "datasets", "grpc", "ray") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("command", LIGHT)
+def test_help_version_and_a_bad_flag_load_no_heavy_library(command, tmp_path):
+    """--help, --version and a bad flag answer before torch, transformers, datasets, gRPC or Ray
+    load (common/cli.py's promise: they answer at once, not after seconds of imports)."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, command], capture_output=True, text=True, timeout=120,
+                          env=child_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "HEAVY []", proc.stdout[-500:]
