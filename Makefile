@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/fedkrso/v1/*.proto)
 DEMO_DIR ?= runs/demo
 
-.PHONY: install proto demo test docs bench bench-quick quality clean
+.PHONY: install proto bytecode demo test docs bench bench-quick quality clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,15 +22,21 @@ proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \
 		--grpc_python_out=proto $(PROTOS)
 
-demo: $(STAMP)
+demo: $(STAMP) bytecode
 	$(BIN)/python -m fedkrso.bench.demo --out $(DEMO_DIR)
 
 # The tests include the layering check (import-linter contracts in pyproject.toml); one
 # pytest-xdist worker per CPU this process may run on (WORKERS=N to choose), each computing
 # with one torch thread (tests/conftest.py).
 WORKERS ?= $(shell $(PY) -c 'import os; print(len(os.sched_getaffinity(0)))' 2>/dev/null || echo 2)
-test: $(STAMP)
+test: $(STAMP) bytecode
 	$(BIN)/python -m pytest -q -ra -n $(WORKERS) --dist worksteal --durations=15
+
+# Compile the source tree's modules up front (pip does so for installed packages, not for this
+# editable checkout): where PYTHONDONTWRITEBYTECODE is set, every server, client and simulator
+# process the tests and the demo start would otherwise compile each fedkrso module again.
+bytecode: $(STAMP)
+	$(BIN)/python -m compileall -q -j 0 bench client common proto server sim > /dev/null
 
 # The documentation site (mkdocs.yml) into site/, strictly: a broken link or reference fails.
 # `make test` builds it too (tests/test_docs.py); `$(BIN)/mkdocs serve` previews it.
