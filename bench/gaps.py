@@ -8,8 +8,9 @@ ceiling is another block's (SST-2 Dirichlet reads the SST-2 ceiling: the same ro
 place) names it after a colon. Writes ``<out>/gaps.json`` and prints the tables. With
 ``--raw FILE`` it also gathers every finished result under ``--out`` into one JSON file (the
 raw figures a page cites: docs/quality-converged.json): per block, its ceiling's summary and
-every ceiling run's curve, its sizing curves, its bench ``results.json``, its gaps; and the
-budget (``budget.json``).
+every ceiling run's curve, its sizing curves, each finished federated run's per-round figures
+(``runs``: a block's finished cells, so a sweep's runs are there before its block reports), its
+bench ``results.json``, its gaps; and the budget (``budget.json``).
 
     python -m fedkrso.bench.gaps --out results/converged --blocks sst2-iid:sizing sst2-dirichlet:sizing stsb-iid cola-iid \
         --raw docs/quality-converged.json
@@ -75,11 +76,22 @@ def _load(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def run_curves(cell: dict) -> dict:
+    """A finished federated run's figures (``cells.py``'s cell.json) without its per-client detail:
+    what it was, how long it took, and each round's evaluation metrics, train loss and uplink."""
+    rows = cell["rows"]
+    keys = sorted({k for r in rows for k, v in r.items() if k.startswith("eval_") and isinstance(v, (int, float))})
+    return {**{k: cell.get(k) for k in ("method", "lr", "seed", "split", "rounds", "seconds", "sittings")},
+            "per_round": {k: [r.get(k) for r in rows] for k in
+                          (*keys, "train_loss", "uplink_payload_bytes_per_client", "round_seconds")}}
+
+
 def raw(out: Path, gaps_by_block: dict) -> dict:
     """Every finished result of a protocol's output folder (module docstring), block by block."""
     doc = {"what": "a quality protocol's finished results, per block: the centralized ceiling (bench/ceiling.py: "
                    "its summary and every run's curve), the sizing (bench/sizing.py: every variant's validation "
-                   "curve), the federated bench's results.json and the gaps to the ceiling (bench/gaps.py)",
+                   "curve), every finished federated run's per-round figures (runs), the federated bench's "
+                   "results.json and the gaps to the ceiling (bench/gaps.py)",
            "blocks": {}}
     for block in sorted(p for p in out.iterdir() if p.is_dir()):
         c = block / "ceiling"
@@ -87,6 +99,7 @@ def raw(out: Path, gaps_by_block: dict) -> dict:
             "ceiling": _load(c / "ceiling.json"),
             "ceiling_cells": {p.stem: _load(p) for p in sorted((c / "cells").glob("*.json"))} or None,
             "sizing": _load(block / "sizing.json"),
+            "runs": {p.parent.name: run_curves(_load(p)) for p in sorted((block / "cells").glob("*/cell.json"))} or None,
             "results": _load(block / "results.json"),
             "gaps": gaps_by_block.get(block.name)}
         entry = {k: v for k, v in entry.items() if v is not None}

@@ -23,6 +23,14 @@ def test_gaps_are_paired_per_seed_against_the_named_ceiling(tmp_path, capsys):
     (out / "sizing" / "ceiling" / "cells" / "fedavg-lr0.0001-s0.json").write_text(json.dumps({"curve": [1]}))
     (out / "sizing" / "sizing.json").write_text(json.dumps({"budget": None}))
     (out / "budget.json").write_text(json.dumps({"budget": {"rounds": 24}}))
+    cell = out / "sst2-dirichlet" / "cells" / "fedkrso-lr0.002-s0-val-r24"
+    cell.mkdir(parents=True)
+    rows = [{"round": r, "eval_accuracy": (0.7, 0.8)[r], "eval_loss": 0.5, "train_loss": 0.6, "round_seconds": 9.0,
+             "uplink_payload_bytes_per_client": 1000, "per_client": {"shard0": {}}, "clients": ["shard0"]}
+            for r in range(2)]
+    cell.joinpath("cell.json").write_text(json.dumps({"method": "fedkrso", "lr": 2e-3, "seed": 0, "split": "val",
+                                                      "rounds": 2, "seconds": 20.0, "sittings": 1, "rows": rows}))
+    (out / "sst2-dirichlet" / "cells" / "fedavg-unfinished").mkdir()  # no cell.json: still running
     main(["--out", str(out), "--blocks", "sst2-dirichlet:sizing", "cola-iid", "--raw", str(tmp_path / "raw.json")])
     printed = capsys.readouterr().out
     assert "cola-iid: not yet" in printed
@@ -39,3 +47,8 @@ def test_gaps_are_paired_per_seed_against_the_named_ceiling(tmp_path, capsys):
     assert doc["blocks"]["sizing"]["ceiling_cells"] == {"fedavg-lr0.0001-s0": {"curve": [1]}}
     assert doc["blocks"]["sizing"]["sizing"] == {"budget": None} and "results" not in doc["blocks"]["sizing"]
     assert doc["blocks"]["sst2-dirichlet"]["gaps"]["methods"][0]["gap"] == gap
+    assert doc["blocks"]["sst2-dirichlet"]["runs"] == {"fedkrso-lr0.002-s0-val-r24": {
+        "method": "fedkrso", "lr": 2e-3, "seed": 0, "split": "val", "rounds": 2, "seconds": 20.0, "sittings": 1,
+        "per_round": {"eval_accuracy": [0.7, 0.8], "eval_loss": [0.5, 0.5], "train_loss": [0.6, 0.6],
+                      "uplink_payload_bytes_per_client": [1000, 1000], "round_seconds": [9.0, 9.0]}}}
+    assert "runs" not in doc["blocks"]["sizing"]
