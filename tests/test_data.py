@@ -15,7 +15,6 @@ from fedkrso.common.data import (
     DataSourceError,
     SourceData,
     TokenFormat,
-    batches,
     load_source,
     load_split,
     make_partition,
@@ -26,6 +25,7 @@ from fedkrso.common.data import (
     to_dataset,
     tokenize,
 )
+from fedkrso.common.data.batches import batches
 from fedkrso.common.data.cli import main
 from fedkrso.common.evaluate import evaluate
 from fedkrso.common.models import build_tiny, load_model, load_tokenizer
