@@ -105,8 +105,7 @@ def train(cfg: BenchConfig, spec: MethodSpec, lr: float, seed: int, data: Path, 
     from datasets import concatenate_datasets
 
     from ..common.config import parse_config
-    from ..common.data import load_split
-    from ..common.data.batches import batches
+    from ..common.data import batches, load_split
     from ..common.evaluate import evaluate
     from ..common.methods.base import forward_loss
     from ..common.methods.optim import Optimization

@@ -44,8 +44,7 @@ from fedkrso.v1 import coordinator_pb2 as pb
 
 from .accounting import payload_bytes
 from .config import RunConfig
-from .data import tokenize
-from .data.batches import batches
+from .data import batches, tokenize
 from .evaluate import client_metrics, evaluate
 from .methods import Method
 from .models import load_model, load_tokenizer, model_fingerprint

@@ -15,6 +15,7 @@ from fedkrso.common.data import (
     DataSourceError,
     SourceData,
     TokenFormat,
+    batches,
     load_source,
     load_split,
     make_partition,
@@ -25,7 +26,6 @@ from fedkrso.common.data import (
     to_dataset,
     tokenize,
 )
-from fedkrso.common.data.batches import batches
 from fedkrso.common.data.cli import main
 from fedkrso.common.evaluate import evaluate
 from fedkrso.common.models import build_tiny, load_model, load_tokenizer

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import structlog
 
 from ..cli import fail, parser
-
-if TYPE_CHECKING:
-    from .partition import PartitionInfo
+from .labels import DataSourceError
+from .partition import PartitionInfo, make_partition, save_partition
+from .sources import SOURCES_HELP, load_source
 
 PROG = "fedkrso-partition"
-# every source ``sources.load_source`` reads (here so that --help needs no datasets import)
-SOURCES_HELP = ("bbc | bbc-headlines | glue:<TASK> | csv:<path> | json:<path> | jsonl:<path> | "
-                "parquet:<path> | hub:<name>[:<config>]")
 
 log = structlog.get_logger(__name__)
 
@@ -74,10 +70,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """``fedkrso-partition``: split a data source into client shards and an evaluation split."""
     args = _parser().parse_args(argv)
-    from .labels import DataSourceError
-    from .partition import make_partition, save_partition
-    from .sources import load_source
-
     try:
         data = load_source(
             args.source,
