@@ -115,7 +115,9 @@ LIGHT = sorted(set(COMMANDS) - {"fedkrso-partition"})
 PROBE = """
 import importlib, sys
 from importlib.metadata import entry_points
-target = {e.name: e.value for e in entry_points(group="console_scripts")}.get(sys.argv[1], "fedkrso.bench.demo:main")
+scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+# the demo runs as ``python -m fedkrso.bench.demo`` (COMMANDS); every other command must be an entry point
+target = "fedkrso.bench.demo:main" if sys.argv[1] == "fedkrso-demo" else scripts[sys.argv[1]]
 module, _, func = target.partition(":")
 for flags in (["--help"], ["--version"], ["--no-such-flag"]):
     sys.argv[1:] = flags
