@@ -10,7 +10,9 @@ place) names it after a colon. Writes ``<out>/gaps.json`` and prints the tables.
 raw figures a page cites: docs/quality-converged.json): per block, its ceiling's summary and
 every ceiling run's curve, its sizing curves, each finished federated run's per-round figures
 (``runs``: a block's finished cells, so a sweep's runs are there before its block reports), its
-bench ``results.json``, its gaps; and the budget (``budget.json``).
+bench ``results.json``, its gaps, what its finished runs cost (``cost``: runs, their seconds
+added up, and the wall time the federated runs' sittings covered together, which with
+``fedkrso-bench --ray`` on two cores is about half their sum); and the budget (``budget.json``).
 
     python -m fedkrso.bench.gaps --out results/converged --blocks sst2-iid:sizing sst2-dirichlet:sizing stsb-iid cola-iid \
         --raw docs/quality-converged.json
@@ -86,12 +88,53 @@ def run_curves(cell: dict) -> dict:
                           (*keys, "train_loss", "uplink_payload_bytes_per_client", "round_seconds")}}
 
 
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of ``(start, end)`` spans (runs side by side count once)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def cost(block: Path) -> dict | None:
+    """What a block's finished runs took (module docstring); None where none has finished. Each
+    run computes on one core (``threads: 1``), so run seconds are core-seconds. A reported run
+    made from its sweep twin (``replayed_from``) costs its replay, not its twin's training again."""
+    cells = [_load(p) for p in sorted(block.glob("cells/*/cell.json"))]
+    ceilings = [_load(p) for p in sorted(block.glob("ceiling/cells/*.json"))]
+    if not cells and not ceilings:
+        return None
+    trained = [c for c in cells if "replayed_from" not in c]
+    return {"federated_runs": len(trained), "federated_run_seconds": sum(c["seconds"] for c in trained),
+            "replayed_runs": len(cells) - len(trained),
+            "replay_seconds": sum(c["replay_seconds"] for c in cells if "replayed_from" in c),
+            "federated_wall_seconds": _covered(_spans(block)),
+            "ceiling_runs": len(ceilings), "ceiling_run_seconds": sum(c["seconds"] for c in ceilings)}
+
+
+def _spans(block: Path) -> list[tuple[float, float]]:
+    """The sittings (``cells.py``'s sittings.json) of a block's finished federated runs; a run
+    from before sittings were kept counts as one sitting that ended when its cell.json was written."""
+    spans = []
+    for done in sorted(block.glob("cells/*/cell.json")):
+        cell, sittings = _load(done), _load(done.parent / "sittings.json")
+        if sittings is None and "replayed_from" not in cell:
+            end = done.stat().st_mtime
+            sittings = [{"start": end - cell["seconds"], "end": end}]
+        spans += [(s["start"], s["end"]) for s in sittings or [] if s.get("end") is not None]
+    return spans
+
+
 def raw(out: Path, gaps_by_block: dict) -> dict:
     """Every finished result of a protocol's output folder (module docstring), block by block."""
     doc = {"what": "a quality protocol's finished results, per block: the centralized ceiling (bench/ceiling.py: "
                    "its summary and every run's curve), the sizing (bench/sizing.py: every variant's validation "
                    "curve), every finished federated run's per-round figures (runs), the federated bench's "
-                   "results.json and the gaps to the ceiling (bench/gaps.py)",
+                   "results.json, the gaps to the ceiling (bench/gaps.py) and what the finished runs cost (cost: "
+                   "run seconds are core-seconds, one core per run; federated_wall_seconds is the time the "
+                   "federated runs' sittings covered together)",
            "blocks": {}}
     for block in sorted(p for p in out.iterdir() if p.is_dir()):
         c = block / "ceiling"
@@ -101,10 +144,15 @@ def raw(out: Path, gaps_by_block: dict) -> dict:
             "sizing": _load(block / "sizing.json"),
             "runs": {p.parent.name: run_curves(_load(p)) for p in sorted((block / "cells").glob("*/cell.json"))} or None,
             "results": _load(block / "results.json"),
-            "gaps": gaps_by_block.get(block.name)}
+            "gaps": gaps_by_block.get(block.name),
+            "cost": cost(block)}
         entry = {k: v for k, v in entry.items() if v is not None}
         if entry:
             doc["blocks"][block.name] = entry
+    blocks = [b["cost"] for b in doc["blocks"].values() if "cost" in b]
+    if blocks:
+        doc["cost"] = {**{k: sum(b[k] for b in blocks) for k in blocks[0]},
+                       "federated_wall_seconds": _covered([s for b in out.iterdir() if b.is_dir() for s in _spans(b)])}
     if (budget := _load(out / "budget.json")) is not None:
         doc["budget"] = budget
     return doc

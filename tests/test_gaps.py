@@ -4,6 +4,7 @@ bench's results.json and a ceiling.json as the protocol writes them."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -20,7 +21,6 @@ def test_gaps_are_paired_per_seed_against_the_named_ceiling(tmp_path, capsys):
     ceiling = {s: {"best": {"eval": e}} for s, e in (("0", 0.86), ("1", 0.86), ("2", 0.88))}
     (out / "sizing" / "ceiling" / "ceiling.json").write_text(json.dumps({"seeds": ceiling}))
     (out / "sizing" / "ceiling" / "cells").mkdir()
-    (out / "sizing" / "ceiling" / "cells" / "fedavg-lr0.0001-s0.json").write_text(json.dumps({"curve": [1]}))
     (out / "sizing" / "sizing.json").write_text(json.dumps({"budget": None}))
     (out / "budget.json").write_text(json.dumps({"budget": {"rounds": 24}}))
     cell = out / "sst2-dirichlet" / "cells" / "fedkrso-lr0.002-s0-val-r24"
@@ -30,7 +30,28 @@ def test_gaps_are_paired_per_seed_against_the_named_ceiling(tmp_path, capsys):
             for r in range(2)]
     cell.joinpath("cell.json").write_text(json.dumps({"method": "fedkrso", "lr": 2e-3, "seed": 0, "split": "val",
                                                       "rounds": 2, "seconds": 20.0, "sittings": 1, "rows": rows}))
+    cell.joinpath("sittings.json").write_text(json.dumps([{"start": 100.0, "end": 110.0}, {"start": 150.0, "end": 160.0}]))
+    other = out / "sst2-dirichlet" / "cells" / "fedavg-lr0.0001-s0-val-r24"  # beside the first one's second sitting
+    other.mkdir()
+    other.joinpath("cell.json").write_text(json.dumps({"seconds": 30.0, "rows": rows}))
+    other.joinpath("sittings.json").write_text(json.dumps([{"start": 155.0, "end": 185.0}]))
+    replayed = out / "sst2-dirichlet" / "cells" / "fedavg-lr0.0001-s0-eval-r24"  # made from its sweep twin
+    replayed.mkdir()
+    replayed.joinpath("cell.json").write_text(json.dumps({"seconds": 30.0, "rows": rows, "replay_seconds": 2.5,
+                                                          "replayed_from": other.name}))
+    (out / "sizing" / "cells" / "fedavg-s25-lr0.0001-s0-val-r20").mkdir(parents=True)  # another block, later
+    (out / "sizing" / "cells" / "fedavg-s25-lr0.0001-s0-val-r20" / "cell.json").write_text(
+        json.dumps({"seconds": 40.0, "rows": rows}))
+    (out / "sizing" / "cells" / "fedavg-s25-lr0.0001-s0-val-r20" / "sittings.json").write_text(
+        json.dumps([{"start": 180.0, "end": 220.0}]))
+    older = out / "sst2-dirichlet" / "cells" / "fedavg-lr0.0002-s0-val-r24"  # from before sittings were kept
+    older.mkdir()
+    older.joinpath("cell.json").write_text(json.dumps({"seconds": 5.0, "rows": rows}))
+    os.utime(older / "cell.json", (113.0, 113.0))  # finished at 113: ran from 108, partly beside the first run
     (out / "sst2-dirichlet" / "cells" / "fedavg-unfinished").mkdir()  # no cell.json: still running
+    (out / "sst2-dirichlet" / "cells" / "fedavg-unfinished" / "sittings.json").write_text(
+        json.dumps([{"start": 0.0, "end": 90.0}, {"start": 95.0, "end": None}]))
+    (out / "sizing" / "ceiling" / "cells" / "fedavg-lr0.0001-s0.json").write_text(json.dumps({"curve": [1], "seconds": 70.0}))
     main(["--out", str(out), "--blocks", "sst2-dirichlet:sizing", "cola-iid", "--raw", str(tmp_path / "raw.json")])
     printed = capsys.readouterr().out
     assert "cola-iid: not yet" in printed
@@ -44,11 +65,20 @@ def test_gaps_are_paired_per_seed_against_the_named_ceiling(tmp_path, capsys):
     doc = json.loads((tmp_path / "raw.json").read_text())
     assert doc["budget"] == {"budget": {"rounds": 24}}
     assert set(doc["blocks"]) == {"sizing", "sst2-dirichlet"}
-    assert doc["blocks"]["sizing"]["ceiling_cells"] == {"fedavg-lr0.0001-s0": {"curve": [1]}}
+    assert doc["blocks"]["sizing"]["ceiling_cells"] == {"fedavg-lr0.0001-s0": {"curve": [1], "seconds": 70.0}}
     assert doc["blocks"]["sizing"]["sizing"] == {"budget": None} and "results" not in doc["blocks"]["sizing"]
     assert doc["blocks"]["sst2-dirichlet"]["gaps"]["methods"][0]["gap"] == gap
-    assert doc["blocks"]["sst2-dirichlet"]["runs"] == {"fedkrso-lr0.002-s0-val-r24": {
+    # what it cost: the replayed run its replay only, the unfinished run nothing; side by side counts once
+    assert doc["blocks"]["sst2-dirichlet"]["cost"] == {
+        "federated_runs": 3, "federated_run_seconds": 55.0, "replayed_runs": 1, "replay_seconds": 2.5,
+        "federated_wall_seconds": 13.0 + 35.0, "ceiling_runs": 0, "ceiling_run_seconds": 0}
+    assert doc["cost"] == {"federated_runs": 4, "federated_run_seconds": 95.0, "replayed_runs": 1,
+                           "replay_seconds": 2.5, "federated_wall_seconds": 13.0 + 70.0,
+                           "ceiling_runs": 1, "ceiling_run_seconds": 70.0}
+    assert doc["blocks"]["sst2-dirichlet"]["runs"]["fedkrso-lr0.002-s0-val-r24"] == {
         "method": "fedkrso", "lr": 2e-3, "seed": 0, "split": "val", "rounds": 2, "seconds": 20.0, "sittings": 1,
         "per_round": {"eval_accuracy": [0.7, 0.8], "eval_loss": [0.5, 0.5], "train_loss": [0.6, 0.6],
-                      "uplink_payload_bytes_per_client": [1000, 1000], "round_seconds": [9.0, 9.0]}}}
-    assert "runs" not in doc["blocks"]["sizing"]
+                      "uplink_payload_bytes_per_client": [1000, 1000], "round_seconds": [9.0, 9.0]}}
+    assert set(doc["blocks"]["sst2-dirichlet"]["runs"]) == {"fedkrso-lr0.002-s0-val-r24", other.name, replayed.name,
+                                                          older.name}
+    assert set(doc["blocks"]["sizing"]["runs"]) == {"fedavg-s25-lr0.0001-s0-val-r20"}
