@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 
 from ..common.data import TokenFormat, load_source, load_split, make_partition, save_partition, tokenize
-from ..common.data.batches import batches
+from ..common.data.feed import batches
 from ..common.data.partition import stage_rng
 from ..common.models import load_tokenizer
 
 
 def tokenise_every_batch(dataset, tokenizer, task: str, max_length: int, batch_size: int,
                          seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """The batches of ``data.batches`` as they were made before token rows: the same order,
+    """The batches of ``data.feed.batches`` as they were made before token rows: the same order,
     one tokenizer call per batch, padded to the batch's longest row."""
     rng = stage_rng("batches", seed)
     while True:

@@ -110,8 +110,6 @@ def test_the_demo_prints_each_row_as_it_is_written(tmp_path):
     assert cells == [line.split() for i, line in enumerate(table) if i != 1]  # same cells, same order
 
 
-# fedkrso-partition's module sits in the data package, whose __init__ loads datasets and torch
-LIGHT = sorted(set(COMMANDS) - {"fedkrso-partition"})
 PROBE = """
 import importlib, sys
 from importlib.metadata import entry_points
@@ -129,7 +127,7 @@ print("HEAVY", sorted(m for m in ("torch", "transformers", "datasets", "grpc", "
 """
 
 
-@pytest.mark.parametrize("command", LIGHT)
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_help_version_and_a_bad_flag_load_no_heavy_library(command, tmp_path):
     """--help, --version and a bad flag answer before torch, transformers, datasets, gRPC or Ray
     load (common/cli.py's promise: they answer at once, not after seconds of imports)."""

@@ -210,7 +210,7 @@ def test_the_dp_sgd_bench_measures_every_method_it_applies_to():
 
 
 def shard_rows(shards, n: int) -> dict[str, int]:
-    from fedkrso.common.data.batches import load_split
+    from fedkrso.common.data.feed import load_split
 
     return {f"shard{i}": len(load_split(shards / f"shard{i}")) for i in range(n)}
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from ..cli import fail, parser
-from .labels import DataSourceError
-from .partition import PartitionInfo, make_partition, save_partition
-from .sources import SOURCES_HELP, load_source
+from . import SOURCES_HELP
+
+if TYPE_CHECKING:
+    from .partition import PartitionInfo
 
 PROG = "fedkrso-partition"
 
@@ -70,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """``fedkrso-partition``: split a data source into client shards and an evaluation split."""
     args = _parser().parse_args(argv)
+    from .labels import DataSourceError  # datasets and torch load after the parse: --help answers at once
+    from .partition import make_partition, save_partition
+    from .sources import load_source
+
     try:
         data = load_source(
             args.source,

@@ -22,14 +22,13 @@ from typing import Literal
 import structlog
 from datasets import Dataset, Features, Value
 
+from . import SOURCES_HELP
 from .labels import DataSourceError, encode_labels
 from .table import SourceData, instruction_dataset, to_dataset
 
 log = structlog.get_logger(__name__)
 
 FILE_FORMATS = ("csv", "json", "jsonl", "parquet")
-SOURCES_HELP = ("bbc | bbc-headlines | glue:<TASK> | csv:<path> | json:<path> | jsonl:<path> | "
-                "parquet:<path> | hub:<name>[:<config>]")
 
 
 @dataclass(frozen=True)
