@@ -173,8 +173,14 @@ def main(argv: list[str] | None = None) -> None:
         answer[block] = {"metric": r["metric"], "ceiling_block": source or block, "methods": rows}
         print(render(block, r["metric"], rows))
     (args.out / "gaps.json").write_text(json.dumps(answer, indent=2) + "\n")
+    doc = raw(args.out, answer)
+    if "cost" in doc:
+        c = doc["cost"]
+        print(f"cost so far: federated runs {c['federated_runs']} ({c['federated_run_seconds'] / 3600:.1f} core-hours, "
+              f"{c['federated_wall_seconds'] / 3600:.1f} hours of wall time), ceiling runs {c['ceiling_runs']} "
+              f"({c['ceiling_run_seconds'] / 3600:.1f} core-hours)")
     if args.raw:
-        args.raw.write_text(json.dumps(raw(args.out, answer), indent=1) + "\n")
+        args.raw.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"raw results: {args.raw}")
 
 

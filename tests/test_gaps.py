@@ -55,6 +55,8 @@ def test_gaps_are_paired_per_seed_against_the_named_ceiling(tmp_path, capsys):
     main(["--out", str(out), "--blocks", "sst2-dirichlet:sizing", "cola-iid", "--raw", str(tmp_path / "raw.json")])
     printed = capsys.readouterr().out
     assert "cola-iid: not yet" in printed
+    assert ("cost so far: federated runs 4 (0.0 core-hours, 0.0 hours of wall time), "
+            "ceiling runs 1 (0.0 core-hours)") in printed
     [row] = json.loads((out / "gaps.json").read_text())["sst2-dirichlet"]["methods"]
     gap = row["gap"]
     assert gap["diffs"] == pytest.approx([-0.06, -0.04, -0.04]) and gap["mean"] == pytest.approx(-0.14 / 3)
