@@ -10,13 +10,17 @@ resumes exactly as before. On several machines ``--out`` must be a folder every 
 at the same path (the cells write there).
 
 ``Progress`` prints, while cells run, the runs done and left and each run's rounds as they
-close (read from the run's own ``metrics.jsonl``), every ``every`` seconds at most.
+close (read from the run's own ``metrics.jsonl``), every ``every`` seconds at most, and once a
+run has trained in this sitting, about how long the rest takes at this sitting's pace (its wall
+time per run trained, so runs side by side count as they ran; runs kept from before, or made
+from a sweep twin, do not set the pace). A rough figure: runs of different methods differ.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,9 +33,10 @@ Log = Callable[[str], None]
 class Progress:
     """Runs done and left, and the rounds of the runs in flight (module docstring)."""
 
-    def __init__(self, total: int, log: Log, every: float = 2.0):
-        self.total, self.log, self.every = total, log, every
+    def __init__(self, total: int, log: Log, every: float = 2.0, clock: Callable[[], float] = time.monotonic):
+        self.total, self.log, self.every, self.clock = total, log, every, clock
         self.done = 0
+        self.started, self.trained = clock(), 0
         self._flying: dict[str, tuple[Path, int, int]] = {}  # tag -> (metrics file, rounds, rows shown)
         self._lock = threading.Lock()
 
@@ -63,8 +68,16 @@ class Progress:
         with self._lock:
             self._flying.pop(cell.tag, None)
             self.done += 1
+            self.trained += not (loaded or "replayed_from" in result)
+            left = self.total - self.done
+            pace = (self.clock() - self.started) / self.trained if self.trained else None
         how = "kept from before" if loaded else f"{result['seconds']:.0f} s"
-        self.log(f"  [{self.done}/{self.total} runs done, {self.total - self.done} left] {cell.tag} ({how})")
+        eta = f"; about {_duration(pace * left)} more at this sitting's pace" if pace and left else ""
+        self.log(f"  [{self.done}/{self.total} runs done, {left} left{eta}] {cell.tag} ({how})")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
 
 
 def _stamp(out: Path, cell: Cell) -> int | None:

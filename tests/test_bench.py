@@ -8,12 +8,15 @@ import csv
 import json
 import math
 import random
+import re
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from fedkrso.bench.main import main
+from fedkrso.bench.ray_cells import Progress
 from fedkrso.bench.stats import mean_std, paired_interval, verdict
 
 pytestmark = pytest.mark.slow
@@ -372,7 +375,8 @@ def test_bench_cells_as_ray_tasks_show_progress_and_resume_in_one_process(tmp_pa
     finally:
         ray.shutdown()
     printed = capsys.readouterr().out
-    assert "[1/3 runs done, 2 left]" in printed and "[3/3 runs done, 0 left]" in printed
+    assert re.search(r"\[1/3 runs done, 2 left; about \d+ min more at this sitting's pace\]", printed)
+    assert "[3/3 runs done, 0 left]" in printed
     assert "fedkrso-lr0.001-s0-val-r1: round 1/1 closed" in printed
     assert "-s0-eval-r1: round 1/1 closed" in printed
     out = tmp_path / "results"
@@ -382,3 +386,23 @@ def test_bench_cells_as_ray_tasks_show_progress_and_resume_in_one_process(tmp_pa
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/cell.json")} == stamps
     assert again["results"] == report["results"] and again["sweep"] == report["sweep"]
     assert "[3/3 runs done, 0 left]" in capsys.readouterr().out
+
+
+def test_progress_says_how_long_the_rest_takes_at_this_sittings_pace():
+    """The pace is this sitting's wall time per run trained: runs kept from before or made from a
+    sweep twin print no estimate and do not set it (a clock passed in, not slept on)."""
+    now, lines = [1000.0], []
+    progress = Progress(5, lines.append, clock=lambda: now[0])
+    cell = SimpleNamespace(tag="c", rounds=1)
+    progress.finish(cell, {"seconds": 50.0}, loaded=True)
+    now[0] += 600  # one run trained in 10 minutes: 3 left, about 30 more
+    progress.finish(cell, {"seconds": 600.0}, loaded=False)
+    progress.finish(cell, {"seconds": 600.0, "replayed_from": "c-val"}, loaded=False)
+    now[0] += 5400  # a second trained run: 100 minutes a run over the sitting, 2 left
+    progress.finish(cell, {"seconds": 5400.0}, loaded=False)
+    progress.finish(cell, {"seconds": 60.0}, loaded=False)
+    assert lines == ["  [1/5 runs done, 4 left] c (kept from before)",
+                     "  [2/5 runs done, 3 left; about 30 min more at this sitting's pace] c (600 s)",
+                     "  [3/5 runs done, 2 left; about 20 min more at this sitting's pace] c (600 s)",
+                     "  [4/5 runs done, 1 left; about 50 min more at this sitting's pace] c (5400 s)",
+                     "  [5/5 runs done, 0 left] c (60 s)"]
