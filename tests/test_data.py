@@ -342,3 +342,19 @@ def test_evaluate_regression(tmp_path):
     out = evaluate(model, tokenize(data, load_tokenizer(str(path)), TokenFormat("sequence-classification", 16)), 2)
     assert "eval_accuracy" not in out and math.isfinite(out["eval_loss"])
     assert out["eval_examples"] == 3
+
+
+def test_the_data_package_names_resolve_to_what_their_modules_define():
+    """common/data loads its names on first use: each one in ``__all__`` resolves, to the object
+    its module defines (``batches`` the function, not a module named like it)."""
+    import inspect
+
+    import fedkrso.common.data as data
+
+    for name in data.__all__:
+        value = getattr(data, name)
+        assert not inspect.ismodule(value), name
+    assert data.batches is importlib.import_module("fedkrso.common.data.feed").batches
+    assert inspect.isfunction(data.batches)
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        data.nothing_here  # noqa: B018
