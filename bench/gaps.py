@@ -98,28 +98,33 @@ def _covered(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def cost(block: Path) -> dict | None:
-    """What a block's finished runs took (module docstring); None where none has finished. Each
-    run computes on one core (``threads: 1``), so run seconds are core-seconds. A reported run
-    made from its sweep twin (``replayed_from``) costs its replay, not its twin's training again."""
-    cells = [_load(p) for p in sorted(block.glob("cells/*/cell.json"))]
-    ceilings = [_load(p) for p in sorted(block.glob("ceiling/cells/*.json"))]
+def cost(cells: list[tuple[Path, dict]], ceilings: list[dict], spans: list[tuple[float, float]]) -> dict | None:
+    """What a block's finished runs took (module docstring), from its finished federated runs
+    (``_finished``), its ceiling runs and the federated runs' sittings (``_spans``); None where
+    none has finished. Each run computes on one core (``threads: 1``), so run seconds are
+    core-seconds. A reported run made from its sweep twin (``replayed_from``) costs its replay,
+    not its twin's training again."""
     if not cells and not ceilings:
         return None
-    trained = [c for c in cells if "replayed_from" not in c]
+    trained = [c for _, c in cells if "replayed_from" not in c]
     return {"federated_runs": len(trained), "federated_run_seconds": sum(c["seconds"] for c in trained),
             "replayed_runs": len(cells) - len(trained),
-            "replay_seconds": sum(c["replay_seconds"] for c in cells if "replayed_from" in c),
-            "federated_wall_seconds": _covered(_spans(block)),
+            "replay_seconds": sum(c["replay_seconds"] for _, c in cells if "replayed_from" in c),
+            "federated_wall_seconds": _covered(spans),
             "ceiling_runs": len(ceilings), "ceiling_run_seconds": sum(c["seconds"] for c in ceilings)}
 
 
-def _spans(block: Path) -> list[tuple[float, float]]:
-    """The sittings (``cells.py``'s sittings.json) of a block's finished federated runs; a run
-    from before sittings were kept counts as one sitting that ended when its cell.json was written."""
+def _finished(block: Path) -> list[tuple[Path, dict]]:
+    """A block's finished federated runs: each cell.json's path and content, read once."""
+    return [(p, _load(p)) for p in sorted(block.glob("cells/*/cell.json"))]
+
+
+def _spans(cells: list[tuple[Path, dict]]) -> list[tuple[float, float]]:
+    """The sittings (``cells.py``'s sittings.json) of finished federated runs; a run from before
+    sittings were kept counts as one sitting that ended when its cell.json was written."""
     spans = []
-    for done in sorted(block.glob("cells/*/cell.json")):
-        cell, sittings = _load(done), _load(done.parent / "sittings.json")
+    for done, cell in cells:
+        sittings = _load(done.parent / "sittings.json")
         if sittings is None and "replayed_from" not in cell:
             end = done.stat().st_mtime
             sittings = [{"start": end - cell["seconds"], "end": end}]
@@ -136,23 +141,27 @@ def raw(out: Path, gaps_by_block: dict) -> dict:
                    "run seconds are core-seconds, one core per run; federated_wall_seconds is the time the "
                    "federated runs' sittings covered together)",
            "blocks": {}}
+    every_span = []
     for block in sorted(p for p in out.iterdir() if p.is_dir()):
         c = block / "ceiling"
+        cells = _finished(block)
+        ceiling_cells = {p.stem: _load(p) for p in sorted((c / "cells").glob("*.json"))}
+        spans = _spans(cells)
+        every_span += spans
         entry = {
             "ceiling": _load(c / "ceiling.json"),
-            "ceiling_cells": {p.stem: _load(p) for p in sorted((c / "cells").glob("*.json"))} or None,
+            "ceiling_cells": ceiling_cells or None,
             "sizing": _load(block / "sizing.json"),
-            "runs": {p.parent.name: run_curves(_load(p)) for p in sorted((block / "cells").glob("*/cell.json"))} or None,
+            "runs": {p.parent.name: run_curves(cell) for p, cell in cells} or None,
             "results": _load(block / "results.json"),
             "gaps": gaps_by_block.get(block.name),
-            "cost": cost(block)}
+            "cost": cost(cells, list(ceiling_cells.values()), spans)}
         entry = {k: v for k, v in entry.items() if v is not None}
         if entry:
             doc["blocks"][block.name] = entry
     blocks = [b["cost"] for b in doc["blocks"].values() if "cost" in b]
     if blocks:
-        doc["cost"] = {**{k: sum(b[k] for b in blocks) for k in blocks[0]},
-                       "federated_wall_seconds": _covered([s for b in out.iterdir() if b.is_dir() for s in _spans(b)])}
+        doc["cost"] = {**{k: sum(b[k] for b in blocks) for k in blocks[0]}, "federated_wall_seconds": _covered(every_span)}
     if (budget := _load(out / "budget.json")) is not None:
         doc["budget"] = budget
     return doc
