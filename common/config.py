@@ -162,7 +162,8 @@ MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 1024, 3 << 20  # messages stay far below gRPC
 MAX_UPDATE_NORM = 1000.0
 TRANSPORT_FIELDS = {"listen", "upload_idle_s", "upload_total_s", "max_connections", "max_connections_per_peer",
                     "max_pending_connections", "handshake_timeout_s", "connection_idle_s",
-                    "max_streams_per_connection", "max_clients", "join_burst", "join_rate_per_s"}
+                    "max_streams_per_connection", "max_clients", "join_burst", "join_rate_per_s",
+                    "finish_wait_s"}
 
 
 class ServerSection(Section):
@@ -198,6 +199,10 @@ class ServerSection(Section):
     checkpoint_every: int = Field(
         5, ge=1, description="rounds between full state checkpoints under <output_dir>/state"
     )
+    finish_wait_s: float = Field(
+        30.0, ge=0, description="after the last round, the longest the server waits for the clients "
+        "it last heard from within 60 s to fetch the final state and leave before it stops (a "
+        "client that joined and went silent, or whose Leave is lost, holds it this long at most)")
     # -- hostile clients and networks (docs/HOSTILE.md); none of these shapes a run's results
     upload_idle_s: float = Field(
         30.0, gt=0, description="longest wait for the next message of an update stream, the first "

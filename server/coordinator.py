@@ -327,12 +327,16 @@ class Coordinator:
     async def wait_for_clients_to_finish(self, timeout: float) -> None:
         """After the run, before the server stops: wait (at most ``timeout``) until every live
         client has left, or got its whole FINISHED stream a moment ago (its Leave was lost),
-        so its final catch-up and Leave are not refused by a stopping server."""
+        so its final catch-up and Leave are not refused by a stopping server. The ones still
+        waited for at ``timeout`` (``server.finish_wait_s``) are logged (``finish_wait_over``)."""
         give_up = self.clock.monotonic() + timeout
         while self.clock.monotonic() < give_up and self.registry.still_finishing():
             # on a clock, not on every change: each check scans the client table, and N
             # clients leaving one after the other made the wake-up per Leave O(N^2)
             await self.clock.wait(asyncio.Event().wait(), 0.25)
+        if waiting := self.registry.still_finishing():
+            log.warning("finish_wait_over", waited_s=timeout, clients=len(waiting), first=waiting[:5],
+                        setting="server.finish_wait_s")
 
     # -- for the port: clients ----------------------------------------------------------------
     def touch(self, client_id: str, polling: bool = False) -> None:

@@ -78,7 +78,7 @@ async def serve(args: argparse.Namespace, count_bytes: bool = True) -> int:
             tmp.write_text(str(port))
             os.replace(tmp, args.port_file)
         await coord.run()
-        await coord.wait_for_clients_to_finish(timeout=30.0)
+        await coord.wait_for_clients_to_finish(timeout=cfg.server.finish_wait_s)
     rows = coord.metrics.rows()
     print(format_table(rows), flush=True)
     summary = {k: rows[-1].get(k) for k in ("round", "eval_accuracy", "eval_loss")} if rows else {}

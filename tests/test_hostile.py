@@ -402,8 +402,10 @@ def test_attack_table_against_a_real_server(mode, tiny_bert, shards, pki, tmp_pa
     cfg = round_config(
         tiny_bert, out, rounds={"total": 2, "clients_per_round": 3, "min_clients": 2, "deadline_s": 120,
                                 "start_timeout_s": 120},
+        # finish_wait_s: the Joins the flood got through (join_burst) never leave, and the server
+        # would wait the default 30 s for them after the last round
         server={"max_concurrent_uploads": 2, "upload_idle_s": 2, "upload_total_s": 6, "join_burst": 8,
-                "join_rate_per_s": 2},
+                "join_rate_per_s": 2, "finish_wait_s": 8},
         training={"client_weights": {"mallory": 1.0}} if mode == "tokens" else {},
         security=creds.security(tmp_path))
     cluster = Cluster(tmp_path)
@@ -440,6 +442,10 @@ def test_attack_table_against_a_real_server(mode, tiny_bert, shards, pki, tmp_pa
 
     rows = run.rows
     assert [r["round"] for r in rows] == [0, 1]
+    if mode == "open":  # the flood's admitted names never left: the server waited finish_wait_s, no more
+        over = log_events(cluster.server.text(), "finish_wait_over")
+        assert len(over) == 1 and over[0]["waited_s"] == 8, over
+        assert over[0]["first"] and all(c.startswith("flood-") for c in over[0]["first"]), over
     for r in rows:  # no honest update lost, no honest client dropped, no flooded name anywhere
         assert set(HONEST) <= set(r["clients"]) and not set(HONEST) & set(r["dropped"]), r["round"]
         assert not any(c.startswith("flood-") for c in r["clients"] + r["dropped"])

@@ -670,7 +670,7 @@ def test_fuzz_every_rpc(make_server):
 def test_client_killed_mid_round_quorum_closes(tmp_path, tiny_bert, shards):
     out = tmp_path / "out"
     cfg = round_config(tiny_bert, out, rounds={"total": 3, "clients_per_round": 3, "min_clients": 2,
-                                                "deadline_s": 12, "start_timeout_s": 120})
+                                                "deadline_s": 6, "start_timeout_s": 120})
     cluster = Cluster(tmp_path)
     try:
         cluster.start_server(write_round_yaml(tmp_path / "round.yaml", cfg))

@@ -323,13 +323,15 @@ def test_server_killed_between_rounds_resumes(tmp_path, tiny_bert, shards, refer
 
 
 def test_run_identity_ignores_listen_credentials_and_output_dir(tmp_path):
-    """A restart may bind another port, rotate certificates or move the output folder and
-    still resume; any setting that shapes the results makes another run."""
+    """A restart may bind another port, rotate certificates, move the output folder or change
+    a limit that shapes no result (how long it waits for clients to leave) and still resume;
+    any setting that shapes the results makes another run."""
     base = round_config(tmp_path / "m", tmp_path / "out")
     same = json.loads(json.dumps(base))
     same["server"]["listen"] = "0.0.0.0:6000"
     same["run"]["output_dir"] = str(tmp_path / "elsewhere")
     same["security"] = {"insecure": True}
+    same["server"]["finish_wait_s"] = 5
     other = json.loads(json.dumps(base))
     other["method"]["rank"] += 1
     ids = [run_identity(parse_config(c)) for c in (base, same, other)]
