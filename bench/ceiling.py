@@ -8,7 +8,7 @@ AdamW, weight decay, warmup, schedule, gradient clipping) from one AdamW that li
 whole run, evaluated on the validation split every ``--eval-every`` steps and stopped when the
 validation metric has not improved for ``--patience`` evaluations (or after ``--max-epochs``).
 The lr is chosen on the validation split (the block's FedAvg lrs, or ``--lrs``, on the first
-seed); each seed's figure is then its eval-split metric at the step of its best validation
+seed; a tie goes to the better mean of the last 3 readings, ``choose_lr``); each seed's figure is then its eval-split metric at the step of its best validation
 metric (and, beside it, the last one). Every run is a cell under
 ``<out>/<block>/ceiling/cells/``, so running the command again resumes; a run cut off mid-way
 resumes from its last evaluation (``resume.safetensors`` in its work folder: the model,
@@ -194,6 +194,19 @@ def _cell(path: Path, wanted: dict, run) -> dict:
     return result
 
 
+def choose_lr(sweep: dict[float, dict], metric: str) -> float:
+    """The lr of the best validation figure among ``sweep``'s runs (lr -> run, in the order
+    tried); on a tie (a few hundred validation rows make exact ties of MCC or accuracy
+    likely), the better mean of the run's last 3 validation readings, then the first tried."""
+    sign = 1 if higher_is_better(metric) else -1
+
+    def key(lr: float) -> tuple[float, float]:
+        tail = [p["val"] for p in sweep[lr]["curve"][-3:]]
+        return sign * sweep[lr]["best"]["val"], sign * sum(tail) / len(tail)
+
+    return max(sweep, key=key)
+
+
 def ceiling(cfg: BenchConfig, out: Path, lrs: list[float] | None, eval_every: int, patience: int,
             max_epochs: float, log=print) -> dict:
     """The block's ceiling under ``out`` (the block's folder): lr chosen on the validation
@@ -224,9 +237,8 @@ def ceiling(cfg: BenchConfig, out: Path, lrs: list[float] | None, eval_every: in
             f"(eval {result['best']['eval']:.4f}), stopped by {result['stopped']}")
         return result
 
-    sign = 1 if higher_is_better(metric) else -1
     sweep = {lr: run(lr, cfg.seeds[0]) for lr in lrs}
-    chosen = max(lrs, key=lambda lr: sign * sweep[lr]["best"]["val"])
+    chosen = choose_lr(sweep, metric)
     runs = {s: run(chosen, s) for s in cfg.seeds}
     at_best = [r["best"]["eval"] for r in runs.values()]
     at_last = [r["last"]["eval"] for r in runs.values()]

@@ -9,14 +9,26 @@ import json
 import pytest
 import yaml
 
-from fedkrso.bench.ceiling import main
+from fedkrso.bench.ceiling import choose_lr, main
 from fedkrso.common.data import load_split
 
 from test_bench import bench_config
 
-pytestmark = pytest.mark.slow
 
 
+def test_a_tie_of_best_validation_goes_to_the_better_last_readings_then_the_first_tried():
+    def run(best: float, *tail: float) -> dict:
+        return {"best": {"val": best}, "curve": [{"val": v} for v in tail]}
+
+    # CoLA's seed 0: 2.5e-5 and 5e-5 reached the same best MCC; 2.5e-5 ended higher
+    assert choose_lr({5e-5: run(0.34, 0.31, 0.34, 0.33), 2.5e-5: run(0.34, 0.33, 0.34, 0.34),
+                      1e-4: run(0.30, 0.30, 0.29, 0.30)}, "mcc") == 2.5e-5
+    assert choose_lr({1e-4: run(0.5, 0.5), 3e-3: run(0.6, 0.1)}, "accuracy") == 3e-3  # the best first
+    assert choose_lr({1e-4: run(0.5, 0.5), 3e-3: run(0.5, 0.5)}, "accuracy") == 1e-4  # then the first tried
+    assert choose_lr({1e-4: run(2.0, 2.0, 2.1), 3e-3: run(2.0, 2.0, 1.9)}, "loss") == 3e-3  # lower is better
+
+
+@pytest.mark.slow
 def test_the_ceiling_trains_the_union_stops_on_validation_and_resumes(tmp_path, tiny_bert):
     base = bench_config(tmp_path, tiny_bert, seeds=[0], clients=3, methods=[
         {"name": "fedkrso", "k": 2, "rank": 2, "intervals": 1, "interval_steps": 2},
@@ -29,8 +41,8 @@ def test_the_ceiling_trains_the_union_stops_on_validation_and_resumes(tmp_path, 
     main(args)
     s = json.loads((out / "iid" / "ceiling" / "ceiling.json").read_text())
     assert s["metric"] == "accuracy" and [x["lr"] for x in s["sweep"]] == [1e-4, 3e-3]
-    best_lr = max(s["sweep"], key=lambda x: x["val"])["lr"]
-    assert s["lr"] == best_lr and [x["chosen"] for x in s["sweep"]].count(True) == 1
+    best = max(x["val"] for x in s["sweep"])
+    assert s["lr"] in [x["lr"] for x in s["sweep"] if x["val"] == best] and [x["chosen"] for x in s["sweep"]].count(True) == 1
     rows = sum(len(load_split(p)) for p in (out / "iid" / "data" / "seed0").glob("shard*"))
     cells = sorted((out / "iid" / "ceiling" / "cells").glob("*.json"))
     assert {c.name for c in cells} >= {f"fedavg-lr{s['lr']:g}-s0.json", f"fedavg-lr{s['lr']:g}-s1.json"}
@@ -54,6 +66,7 @@ def test_the_ceiling_trains_the_union_stops_on_validation_and_resumes(tmp_path, 
     assert all(c.stat().st_mtime_ns != mtimes[c] for c in cells if c.name.endswith(f"lr{s['lr']:g}-s0.json"))
 
 
+@pytest.mark.slow
 def test_a_ceiling_run_cut_off_mid_way_resumes_from_its_last_evaluation(tmp_path, tiny_bert):
     """SIGKILLed after two evaluations, the run goes on from its saved point: the curve of an
     uninterrupted run, figure for figure."""
