@@ -15,7 +15,8 @@ intervals, and the answers to the questions the bench exists for.
 
 Finished runs are kept (``<out>/cells/*/cell.json``) and not run again: a stopped bench resumes.
 ``--ray`` runs the runs of each phase (the sweeps, then the reported runs) as Ray tasks, as many
-at once as the cluster has CPUs for; the results are the same files. Either way the bench
+at once as the cluster has CPUs for, a protocol's blocks side by side (an earlier block's runs
+first, a later one's on the CPUs it leaves idle); the results are the same files. Either way the bench
 prints the runs done and left, and each run's rounds as they close.
 ``--protocol bench/quality.yaml`` runs several benches (blocks of one base config) and writes
 their combined report (``QUALITY.md``, ``quality.json``).

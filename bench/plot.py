@@ -10,14 +10,13 @@ from .report import points
 
 def plot(report: dict, path: Path) -> None:
     """Write the plot of ``report`` to ``path``. matplotlib is imported here, not at the top: it
-    comes with the optional ``bench`` extra, which ``--report-only``'s table does not need."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    comes with the optional ``bench`` extra, which ``--report-only``'s table does not need. A
+    ``Figure`` of its own, not pyplot's global state: a protocol's blocks plot from threads."""
+    from matplotlib.figure import Figure
 
     metric, scale = report["metric"], points(report["metric"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for name, entry in report["results"].items():
         curves = [s["curve"] for s in entry["seeds"].values()]
         rounds = min(len(c) for c in curves) if curves else 0
@@ -42,4 +41,3 @@ def plot(report: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

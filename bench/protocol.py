@@ -9,17 +9,22 @@ instead of sweeping again; a method that block runs must have its lr chosen ther
 may still be running its other methods). A block with ``pool_with`` is also reported with the
 seeds of another bench of the same settings pooled in (``report.pool``), e.g. more seeds for a
 cell of a committed grid.
+
+With ``--ray`` (``RayCellPool``) the blocks run side by side on the one cluster, an earlier
+block's runs first (``_side_by_side``); without it, one after another.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import threading
 from pathlib import Path
 
 from .config import BenchConfig, ProtocolConfig, load_protocol
 from .report import answers, pool, render_answers, render_table
-from .ray_cells import CellPool
+from .ray_cells import CellPool, Slots, Stopped
 from .runner import run_bench
 
 
@@ -72,12 +77,61 @@ def run_protocol(path: Path, out: Path, only: list[str] | None, command: str, qu
         if block.pool_with and block.pool_with.report and (only is None or block.name in only):
             pool_source(block, out)
     out.mkdir(parents=True, exist_ok=True)
-    for block in protocol.blocks:
-        if only is None or block.name in only:
-            run_bench(block_config(protocol, block.name, out, quick), out / block.name, command,
-                      log=lambda s: print(s, flush=True), pool=cell_pool)
-            combined = write_quality(protocol, out, command, path, quick)
+    selected = [b for b in protocol.blocks if only is None or b.name in only]
+    if cell_pool.side_by_side and len(selected) > 1:
+        return _side_by_side(protocol, selected, out, path, command, quick, cell_pool)
+    for block in selected:
+        run_bench(block_config(protocol, block.name, out, quick), out / block.name, command,
+                  log=lambda s: print(s, flush=True), pool=cell_pool)
+        combined = write_quality(protocol, out, command, path, quick)
     return combined
+
+
+def _side_by_side(protocol: ProtocolConfig, blocks: list, out: Path, path: Path, command: str, quick: bool,
+                  cell_pool: type[CellPool]) -> dict:
+    """Every block at once on one Ray cluster, each in a thread of this driver, sharing its CPUs
+    by block order (``ray_cells.Slots``): an earlier block's runs go first, a later block's
+    fill the CPUs it leaves idle. A block with ``lrs_from`` another of these starts when that
+    one has ended. Each block's lines are prefixed with its name; the combined report is
+    rewritten as each block ends. A failed block stops the others (each run resumes from its
+    last committed round) and its error is raised."""
+    slots = Slots(cell_pool.cluster_cpus())
+    names = {b.name for b in blocks}
+    ended = {b.name: threading.Event() for b in blocks}
+    errors: list[BaseException] = []
+    report_lock = threading.Lock()
+    for i, block in enumerate(blocks):
+        if block.lrs_from not in names:  # a block waiting on another does not hold later ones back
+            slots.want(i)
+
+    def one(i: int, block) -> None:
+        try:
+            if block.lrs_from in names:
+                ended[block.lrs_from].wait()
+                if errors:
+                    return
+            run_bench(block_config(protocol, block.name, out, quick), out / block.name, command,
+                      log=lambda s: print(f"[{block.name}] {s}", flush=True),
+                      pool=functools.partial(cell_pool, slots=slots, priority=i))
+            with report_lock:
+                write_quality(protocol, out, command, path, quick)
+        except BaseException as err:  # SystemExit too (a block's config): the protocol stops
+            if not isinstance(err, Stopped):
+                errors.append(err)
+            slots.stop()
+        finally:
+            slots.done_wanting(i)
+            ended[block.name].set()
+
+    threads = [threading.Thread(target=one, args=(i, b), name=f"block-{b.name}", daemon=True)
+               for i, b in enumerate(blocks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return write_quality(protocol, out, command, path, quick)
 
 
 def pool_source(block, out: Path) -> dict:

@@ -9,6 +9,11 @@ same ``cell.json``, loaded instead of run when it finished before, so a stopped 
 resumes exactly as before. On several machines ``--out`` must be a folder every node sees
 at the same path (the cells write there).
 
+Several benches (the blocks of a protocol) may share one Ray cluster side by side (``Slots``):
+each takes CPUs for a run only while no earlier block waits for them, so the first block ends
+as early as it would alone and the later ones fill what it leaves idle (the last runs of a
+phase, a block waiting for the lrs of another).
+
 ``Progress`` prints, while cells run, the runs done and left and each run's rounds as they
 close (read from the run's own ``metrics.jsonl``), every ``every`` seconds at most, and once a
 run has trained in this sitting, about how long the rest takes at this sitting's pace (its wall
@@ -91,6 +96,8 @@ def _stamp(out: Path, cell: Cell) -> int | None:
 class CellPool:
     """The cells of a phase one after another, in this process."""
 
+    side_by_side = False  # a protocol's blocks run one after another
+
     def __init__(self, progress: Progress):
         self.progress = progress
 
@@ -123,32 +130,112 @@ def _cell_cpus(cfg: BenchConfig) -> float:
     return float(cfg.threads if cfg.runner == "sim" else cfg.clients)
 
 
+class Stopped(RuntimeError):
+    """Another bench sharing the cluster failed: this one stopped (its runs resume later)."""
+
+
+class Slots:
+    """A Ray cluster's CPUs shared by benches side by side, by priority (module docstring): a
+    bench (lower ``priority`` first) takes CPUs for its next run only when they are free and no
+    bench before it waits; it waits from ``want`` (every bench at the start) until it has sent
+    its phase's runs. ``stop`` (a bench failed) makes every other bench stop at its next step."""
+
+    def __init__(self, cpus: float):
+        self.cpus = self.free = cpus
+        self.stopped = False
+        self._wanting: set[int] = set()
+        self._cond = threading.Condition()
+
+    def want(self, priority: int) -> None:
+        with self._cond:
+            self._wanting.add(priority)
+
+    def take(self, priority: int, cpus: float) -> bool:
+        """CPUs for one run of the bench ``priority``, if it is its turn (else False: it waits)."""
+        cpus = min(cpus, self.cpus)  # a run wider than the cluster goes when the cluster is idle
+        with self._cond:
+            self._wanting.add(priority)
+            if priority != min(self._wanting) or self.free < cpus:
+                return False
+            self.free -= cpus
+            return True
+
+    def done_wanting(self, priority: int) -> None:
+        with self._cond:
+            self._wanting.discard(priority)
+            self._cond.notify_all()
+
+    def give(self, cpus: float) -> None:
+        with self._cond:
+            self.free += min(cpus, self.cpus)
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait(timeout)
+
+    def stop(self) -> None:
+        with self._cond:
+            self.stopped = True
+            self._cond.notify_all()
+
+
 class RayCellPool(CellPool):
-    """The cells of a phase as Ray tasks (module docstring); connect to Ray first."""
+    """The cells of a phase as Ray tasks (module docstring); connect to Ray first. With
+    ``slots``, a run is sent when the bench's turn for CPUs comes; without, all at once."""
+
+    side_by_side = True  # a protocol's blocks may share the cluster (protocol.py)
+
+    def __init__(self, progress: Progress, slots: Slots | None = None, priority: int = 0):
+        super().__init__(progress)
+        self.slots, self.priority = slots, priority
+
+    @staticmethod
+    def cluster_cpus() -> float:
+        import ray
+
+        return float(ray.cluster_resources().get("CPU", 1.0))
 
     def run(self, cfg: BenchConfig, cells: list[Cell], data: dict[int, Path], out: Path,
             num_labels: int) -> list[dict]:
         import ray
 
-        task = ray.remote(run_cell).options(num_cpus=_cell_cpus(cfg), max_retries=0)
-        refs, kept = {}, {}
-        for cell in cells:
-            kept[cell.tag] = _stamp(out, cell)
-            refs[task.remote(cfg, cell, data[cell.seed], out, num_labels)] = cell
-            self.progress.start(cell, out)
+        cpus = _cell_cpus(cfg)
+        task = ray.remote(run_cell).options(num_cpus=cpus, max_retries=0)
+        slots = self.slots
+        waiting, refs, kept = list(cells), {}, {}
         results: dict[str, dict] = {}
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=self.progress.every)
-            self.progress.poll()
-            for ref in ready:
-                cell = refs[ref]
-                try:
-                    results[cell.tag] = ray.get(ref)
-                except ray.exceptions.RayTaskError as err:  # the run's own failure, its log tail included
-                    for other in pending:
-                        ray.cancel(other)
-                    raise RuntimeError(f"{cell.tag}: {err.cause if err.cause else err}") from None
-                self.progress.finish(cell, results[cell.tag], kept[cell.tag] is not None
-                                     and _stamp(out, cell) == kept[cell.tag])
+        try:
+            while waiting or refs:
+                if slots is not None and slots.stopped:
+                    raise Stopped("stopped: a bench beside it failed")
+                while waiting and (slots is None or slots.take(self.priority, cpus)):
+                    cell = waiting.pop(0)
+                    kept[cell.tag] = _stamp(out, cell)
+                    refs[task.remote(cfg, cell, data[cell.seed], out, num_labels)] = cell
+                    self.progress.start(cell, out)
+                if not waiting and slots is not None:
+                    slots.done_wanting(self.priority)
+                if not refs:  # every CPU is another bench's: wait for one to come free
+                    slots.wait(self.progress.every)
+                    continue
+                ready, _ = ray.wait(list(refs), num_returns=1, timeout=self.progress.every)
+                self.progress.poll()
+                for ref in ready:
+                    cell = refs.pop(ref)
+                    if slots is not None:
+                        slots.give(cpus)
+                    try:
+                        results[cell.tag] = ray.get(ref)
+                    except ray.exceptions.RayTaskError as err:  # the run's own failure, its log tail included
+                        raise RuntimeError(f"{cell.tag}: {err.cause if err.cause else err}") from None
+                    self.progress.finish(cell, results[cell.tag], kept[cell.tag] is not None
+                                         and _stamp(out, cell) == kept[cell.tag])
+        finally:
+            for ref in refs:  # a failure: the runs still going stop (each resumes from its last round)
+                ray.cancel(ref)
+                if slots is not None:
+                    slots.give(cpus)
+            if slots is not None:  # also when the phase had no run: it waits for nothing now
+                slots.done_wanting(self.priority)
         return [results[c.tag] for c in cells]

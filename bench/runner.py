@@ -119,7 +119,9 @@ def run_bench(cfg: BenchConfig, out: Path, command: str = "fedkrso-bench",
         report["runtime_s"] = time.monotonic() - started
         report["differences"] = differences(report["results"], metric)
         report["answers"] = answers(report["results"], report["differences"], metric)
-        (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+        tmp = out / ".results.json.tmp"  # whole or not at all: a protocol reads it from other threads
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, out / "results.json")
         write_report(report, out)
 
     sweeps = {spec.tag: spec.lrs for spec in cfg.methods if spec.lrs and len(spec.lrs) > 1}

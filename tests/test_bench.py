@@ -365,27 +365,55 @@ def test_a_task_no_method_learned_gets_no_verdict():
 
 
 def test_bench_cells_as_ray_tasks_show_progress_and_resume_in_one_process(tmp_path, tiny_bert, capsys):
-    """``--ray``: the sweep's two cells at once as Ray tasks on a local Ray, then the reported
-    run; progress while they run; the same cell files, which a bench without Ray then keeps."""
+    """``--ray`` on a protocol of two blocks, on a local Ray of 2 CPUs: block a's sweep (two
+    cells at once as Ray tasks), then its reported run; block b's one run waits while a's runs
+    hold both CPUs, then fills the one a leaves idle, beside a's runs rather than after them.
+    Progress while they run, each line named by its block; the same cell files, which the
+    protocol without Ray then keeps."""
     ray = pytest.importorskip("ray", reason="--ray needs ray (requirements.lock)")
-    cfg = bench_config(tmp_path, tiny_bert, seeds=[0], rounds=1, methods=[
-        {"name": "fedkrso", "k": 2, "rank": 2, "intervals": 1, "interval_steps": 2, "lrs": [1e-3, 3e-3]}])
+    from fedkrso.sim.ray_connect import connect
+
+    fedkrso = {"name": "fedkrso", "k": 2, "rank": 2, "intervals": 1, "interval_steps": 2}
+    base = bench_config(tmp_path, tiny_bert, seeds=[0], rounds=1, methods=[fedkrso | {"lrs": [1e-3, 3e-3]}])
+    path = tmp_path / "side.yaml"
+    path.write_text(yaml.safe_dump({"name": "side", "base": base, "blocks": [
+        {"name": "a"}, {"name": "b", "methods": [fedkrso | {"lrs": [2e-3]}]}]}))
+    out = tmp_path / "results"
+    args = ["--protocol", str(path), "--out", str(out)]
+    connect(None, cpus=2)
     try:
-        report = run(tmp_path, cfg, "--ray")
+        main([*args, "--ray"])
     finally:
         ray.shutdown()
     printed = capsys.readouterr().out
-    assert re.search(r"\[1/3 runs done, 2 left; about \d+ min more at this sitting's pace\]", printed)
-    assert "[3/3 runs done, 0 left]" in printed
-    assert "fedkrso-lr0.001-s0-val-r1: round 1/1 closed" in printed
-    assert "-s0-eval-r1: round 1/1 closed" in printed
-    out = tmp_path / "results"
-    stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/cell.json")}
-    assert len(stamps) == 3 and len(report["sweep"]) == 2 and report["results"]["fedkrso"]["seeds"]["0"]["rounds"] == 1
-    again = run(tmp_path, cfg)  # one process now: every cell kept
-    assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/cell.json")} == stamps
+    assert re.search(r"\[a\]   \[1/3 runs done, 2 left; about \d+ min more at this sitting's pace\]", printed)
+    assert "[a]   [3/3 runs done, 0 left]" in printed and "[b]   [1/1 runs done, 0 left]" in printed
+    assert "[a]     fedkrso-lr0.001-s0-val-r1: round 1/1 closed" in printed
+    assert "[b]     fedkrso-lr0.002-s0-eval-r1: round 1/1 closed" in printed
+
+    def span(block: str, tag: str) -> tuple[float, float]:
+        (sitting,) = json.loads((out / block / "cells" / tag / "sittings.json").read_text())
+        return sitting["start"], sitting["end"]
+
+    report = json.loads((out / "a" / "results.json").read_text())
+    chosen = report["results"]["fedkrso"]["lr"]
+    sweep = [span("a", f"fedkrso-lr{lr:g}-s0-val-r1") for lr in (1e-3, 3e-3)]
+    a_reported, b_run = span("a", f"fedkrso-lr{chosen:g}-s0-eval-r1"), span("b", "fedkrso-lr0.002-s0-eval-r1")
+    spans = [*sweep, a_reported, b_run]
+    assert all(sum(s <= t < e for s, e in spans) <= 2 for t, _ in spans)  # never more runs than CPUs
+    assert b_run[0] >= min(e for _, e in sweep)  # b waited while a's sweep held both CPUs ...
+    assert b_run[0] < a_reported[1]  # ... and ran beside a, not after it
+    combined = json.loads((out / "quality.json").read_text())
+    assert {k: (b["cells_done"], b["cells_planned"]) for k, b in combined["blocks"].items()} == {
+        "a": (3, 3), "b": (1, 1)}
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/cells/*/cell.json")}
+    assert len(stamps) == 4 and len(report["sweep"]) == 2 and report["results"]["fedkrso"]["seeds"]["0"]["rounds"] == 1
+    main(args)  # one process now, one block after the other: every cell kept
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/cells/*/cell.json")} == stamps
+    again = json.loads((out / "a" / "results.json").read_text())
     assert again["results"] == report["results"] and again["sweep"] == report["sweep"]
-    assert "[3/3 runs done, 0 left]" in capsys.readouterr().out
+    assert "  [3/3 runs done, 0 left]" in capsys.readouterr().out
 
 
 def test_progress_says_how_long_the_rest_takes_at_this_sittings_pace():
