@@ -82,11 +82,18 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, flag):
             require_file(PROG, getattr(args, flag), f"--{flag.replace('_', '-')}")
     logs.configure(args.log_level, args.log_json)
-    import grpc
     import torch
 
-    from ..common.participant import ParticipantError
     from ..common.precision import PlacementError, resolve_device
+
+    if args.device:  # a device that is not there fails before joining, and before the heavy imports
+        try:
+            resolve_device(args.device)
+        except PlacementError as err:
+            fail(PROG, err)
+    import grpc
+
+    from ..common.participant import ParticipantError
     from ..common.privacy.ledger import BudgetExceeded
     from .runner import ClientError, ClientOptions, CredentialRefused, FedClient
 
@@ -100,8 +107,6 @@ def main(argv: list[str] | None = None) -> None:
                          reconnect_seconds=args.reconnect_seconds, device=args.device, dtype=args.dtype,
                          dp_ledger=path(args.dp_ledger), dp_sgd_budget=args.dp_sgd_budget)
     try:
-        if args.device:
-            resolve_device(args.device)  # a device that is not there fails before joining
         FedClient(opts).run()
     except BudgetExceeded:
         sys.exit(5)  # logged as dp_sgd_budget_reached
