@@ -358,3 +358,19 @@ def test_the_data_package_names_resolve_to_what_their_modules_define():
     assert inspect.isfunction(data.batches)
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
         data.nothing_here  # noqa: B018
+
+
+def test_the_data_packages_editor_imports_are_its_table():
+    """The ``if TYPE_CHECKING:`` imports (what editors see) name the same modules and names as
+    the table the package loads from (``_HOME``): the two lists cannot drift apart."""
+    import ast
+
+    import fedkrso.common.data as data
+
+    tree = ast.parse(Path(data.__file__).read_text())
+    (block,) = [n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]
+    seen: dict[str, tuple[str, ...]] = {}
+    for node in block.body:
+        assert isinstance(node, ast.ImportFrom) and node.level == 1, ast.unparse(node)
+        seen[node.module] = tuple(a.name for a in node.names)
+    assert seen == data._HOME
