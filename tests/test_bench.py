@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from fedkrso.bench.main import main
-from fedkrso.bench.ray_cells import Progress
+from fedkrso.bench.ray_cells import Progress, Slots
 from fedkrso.bench.stats import mean_std, paired_interval, verdict
 
 pytestmark = pytest.mark.slow
@@ -414,6 +414,32 @@ def test_bench_cells_as_ray_tasks_show_progress_and_resume_in_one_process(tmp_pa
     again = json.loads((out / "a" / "results.json").read_text())
     assert again["results"] == report["results"] and again["sweep"] == report["sweep"]
     assert "  [3/3 runs done, 0 left]" in capsys.readouterr().out
+
+
+def test_slots_give_cpus_to_the_earliest_block_waiting_and_the_rest_to_later_ones():
+    """ray_cells.Slots, the CPUs a protocol's blocks share side by side: a block takes CPUs only
+    when no earlier block waits for them; one that has sent its phase's runs (or waits on
+    another block) leaves them to later blocks; a run wider than the cluster goes on an idle one."""
+    slots = Slots(2.0)
+    for block in (0, 2):
+        slots.want(block)
+    assert not slots.take(2, 1.0)  # block 0 waits (still partitioning): block 2 does not jump it
+    assert slots.take(0, 1.0) and slots.take(0, 1.0) and not slots.take(0, 1.0)  # both CPUs, then full
+    slots.done_wanting(0)  # block 0 sent its phase: the next free CPU is block 2's ...
+    slots.give(1.0)
+    assert not slots.take(3, 1.0)  # block 3 asks too: it waits behind block 2
+    assert slots.take(2, 1.0)
+    slots.give(1.0)
+    assert not slots.take(0, 2.0)  # ... until block 0 wants again: first in line, waiting for 2 CPUs
+    assert not slots.take(3, 1.0)  # while it waits, no later block takes the free one
+    slots.give(1.0)
+    assert slots.take(0, 2.0) and slots.free == 0
+    slots.give(2.0)
+    slots.done_wanting(0)
+    slots.done_wanting(2)
+    assert slots.take(3, 8.0) and slots.free == 0  # wider than the cluster: all of it
+    slots.stop()
+    assert slots.stopped
 
 
 def test_progress_says_how_long_the_rest_takes_at_this_sittings_pace():
