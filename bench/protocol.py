@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .config import BenchConfig, ProtocolConfig, load_protocol
 from .report import answers, pool, render_answers, render_table
-from .ray_cells import CellPool, Slots, Stopped
+from .ray_cells import CellPool, Progress, Slots, Stopped
 from .runner import run_bench
 
 
@@ -92,11 +92,18 @@ def _side_by_side(protocol: ProtocolConfig, blocks: list, out: Path, path: Path,
     """Every block at once on one Ray cluster, each in a thread of this driver, sharing its CPUs
     by block order (``ray_cells.Slots``): an earlier block's runs go first, a later block's
     fill the CPUs it leaves idle. A block with ``lrs_from`` another of these starts when that
-    one has ended. Each block's lines are prefixed with its name; the combined report is
-    rewritten as each block ends. A failed block stops the others (each run resumes from its
-    last committed round) and its error is raised."""
+    one has ended. Each block's lines are prefixed with its name, and after each run a
+    ``[protocol]`` line gives the runs done and left of all blocks with the estimate; the
+    combined report is rewritten as each block ends. A failed block stops the others (each run
+    resumes from its last committed round) and its error is raised."""
     slots = Slots(cell_pool.cluster_cpus())
     names = {b.name for b in blocks}
+    # every block's runs; one taking its lrs from another block of these runs one per method and seed
+    planned = 0
+    for block in blocks:
+        cfg = block_config(protocol, block.name, out, quick, strict=False)
+        planned += len(cfg.methods) * len(cfg.seeds) if block.lrs_from in names else planned_runs(cfg)
+    overall = Progress(planned, lambda s: print(f"[protocol] {s}", flush=True))
     ended = {b.name: threading.Event() for b in blocks}
     errors: list[BaseException] = []
     report_lock = threading.Lock()
@@ -112,7 +119,7 @@ def _side_by_side(protocol: ProtocolConfig, blocks: list, out: Path, path: Path,
                     return
             run_bench(block_config(protocol, block.name, out, quick), out / block.name, command,
                       log=lambda s: print(f"[{block.name}] {s}", flush=True),
-                      pool=functools.partial(cell_pool, slots=slots, priority=i))
+                      pool=functools.partial(cell_pool, slots=slots, priority=i), overall=overall)
             with report_lock:
                 write_quality(protocol, out, command, path, quick)
         except BaseException as err:  # SystemExit too (a block's config): the protocol stops

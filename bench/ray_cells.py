@@ -19,6 +19,8 @@ close (read from the run's own ``metrics.jsonl``), every ``every`` seconds at mo
 run has trained in this sitting, about how long the rest takes at this sitting's pace (its wall
 time per run trained, so runs side by side count as they ran; runs kept from before, or made
 from a sweep twin, do not set the pace). A rough figure: runs of different methods differ.
+With a protocol's blocks side by side the estimate is the protocol's, on a line of its own
+after each run (a block's own pace would count the time it waited for CPUs).
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ Log = Callable[[str], None]
 class Progress:
     """Runs done and left, and the rounds of the runs in flight (module docstring)."""
 
-    def __init__(self, total: int, log: Log, every: float = 2.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, total: int, log: Log, every: float = 2.0, clock: Callable[[], float] = time.monotonic,
+                 overall: Progress | None = None):
         self.total, self.log, self.every, self.clock = total, log, every, clock
+        # a protocol's blocks side by side: the estimate is the whole protocol's (a block's own
+        # pace would count the time it waited for CPUs other blocks held)
+        self.overall = overall
         self.done = 0
         self.started, self.trained = clock(), 0
         self._flying: dict[str, tuple[Path, int, int]] = {}  # tag -> (metrics file, rounds, rows shown)
@@ -78,7 +84,10 @@ class Progress:
             pace = (self.clock() - self.started) / self.trained if self.trained else None
         how = "kept from before" if loaded else f"{result['seconds']:.0f} s"
         eta = f"; about {_duration(pace * left)} more at this sitting's pace" if pace and left else ""
-        self.log(f"  [{self.done}/{self.total} runs done, {left} left{eta}] {cell.tag} ({how})")
+        self.log(f"  [{self.done}/{self.total} runs done, {left} left{eta if self.overall is None else ''}] "
+                 f"{cell.tag} ({how})")
+        if self.overall is not None:
+            self.overall.finish(cell, result, loaded)
 
 
 def _duration(seconds: float) -> str:

@@ -92,9 +92,11 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def run_bench(cfg: BenchConfig, out: Path, command: str = "fedkrso-bench",
-              log: Callable[[str], None] = print, pool: type[CellPool] = CellPool) -> dict:
+              log: Callable[[str], None] = print, pool: type[CellPool] = CellPool,
+              overall: Progress | None = None) -> dict:
     """The whole bench of ``cfg`` under ``out``; the report that results.json holds. ``pool``:
-    where the cells run (``RayCellPool``: as Ray tasks, several at once)."""
+    where the cells run (``RayCellPool``: as Ray tasks, several at once); ``overall``: the
+    protocol's progress, when its blocks run side by side."""
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     data = {s: out / "data" / f"seed{s}" for s in cfg.seeds}
@@ -126,7 +128,7 @@ def run_bench(cfg: BenchConfig, out: Path, command: str = "fedkrso-bench",
 
     sweeps = {spec.tag: spec.lrs for spec in cfg.methods if spec.lrs and len(spec.lrs) > 1}
     planned = sum(len(lrs) * len(cfg.seeds[: cfg.sweep_seeds]) for lrs in sweeps.values())
-    cells = pool(Progress(planned + len(cfg.methods) * len(cfg.seeds), log))
+    cells = pool(Progress(planned + len(cfg.methods) * len(cfg.seeds), log, overall=overall))
 
     def run_phase(phase: list[Cell]) -> list[dict]:
         """The phase's cells through the pool (at once where it can), each logged with its figure."""

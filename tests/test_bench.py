@@ -386,7 +386,12 @@ def test_bench_cells_as_ray_tasks_show_progress_and_resume_in_one_process(tmp_pa
     finally:
         ray.shutdown()
     printed = capsys.readouterr().out
-    assert re.search(r"\[a\]   \[1/3 runs done, 2 left; about \d+ min more at this sitting's pace\]", printed)
+    # each block's runs done and left, and the protocol's with the estimate (a block's own pace
+    # would count the time it waited for the CPUs)
+    assert re.search(r"\[protocol\]   \[1/4 runs done, 3 left; about \d+ min more at this sitting's pace\]", printed)
+    assert "[protocol]   [4/4 runs done, 0 left]" in printed
+    assert all(line.startswith("[protocol]") for line in printed.splitlines() if "sitting's pace" in line)
+    assert re.search(r"\[a\]   \[1/3 runs done, 2 left\] fedkrso-lr0\.00[13]-s0-val-r1 \(\d+ s\)", printed)
     assert "[a]   [3/3 runs done, 0 left]" in printed and "[b]   [1/1 runs done, 0 left]" in printed
     assert "[a]     fedkrso-lr0.001-s0-val-r1: round 1/1 closed" in printed
     assert "[b]     fedkrso-lr0.002-s0-eval-r1: round 1/1 closed" in printed
