@@ -8,8 +8,9 @@ AdamW, weight decay, warmup, schedule, gradient clipping) from one AdamW that li
 whole run, evaluated on the validation split every ``--eval-every`` steps and stopped when the
 validation metric has not improved for ``--patience`` evaluations (or after ``--max-epochs``).
 The lr is chosen on the validation split (the block's FedAvg lrs, or ``--lrs``, on the first
-seed; a tie goes to the better mean of the last 3 readings, ``choose_lr``); each seed's figure is then its eval-split metric at the step of its best validation
-metric (and, beside it, the last one). Every run is a cell under
+seed; a tie goes to the better mean of the last 3 readings, ``choose_lr``); each seed's figure
+is then its eval-split metric at the step of its best validation metric (and, beside it, the
+last one). Every run is a cell under
 ``<out>/<block>/ceiling/cells/``, so running the command again resumes; a run cut off mid-way
 resumes from its last evaluation (``resume.safetensors`` in its work folder: the model,
 AdamW's state, the RNG and the curve so far, no pickle; the same curve as an uninterrupted run, tests/test_ceiling.py).

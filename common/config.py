@@ -199,10 +199,6 @@ class ServerSection(Section):
     checkpoint_every: int = Field(
         5, ge=1, description="rounds between full state checkpoints under <output_dir>/state"
     )
-    finish_wait_s: float = Field(
-        30.0, ge=0, description="after the last round, the longest the server waits for the clients "
-        "it last heard from within 60 s to fetch the final state and leave before it stops (a "
-        "client that joined and went silent, or whose Leave is lost, holds it this long at most)")
     # -- hostile clients and networks (docs/HOSTILE.md); none of these shapes a run's results
     upload_idle_s: float = Field(
         30.0, gt=0, description="longest wait for the next message of an update stream, the first "
@@ -234,6 +230,10 @@ class ServerSection(Section):
     join_rate_per_s: float = Field(
         2.0, gt=0, description="sustained Joins per second from one IP address; more are refused "
         "(RESOURCE_EXHAUSTED) and the client retries")
+    finish_wait_s: float = Field(
+        30.0, ge=0, description="after the last round, the longest the server waits for the clients "
+        "it last heard from within 60 s to fetch the final state and leave before it stops (a "
+        "client that joined and went silent, or whose Leave is lost, holds it this long at most)")
 
 
 class SecuritySection(Section):
