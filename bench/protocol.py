@@ -34,6 +34,13 @@ def planned_runs(cfg: BenchConfig) -> int:
     return sweeps + len(cfg.methods) * len(cfg.seeds)
 
 
+def block_runs(protocol: ProtocolConfig, name: str, out: Path, quick: bool = False) -> int:
+    """How many result cells a block needs: a block with ``lrs_from`` never sweeps (it waits for
+    its source's choices), so one per method and seed even before the source has chosen."""
+    cfg = block_config(protocol, name, out, quick, strict=False)
+    return len(cfg.methods) * len(cfg.seeds) if _block(protocol, name).lrs_from else planned_runs(cfg)
+
+
 def _block(protocol: ProtocolConfig, name: str):
     return next(b for b in protocol.blocks if b.name == name)
 
@@ -98,12 +105,8 @@ def _side_by_side(protocol: ProtocolConfig, blocks: list, out: Path, path: Path,
     resumes from its last committed round) and its error is raised."""
     slots = Slots(cell_pool.cluster_cpus())
     names = {b.name for b in blocks}
-    # every block's runs; one taking its lrs from another block of these runs one per method and seed
-    planned = 0
-    for block in blocks:
-        cfg = block_config(protocol, block.name, out, quick, strict=False)
-        planned += len(cfg.methods) * len(cfg.seeds) if block.lrs_from in names else planned_runs(cfg)
-    overall = Progress(planned, lambda s: print(f"[protocol] {s}", flush=True))
+    overall = Progress(sum(block_runs(protocol, b.name, out, quick) for b in blocks),
+                       lambda s: print(f"[protocol] {s}", flush=True))
     ended = {b.name: threading.Event() for b in blocks}
     errors: list[BaseException] = []
     report_lock = threading.Lock()
@@ -179,7 +182,7 @@ def write_quality(protocol: ProtocolConfig, out: Path, command: str, path: Path,
         combined["blocks"][block.name] = {
             "purpose": block.purpose, "report": report,
             "cells_done": max(held, len(list((out / block.name / "cells").glob("*/cell.json")))),
-            "cells_planned": planned_runs(block_config(protocol, block.name, out, quick, strict=False))}
+            "cells_planned": block_runs(protocol, block.name, out, quick)}
         spec = block.pool_with
         if spec and (spec.report or (out / spec.block / "results.json").is_file()):
             try:

@@ -121,9 +121,10 @@ def run_bench(cfg: BenchConfig, out: Path, command: str = "fedkrso-bench",
         report["runtime_s"] = time.monotonic() - started
         report["differences"] = differences(report["results"], metric)
         report["answers"] = answers(report["results"], report["differences"], metric)
-        tmp = out / ".results.json.tmp"  # whole or not at all: a protocol reads it from other threads
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, out / "results.json")
+        from ..server.state import atomic_write  # here: this module stays light
+
+        # whole or not at all: a protocol's blocks side by side read it from other threads
+        atomic_write(out / "results.json", (json.dumps(report, indent=2) + "\n").encode())
         write_report(report, out)
 
     sweeps = {spec.tag: spec.lrs for spec in cfg.methods if spec.lrs and len(spec.lrs) > 1}
