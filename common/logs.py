@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -24,11 +25,22 @@ def configure(level: str = "info", json: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    # transformers and datasets are chatty about things users cannot act on
-    import transformers
+    quiet_transformers()
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+
+def quiet_transformers() -> None:
+    """transformers is chatty about things users cannot act on (warnings and a progress bar per
+    model load): errors only, no bars. By its environment variables, read when it is imported,
+    so a process that never loads a model (a bad config, ``--help``) does not import it (1.3 s
+    with torch) just to quiet it; a variable the user set is kept."""
+    if "transformers" in sys.modules:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def progress(total: int, desc: str, unit: str = "it"):

@@ -14,11 +14,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from ..common import logs
 from ..common.cli import add_log_args, add_placement_args, fail, parser, require_file
+
+if TYPE_CHECKING:
+    from ..common.config import RunConfig
 
 log = structlog.get_logger("fedkrso.server")
 PROG = "fedkrso-server"
@@ -42,16 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def serve(args: argparse.Namespace, count_bytes: bool = True) -> int:
-    """Run the job of ``args``; ``count_bytes=False`` serves gRPC on the public address with no
-    byte-counting relay in front (the scale bench's ``--no-relay`` experiment only: no socket
-    bytes, no per-address connection limits)."""
+def checked_config(args: argparse.Namespace) -> RunConfig:
+    """``args``' round.yaml, read, validated and checked against the listen address, with the
+    command line's overrides; ``ConfigError`` otherwise. Nothing heavy is imported on the way:
+    a mistake in the file is reported in a fraction of a second, before torch and the model load."""
     from ..common.config import check_inputs, load_config
-    from ..common.precision import resolve_placement
     from .auth import check_security
-    from .coordinator import Coordinator
-    from .metrics import format_table
-    from .service import run_server
 
     cfg = load_config(args.config)
     check_inputs(cfg)
@@ -59,7 +59,19 @@ async def serve(args: argparse.Namespace, count_bytes: bool = True) -> int:
         cfg.run.output_dir = Path(args.output_dir)
     if args.insecure:
         cfg.security.insecure = True
-    check_security(cfg.security, args.listen or cfg.server.listen)  # before the model loads
+    check_security(cfg.security, args.listen or cfg.server.listen)
+    return cfg
+
+
+async def serve(args: argparse.Namespace, cfg: RunConfig, count_bytes: bool = True) -> int:
+    """Run the job of ``args`` and its ``checked_config`` ``cfg``; ``count_bytes=False`` serves
+    gRPC on the public address with no byte-counting relay in front (the scale bench's
+    ``--no-relay`` experiment only: no socket bytes, no per-address connection limits)."""
+    from ..common.precision import resolve_placement
+    from .coordinator import Coordinator
+    from .metrics import format_table
+    from .service import run_server
+
     # this process's device and dtype; cfg keeps round.yaml's, which clients receive as defaults
     placement = resolve_placement(cfg.model.device, cfg.model.dtype, args.device, args.dtype)
     coord = await asyncio.to_thread(Coordinator, cfg, args.fresh, placement=placement)
@@ -90,15 +102,20 @@ def main(argv: list[str] | None = None, count_bytes: bool = True) -> None:
     args = parse_args(argv)
     require_file(PROG, args.config, "config")
     logs.configure(args.log_level, args.log_json)
+    from ..common.config import ConfigError
+
+    try:
+        cfg = checked_config(args)
+    except ConfigError as err:
+        fail(PROG, err)
     import torch
 
-    from ..common.config import ConfigError
     from ..common.precision import PlacementError
     from .state import StateError
 
     torch.set_num_threads(args.threads)
     try:
-        sys.exit(asyncio.run(serve(args, count_bytes)))
+        sys.exit(asyncio.run(serve(args, cfg, count_bytes)))
     except (ConfigError, StateError, PlacementError) as err:
         fail(PROG, err)
     except KeyboardInterrupt:

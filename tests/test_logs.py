@@ -1,9 +1,13 @@
-"""Progress bars for long waits: drawn on a terminal, silent where stderr is a file or pipe."""
+"""Progress bars for long waits: drawn on a terminal, silent where stderr is a file or pipe; and
+transformers kept quiet without importing it."""
 
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
+from fedkrso.bench.launch import child_env
 from fedkrso.common import logs
 
 
@@ -27,3 +31,31 @@ def test_progress_is_silent_off_a_terminal(monkeypatch):
     with logs.progress(total=3, desc="clients joined") as bar:
         bar.update(3)
     assert pipe.getvalue() == ""
+
+
+QUIET_PROBE = """
+import sys
+from fedkrso.common import logs
+logs.configure("info", json=True)
+print("imported", "transformers" in sys.modules, flush=True)
+import transformers
+from transformers import AutoModelForSequenceClassification
+AutoModelForSequenceClassification.from_pretrained(sys.argv[1])
+print("verbosity", transformers.logging.get_verbosity(), "bars", transformers.utils.logging.is_progress_bar_enabled())
+"""
+
+
+def test_transformers_is_quieted_without_being_imported_and_a_users_level_is_kept(tiny_bert):
+    """``logs.configure`` does not import transformers (a bad config answers before it loads);
+    a model loaded after it draws no progress bar and logs errors only, unless the user set
+    TRANSFORMERS_VERBOSITY, which is kept."""
+    env = {k: v for k, v in child_env().items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    quiet = subprocess.run([sys.executable, "-c", QUIET_PROBE, str(tiny_bert)], capture_output=True, text=True,
+                           timeout=120, env=env)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert quiet.stdout.split("\n")[:2] == ["imported False", "verbosity 40 bars False"], quiet.stdout
+    assert "Loading weights" not in quiet.stderr and "%|" not in quiet.stderr, quiet.stderr[-2000:]
+    chatty = subprocess.run([sys.executable, "-c", QUIET_PROBE, str(tiny_bert)], capture_output=True, text=True,
+                            timeout=120, env={**env, "TRANSFORMERS_VERBOSITY": "info"})
+    assert chatty.returncode == 0, chatty.stderr[-2000:]
+    assert "verbosity 20 bars False" in chatty.stdout, chatty.stdout
