@@ -145,6 +145,13 @@ class BenchConfig(Strict):
                              f"reported run), not {self.sweep_rounds} and {self.rounds}")
         return self
 
+    def planned_runs(self) -> int:
+        """How many result cells this bench needs: each swept lr (a method with more than one) on
+        the first ``sweep_seeds`` seeds there are, and every method on every seed."""
+        sweep_seeds = len(self.seeds[: self.sweep_seeds])
+        sweeps = sum(len(m.lrs) * sweep_seeds for m in self.methods if m.lrs and len(m.lrs) > 1)
+        return sweeps + len(self.methods) * len(self.seeds)
+
     def apply_quick(self) -> BenchConfig:
         q = self.quick
         cfg = self.model_copy(deep=True, update=q.model_dump(

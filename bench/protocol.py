@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import threading
 from pathlib import Path
 
@@ -28,17 +27,11 @@ from .ray_cells import CellPool, Progress, Slots, Stopped
 from .runner import run_bench
 
 
-def planned_runs(cfg: BenchConfig) -> int:
-    """How many result cells a bench config needs (sweeps and reported runs)."""
-    sweeps = sum(len(m.lrs) * cfg.sweep_seeds for m in cfg.methods if m.lrs and len(m.lrs) > 1)
-    return sweeps + len(cfg.methods) * len(cfg.seeds)
-
-
 def block_runs(protocol: ProtocolConfig, name: str, out: Path, quick: bool = False) -> int:
     """How many result cells a block needs: a block with ``lrs_from`` never sweeps (it waits for
     its source's choices), so one per method and seed even before the source has chosen."""
     cfg = block_config(protocol, name, out, quick, strict=False)
-    return len(cfg.methods) * len(cfg.seeds) if _block(protocol, name).lrs_from else planned_runs(cfg)
+    return len(cfg.methods) * len(cfg.seeds) if _block(protocol, name).lrs_from else cfg.planned_runs()
 
 
 def _block(protocol: ProtocolConfig, name: str):
@@ -191,11 +184,11 @@ def write_quality(protocol: ProtocolConfig, out: Path, command: str, path: Path,
                 raise SystemExit(f"fedkrso-bench: block {block.name}: {err}") from None
             combined["blocks"][block.name]["pooled"] = {"report": spec.report or "this protocol",
                                                         "block": spec.block, **pooled}
+    from ..server.state import atomic_write  # here: this module stays light
+
     for name, text in (("quality.json", json.dumps(combined, indent=2) + "\n"),
                        ("QUALITY.md", render_quality(combined))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        atomic_write(out / name, text.encode())
     return combined
 
 

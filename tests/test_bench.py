@@ -216,7 +216,7 @@ def test_lrs_from_waits_for_the_source_block_to_choose(tmp_path, tiny_bert):
     method both run (the source's results.json is rewritten after every run, so it exists
     mid-sweep); a method the source does not run keeps its own lrs; the report counts either way."""
     from fedkrso.bench.config import load_protocol
-    from fedkrso.bench.protocol import block_config, planned_runs
+    from fedkrso.bench.protocol import block_config
 
     base = bench_config(tmp_path, tiny_bert, seeds=[0, 1], methods=[
         {"name": "fedkrso", "k": 2, "rank": 2, "intervals": 1, "interval_steps": 2, "lrs": [1e-3, 2e-3]},
@@ -234,11 +234,13 @@ def test_lrs_from_waits_for_the_source_block_to_choose(tmp_path, tiny_bert):
     results.write_text(json.dumps({"results": {}}))  # mid-sweep
     with pytest.raises(SystemExit, match="has not chosen one for fedkrso yet"):
         block_config(proto, "dp", out)
-    assert planned_runs(block_config(proto, "dp", out, strict=False)) == (2 + 2) * 2  # (sweep + seeds) x methods
+    assert block_config(proto, "dp", out, strict=False).planned_runs() == (2 + 2) * 2  # (sweep + seeds) x methods
     results.write_text(json.dumps({"results": {"fedkrso": {"lr": 2e-3, "seeds": {}}}}))
     cfg = block_config(proto, "dp", out)
     assert {m.tag: m.lrs for m in cfg.methods} == {"fedkrso": [2e-3], "fedit": [1e-3, 4e-3]}
-    assert planned_runs(cfg) == 2 + (2 + 2)
+    assert cfg.planned_runs() == 2 + (2 + 2)
+    # a sweep on more seeds than the bench has runs on the seeds there are
+    assert cfg.model_copy(update={"sweep_seeds": 5}).planned_runs() == 2 * 2 + (2 + 2)
 
 
 def test_statistics_match_hand_computation():
