@@ -30,17 +30,26 @@ def configure(level: str = "info", json: bool | None = None) -> None:
 
 def quiet_transformers() -> None:
     """transformers is chatty about things users cannot act on (warnings and a progress bar per
-    model load): errors only, no bars. By its environment variables, read when it is imported,
-    so a process that never loads a model (a bad config, ``--help``) does not import it (1.3 s
-    with torch) just to quiet it; a variable the user set is kept."""
+    model load): errors only, no bars; and datasets draws its bars (saving, mapping) into log
+    files: none where stderr is not a terminal. By their environment variables, read when they
+    are imported, so a process that never loads a model (a bad config, ``--help``) does not
+    import them (1.3 s with torch) just to quiet them; a variable the user set is kept."""
     if "transformers" in sys.modules:
         import transformers
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
+    else:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if sys.stderr.isatty():
         return
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
+    else:
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def progress(total: int, desc: str, unit: str = "it"):

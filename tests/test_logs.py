@@ -37,25 +37,28 @@ QUIET_PROBE = """
 import sys
 from fedkrso.common import logs
 logs.configure("info", json=True)
-print("imported", "transformers" in sys.modules, flush=True)
-import transformers
+print("imported", sorted(m for m in ("transformers", "datasets") if m in sys.modules), flush=True)
+import datasets, transformers
 from transformers import AutoModelForSequenceClassification
 AutoModelForSequenceClassification.from_pretrained(sys.argv[1])
-print("verbosity", transformers.logging.get_verbosity(), "bars", transformers.utils.logging.is_progress_bar_enabled())
+datasets.Dataset.from_dict({"x": list(range(10))}).save_to_disk(sys.argv[2])
+print("verbosity", transformers.logging.get_verbosity(), "bars", transformers.utils.logging.is_progress_bar_enabled(),
+      datasets.is_progress_bar_enabled())
 """
 
 
-def test_transformers_is_quieted_without_being_imported_and_a_users_level_is_kept(tiny_bert):
-    """``logs.configure`` does not import transformers (a bad config answers before it loads);
-    a model loaded after it draws no progress bar and logs errors only, unless the user set
-    TRANSFORMERS_VERBOSITY, which is kept."""
-    env = {k: v for k, v in child_env().items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
-    quiet = subprocess.run([sys.executable, "-c", QUIET_PROBE, str(tiny_bert)], capture_output=True, text=True,
-                           timeout=120, env=env)
+def test_transformers_is_quieted_without_being_imported_and_a_users_level_is_kept(tiny_bert, tmp_path):
+    """``logs.configure`` imports neither transformers nor datasets (a bad config answers before
+    they load); off a terminal, a model loaded and a dataset saved after it draw no progress bar
+    and transformers logs errors only, unless the user set TRANSFORMERS_VERBOSITY, which is kept."""
+    quieting = ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+    env = {k: v for k, v in child_env().items() if k not in quieting}
+    quiet = subprocess.run([sys.executable, "-c", QUIET_PROBE, str(tiny_bert), str(tmp_path / "a")],
+                           capture_output=True, text=True, timeout=120, env=env)
     assert quiet.returncode == 0, quiet.stderr[-2000:]
-    assert quiet.stdout.split("\n")[:2] == ["imported False", "verbosity 40 bars False"], quiet.stdout
+    assert quiet.stdout.split("\n")[:2] == ["imported []", "verbosity 40 bars False False"], quiet.stdout
     assert "Loading weights" not in quiet.stderr and "%|" not in quiet.stderr, quiet.stderr[-2000:]
-    chatty = subprocess.run([sys.executable, "-c", QUIET_PROBE, str(tiny_bert)], capture_output=True, text=True,
-                            timeout=120, env={**env, "TRANSFORMERS_VERBOSITY": "info"})
+    chatty = subprocess.run([sys.executable, "-c", QUIET_PROBE, str(tiny_bert), str(tmp_path / "b")],
+                            capture_output=True, text=True, timeout=120, env={**env, "TRANSFORMERS_VERBOSITY": "info"})
     assert chatty.returncode == 0, chatty.stderr[-2000:]
-    assert "verbosity 20 bars False" in chatty.stdout, chatty.stdout
+    assert "verbosity 20 bars False False" in chatty.stdout, chatty.stdout
