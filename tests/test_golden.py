@@ -9,8 +9,8 @@ Float kernels differ between CPU generations, so each recording holds a probe: t
 few fixed float computations on the machine it was made on. The test compares with the
 recording of this CPU's probe, and skips, saying so, where there is none. The first recording
 was made before the restructuring on a machine this project no longer has; the second on the
-2-core AMD EPYC machines the project and its CI run on (2026-12-07), so from then on the
-behaviour is pinned where CI runs. ``FEDKRSO_RECORD_GOLDEN=1`` adds this CPU's recording or
+2-core development machine (AMD EPYC) the fresh-clone CI runs are made on (2026-12-07), so from
+then on the behaviour is pinned there too. ``FEDKRSO_RECORD_GOLDEN=1`` adds this CPU's recording or
 replaces it (only ever on purpose: it is the reference; run it without xdist workers).
 """
 
