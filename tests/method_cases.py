@@ -8,7 +8,7 @@ covers the registry, so a new method is one row here; tests/test_methods.py,
 test_precision.py, test_export.py and the privacy tests all read it.
 
 Not here, on purpose: tests/test_golden.py's settings (its recorded fingerprints were made with
-them, so they never move; test_sim.py compares with the same recordings) and bench/'s (real
+them, so they never move; the simulator is compared with the same job there) and bench/'s (real
 model sizes, chosen per experiment).
 """
 

@@ -1,17 +1,22 @@
-"""Golden run: a fixed tiny federated job reaches recorded state fingerprints after every round.
+"""Golden run: a fixed tiny federated job, through real server and client processes and through
+the in-process simulator (``fedkrso-sim``), reaches recorded state fingerprints after every round.
 
-The fingerprints in ``tests/golden/fingerprints.json`` were recorded before the restructuring
-of issue 10 (one client-side round, the coordinator split, methods that describe themselves),
-so this test proves that behaviour did not move: the same config, data and seeds give the same
-weights, bit for bit, round after round, through real server and client processes.
+The fingerprints in ``tests/golden/fingerprints.json`` were first recorded before the
+restructuring of issue 10 (one client-side round, the coordinator split, methods that describe
+themselves), so this test proves that behaviour did not move: the same config, data and seeds
+give the same weights, bit for bit, round after round. The simulator must reach the
+fingerprints of the processes' run after every round (same config, data and torch thread
+count), and for FedKRSO its metrics rows carry the same payload and message bytes, with socket
+bytes marked not measured.
 
 Float kernels differ between CPU generations, so each recording holds a probe: the hash of a
-few fixed float computations on the machine it was made on. The test compares with the
-recording of this CPU's probe, and skips, saying so, where there is none. The first recording
-was made before the restructuring on a machine this project no longer has; the second on the
-2-core development machine (AMD EPYC) the fresh-clone CI runs are made on (2026-12-07), so from
-then on the behaviour is pinned there too. ``FEDKRSO_RECORD_GOLDEN=1`` adds this CPU's recording or
-replaces it (only ever on purpose: it is the reference; run it without xdist workers).
+few fixed float computations on the machine it was made on. The processes' run is compared
+with the recording of this CPU's probe; where there is none, it is not (a warning says so) and
+the simulator is still compared with it. The first recording was made before the restructuring
+on a machine this project no longer has; the second on the 2-core development machine (AMD
+EPYC) the fresh-clone CI runs are made on (2026-12-07), so from then on the behaviour is pinned
+there too. ``FEDKRSO_RECORD_GOLDEN=1`` adds this CPU's recording or replaces it (only ever on
+purpose: it is the reference; run it without xdist workers).
 """
 
 from __future__ import annotations
@@ -19,12 +24,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import round_config, run_cluster, word_csv
+from fedkrso.bench.launch import child_env
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +42,7 @@ GOLDEN = Path(__file__).parent / "golden" / "fingerprints.json"
 RECORD = os.environ.get("FEDKRSO_RECORD_GOLDEN") == "1"
 ROUNDS = 3
 # The recorded runs' own settings, not tests/method_cases.py's: the fingerprints were recorded
-# with exactly these, so they never move (test_sim.py compares the simulator with the same).
+# with exactly these, so they never move.
 METHODS = {  # train_biases: false where the knob came later (issue 11): the recorded behaviour
     "fedkrso": {"name": "fedkrso", "k": 2, "rank": 2, "intervals": 2, "interval_steps": 2, "lr": 1e-3,
                 "train_biases": False},
@@ -96,24 +106,56 @@ def recorded_runs() -> dict[str, list[str]] | None:
     return next((r["runs"] for r in recordings() if r["probe"] == probe), None)
 
 
+def run_sim(tmp: Path, model: Path, data: Path, method: dict) -> list[dict]:
+    """The recorded job through ``fedkrso-sim``: its metrics rows."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = tmp / "round.yaml"
+    config.write_text(yaml.safe_dump(golden_config(model, tmp / "out", method)))
+    proc = subprocess.run([sys.executable, "-m", "fedkrso.sim.main", "--config", str(config), "--data-root", str(data),
+                           "--threads", "1"], capture_output=True, text=True, timeout=600, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["clients"] == 2 and summary["round"] == ROUNDS - 1
+    return [json.loads(line) for line in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
+
+
+def record(method: str, fps: list[str]) -> None:
+    """Add ``method``'s fingerprints to this CPU's recording (made if there is none)."""
+    probe, all_recordings = float_probe(), recordings()
+    mine = next((r for r in all_recordings if r["probe"] == probe), None)
+    if mine is None:
+        mine = {"probe": probe, "note": "", "runs": {}}
+        all_recordings.append(mine)
+    mine["runs"][method] = fps
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps({"recordings": all_recordings}, indent=2, sort_keys=True) + "\n")
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_golden_fingerprints(tmp_path, tiny_bert, golden_data, method):
-    runs = recorded_runs()
-    if not RECORD:
-        if runs is None:
-            probes = ", ".join(r["probe"][:12] for r in recordings())
-            pytest.skip(f"no recording for this CPU's float kernels (probe {float_probe()[:12]}; recorded: "
-                        f"{probes}): fingerprints are not comparable here; FEDKRSO_RECORD_GOLDEN=1 adds one")
-        assert method in runs, f"no golden record for {method} on this CPU; record with FEDKRSO_RECORD_GOLDEN=1"
-    fps = [r["state_fingerprint"] for r in run_golden(tmp_path, tiny_bert, golden_data, METHODS[method])]
+def test_golden_job_in_processes_and_in_the_simulator(tmp_path, tiny_bert, golden_data, method):
+    (tmp_path / "dist").mkdir()
+    dist = run_golden(tmp_path / "dist", tiny_bert, golden_data, METHODS[method])
+    fps = [r["state_fingerprint"] for r in dist]
     if RECORD:
-        probe, all_recordings = float_probe(), recordings()
-        mine = next((r for r in all_recordings if r["probe"] == probe), None)
-        if mine is None:
-            mine = {"probe": probe, "note": "", "runs": {}}
-            all_recordings.append(mine)
-        mine["runs"][method] = fps
-        GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps({"recordings": all_recordings}, indent=2, sort_keys=True) + "\n")
+        record(method, fps)
         return
-    assert fps == runs[method], f"{method}: state fingerprints moved from the golden run"
+    recorded = recorded_runs()
+    if recorded is None:
+        probes = ", ".join(r["probe"][:12] for r in recordings())
+        warnings.warn(f"golden: no recording for this CPU's float kernels (probe {float_probe()[:12]}; recorded: "
+                      f"{probes}), so the processes' fingerprints are not compared with one; "
+                      "FEDKRSO_RECORD_GOLDEN=1 adds one", stacklevel=1)
+    else:
+        assert method in recorded, f"no golden record for {method} on this CPU; record with FEDKRSO_RECORD_GOLDEN=1"
+        assert fps == recorded[method], f"{method}: state fingerprints moved from the golden run"
+    rows = run_sim(tmp_path / "sim", tiny_bert, golden_data, METHODS[method])
+    assert len(rows) == ROUNDS and [r["state_fingerprint"] for r in rows] == fps
+    if method != "fedkrso":
+        return
+    for s, d in zip(rows, dist):
+        assert s["clients"] == d["clients"]
+        for key in ("uplink_payload_bytes", "uplink_message_bytes", "downlink_payload_bytes",
+                    "downlink_message_bytes", "fedavg_equivalent_bytes"):
+            assert s[key] == d[key], (s["round"], key)
+        assert s["uplink_wire_bytes"] is None and s["downlink_wire_bytes"] is None and s["wire_efficiency"] is None
+        assert d["uplink_wire_bytes"] > d["uplink_message_bytes"]

@@ -58,7 +58,7 @@ def steady(rows: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_bert, golden_data) -> list[dict]:
     """The in-process simulator's rows of the golden FedKRSO job (the state fingerprints it
-    shares with a distributed run: tests/test_sim.py)."""
+    shares with a distributed run: tests/test_golden.py)."""
     rows, _ = sim(tmp_path_factory.mktemp("inprocess"), tiny_bert, golden_data)
     assert len(rows) == ROUNDS
     return rows
