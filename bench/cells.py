@@ -9,7 +9,8 @@ now (any changed setting runs it again). A simulated cell cut off mid-run (a sto
 resumes from its last committed round (``fedkrso-sim --resume``: the same rounds, bit for bit,
 as an uninterrupted run; tests/test_cells.py); a cell of client processes starts again. The
 cell's ``seconds`` are the wall time of its sittings, each up to its last committed round
-(work a stop threw away is not counted), and ``sittings`` says how many there were.
+(work a stop threw away is not counted), ``sittings`` says how many there were and
+``last_sitting_seconds`` how long the last one was.
 
 With ``reuse_sweep_runs`` (and ``sweep_rounds == rounds``), a sweep cell of a reported seed
 keeps its run state, and a reported cell whose sweep twin finished is made from it
@@ -113,10 +114,27 @@ def run_cell(cfg: BenchConfig, cell: Cell, data: Path, out: Path, num_labels: in
     result = {"tag": cell.tag, "method": cell.spec.tag, "base_method": cell.spec.name, "lr": cell.lr,
               "seed": cell.seed, "rounds": cell.rounds, "split": cell.split, "runner": cfg.runner,
               "seconds": sum(t["end"] - t["start"] for t in sittings), "sittings": len(sittings),
+              "last_sitting_seconds": sittings[-1]["end"] - sittings[-1]["start"],
               "peak_rss_bytes": max((r.get("client_peak_rss_bytes") or 0 for r in rows), default=0),
               "rows": rows}
     _write_json(done, result)
     return result
+
+
+def kept_rounds(cfg: BenchConfig, cell: Cell, data: Path, out: Path, num_labels: int) -> int:
+    """How many of the cell's rounds ``run_cell`` called now keeps from before: every round of a
+    finished cell it loads, the committed rounds of a cut-off one it resumes, none of one it
+    starts again (other settings) or makes from its sweep twin (``Progress`` shows the others)."""
+    workdir = out / "cells" / cell.tag
+    wanted = round_yaml(cfg, cell, data, workdir, num_labels)
+    try:
+        finished = (workdir / "cell.json").is_file() and yaml.safe_load((workdir / "round.yaml").read_text()) == wanted
+        text = (workdir / "metrics.jsonl").read_text()
+    except (OSError, yaml.YAMLError):
+        return 0
+    if finished or _resumable(cfg, workdir, wanted) is not None:
+        return sum(1 for line in text.splitlines() if line.strip())
+    return 0
 
 
 def _keeps_state(cfg: BenchConfig, cell: Cell) -> bool:

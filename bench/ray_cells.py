@@ -15,12 +15,15 @@ as early as it would alone and the later ones fill what it leaves idle (the last
 phase, a block waiting for the lrs of another).
 
 ``Progress`` prints, while cells run, the runs done and left and each run's rounds as they
-close (read from the run's own ``metrics.jsonl``), every ``every`` seconds at most, and once a
-run has trained in this sitting, about how long the rest takes at this sitting's pace (its wall
-time per run trained, so runs side by side count as they ran; runs kept from before, or made
-from a sweep twin, do not set the pace). A rough figure: runs of different methods differ.
-With a protocol's blocks side by side the estimate is the protocol's, on a line of its own
-after each run (a block's own pace would count the time it waited for CPUs).
+close with the bench's metric (read from the run's own ``metrics.jsonl``), every ``every``
+seconds at most (a run resumed from an earlier sitting says after which round, once, instead of
+its earlier rounds again; a run kept from before prints none), and once a run has trained in
+this sitting, about how long the rest takes at this sitting's pace: its wall time per run's
+worth trained, a resumed run counting the share of its wall time that fell in this sitting (so
+runs side by side count as they ran; runs kept from before, or made from a sweep twin, do not
+set the pace). A rough figure: runs of different methods differ. With a protocol's blocks side
+by side the estimate is the protocol's, on a line of its own after each run (a block's own pace
+would count the time it waited for CPUs).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .cells import Cell, run_cell
+from .cells import Cell, kept_rounds, run_cell
 from .config import BenchConfig
 
 Log = Callable[[str], None]
@@ -41,19 +44,31 @@ class Progress:
     """Runs done and left, and the rounds of the runs in flight (module docstring)."""
 
     def __init__(self, total: int, log: Log, every: float = 2.0, clock: Callable[[], float] = time.monotonic,
-                 overall: Progress | None = None):
+                 overall: Progress | None = None, metric: str | None = None):
         self.total, self.log, self.every, self.clock = total, log, every, clock
         # a protocol's blocks side by side: the estimate is the whole protocol's (a block's own
         # pace would count the time it waited for CPUs other blocks held)
         self.overall = overall
+        # the figure a round line shows: the bench's metric, else the first of these a row has
+        self.figures = (f"eval_{metric}",) * bool(metric) + ("eval_accuracy", "eval_loss", "eval_f1")
         self.done = 0
-        self.started, self.trained = clock(), 0
+        self.started, self.trained = clock(), 0.0
         self._flying: dict[str, tuple[Path, int, int]] = {}  # tag -> (metrics file, rounds, rows shown)
         self._lock = threading.Lock()
 
-    def start(self, cell: Cell, out: Path) -> None:
+    def start(self, cell: Cell, out: Path, kept: int = 0) -> None:
+        """Watch the cell's rounds past the ``kept`` ones its run keeps from before
+        (``cells.kept_rounds``): a resumed run says once after which round it goes on."""
+        metrics = out / "cells" / cell.tag / "metrics.jsonl"
         with self._lock:
-            self._flying[cell.tag] = (out / "cells" / cell.tag / "metrics.jsonl", cell.rounds, 0)
+            self._flying[cell.tag] = (metrics, cell.rounds, kept)
+        if 0 < kept < cell.rounds:
+            rows = _rows(metrics)
+            figure = self._figure(rows[kept - 1]) if len(rows) >= kept else ""
+            self.log(f"    {cell.tag}: resumes after round {kept}/{cell.rounds} {figure}".rstrip())
+
+    def _figure(self, row: dict) -> str:
+        return next((f"{k} {row[k]:.4g}" for k in self.figures if isinstance(row.get(k), float)), "")
 
     def poll(self) -> None:
         """Print the rounds that closed since the last poll."""
@@ -69,9 +84,8 @@ class Progress:
                     except json.JSONDecodeError:  # a line being written: read it next time
                         break
                     shown += 1
-                    figure = next((f"{k} {row[k]:.4g}" for k in ("eval_accuracy", "eval_loss", "eval_f1")
-                                   if isinstance(row.get(k), float)), "")
-                    self.log(f"    {tag}: round {row.get('round', shown - 1) + 1}/{rounds} closed {figure}".rstrip())
+                    self.log(f"    {tag}: round {row.get('round', shown - 1) + 1}/{rounds} closed "
+                             f"{self._figure(row)}".rstrip())
                 self._flying[tag] = (metrics, rounds, shown)
 
     def finish(self, cell: Cell, result: dict, loaded: bool) -> None:
@@ -79,7 +93,10 @@ class Progress:
         with self._lock:
             self._flying.pop(cell.tag, None)
             self.done += 1
-            self.trained += not (loaded or "replayed_from" in result)
+            if not (loaded or "replayed_from" in result):
+                # a resumed run: the share of its wall time that fell in this sitting
+                sitting = result.get("last_sitting_seconds")
+                self.trained += sitting / result["seconds"] if sitting is not None and result["seconds"] > 0 else 1.0
             left = self.total - self.done
             pace = (self.clock() - self.started) / self.trained if self.trained else None
         how = "kept from before" if loaded else f"{result['seconds']:.0f} s"
@@ -88,6 +105,21 @@ class Progress:
                  f"{cell.tag} ({how})")
         if self.overall is not None:
             self.overall.finish(cell, result, loaded)
+
+
+def _rows(metrics: Path) -> list[dict]:
+    """The complete rows of a metrics file (none if it is not there)."""
+    try:
+        text = metrics.read_text()
+    except OSError:
+        return []
+    rows = []
+    for line in filter(str.strip, text.splitlines()):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the last line, being written
+            break
+    return rows
 
 
 def _duration(seconds: float) -> str:
@@ -115,7 +147,7 @@ class CellPool:
         results = []
         for cell in cells:
             before = _stamp(out, cell)
-            self.progress.start(cell, out)
+            self.progress.start(cell, out, kept_rounds(cfg, cell, data[cell.seed], out, num_labels))
             stop = threading.Event()
             watcher = threading.Thread(target=self._watch, args=(stop,), daemon=True)
             watcher.start()
@@ -222,7 +254,7 @@ class RayCellPool(CellPool):
                     cell = waiting.pop(0)
                     kept[cell.tag] = _stamp(out, cell)
                     refs[task.remote(cfg, cell, data[cell.seed], out, num_labels)] = cell
-                    self.progress.start(cell, out)
+                    self.progress.start(cell, out, kept_rounds(cfg, cell, data[cell.seed], out, num_labels))
                 if not waiting and slots is not None:
                     slots.done_wanting(self.priority)
                 if not refs:  # every CPU is another bench's: wait for one to come free

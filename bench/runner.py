@@ -128,7 +128,7 @@ def run_bench(cfg: BenchConfig, out: Path, command: str = "fedkrso-bench",
         write_report(report, out)
 
     sweeps = {spec.tag: spec.lrs for spec in cfg.methods if spec.lrs and len(spec.lrs) > 1}
-    cells = pool(Progress(cfg.planned_runs(), log, overall=overall))
+    cells = pool(Progress(cfg.planned_runs(), log, overall=overall, metric=metric))
 
     def run_phase(phase: list[Cell]) -> list[dict]:
         """The phase's cells through the pool (at once where it can), each logged with its figure."""

@@ -467,3 +467,38 @@ def test_progress_says_how_long_the_rest_takes_at_this_sittings_pace():
                      "  [3/5 runs done, 2 left; about 20 min more at this sitting's pace] c (600 s)",
                      "  [4/5 runs done, 1 left; about 50 min more at this sitting's pace] c (5400 s)",
                      "  [5/5 runs done, 0 left] c (60 s)"]
+    # a run resumed from an earlier sitting counts the share of its wall time spent in this one
+    now[0], lines[:] = 0.0, []
+    progress = Progress(3, lines.append, clock=lambda: now[0])
+    now[0] += 600  # 10 minutes of this sitting finish a run that had 30 minutes from before
+    progress.finish(cell, {"seconds": 2400.0, "last_sitting_seconds": 600.0}, loaded=False)
+    assert lines == ["  [1/3 runs done, 2 left; about 80 min more at this sitting's pace] c (2400 s)"]
+
+
+def test_progress_shows_a_resumed_runs_new_rounds_and_none_of_a_kept_run(tmp_path):
+    """Rounds a run keeps from before (``cells.kept_rounds``) are not printed again: a resumed
+    run says once after which round it goes on, then prints its new rounds with the bench's
+    metric; a run kept from before prints nothing but its line."""
+    def rows(tag: str, n: int) -> None:
+        folder = tmp_path / "cells" / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / "metrics.jsonl").open("a") as f:
+            for r in range(n):
+                f.write(json.dumps({"round": r, "eval_accuracy": 0.5, "eval_mcc": 0.25 + r / 100}) + "\n")
+
+    lines = []
+    progress = Progress(3, lines.append, metric="mcc")
+    resumed, kept, again = (SimpleNamespace(tag=t, rounds=4) for t in ("resumed", "kept", "again"))
+    rows("resumed", 2)
+    rows("kept", 4)
+    progress.start(resumed, tmp_path, kept=2)
+    progress.start(kept, tmp_path, kept=4)
+    progress.start(again, tmp_path, kept=0)
+    assert lines == ["    resumed: resumes after round 2/4 eval_mcc 0.26"]
+    with (tmp_path / "cells" / "resumed" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"round": 2, "eval_mcc": 0.3}) + "\n")
+    rows("again", 1)
+    progress.poll()
+    assert lines[1:] == ["    resumed: round 3/4 closed eval_mcc 0.3", "    again: round 1/4 closed eval_mcc 0.25"]
+    progress.finish(kept, {"seconds": 60.0}, loaded=True)
+    assert lines[3:] == ["  [1/3 runs done, 2 left] kept (kept from before)"]

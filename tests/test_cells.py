@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import metric_rows, wait_until
-from fedkrso.bench.cells import Cell, run_cell
+from fedkrso.bench.cells import Cell, kept_rounds, run_cell
 from fedkrso.bench.config import BenchConfig
 from fedkrso.bench.launch import child_env
 from fedkrso.bench.runner import partition
@@ -61,6 +61,11 @@ def test_a_cell_cut_off_mid_run_resumes_from_its_last_committed_round(tmp_path, 
     assert 2 <= committed < ROUNDS, "the cell finished before the stop"
     assert not (workdir / "cell.json").exists()
     shutil.copytree(out, tmp_path / "cut-other")
+    # what a bench's progress skips: the committed rounds the resumed run keeps; none of a run
+    # another setting starts again
+    other = cfg.model_copy(update={"batch_size": 4})
+    assert kept_rounds(cfg, cell, data, out, 2) == committed
+    assert kept_rounds(other, cell, data, out, 2) == 0
 
     resumed = run_cell(cfg, cell, data, out, 2)
     assert "run_resumed" in (workdir / "sim.log").read_text()
@@ -70,10 +75,11 @@ def test_a_cell_cut_off_mid_run_resumes_from_its_last_committed_round(tmp_path, 
     sittings = json.loads((workdir / "sittings.json").read_text())
     assert len(sittings) == 2 and all(s["end"] >= s["start"] for s in sittings)
     assert resumed["seconds"] == pytest.approx(sum(s["end"] - s["start"] for s in sittings))
+    assert resumed["last_sitting_seconds"] == pytest.approx(sittings[-1]["end"] - sittings[-1]["start"])
     assert run_cell(cfg, cell, data, out, 2) == resumed  # finished: loaded, not run
+    assert kept_rounds(cfg, cell, data, out, 2) == ROUNDS and kept_rounds(other, cell, data, out, 2) == 0
 
     # the same cut-off cell asked for with another setting: started again, not resumed
-    other = cfg.model_copy(update={"batch_size": 4})
     again = run_cell(other, cell, data, tmp_path / "cut-other", 2)
     assert again["sittings"] == 1 and len(again["rows"]) == ROUNDS
     assert "run_resumed" not in (tmp_path / "cut-other" / "cells" / cell.tag / "sim.log").read_text()
