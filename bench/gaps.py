@@ -13,9 +13,13 @@ every ceiling run's curve, its sizing curves, each finished federated run's per-
 bench ``results.json``, its gaps, what its finished runs cost (``cost``: runs, their seconds
 added up, and the wall time the federated runs' sittings covered together, which with
 ``fedkrso-bench --ray`` on two cores is about half their sum); and the budget (``budget.json``).
+With ``--tables`` it prints, per block, the figures a page shows while a block is under way, so
+they are pasted from a command, not copied by hand: its ceiling's runs seed by seed, and its
+finished federated runs round by round (the block's metric x 100, the mean of the last 3
+rounds: a sweep's score, and the wall time).
 
     python -m fedkrso.bench.gaps --out results/converged --blocks sst2-iid:sizing sst2-dirichlet:sizing stsb-iid cola-iid \
-        --raw docs/quality-converged.json
+        --raw docs/quality-converged.json --tables
 """
 
 from __future__ import annotations
@@ -64,12 +68,65 @@ def render(block: str, metric: str, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _x100(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def ceiling_table(ceiling: dict, whose: str = "") -> str:
+    """A ceiling's runs seed by seed (``ceiling.json``, metric x 100) as a markdown table."""
+    metric = ceiling.get("metric", "metric")
+    lines = [f"ceiling{whose} at lr {ceiling['lr']:g} ({metric} x 100; at_best_val {_pm(ceiling['at_best_val'])}, "
+             f"at_last {_pm(ceiling['at_last'])}):", "",
+             f"| seed | best validation {metric} | at step (epoch) | eval {metric} there | last eval {metric} (step) "
+             "| stopped | minutes |", "|---|---|---|---|---|---|---|"]
+    for seed, run in sorted(ceiling["seeds"].items(), key=lambda kv: int(kv[0])):
+        best, last = run["best"], run["last"]
+        lines.append(f"| {seed} | {_x100(best['val'])} | {best['step']:,} ({best['epoch']:.1f}) | {_x100(best['eval'])} "
+                     f"| {_x100(last['eval'])} ({last['step']:,}) | {run['stopped']} | {run['seconds'] / 60:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def runs_table(cells: list[tuple[Path, dict]], metric: str) -> str:
+    """A block's finished federated runs round by round (``eval_<metric>`` x 100 on the run's
+    split), the mean of their last 3 rounds and their wall time, as a markdown table."""
+    if not cells:
+        return ""
+    rounds = max(len(c["rows"]) for _, c in cells)
+    lines = [f"finished runs ({metric} x 100 after each round on the run's split):", "",
+             "| run | " + " | ".join(str(r + 1) for r in range(rounds)) + " | last 3 | minutes (sittings) |",
+             "|---" * (rounds + 3) + "|"]
+    for path, cell in cells:
+        values = [r.get(f"eval_{metric}") for r in cell["rows"]]
+        shown = [f"{100 * v:.1f}" if isinstance(v, (int, float)) else "n/a" for v in values]
+        tail = [v for v in values[-3:] if isinstance(v, (int, float))]
+        last3 = f"{100 * sum(tail) / len(tail):.2f}" if tail else "n/a"
+        timing = (f"{cell['seconds'] / 60:.0f} ({cell.get('sittings', 1)})" if "replayed_from" not in cell
+                  else f"replayed from {cell['replayed_from']}")
+        lines.append(f"| {path.parent.name} | " + " | ".join(shown + [""] * (rounds - len(shown)))
+                     + f" | {last3} | {timing} |")
+    return "\n".join(lines) + "\n"
+
+
+def tables(out: Path, block: str, source: str) -> str:
+    """``--tables``' figures of ``block`` (module docstring); the metric is its ceiling's (or
+    its bench's, or accuracy where it has neither yet)."""
+    ceiling, results = _load(out / source / "ceiling" / "ceiling.json"), _load(out / block / "results.json")
+    metric = (ceiling or {}).get("metric") or (results or {}).get("metric") or "accuracy"
+    parts = [f"### {block}", ""]
+    if ceiling is not None:
+        parts.append(ceiling_table(ceiling, f" ({source}'s)" if source != block else ""))
+    parts.append(runs_table(_finished(out / block), metric) or "no federated run finished yet\n")
+    return "\n".join(parts)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (module docstring)."""
     p = cli.parser("python -m fedkrso.bench.gaps", __doc__, {0: "every block named has its gaps", 2: "usage error"})
     p.add_argument("--out", required=True, type=Path, help="the protocol's output folder")
     p.add_argument("--blocks", nargs="+", required=True, help="BLOCK or BLOCK:CEILING_BLOCK (whose ceiling it reads)")
     p.add_argument("--raw", type=Path, help="also gather every finished result under --out into this JSON file")
+    p.add_argument("--tables", action="store_true", help="also print each block's ceiling runs and finished "
+                   "federated runs as markdown tables (a page's figures while a block is under way)")
     return p.parse_args(argv)
 
 
@@ -181,6 +238,10 @@ def main(argv: list[str] | None = None) -> None:
         rows = gaps(r, c)
         answer[block] = {"metric": r["metric"], "ceiling_block": source or block, "methods": rows}
         print(render(block, r["metric"], rows))
+    if args.tables:
+        for spec in args.blocks:
+            block, _, source = spec.partition(":")
+            print(tables(args.out, block, source or block))
     (args.out / "gaps.json").write_text(json.dumps(answer, indent=2) + "\n")
     doc = raw(args.out, answer)
     if "cost" in doc:

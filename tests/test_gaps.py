@@ -84,3 +84,33 @@ def test_gaps_are_paired_per_seed_against_the_named_ceiling(tmp_path, capsys):
     assert set(doc["blocks"]["sst2-dirichlet"]["runs"]) == {"fedkrso-lr0.002-s0-val-r24", other.name, replayed.name,
                                                           older.name}
     assert set(doc["blocks"]["sizing"]["runs"]) == {"fedavg-s25-lr0.0001-s0-val-r20"}
+
+
+def test_tables_print_a_blocks_ceiling_seeds_and_finished_runs_from_its_files(tmp_path, capsys):
+    """``--tables``: a page's figures while a block is under way, from the files the protocol
+    writes: the ceiling's runs seed by seed (the source block's, named) and every finished run
+    round by round in the block's metric, with its last-3 mean and wall time."""
+    out = tmp_path / "out"
+    (out / "sizing" / "ceiling").mkdir(parents=True)
+    run = {"best": {"val": 0.9, "step": 1100, "epoch": 2.21, "eval": 0.88}, "last": {"eval": 0.874, "step": 1600},
+           "stopped": "plateau", "seconds": 1500.0}
+    (out / "sizing" / "ceiling" / "ceiling.json").write_text(json.dumps(
+        {"metric": "mcc", "lr": 1e-4, "seeds": {"10": run, "2": run}, "at_best_val": {"mean": 0.88, "std": 0.0, "n": 2},
+         "at_last": {"mean": 0.874, "std": 0.0, "n": 2}}))
+    for tag, figures, extra in (("fedavg-lr5e-05-s0-val-r3", (0.5, 0.6, 0.7, 0.8), {"seconds": 600.0, "sittings": 2}),
+                                ("fedavg-lr5e-05-s0-eval-r3", (0.4, 0.5), {"seconds": 1.0, "replay_seconds": 1.0, "replayed_from": "x"})):
+        (out / "b" / "cells" / tag).mkdir(parents=True)
+        rows = [{"round": r, "eval_mcc": f, "eval_accuracy": 0.99} for r, f in enumerate(figures)]
+        (out / "b" / "cells" / tag / "cell.json").write_text(json.dumps({"rows": rows, **extra}))
+    (out / "b" / "cells" / "running").mkdir()  # no cell.json: not in the table
+    main(["--out", str(out), "--blocks", "b:sizing", "--tables"])
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert "ceiling (sizing's) at lr 0.0001 (mcc x 100; at_best_val 88.00 ± 0.00, at_last 87.40 ± 0.00):" in lines
+    seeds = [line for line in lines if line.startswith(("| 2 |", "| 10 |"))]
+    assert seeds == ["| 2 | 90.00 | 1,100 (2.2) | 88.00 | 87.40 (1,600) | plateau | 25 |",
+                     "| 10 | 90.00 | 1,100 (2.2) | 88.00 | 87.40 (1,600) | plateau | 25 |"]  # by seed number
+    assert "| run | 1 | 2 | 3 | 4 | last 3 | minutes (sittings) |" in lines
+    assert "| fedavg-lr5e-05-s0-val-r3 | 50.0 | 60.0 | 70.0 | 80.0 | 70.00 | 10 (2) |" in lines
+    assert "| fedavg-lr5e-05-s0-eval-r3 | 40.0 | 50.0 |  |  | 45.00 | replayed from x |" in lines
+    assert "running" not in printed
