@@ -253,8 +253,9 @@ class RayCellPool(CellPool):
                 while waiting and (slots is None or slots.take(self.priority, cpus)):
                     cell = waiting.pop(0)
                     kept[cell.tag] = _stamp(out, cell)
+                    rounds = kept_rounds(cfg, cell, data[cell.seed], out, num_labels)  # before the run writes more
                     refs[task.remote(cfg, cell, data[cell.seed], out, num_labels)] = cell
-                    self.progress.start(cell, out, kept_rounds(cfg, cell, data[cell.seed], out, num_labels))
+                    self.progress.start(cell, out, rounds)
                 if not waiting and slots is not None:
                     slots.done_wanting(self.priority)
                 if not refs:  # every CPU is another bench's: wait for one to come free

@@ -25,10 +25,10 @@ def configure(level: str = "info", json: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    quiet_transformers()
+    quiet_libraries()
 
 
-def quiet_transformers() -> None:
+def quiet_libraries() -> None:
     """transformers is chatty about things users cannot act on (warnings and a progress bar per
     model load): errors only, no bars; and datasets draws its bars (saving, mapping) into log
     files: none where stderr is not a terminal. By their environment variables, read when they

@@ -48,8 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def checked_config(args: argparse.Namespace) -> RunConfig:
     """``args``' round.yaml, read, validated and checked against the listen address, with the
-    command line's overrides; ``ConfigError`` otherwise. Nothing heavy is imported on the way:
-    a mistake in the file is reported in a fraction of a second, before torch and the model load."""
+    command line's overrides; ``ConfigError`` otherwise. Before transformers, datasets, the
+    coordinator and the model load (torch comes in with the methods' settings): a mistake in the
+    file answers in about 2 s, not 4.5."""
     from ..common.config import check_inputs, load_config
     from .auth import check_security
 
