@@ -34,6 +34,7 @@ import yaml
 
 from ..common.config import parse_config
 from .config import BenchConfig, MethodSpec
+from .demo import new_rows
 from .launch import Cluster, child_env
 
 
@@ -86,7 +87,7 @@ def run_cell(cfg: BenchConfig, cell: Cell, data: Path, out: Path, num_labels: in
     done = workdir / "cell.json"
     config = workdir / "round.yaml"
     wanted = round_yaml(cfg, cell, data, workdir, num_labels)
-    if done.exists() and yaml.safe_load(config.read_text()) == wanted:
+    if _finished(workdir, wanted):
         return json.loads(done.read_text())
     twin = _sweep_twin(cfg, cell, out)
     if twin is not None:
@@ -127,14 +128,17 @@ def kept_rounds(cfg: BenchConfig, cell: Cell, data: Path, out: Path, num_labels:
     starts again (other settings) or makes from its sweep twin (``Progress`` shows the others)."""
     workdir = out / "cells" / cell.tag
     wanted = round_yaml(cfg, cell, data, workdir, num_labels)
-    try:
-        finished = (workdir / "cell.json").is_file() and yaml.safe_load((workdir / "round.yaml").read_text()) == wanted
-        text = (workdir / "metrics.jsonl").read_text()
-    except (OSError, yaml.YAMLError):
-        return 0
-    if finished or _resumable(cfg, workdir, wanted) is not None:
-        return sum(1 for line in text.splitlines() if line.strip())
+    if _finished(workdir, wanted) or _resumable(cfg, workdir, wanted) is not None:
+        return len(new_rows(workdir / "metrics.jsonl", 0)[0])
     return 0
+
+
+def _finished(workdir: Path, wanted: dict) -> bool:
+    """The cell finished before with the settings wanted now (its cell.json is its result)."""
+    try:
+        return (workdir / "cell.json").is_file() and yaml.safe_load((workdir / "round.yaml").read_text()) == wanted
+    except (OSError, yaml.YAMLError):
+        return False
 
 
 def _keeps_state(cfg: BenchConfig, cell: Cell) -> bool:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from .cells import Cell, kept_rounds, run_cell
 from .config import BenchConfig
+from .demo import new_rows
 
 Log = Callable[[str], None]
 
@@ -63,7 +64,7 @@ class Progress:
         with self._lock:
             self._flying[cell.tag] = (metrics, cell.rounds, kept)
         if 0 < kept < cell.rounds:
-            rows = _rows(metrics)
+            rows, _ = new_rows(metrics, 0)
             figure = self._figure(rows[kept - 1]) if len(rows) >= kept else ""
             self.log(f"    {cell.tag}: resumes after round {kept}/{cell.rounds} {figure}".rstrip())
 
@@ -105,21 +106,6 @@ class Progress:
                  f"{cell.tag} ({how})")
         if self.overall is not None:
             self.overall.finish(cell, result, loaded)
-
-
-def _rows(metrics: Path) -> list[dict]:
-    """The complete rows of a metrics file (none if it is not there)."""
-    try:
-        text = metrics.read_text()
-    except OSError:
-        return []
-    rows = []
-    for line in filter(str.strip, text.splitlines()):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # the last line, being written
-            break
-    return rows
 
 
 def _duration(seconds: float) -> str:
