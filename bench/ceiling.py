@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from ..common import cli
+from ..common.logs import quiet_libraries
 from .cells import Cell, round_yaml
 from .config import BenchConfig, MethodSpec, load_protocol
 from .protocol import block_config
@@ -272,6 +273,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Run the ceiling of every chosen block of the protocol, resumable."""
     args = parse_args(argv)
+    quiet_libraries()  # no datasets bar per saved partition in a log file
     protocol = load_protocol(args.protocol)
     for block in protocol.blocks:
         if args.blocks and block.name not in args.blocks:

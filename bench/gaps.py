@@ -13,6 +13,8 @@ every ceiling run's curve, its sizing curves, each finished federated run's per-
 bench ``results.json``, its gaps, what its finished runs cost (``cost``: runs, their seconds
 added up, and the wall time the federated runs' sittings covered together, which with
 ``fedkrso-bench --ray`` on two cores is about half their sum); and the budget (``budget.json``).
+A run's entry holds every figure of each round but who took part, its sittings' spans and its
+settings, so ``restore.py`` can bring the file's finished runs back on another machine.
 With ``--tables`` it prints, per block, the figures a page shows while a block is under way, so
 they are pasted from a command, not copied by hand: its ceiling's runs seed by seed, and its
 finished federated runs round by round (the block's metric x 100, the mean of the last 3
@@ -135,17 +137,43 @@ def _load(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run_curves(cell: dict) -> dict:
-    """A finished federated run's figures (``cells.py``'s cell.json) without its per-client detail:
-    what it was, how long it took, and each round's evaluation metrics, train loss and uplink."""
+def _yaml(path: Path):
+    """The YAML document at ``path``; None where there is no such file."""
+    import yaml
+
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+SETTINGS_PATHS = (("run", "output_dir"), ("eval", "data"))  # where a run's files were: not a setting
+
+
+def settings(round_yaml: dict) -> dict:
+    """A cell's round.yaml without the paths of the machine it ran on (``SETTINGS_PATHS``): what
+    ``restore.py`` compares with the round.yaml the bench would write now."""
+    kept = {k: dict(v) if isinstance(v, dict) else v for k, v in round_yaml.items()}
+    for section, key in SETTINGS_PATHS:
+        kept.get(section, {}).pop(key, None)
+    return kept
+
+
+def run_curves(cell: dict, sittings: list[dict] | None = None, round_yaml: dict | None = None) -> dict:
+    """A finished federated run's figures (``cells.py``'s cell.json) without its per-client
+    detail (each row's lists and objects: who took part and each client's own figures): what it
+    was, how long it took, every figure of each round (``per_round``), its sittings' spans and
+    its settings (``settings``) where known, so ``restore.py`` can bring it back on another
+    machine."""
     rows = cell["rows"]
-    keys = sorted({k for r in rows for k, v in r.items() if k.startswith("eval_") and isinstance(v, (int, float))})
-    return {**{k: cell.get(k) for k in ("method", "lr", "seed", "split", "rounds", "seconds", "sittings")},
-            "per_round": {k: [r.get(k) for r in rows] for k in
-                          (*keys, "train_loss", "uplink_payload_bytes_per_client", "round_seconds")}}
+    keys = sorted({k for r in rows for k, v in r.items() if v is None or isinstance(v, (int, float, str))}
+                  - {k for r in rows for k, v in r.items() if isinstance(v, (list, dict))})
+    doc = {**{k: v for k, v in cell.items() if k != "rows"}, "per_round": {k: [r.get(k) for r in rows] for k in keys}}
+    if sittings is not None:
+        doc["sitting_spans"] = [[s["start"], s["end"]] for s in sittings]
+    if round_yaml is not None:
+        doc["settings"] = settings(round_yaml)
+    return doc
 
 
-def _covered(spans: list[tuple[float, float]]) -> float:
+def covered(spans: list[tuple[float, float]]) -> float:
     """Seconds covered by the union of ``(start, end)`` spans (runs side by side count once)."""
     total, reach = 0.0, float("-inf")
     for start, end in sorted(spans):
@@ -155,19 +183,21 @@ def _covered(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def cost(cells: list[tuple[Path, dict]], ceilings: list[dict], spans: list[tuple[float, float]]) -> dict | None:
+def cost(cells: list[tuple[Path, dict]], ceilings: list[dict], spans: list[tuple[float, float]],
+         carried: float = 0.0) -> dict | None:
     """What a block's finished runs took (module docstring), from its finished federated runs
     (``_finished``), its ceiling runs and the federated runs' sittings (``_spans``); None where
     none has finished. Each run computes on one core (``threads: 1``), so run seconds are
     core-seconds. A reported run made from its sweep twin (``replayed_from``) costs its replay,
-    not its twin's training again."""
+    not its twin's training again. ``carried``: the wall time of runs restored without their
+    sittings' spans (``restore.py``), added to what the spans cover."""
     if not cells and not ceilings:
         return None
     trained = [c for _, c in cells if "replayed_from" not in c]
     return {"federated_runs": len(trained), "federated_run_seconds": sum(c["seconds"] for c in trained),
             "replayed_runs": len(cells) - len(trained),
             "replay_seconds": sum(c["replay_seconds"] for _, c in cells if "replayed_from" in c),
-            "federated_wall_seconds": _covered(spans),
+            "federated_wall_seconds": covered(spans) + carried,
             "ceiling_runs": len(ceilings), "ceiling_run_seconds": sum(c["seconds"] for c in ceilings)}
 
 
@@ -178,11 +208,12 @@ def _finished(block: Path) -> list[tuple[Path, dict]]:
 
 def _spans(cells: list[tuple[Path, dict]]) -> list[tuple[float, float]]:
     """The sittings (``cells.py``'s sittings.json) of finished federated runs; a run from before
-    sittings were kept counts as one sitting that ended when its cell.json was written."""
+    sittings were kept counts as one sitting that ended when its cell.json was written; one
+    restored without its spans counts none (its wall time is carried: ``restore.py``)."""
     spans = []
     for done, cell in cells:
         sittings = _load(done.parent / "sittings.json")
-        if sittings is None and "replayed_from" not in cell:
+        if sittings is None and "replayed_from" not in cell and "restored" not in cell:
             end = done.stat().st_mtime
             sittings = [{"start": end - cell["seconds"], "end": end}]
         spans += [(s["start"], s["end"]) for s in sittings or [] if s.get("end") is not None]
@@ -199,6 +230,7 @@ def raw(out: Path, gaps_by_block: dict) -> dict:
                    "federated runs' sittings covered together)",
            "blocks": {}}
     every_span = []
+    carried = _load(out / "restored.json") or {}
     for block in sorted(p for p in out.iterdir() if p.is_dir()):
         c = block / "ceiling"
         cells = _finished(block)
@@ -209,16 +241,19 @@ def raw(out: Path, gaps_by_block: dict) -> dict:
             "ceiling": _load(c / "ceiling.json"),
             "ceiling_cells": ceiling_cells or None,
             "sizing": _load(block / "sizing.json"),
-            "runs": {p.parent.name: run_curves(cell) for p, cell in cells} or None,
+            "runs": {p.parent.name: run_curves(cell, _load(p.parent / "sittings.json"), _yaml(p.parent / "round.yaml"))
+                     for p, cell in cells} or None,
             "results": _load(block / "results.json"),
             "gaps": gaps_by_block.get(block.name),
-            "cost": cost(cells, list(ceiling_cells.values()), spans)}
+            "cost": cost(cells, list(ceiling_cells.values()), spans,
+                         carried.get("blocks", {}).get(block.name, 0.0))}
         entry = {k: v for k, v in entry.items() if v is not None}
         if entry:
             doc["blocks"][block.name] = entry
     blocks = [b["cost"] for b in doc["blocks"].values() if "cost" in b]
     if blocks:
-        doc["cost"] = {**{k: sum(b[k] for b in blocks) for k in blocks[0]}, "federated_wall_seconds": _covered(every_span)}
+        doc["cost"] = {**{k: sum(b[k] for b in blocks) for k in blocks[0]},
+                       "federated_wall_seconds": covered(every_span) + carried.get("federated_wall_seconds", 0.0)}
     if (budget := _load(out / "budget.json")) is not None:
         doc["budget"] = budget
     return doc

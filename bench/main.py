@@ -34,6 +34,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..common.cli import DTYPE_NAMES, fail, parser, require_file
+from ..common.logs import quiet_libraries
 from .config import DEFAULT_CONFIG, BenchConfigError, ModelSpec, load_bench_config
 
 PROG = "fedkrso-bench"
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report-only", metavar="DIR",
                    help="rewrite DIR/results.md and the plot from DIR/results.json, running nothing")
     args = p.parse_args(argv)
+    quiet_libraries()  # no datasets bar per saved partition in a log file
     if args.report_only:
         out = Path(args.report_only)
         results = require_file(PROG, out / "results.json", "bench results")
@@ -113,12 +115,6 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             fail(PROG, f"methods not in the config: {sorted(unknown)}")
         cfg.methods = [m for m in cfg.methods if m.tag in keep]
-    if args.device or args.dtype:
-        try:
-            cfg.model = ModelSpec.model_validate(cfg.model.model_dump() | {
-                k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v})
-        except ValidationError as err:
-            raise SystemExit(f"fedkrso-bench: --device {args.device!r}: {err.errors()[0]['msg']}") from None
     if args.device or args.dtype:
         try:
             cfg.model = ModelSpec.model_validate(cfg.model.model_dump() | {

@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 
 from ..common import cli
+from ..common.logs import quiet_libraries
 from .cells import Cell
 from .config import BenchConfig, load_protocol
 from .protocol import block_config
@@ -143,6 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Size every named block, resumable."""
     args = parse_args(argv)
+    quiet_libraries()  # no datasets bar per saved partition in a log file
     pool = CellPool
     if args.ray:
         from ..sim.ray_connect import RayUnavailable, connect

@@ -79,8 +79,9 @@ def test_gaps_are_paired_per_seed_against_the_named_ceiling(tmp_path, capsys):
                            "ceiling_runs": 1, "ceiling_run_seconds": 70.0}
     assert doc["blocks"]["sst2-dirichlet"]["runs"]["fedkrso-lr0.002-s0-val-r24"] == {
         "method": "fedkrso", "lr": 2e-3, "seed": 0, "split": "val", "rounds": 2, "seconds": 20.0, "sittings": 1,
-        "per_round": {"eval_accuracy": [0.7, 0.8], "eval_loss": [0.5, 0.5], "train_loss": [0.6, 0.6],
-                      "uplink_payload_bytes_per_client": [1000, 1000], "round_seconds": [9.0, 9.0]}}
+        "per_round": {"round": [0, 1], "eval_accuracy": [0.7, 0.8], "eval_loss": [0.5, 0.5], "train_loss": [0.6, 0.6],
+                      "uplink_payload_bytes_per_client": [1000, 1000], "round_seconds": [9.0, 9.0]},
+        "sitting_spans": [[100.0, 110.0], [150.0, 160.0]]}  # every figure of a round but who took part: restore.py
     assert set(doc["blocks"]["sst2-dirichlet"]["runs"]) == {"fedkrso-lr0.002-s0-val-r24", other.name, replayed.name,
                                                           older.name}
     assert set(doc["blocks"]["sizing"]["runs"]) == {"fedavg-s25-lr0.0001-s0-val-r20"}
