@@ -100,7 +100,8 @@ class Progress:
                 self.trained += sitting / result["seconds"] if sitting is not None and result["seconds"] > 0 else 1.0
             left = self.total - self.done
             pace = (self.clock() - self.started) / self.trained if self.trained else None
-        how = "kept from before" if loaded else f"{result['seconds']:.0f} s"
+        how = ((f"restored from {result['restored']['from']}" if "restored" in result else "kept from before")
+               if loaded else f"{result['seconds']:.0f} s")
         eta = f"; about {_duration(pace * left)} more at this sitting's pace" if pace and left else ""
         self.log(f"  [{self.done}/{self.total} runs done, {left} left{eta if self.overall is None else ''}] "
                  f"{cell.tag} ({how})")

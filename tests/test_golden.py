@@ -15,7 +15,8 @@ with the recording of this CPU's probe; where there is none, it is not (a warnin
 the simulator is still compared with it. The first recording was made before the restructuring
 on a machine this project no longer has; the second on the 2-core development machine (AMD
 EPYC) the fresh-clone CI runs are made on (2026-12-07), so from then on the behaviour is pinned
-there too. ``FEDKRSO_RECORD_GOLDEN=1`` adds this CPU's recording or replaces it (only ever on
+there too; the third on a later sitting's machine, also an AMD EPYC but with other float kernels
+(2026-12-08). ``FEDKRSO_RECORD_GOLDEN=1`` adds this CPU's recording or replaces it (only ever on
 purpose: it is the reference; run it without xdist workers).
 """
 

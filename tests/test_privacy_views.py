@@ -150,8 +150,10 @@ def test_under_secure_aggregation_a_clients_draws_are_keyed_by_its_own_secret(tm
 def test_a_secure_aggregation_run_leaves_the_server_nothing_that_names_a_draw(tmp_path, tiny_bert, shards):
     """Real server and client processes under secure aggregation: the metrics file, the
     server's log and its state folder carry no client's seeds, figures or name per round."""
+    # round 0 waits for all three clients: on a loaded machine a client's start-up can outlast
+    # the 60 s default, and the round would open with two
     cfg = round_config(tiny_bert, tmp_path / "out", rounds={"total": 1, "clients_per_round": 3, "min_clients": 2,
-                                                            "deadline_s": 120},
+                                                            "deadline_s": 120, "start_timeout_s": 600},
                        training=UNIFORM, privacy={"secure_aggregation": {"enabled": True, "phase_timeout_s": 30}})
     run = run_cluster(tmp_path, cfg, shards, clients=3)
     text = run.cluster.server.text()
@@ -357,8 +359,10 @@ def test_a_client_leaves_rather_than_train_past_its_own_budget(tmp_path, tiny_be
     """The server's run has no DP-SGD budget; one data owner's client has one that affords a
     single round. It trains round 0, refuses round 1 (dp_sgd_budget_reached), leaves and exits
     5; the run goes on with the other two.""" 
+    # round 0 waits for all three clients: on a loaded machine a client's start-up can outlast
+    # the 60 s default, and the round would open with two
     cfg = round_config(tiny_bert, tmp_path / "out", rounds={"total": 2, "clients_per_round": 3, "min_clients": 2,
-                                                            "deadline_s": 120},
+                                                            "deadline_s": 120, "start_timeout_s": 600},
                        training={"batch_size": 8}, privacy={"dp_sgd": {"enabled": True, "noise_multiplier": 1.0}})
     rows = len(load_split(shards / "shard2"))
     steps = parse_config(cfg).method.local_steps()

@@ -67,7 +67,7 @@ def test_a_raw_file_brings_finished_runs_back_and_the_bench_goes_on_from_them(tm
     capsys.readouterr()
     main(["--protocol", path, "--out", str(second)])
     printed = capsys.readouterr().out
-    assert "fedavg-lr0.001-s0-val-r2 (kept from before)" in printed
+    assert f"fedavg-lr0.001-s0-val-r2 (restored from {first.raw_path})" in printed
     assert cells_trained(second) == set()  # every run came back
     again = json.loads((second / "iid" / "results.json").read_text())
     for key in ("sweep", "results", "differences", "answers"):
