@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import yaml
@@ -93,9 +94,7 @@ def restore_run(cfg, tag: str, run: dict, out: Path, raw_path: Path) -> str:
     checked = "settings" in run and (run.get("restored") or {}).get("settings_checked", True)
     if checked and run["settings"] != settings(wanted):
         return "not restored: it ran with other settings than the protocol's now (it runs again)"
-    if workdir.exists():  # a run cut off here with nothing worth keeping beside a finished one
-        import shutil
-
+    if workdir.exists():  # a run cut off here: the finished one replaces it
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     rows = rows_of(run)
@@ -106,7 +105,7 @@ def restore_run(cfg, tag: str, run: dict, out: Path, raw_path: Path) -> str:
     kept = {k: v for k, v in run.items() if k not in ("per_round", "sitting_spans", "settings")}
     _write_json(workdir / "cell.json", {**kept, "tag": tag, "rows": rows,
                                         "restored": {"from": str(raw_path), "settings_checked": checked}})
-    return "restored" if checked else "restored (settings_checked false: the raw file predates recorded settings)"
+    return "restored" if checked else "restored (settings_checked false: its settings were not recorded when it ran)"
 
 
 def restore(raw_path: Path, protocol_path: Path, out: Path, log=print) -> dict:

@@ -122,7 +122,7 @@ def test_a_run_of_other_settings_is_not_restored_and_an_old_raw_file_is_restored
     (tmp_path / "old.json").write_text(json.dumps(old))
     second = tmp_path / "second"
     done = restore.restore(tmp_path / "old.json", first.tmp / "protocol-2.yaml", second)
-    assert set(done["iid"].values()) == {"restored (settings_checked false: the raw file predates recorded settings)"}
+    assert set(done["iid"].values()) == {"restored (settings_checked false: its settings were not recorded when it ran)"}
     carried = json.loads((second / "restored.json").read_text())
     assert carried["blocks"]["iid"] == pytest.approx(raw["blocks"]["iid"]["cost"]["federated_wall_seconds"])
     cell = json.loads(next((second / "iid" / "cells").glob("*-s0-eval-r2/cell.json")).read_text())
@@ -132,5 +132,5 @@ def test_a_run_of_other_settings_is_not_restored_and_an_old_raw_file_is_restored
     # restored again from what that machine committed: still unchecked (its settings there are
     # the ones it was restored with, not the ones it ran with)
     third = restore.restore(tmp_path / "again.json", first.tmp / "protocol-2.yaml", tmp_path / "third")
-    assert set(third["iid"].values()) == {"restored (settings_checked false: the raw file predates recorded settings)"}
+    assert set(third["iid"].values()) == {"restored (settings_checked false: its settings were not recorded when it ran)"}
     assert raw_of(tmp_path / "third", tmp_path / "third.json")["cost"] == raw["cost"]
