@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..common import cli
 from ..common.logs import quiet_libraries
-from .cells import Cell, round_yaml
+from .cells import Cell, round_yaml, save_json
 from .config import BenchConfig, MethodSpec, load_protocol
 from .protocol import block_config
 from .report import higher_is_better
@@ -188,11 +188,8 @@ def _cell(path: Path, wanted: dict, run) -> dict:
         done = json.loads(path.read_text())
         if done.get("settings") == wanted:
             return done
-    from ..server.state import write_json
-
     result = run() | {"settings": wanted}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, result)
+    save_json(path, result)
     return result
 
 

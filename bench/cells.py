@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ import yaml
 from ..common.config import parse_config
 from .config import BenchConfig, MethodSpec
 from .demo import new_rows
-from .launch import Cluster, child_env
+from .launch import Cluster, start
 
 
 @dataclass(frozen=True)
@@ -100,13 +99,13 @@ def run_cell(cfg: BenchConfig, cell: Cell, data: Path, out: Path, num_labels: in
         config.write_text(yaml.safe_dump(wanted, sort_keys=False))
         sittings = []
     sittings.append({"start": time.time(), "end": None})
-    _write_json(workdir / "sittings.json", sittings)
+    save_json(workdir / "sittings.json", sittings)
     if cfg.runner == "sim":
         _simulate(cfg, config, data, workdir, resume=len(sittings) > 1)
     else:
         _processes(cfg, config, data, workdir)
     sittings[-1]["end"] = time.time()
-    _write_json(workdir / "sittings.json", sittings)
+    save_json(workdir / "sittings.json", sittings)
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     for bulky in ("final", "state"):  # a bench keeps figures, not hundreds of model copies
         if bulky == "state" and _keeps_state(cfg, cell):
@@ -118,7 +117,7 @@ def run_cell(cfg: BenchConfig, cell: Cell, data: Path, out: Path, num_labels: in
               "last_sitting_seconds": sittings[-1]["end"] - sittings[-1]["start"],
               "peak_rss_bytes": max((r.get("client_peak_rss_bytes") or 0 for r in rows), default=0),
               "rows": rows}
-    _write_json(done, result)
+    save_json(done, result)
     return result
 
 
@@ -173,7 +172,7 @@ def _replayed(cell: Cell, twin: Path, workdir: Path, wanted: dict) -> dict:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     result = {**swept, "tag": cell.tag, "split": cell.split, "rows": rows, "replayed_from": twin.name,
               "replay_seconds": time.time() - started}
-    _write_json(workdir / "cell.json", result)
+    save_json(workdir / "cell.json", result)
     shutil.rmtree(twin / "state", ignore_errors=True)  # used: a bench keeps figures
     return result
 
@@ -184,9 +183,12 @@ def release_state(out: Path, cell: Cell) -> None:
     shutil.rmtree(out / "cells" / cell.tag / "state", ignore_errors=True)
 
 
-def _write_json(path: Path, obj) -> None:
-    from ..server.state import write_json  # atomic; imported here: this module stays light
+def save_json(path: Path, obj) -> None:
+    """``obj`` as JSON at ``path``, atomically (``server.state.write_json``), its folder made
+    where missing: every file the bench, the ceiling and restore keep goes through here."""
+    from ..server.state import write_json  # imported here: this module stays light
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, obj)
 
 
@@ -208,11 +210,15 @@ def _resumable(cfg: BenchConfig, workdir: Path, wanted: dict) -> list[dict] | No
 
 
 def _simulate(cfg: BenchConfig, config: Path, data: Path, workdir: Path, resume: bool = False) -> None:
-    cmd = [sys.executable, "-m", "fedkrso.sim.main", "--config", str(config), "--data-root", str(data),
-           "--threads", str(cfg.threads), "--log-json", *(["--resume"] if resume else [])]
-    with (workdir / "sim.log").open("a" if resume else "w") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
-                              timeout=cfg.run_timeout_s).returncode
+    proc = start("fedkrso.sim.main", ["--config", str(config), "--data-root", str(data), "--threads", str(cfg.threads),
+                                      "--log-json", *(["--resume"] if resume else [])],
+                 workdir / "sim.log", append=resume)
+    try:
+        code = proc.wait(timeout=cfg.run_timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # as subprocess.run does
+        proc.wait(timeout=60)
+        raise
     if code != 0:
         raise RuntimeError(f"fedkrso-sim exited {code}:\n{(workdir / 'sim.log').read_text()[-3000:]}")
 

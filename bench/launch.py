@@ -1,7 +1,14 @@
-"""Start real server and client processes (for the demo, the bench and end-to-end tests).
+"""Start real server, client and simulator processes (for the demo, the bench and end-to-end
+tests).
 
 Processes are started with ``subprocess`` (never fork after gRPC started), each with one
 torch thread, and the server reports its bound port through ``--port-file``.
+
+With ``FEDKRSO_WARM_START=1`` in the environment (the test suite sets it, ``tests/conftest.py``)
+``start`` forks each process from a zygote that imported torch, transformers and datasets once
+(``bench/zygote.py``, which says how and when it starts cold instead). Off by default: a forked
+child's resident memory includes every page the zygote imported, so the bench's and the demo's
+memory figures come from cold starts.
 """
 
 from __future__ import annotations
@@ -13,6 +20,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .zygote import WARM_START, WarmProcess, warm
+
+__all__ = ["WARM_START", "Cluster", "Proc", "WarmProcess", "child_env", "run", "start"]
+
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
@@ -22,10 +33,50 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def start(module: str, args: list[str], log: Path, env: dict[str, str] | None = None, append: bool = False,
+          err: Path | None = None):
+    """``python -m module args`` with ``child_env(env)``, stdout to ``log`` and stderr there too
+    or to ``err``: a ``subprocess.Popen``, or a ``WarmProcess`` forked by the zygote (module
+    docstring)."""
+    env = child_env(env)
+    zygote = warm(env)
+    if zygote is not None:
+        try:
+            return zygote.spawn(module, args, env, log, append, err)
+        except OSError as error:
+            print(f"launch: {error}; starting it cold", file=sys.stderr)
+    mode = "a" if append else "w"
+    with Path(log).open(mode) as out:
+        errors = Path(err).open(mode) if err else None
+        try:
+            return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=out,
+                                    stderr=errors or subprocess.STDOUT, env=env)
+        finally:
+            if errors:
+                errors.close()
+
+
+def run(module: str, args: list[str], workdir: Path, name: str, timeout: float,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``start`` it and wait, as ``subprocess.run(..., capture_output=True, text=True)`` would:
+    its stdout and stderr kept as ``<workdir>/<name>.out`` and ``.err`` and returned; killed
+    after ``timeout`` seconds (``subprocess.TimeoutExpired``)."""
+    out, err = Path(workdir) / f"{name}.out", Path(workdir) / f"{name}.err"
+    proc = start(module, args, out, env, err=err)
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(60)
+        raise
+    return subprocess.CompletedProcess([sys.executable, "-m", module, *map(str, args)], code,
+                                       out.read_text(errors="replace"), err.read_text(errors="replace"))
+
+
 @dataclass
 class Proc:
     name: str
-    popen: subprocess.Popen
+    popen: subprocess.Popen | WarmProcess
     log: Path
 
     def wait(self, timeout: float) -> int:
@@ -54,10 +105,8 @@ class Cluster:
         port_file = self.workdir / f"{name}.port"
         port_file.unlink(missing_ok=True)
         log = self.workdir / f"{name}.log"
-        cmd = [sys.executable, "-m", module, "--config", str(config),
-               "--port-file", str(port_file), *args]
-        self.server = Proc(name, subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                                  env=child_env(env)), log)
+        self.server = Proc(name, start(module, ["--config", str(config), "--port-file", str(port_file), *args],
+                                       log, env), log)
         give_up = time.monotonic() + timeout
         while not port_file.exists():
             if self.server.popen.poll() is not None:
@@ -70,10 +119,9 @@ class Cluster:
 
     def start_client(self, data: Path, name: str, args: list[str] = (), env: dict | None = None) -> Proc:
         log = self.workdir / f"{name}.log"
-        cmd = [sys.executable, "-m", "fedkrso.client.main", "--server", f"127.0.0.1:{self.port}",
-               "--data", str(data), "--name", name, "--report", str(self.workdir / f"{name}.json"), *args]
-        proc = Proc(name, subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                           env=child_env(env)), log)
+        proc = Proc(name, start("fedkrso.client.main", ["--server", f"127.0.0.1:{self.port}", "--data", str(data),
+                                                         "--name", name, "--report", str(self.workdir / f"{name}.json"),
+                                                         *args], log, env), log)
         self.clients.append(proc)
         return proc
 

@@ -40,7 +40,7 @@ import yaml
 
 from ..common import cli
 from ..common.logs import quiet_libraries
-from .cells import Cell, round_yaml
+from .cells import Cell, round_yaml, save_json
 from .gaps import covered, settings
 from .protocol import block_config
 from .config import load_protocol
@@ -64,13 +64,6 @@ def _restored(workdir: Path) -> bool:
         return "restored" in json.loads((workdir / "cell.json").read_text())
     except (OSError, ValueError):
         return False
-
-
-def _write_json(path: Path, obj) -> None:
-    from ..server.state import write_json  # atomic
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, obj)
 
 
 def restore_run(cfg, tag: str, run: dict, out: Path, raw_path: Path) -> str:
@@ -101,9 +94,9 @@ def restore_run(cfg, tag: str, run: dict, out: Path, raw_path: Path) -> str:
     (workdir / "round.yaml").write_text(yaml.safe_dump(wanted, sort_keys=False))
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if run.get("sitting_spans"):
-        _write_json(workdir / "sittings.json", [{"start": a, "end": b} for a, b in run["sitting_spans"]])
+        save_json(workdir / "sittings.json", [{"start": a, "end": b} for a, b in run["sitting_spans"]])
     kept = {k: v for k, v in run.items() if k not in ("per_round", "sitting_spans", "settings")}
-    _write_json(workdir / "cell.json", {**kept, "tag": tag, "rows": rows,
+    save_json(workdir / "cell.json", {**kept, "tag": tag, "rows": rows,
                                         "restored": {"from": str(raw_path), "settings_checked": checked}})
     return "restored" if checked else "restored (settings_checked false: its settings were not recorded when it ran)"
 
@@ -126,10 +119,10 @@ def restore(raw_path: Path, protocol_path: Path, out: Path, log=print) -> dict:
         for name, content in (("ceiling/ceiling.json", entry.get("ceiling")), ("sizing.json", entry.get("sizing")),
                               ("results.json", entry.get("results"))):
             if content is not None and not (where / name).is_file():
-                _write_json(where / name, content)
+                save_json(where / name, content)
         for stem, content in (entry.get("ceiling_cells") or {}).items():
             if not (where / "ceiling" / "cells" / f"{stem}.json").is_file():
-                _write_json(where / "ceiling" / "cells" / f"{stem}.json", content)
+                save_json(where / "ceiling" / "cells" / f"{stem}.json", content)
         runs = entry.get("runs") or {}
         if runs:
             cfg = block_config(protocol, block, out, strict=False)
@@ -148,9 +141,9 @@ def restore(raw_path: Path, protocol_path: Path, out: Path, log=print) -> dict:
     if whole and wall - covered(spans_everywhere) > 0:
         carried["federated_wall_seconds"] = wall - covered(spans_everywhere)
     if carried["blocks"] or "federated_wall_seconds" in carried:
-        _write_json(out / "restored.json", carried)
+        save_json(out / "restored.json", carried)
     if doc.get("budget") is not None and not (out / "budget.json").is_file():
-        _write_json(out / "budget.json", doc["budget"])
+        save_json(out / "budget.json", doc["budget"])
     return done
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import threading
 import time
@@ -39,6 +40,11 @@ from fedkrso.common.models import build_tiny
 from fedkrso.server.coordinator import Coordinator
 from fedkrso.server.service import run_server
 
+# Server, client and simulator processes start warm (bench/launch.py: forked from a zygote that
+# imported torch, transformers and datasets once): most of an end-to-end test's CPU was those
+# imports. FEDKRSO_WARM_START=0 runs the suite with cold starts.
+os.environ.setdefault("FEDKRSO_WARM_START", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
@@ -46,8 +52,6 @@ SHARED = REPO.parent / "shared"
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``make test`` runs one worker per core) each worker computes with
     one torch thread, as each client process does: the cores are shared, not oversubscribed."""
-    import os
-
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 

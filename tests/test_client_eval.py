@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
 import pytest
 
 from conftest import round_config, rpc_error, run_cluster, wait_until, write_round_yaml
-from fedkrso.bench.launch import child_env
+from fedkrso.bench import launch
 from fedkrso.common.config import parse_config
 from fedkrso.common.data import load_source, make_partition, save_partition
 from fedkrso.server import client_eval
@@ -145,8 +143,8 @@ def test_hostile_reports_refused_over_grpc_and_only_known_names_reach_the_row(se
 # -- real processes and the simulator ------------------------------------------------------------
 def run_sim(workdir: Path, cfg: dict, data: Path) -> list[dict]:
     config = write_round_yaml(workdir / "sim.yaml", {**cfg, "run": {**cfg["run"], "output_dir": str(workdir / "sim")}})
-    proc = subprocess.run([sys.executable, "-m", "fedkrso.sim.main", "--config", str(config), "--data-root", str(data),
-                           "--threads", "1"], capture_output=True, text=True, timeout=600, env=child_env())
+    proc = launch.run("fedkrso.sim.main", ["--config", str(config), "--data-root", str(data), "--threads", "1"],
+                      workdir, "sim", 600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in (workdir / "sim" / "metrics.jsonl").read_text().splitlines()]
 

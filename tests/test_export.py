@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,12 +17,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import metric_rows, round_config
-from fedkrso.bench.launch import child_env
+from fedkrso.bench import launch
 from method_cases import small
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
 PROBE = {"input_ids": torch.tensor([[101, 2204, 3185, 2466, 102, 0], [101, 2919, 2143, 2466, 3185, 102]]),
          "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])}
 def sim_run(tmp: Path, model: Path, data: Path, method: str, **sections) -> Path:
@@ -32,15 +31,14 @@ def sim_run(tmp: Path, model: Path, data: Path, method: str, **sections) -> Path
     cfg = round_config(model, out, method=small(method), server={"checkpoint_every": 2}, **sections)
     config = tmp / f"{method}.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([str(BIN / "fedkrso-sim"), "--config", str(config), "--data-root", str(data)],
-                          capture_output=True, text=True, timeout=600, env=child_env())
+    proc = launch.run("fedkrso.sim.main", ["--config", str(config), "--data-root", str(data)], tmp, f"sim-{method}", 600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
 def export(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "fedkrso-export"), *args], capture_output=True, text=True, timeout=600,
-                          env=child_env())
+    """``fedkrso-export args`` (as ``python -m``, started warm: ``bench/launch.py``)."""
+    return launch.run("fedkrso.server.export_main", list(args), Path(tempfile.mkdtemp(prefix="export-")), "export", 600)
 
 
 def export_here(run: Path, out: Path, round_: int | None = None) -> dict:

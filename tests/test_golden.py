@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -35,7 +33,7 @@ import torch
 import yaml
 
 from conftest import round_config, run_cluster, word_csv
-from fedkrso.bench.launch import child_env
+from fedkrso.bench import launch
 
 pytestmark = pytest.mark.slow
 
@@ -112,8 +110,8 @@ def run_sim(tmp: Path, model: Path, data: Path, method: dict) -> list[dict]:
     tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "round.yaml"
     config.write_text(yaml.safe_dump(golden_config(model, tmp / "out", method)))
-    proc = subprocess.run([sys.executable, "-m", "fedkrso.sim.main", "--config", str(config), "--data-root", str(data),
-                           "--threads", "1"], capture_output=True, text=True, timeout=600, env=child_env())
+    proc = launch.run("fedkrso.sim.main", ["--config", str(config), "--data-root", str(data), "--threads", "1"],
+                      tmp, "sim", 600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["clients"] == 2 and summary["round"] == ROUNDS - 1
