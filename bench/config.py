@@ -121,6 +121,10 @@ class BenchConfig(Strict):
     clients_per_round: int = Field(3, ge=1)
     rounds: int = Field(10, ge=1)
     sweep_rounds: int = Field(3, ge=1)
+    extend_edges: int = Field(0, ge=0, description="where a method's sweep chooses the lowest or highest lr "
+                              "of its grid, sweep up to N more lrs beyond that edge, one at a time, each the "
+                              "grid's step (the ratio of its two outermost lrs) past the last, until the "
+                              "choice sits inside the lrs swept; 0: the grid as given")
     reuse_sweep_runs: bool = Field(False, description="with sweep_rounds equal to rounds: a sweep run of a "
                                    "reported seed keeps its run state, and the reported run at the chosen lr "
                                    "is that run scored again on the reported split (bench/replay.py), not "

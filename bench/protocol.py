@@ -172,10 +172,13 @@ def write_quality(protocol: ProtocolConfig, out: Path, command: str, path: Path,
         # quality.json on another machine), the runs the report holds
         held = (sum(len(e["seeds"]) for e in report["results"].values())
                 + sum(len(s["seeds"]) for s in report["sweep"]))
+        # and the runs a sweep added past an edge of its grid (extend_edges)
+        listed = {m.tag: m.lrs or [] for m in block_config(protocol, block.name, out, quick, strict=False).methods}
+        beyond = sum(len(s["seeds"]) for s in report["sweep"] if s["lr"] not in listed.get(s["method"], []))
         combined["blocks"][block.name] = {
             "purpose": block.purpose, "report": report,
             "cells_done": max(held, len(list((out / block.name / "cells").glob("*/cell.json")))),
-            "cells_planned": block_runs(protocol, block.name, out, quick)}
+            "cells_planned": block_runs(protocol, block.name, out, quick) + beyond}
         spec = block.pool_with
         if spec and (spec.report or (out / spec.block / "results.json").is_file()):
             try:

@@ -57,6 +57,13 @@ class Progress:
         self._flying: dict[str, tuple[Path, int, int]] = {}  # tag -> (metrics file, rounds, rows shown)
         self._lock = threading.Lock()
 
+    def plan_more(self, runs: int) -> None:
+        """``runs`` more than planned (a sweep past an edge of its grid), here and overall."""
+        with self._lock:
+            self.total += runs
+        if self.overall is not None:
+            self.overall.plan_more(runs)
+
     def start(self, cell: Cell, out: Path, kept: int = 0) -> None:
         """Watch the cell's rounds past the ``kept`` ones its run keeps from before
         (``cells.kept_rounds``): a resumed run says once after which round it goes on."""

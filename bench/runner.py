@@ -70,6 +70,21 @@ def _rows(split: Path) -> int:
     return len(load_split(split)) if split.is_dir() else 0
 
 
+def past_edge(lrs: list[float], scores: dict[float, float]) -> float | None:
+    """The lr to sweep next when the best-scoring of ``lrs`` (the first of a tie, as the sweep
+    chooses) is the lowest or the highest of them: one step of the grid beyond it (the ratio of
+    the two outermost lrs on that side); None when the choice lies inside the grid."""
+    if len(lrs) < 2:
+        return None
+    best = max(lrs, key=lambda lr: scores[lr])
+    low, high = sorted(lrs)[:2], sorted(lrs)[-2:]
+    if best == high[1]:
+        return float(f"{high[1] * high[1] / high[0]:.12g}")  # 4e-3, not 0.004000000000000001
+    if best == low[0]:
+        return float(f"{low[0] * low[0] / low[1]:.12g}")
+    return None
+
+
 def default_lr(cfg: BenchConfig, spec: MethodSpec) -> float:
     return parse_config({"model": {"name": cfg.model.name}, "method": method_section(spec, None)}).method.lr
 
@@ -128,7 +143,18 @@ def run_bench(cfg: BenchConfig, out: Path, command: str = "fedkrso-bench",
         write_report(report, out)
 
     sweeps = {spec.tag: spec.lrs for spec in cfg.methods if spec.lrs and len(spec.lrs) > 1}
-    cells = pool(Progress(cfg.planned_runs(), log, overall=overall, metric=metric))
+
+    def sweep_scores(spec: MethodSpec, lrs: list[float], swept: dict[str, dict]) -> dict[float, float]:
+        """Each lr's sweep score, the mean over the sweep seeds (higher is better)."""
+        scores = {}
+        for lr in lrs:
+            runs = [swept[Cell(spec, lr, s, cfg.sweep_rounds, split).tag] for s in cfg.seeds[: cfg.sweep_seeds]]
+            values = [sweep_score(r, cfg.select_by, metric) for r in runs]
+            scores[lr] = sum(values) / len(values)
+        return scores
+
+    progress = Progress(cfg.planned_runs(), log, overall=overall, metric=metric)
+    cells = pool(progress)
 
     def run_phase(phase: list[Cell]) -> list[dict]:
         """The phase's cells through the pool (at once where it can), each logged with its figure."""
@@ -141,20 +167,33 @@ def run_bench(cfg: BenchConfig, out: Path, command: str = "fedkrso-bench",
             summaries.append(summary)
         return summaries
 
-    # the lr sweeps of every method, then every method's reported runs at its chosen lr
+    # the lr sweeps of every method (past an edge of its grid where extend_edges asks), then
+    # every method's reported runs at its chosen lr
+    swept_lrs = {tag: list(lrs) for tag, lrs in sweeps.items()}
     phase = [Cell(spec, lr, s, cfg.sweep_rounds, split) for spec in cfg.methods if spec.tag in sweeps
              for lr in spec.lrs for s in cfg.seeds[: cfg.sweep_seeds]]
-    swept = {c.tag: r for c, r in zip(phase, run_phase(phase))}
+    swept: dict[str, dict] = {}
+    for extension in range(cfg.extend_edges + 1):
+        swept |= {c.tag: r for c, r in zip(phase, run_phase(phase))}
+        if extension == cfg.extend_edges:
+            break
+        phase = []
+        for spec in cfg.methods:
+            if spec.tag in sweeps:
+                beyond = past_edge(swept_lrs[spec.tag], sweep_scores(spec, swept_lrs[spec.tag], swept))
+                if beyond is not None:
+                    log(f"  {spec.tag}: the sweep chose an edge of its lrs; lr {beyond:g} swept too (extend_edges)")
+                    swept_lrs[spec.tag].append(beyond)
+                    phase += [Cell(spec, beyond, s, cfg.sweep_rounds, split) for s in cfg.seeds[: cfg.sweep_seeds]]
+        if not phase:
+            break
+        progress.plan_more(len(phase))
     chosen = {}
     for spec in cfg.methods:
-        lrs = spec.lrs or [default_lr(cfg, spec)]
+        lrs = swept_lrs.get(spec.tag) or spec.lrs or [default_lr(cfg, spec)]
         chosen[spec.tag] = lrs[0]
         if spec.tag in sweeps:
-            scores = {}
-            for lr in lrs:
-                runs = [swept[Cell(spec, lr, s, cfg.sweep_rounds, split).tag] for s in cfg.seeds[: cfg.sweep_seeds]]
-                values = [sweep_score(r, cfg.select_by, metric) for r in runs]
-                scores[lr] = sum(values) / len(values)
+            scores = sweep_scores(spec, lrs, swept)
             chosen[spec.tag] = max(lrs, key=lambda lr: scores[lr])
             for lr in lrs:
                 if lr != chosen[spec.tag]:

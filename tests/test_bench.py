@@ -17,6 +17,7 @@ import yaml
 
 from fedkrso.bench.main import main
 from fedkrso.bench.ray_cells import Progress, Slots
+from fedkrso.bench.runner import past_edge
 from fedkrso.bench.stats import mean_std, paired_interval, verdict
 
 pytestmark = pytest.mark.slow
@@ -105,6 +106,34 @@ def test_bench_seeds_sweep_on_validation_statistics_and_resume(tmp_path, tiny_be
     now = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/cell.json")}
     rerun = {p.parent.name for p in now if now[p] != stamps[p]}
     assert rerun == {p.parent.name for p in now if p.parent.name.startswith("fedavg")} and len(rerun) == 2
+
+
+def test_a_sweep_past_the_edge_of_its_grid_steps_one_lr_at_a_time():
+    """extend_edges's choice: one grid step beyond the edge the sweep chose, none inside."""
+    assert past_edge([5e-4, 1e-3, 2e-3], {5e-4: 0.85, 1e-3: 0.87, 2e-3: 0.88}) == 4e-3
+    assert past_edge([5e-4, 1e-3, 2e-3], {5e-4: 0.88, 1e-3: 0.87, 2e-3: 0.80}) == 2.5e-4
+    assert past_edge([5e-4, 1e-3, 2e-3], {5e-4: 0.85, 1e-3: 0.88, 2e-3: 0.86}) is None
+    # an extension already swept: the step is the outermost two lrs' ratio, on either side
+    assert past_edge([5e-4, 1e-3, 2e-3, 4e-3], {5e-4: 0.8, 1e-3: 0.8, 2e-3: 0.8, 4e-3: 0.9}) == 8e-3
+    assert past_edge([1e-3, 3e-3], {1e-3: 0.5, 3e-3: 0.5}) == pytest.approx(1e-3 / 3)  # a tie: the first, as chosen
+    assert past_edge([1e-3], {1e-3: 0.5}) is None
+
+
+def test_a_bench_sweeps_past_the_edge_its_grid_chose(tmp_path, tiny_bert):
+    """extend_edges 1 on a grid of two lrs (whichever wins is an edge): a third lr one step beyond
+    the winner is swept, on the validation split, and the choice is made among all three."""
+    cfg = bench_config(tmp_path, tiny_bert, seeds=[0], rounds=1, extend_edges=1,
+                       methods=[{"name": "fedkrso", "k": 2, "rank": 2, "intervals": 1, "interval_steps": 2,
+                                 "lrs": [1e-3, 3e-3]}])
+    report = run(tmp_path, cfg)
+    sweep = {s["lr"]: s for s in report["sweep"]}
+    assert len(sweep) == 3 and sum(s["chosen"] for s in sweep.values()) == 1
+    (extra,) = set(sweep) - {1e-3, 3e-3}
+    first = max((1e-3, 3e-3), key=lambda lr: sweep[lr]["score"])  # the first of a tie, as the sweep chooses
+    assert extra == pytest.approx(9e-3 if first == 3e-3 else 1e-3 / 3)
+    assert report["results"]["fedkrso"]["lr"] == max(sweep, key=lambda lr: (sweep[lr]["score"], -list(sweep).index(lr)))
+    cells = {p.parent.name for p in (tmp_path / "results" / "cells").glob("*/cell.json")}
+    assert f"fedkrso-lr{extra:g}-s0-val-r1" in cells and len(cells) == 4  # three swept, one reported
 
 
 def test_bench_on_real_processes_measures_the_wire(tmp_path, tiny_bert):
