@@ -34,7 +34,7 @@ import yaml
 from ..common.config import parse_config
 from .config import BenchConfig, MethodSpec
 from .demo import new_rows
-from .launch import Cluster, start
+from .launch import Cluster, start, wait_or_kill
 
 
 @dataclass(frozen=True)
@@ -213,12 +213,7 @@ def _simulate(cfg: BenchConfig, config: Path, data: Path, workdir: Path, resume:
     proc = start("fedkrso.sim.main", ["--config", str(config), "--data-root", str(data), "--threads", str(cfg.threads),
                                       "--log-json", *(["--resume"] if resume else [])],
                  workdir / "sim.log", append=resume)
-    try:
-        code = proc.wait(timeout=cfg.run_timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()  # as subprocess.run does
-        proc.wait(timeout=60)
-        raise
+    code = wait_or_kill(proc, cfg.run_timeout_s)
     if code != 0:
         raise RuntimeError(f"fedkrso-sim exited {code}:\n{(workdir / 'sim.log').read_text()[-3000:]}")
 

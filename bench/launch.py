@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .zygote import WARM_START, WarmProcess, warm
+from .zygote import WARM_START, WarmProcess, argv, warm
 
 __all__ = ["WARM_START", "Cluster", "Proc", "WarmProcess", "child_env", "run", "start"]
 
@@ -49,7 +49,7 @@ def start(module: str, args: list[str], log: Path, env: dict[str, str] | None = 
     with Path(log).open(mode) as out:
         errors = Path(err).open(mode) if err else None
         try:
-            return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=out,
+            return subprocess.Popen(argv(module, args), stdout=out,
                                     stderr=errors or subprocess.STDOUT, env=env)
         finally:
             if errors:
@@ -62,15 +62,20 @@ def run(module: str, args: list[str], workdir: Path, name: str, timeout: float,
     its stdout and stderr kept as ``<workdir>/<name>.out`` and ``.err`` and returned; killed
     after ``timeout`` seconds (``subprocess.TimeoutExpired``)."""
     out, err = Path(workdir) / f"{name}.out", Path(workdir) / f"{name}.err"
-    proc = start(module, args, out, env, err=err)
+    code = wait_or_kill(start(module, args, out, env, err=err), timeout)
+    return subprocess.CompletedProcess(argv(module, args), code, out.read_text(errors="replace"),
+                                       err.read_text(errors="replace"))
+
+
+def wait_or_kill(proc, timeout: float) -> int:
+    """``proc``'s exit code, or killed after ``timeout`` seconds (``subprocess.TimeoutExpired``
+    raised then), as ``subprocess.run`` does."""
     try:
-        code = proc.wait(timeout)
+        return proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(60)
         raise
-    return subprocess.CompletedProcess([sys.executable, "-m", module, *map(str, args)], code,
-                                       out.read_text(errors="replace"), err.read_text(errors="replace"))
 
 
 @dataclass

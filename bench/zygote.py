@@ -55,6 +55,11 @@ IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DATASETS_", "TORCH",
                    "KMP_", "OPENBLAS_", "CUDA_", "TOKENIZERS_", "PYTHON", "LD_")
 
 
+def argv(module: str, args: list) -> list[str]:
+    """The command line a start of ``module`` stands for: ``python -m module args``."""
+    return [sys.executable, "-m", module, *map(str, args)]
+
+
 def import_time_env(env: dict[str, str]) -> dict[str, str]:
     """The part of ``env`` a preloaded library may have read at import (``IMPORT_TIME_ENV``)."""
     return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_ENV)}
@@ -261,8 +266,7 @@ class Zygote:
             answer = self._answers.pop(rid, None)
         if answer is None or "pid" not in answer:
             raise OSError(f"the zygote did not start {module}: {(answer or {}).get('error', 'no answer')}")
-        self.exited(answer["pid"])
-        return WarmProcess(self, answer["pid"], [sys.executable, "-m", module, *map(str, args)])
+        return WarmProcess(self, answer["pid"], argv(module, args))
 
     def close(self) -> None:
         try:
@@ -295,7 +299,6 @@ def warm(env: dict[str, str]) -> Zygote | None:
                 _zygotes[key] = None
         z = _zygotes.get(key)
     return z if z is not None and not z.gone else None
-
 
 
 def main() -> None:
